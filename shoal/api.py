@@ -1,0 +1,363 @@
+"""The functions behind ``shoal.serve``: start, run, status, delete, shutdown, handles."""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import socket
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import ValidationError
+
+from shoal.config import HTTPOptions
+from shoal.deployment import Application, build_app_spec, format_validation_error
+from shoal.exceptions import RayServeException
+from shoal.handle import DeploymentHandle
+from shoal.runtime import backend as _backend
+from shoal.runtime.backend import LoopThread
+from shoal.runtime.client import ControllerClient
+from shoal.runtime.controller import Controller, Settings
+from shoal.runtime.local import LocalBackend
+from shoal.runtime.wire import new_secret
+from shoal.status import ServeStatus
+
+logger = logging.getLogger("shoal")
+
+DEFAULT_APP_NAME = "default"
+_DEFAULT: Any = object()
+
+
+@dataclass
+class _Instance:
+    loop: LoopThread
+    controller: Controller
+    client: ControllerClient
+    settings: Settings
+
+
+_lock = threading.RLock()
+_instance: _Instance | None = None
+_local: LocalBackend | None = None
+_local_loop: LoopThread | None = None
+
+
+def _ensure_logging() -> None:
+    if not logger.handlers and not logging.getLogger().handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+
+
+def _is_live(run_dir: str) -> bool:
+    path = os.path.join(run_dir, "controller.sock")
+    if not os.path.exists(path):
+        return False
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.connect(path)
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()
+
+
+def instances_root() -> str:
+    return os.path.join(tempfile.gettempdir(), f"shoal-{os.getuid()}")
+
+
+def default_run_dir() -> str:
+    """``$SHOAL_RUN_DIR``, else ``/tmp/shoal-<uid>/default`` unless another instance holds it."""
+    explicit = os.environ.get("SHOAL_RUN_DIR")
+    if explicit:
+        return explicit
+    root = instances_root()
+    os.makedirs(root, mode=0o700, exist_ok=True)
+    default = os.path.join(root, "default")
+    if not _is_live(default):
+        return default
+    return os.path.join(root, f"i-{os.getpid()}")
+
+
+def _parse_http_options(http_options: HTTPOptions | dict[str, Any] | None) -> HTTPOptions:
+    if http_options is None:
+        return HTTPOptions()
+    if isinstance(http_options, HTTPOptions):
+        return http_options
+    try:
+        return HTTPOptions(**http_options)
+    except ValidationError as e:
+        raise ValueError(format_validation_error(e, "http_options")) from None
+
+
+def start(
+    http_options: HTTPOptions | dict[str, Any] | None = None,
+    *,
+    detached: bool = False,
+    proxy: bool = True,
+    _run_dir: str | None = None,
+    **_compat: Any,
+) -> None:
+    """Start the instance in this process (controller thread, HTTP proxy). Idempotent."""
+    global _instance
+    with _lock:
+        opts = _parse_http_options(http_options)
+        if _instance is not None:
+            if http_options is not None and opts != _instance.settings.http:
+                logger.warning("shoal is already running with other http_options; keeping the running ones")
+            return
+        _ensure_logging()
+        run_dir = _run_dir or default_run_dir()
+        settings = Settings(run_dir=run_dir, http=opts, start_proxy=proxy and opts.location != "NoServer"
+                            and opts.location != "Disabled")
+        secret = new_secret()
+        os.makedirs(run_dir, mode=0o700, exist_ok=True)
+        _write_secret(run_dir, secret)
+        loop = LoopThread().start()
+        controller: Controller | None = None
+        try:
+            async def boot() -> tuple[Controller, ControllerClient]:
+                ctl = Controller(settings, secret)
+                nonlocal controller
+                controller = ctl
+                await ctl.start()
+                client = ControllerClient(ctl.path, secret, "client", f"driver-{os.getpid()}", loop.loop)
+                await client.connect()
+                return ctl, client
+
+            ctl, client = loop.run(boot())
+        except BaseException:
+            if controller is not None:
+                try:
+                    loop.run(controller.shutdown(), timeout=30)
+                except Exception:
+                    pass
+            loop.stop()
+            raise
+        _instance = _Instance(loop, ctl, client, settings)
+        _backend.set_current(client)
+        atexit.register(shutdown)
+        if settings.start_proxy:
+            logger.info("shoal is serving HTTP on http://%s:%d", opts.host, ctl.http_port)
+
+
+def _write_secret(run_dir: str, secret: bytes) -> None:
+    path = os.path.join(run_dir, "secret")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, secret)
+    finally:
+        os.close(fd)
+
+
+def _require() -> _Instance:
+    if _instance is None:
+        raise RayServeException("shoal is not running in this process; call serve.run() or serve.start() first")
+    return _instance
+
+
+def http_address() -> str:
+    """The base URL the proxy listens on (useful with ``port=0``)."""
+    inst = _require()
+    return f"http://{inst.settings.http.host}:{inst.controller.http_port}"
+
+
+def run(
+    target: Application,
+    blocking: bool = False,
+    name: str = DEFAULT_APP_NAME,
+    route_prefix: str | None = _DEFAULT,
+    logging_config: Any = None,
+    _local_testing_mode: bool = False,
+    timeout_s: float | None = None,
+) -> DeploymentHandle:
+    """Deploy ``target`` as application ``name`` and wait until it is running.
+
+    Returns a handle to the app's ingress deployment. Redeploying under the same name
+    replaces the app (replicas of changed deployments roll). With ``blocking=True`` the
+    call serves until Ctrl-C, then shuts everything down.
+    """
+    if route_prefix is _DEFAULT:
+        route_prefix = "/"
+    if _local_testing_mode:
+        return _run_local(target, name, route_prefix)
+    start()
+    inst = _require()
+    spec = build_app_spec(target, name, route_prefix)
+    inst.loop.run(inst.controller.deploy(spec))
+    inst.loop.run(inst.controller.wait_running(name, timeout_s))
+    handle = DeploymentHandle(spec.ingress, name)
+    if blocking:
+        wait_for_shutdown()
+    return handle
+
+
+def wait_for_shutdown(poll_s: float = 0.2) -> None:
+    """Block until Ctrl-C or ``shoal shutdown``, then shut the instance down."""
+    inst = _require()
+    try:
+        while not inst.controller.shutdown_requested.is_set() and not inst.controller.stopped.is_set():
+            time.sleep(poll_s)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        shutdown()
+
+
+def _run_local(target: Application, name: str, route_prefix: str | None) -> DeploymentHandle:
+    global _local, _local_loop
+    with _lock:
+        if _local is None:
+            _local_loop = LoopThread("shoal-local").start()
+            _local = LocalBackend(_local_loop.loop)
+            atexit.register(shutdown)
+        local, loop = _local, _local_loop
+    assert loop is not None
+    spec = build_app_spec(target, name, route_prefix,
+                          make_handle=lambda dep, app: DeploymentHandle(dep, app, _backend=local))
+    loop.run(local.deploy(spec))
+    return DeploymentHandle(spec.ingress, name, _backend=local)
+
+
+def shutdown() -> None:
+    """Stop every replica and the proxy; no child process is left behind."""
+    global _instance, _local, _local_loop
+    with _lock:
+        inst, _instance = _instance, None
+        local, loop, _local, _local_loop = _local, _local_loop, None, None
+    if inst is not None:
+        if _backend._current is inst.client:
+            _backend.set_current(None)
+        try:
+            inst.loop.run(inst.controller.shutdown(), timeout=120)
+        except Exception:
+            logger.exception("error during shutdown")
+        try:
+            inst.loop.run(_close_client(inst.client), timeout=5)
+        except Exception:
+            pass
+        inst.loop.stop()
+        for name in ("secret",):
+            try:
+                os.unlink(os.path.join(inst.settings.run_dir, name))
+            except OSError:
+                pass
+    if local is not None and loop is not None:
+        try:
+            loop.run(local.shutdown(), timeout=60)
+        finally:
+            loop.stop()
+
+
+async def _close_client(client: ControllerClient) -> None:
+    client.close()
+
+
+def delete(name: str, _blocking: bool = True) -> None:
+    """Delete application ``name`` and stop its replicas."""
+    if _local is not None and _local_loop is not None and name in _local.apps:
+        _local_loop.run(_local.delete(name))
+        return
+    inst = _require()
+    inst.loop.run(inst.controller.delete(name, wait=_blocking))
+
+
+def status() -> ServeStatus:
+    """Applications → deployments → replica state counts, with Ray Serve's status names."""
+    if _instance is None:
+        return ServeStatus()
+    inst = _instance
+
+    async def get() -> ServeStatus:
+        return inst.controller.status()
+
+    return inst.loop.run(get())
+
+
+def _app_info() -> dict[str, tuple[str, str | None]]:
+    if _instance is not None:
+        inst = _instance
+
+        async def get() -> dict[str, tuple[str, str | None]]:
+            return {n: (a.spec.ingress, a.spec.route_prefix) for n, a in inst.controller.apps.items()
+                    if not a.deleting}
+
+        return inst.loop.run(get())
+    current = _backend._current
+    if isinstance(current, ControllerClient):
+        # Inside a replica or proxy: ask the controller.
+        return _call_blocking(current, "app_info")
+    return {}
+
+
+def _call_blocking(client: ControllerClient, op: str, **args: Any) -> Any:
+    import asyncio
+
+    try:
+        running = asyncio.get_running_loop()
+    except RuntimeError:
+        running = None
+    if running is client.loop:
+        raise RuntimeError(f"serve.{op}() blocks; call it from sync code or a thread in a replica")
+    return asyncio.run_coroutine_threadsafe(client.call(op), client.loop).result(30)
+
+
+def get_app_handle(name: str) -> DeploymentHandle:
+    """A handle to the ingress deployment of application ``name``."""
+    if _local is not None and name in _local.apps:
+        return DeploymentHandle(_local.apps[name].ingress, name, _backend=_local)
+    info = _app_info()
+    if name not in info:
+        raise RayServeException(f"Application {name!r} does not exist.")
+    return DeploymentHandle(info[name][0], name)
+
+
+def get_deployment_handle(deployment_name: str, app_name: str | None = None) -> DeploymentHandle:
+    """A handle to one deployment; inside a replica ``app_name`` defaults to its own app."""
+    if app_name is None:
+        from shoal.context import _process_replica_ctx, _replica_ctx
+
+        ctx = _replica_ctx.get() or _process_replica_ctx
+        app_name = ctx.app_name if ctx is not None else DEFAULT_APP_NAME
+    if _local is not None and app_name in _local.apps:
+        if deployment_name not in _local.apps[app_name].deployments:
+            raise RayServeException(f"Deployment {deployment_name!r} does not exist in application {app_name!r}.")
+        return DeploymentHandle(deployment_name, app_name, _backend=_local)
+    if _instance is not None:
+        app = _instance.controller.apps.get(app_name)
+        if app is None:
+            raise RayServeException(f"Application {app_name!r} does not exist.")
+        if deployment_name not in app.spec.deployments:
+            raise RayServeException(f"Deployment {deployment_name!r} does not exist in application {app_name!r}.")
+    return DeploymentHandle(deployment_name, app_name)
+
+
+def ingress(app: Any) -> Callable[[Any], Any]:
+    """Serve an ASGI app (FastAPI, Starlette) from a deployment class.
+
+    Example::
+
+        api = FastAPI()
+
+        @serve.deployment
+        @serve.ingress(api)
+        class Service:
+            @api.get("/hello")
+            def hello(self, name: str) -> str:
+                return f"hello {name}"
+    """
+
+    def decorator(cls: Any) -> Any:
+        if not callable(app):
+            raise TypeError("serve.ingress expects an ASGI application such as a FastAPI app")
+        cls.__shoal_asgi_app__ = app
+        return cls
+
+    return decorator

@@ -1,0 +1,122 @@
+"""shoal's error hierarchy. Every class here pickles across processes.
+
+    RayServeException                 base of everything shoal raises (Ray's name kept)
+    ├── BackPressureError             a caller's queue for a deployment is full
+    ├── DeploymentUnavailableError    the deployment is gone or cannot start
+    ├── RequestCancelledError         the request was cancelled or timed out
+    ├── ReplicaDiedError              the replica serving the request died (alias ActorDiedError)
+    └── RayTaskError                  mixin base of re-raised user exceptions
+
+A user exception raised inside a replica reaches the caller as an instance of a class that
+derives from *both* the user's exception class and :class:`RayTaskError`, so
+``except ValueError`` still catches a remote ``ValueError`` and the message carries the
+remote traceback.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = [
+    "ActorDiedError",
+    "BackPressureError",
+    "DeploymentUnavailableError",
+    "RayServeException",
+    "RayTaskError",
+    "ReplicaDiedError",
+    "RequestCancelledError",
+]
+
+
+class RayServeException(Exception):
+    """Base class of shoal's own errors (named as in Ray Serve for compatibility)."""
+
+
+class BackPressureError(RayServeException):
+    """Raised when ``max_queued_requests`` requests already wait for a deployment."""
+
+    def __init__(self, num_queued_requests: int = 0, max_queued_requests: int = 0, message: str = "") -> None:
+        self.num_queued_requests = num_queued_requests
+        self.max_queued_requests = max_queued_requests
+        self.message = message or (
+            f"Request dropped due to backpressure (num_queued_requests={num_queued_requests}, "
+            f"max_queued_requests={max_queued_requests})."
+        )
+        super().__init__(num_queued_requests, max_queued_requests, self.message)
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class DeploymentUnavailableError(RayServeException):
+    """The deployment was deleted, failed to deploy, or its instance shut down."""
+
+
+class RequestCancelledError(RayServeException):
+    """The request was cancelled (by the caller, a client disconnect or a timeout)."""
+
+    def __init__(self, request_id: str = "", message: str = "") -> None:
+        self.request_id = request_id
+        super().__init__(message or f"Request {request_id} was cancelled.")
+
+
+class ReplicaDiedError(RayServeException):
+    """The replica process died while it held the request."""
+
+
+ActorDiedError = ReplicaDiedError
+
+
+class RayTaskError(RayServeException):
+    """Base of exceptions re-raised from a replica. ``cause`` is the original exception."""
+
+    cause: BaseException
+    remote_traceback: str
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild_task_error, (self.cause, self.remote_traceback))
+
+
+_derived: dict[type, type] = {}
+
+
+def _derived_class(cls: type[BaseException]) -> type[BaseException]:
+    try:
+        return _derived[cls]
+    except KeyError:
+        pass
+    if issubclass(cls, RayTaskError):
+        return cls
+    try:
+        new = type(cls.__name__, (RayTaskError, cls), {"__str__": _task_error_str, "__module__": cls.__module__})
+    except TypeError:  # a final or layout-incompatible class: fall back to the base
+        new = RayTaskError
+    _derived[cls] = new
+    return new
+
+
+def _task_error_str(self: Any) -> str:
+    base = self.cause.__str__()
+    return f"{base}\n\nTraceback in the replica:\n{self.remote_traceback}" if self.remote_traceback else base
+
+
+def wrap_remote_exception(exc: BaseException, remote_traceback: str) -> BaseException:
+    """Build the exception the caller sees for ``exc`` raised in a replica."""
+    if isinstance(exc, RayServeException) and not isinstance(exc, RayTaskError):
+        return exc  # shoal's own errors pass through unchanged
+    if isinstance(exc, RayTaskError):
+        return exc
+    cls = _derived_class(type(exc))
+    out = cls.__new__(cls)
+    out.args = exc.args
+    try:
+        out.__dict__.update(getattr(exc, "__dict__", {}))
+    except (AttributeError, TypeError):
+        pass
+    out.cause = exc
+    out.remote_traceback = remote_traceback
+    return out
+
+
+def _rebuild_task_error(cause: BaseException, remote_traceback: str) -> BaseException:
+    return wrap_remote_exception(cause, remote_traceback)

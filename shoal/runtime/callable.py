@@ -1,0 +1,279 @@
+"""The user's deployment object and how requests reach it, independent of any transport.
+
+Both the replica process and the in-process local testing mode run requests through
+:class:`UserCallable`, so the two modes share one set of semantics. Async methods run on the
+replica's event loop; sync methods and sync generators run on one dedicated user thread, so
+that they never block the loop (health checks, cancellation, other requests) and are never
+run concurrently with each other — the behaviour Ray Serve users rely on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import functools
+import inspect
+import json
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from shoal.context import ReplicaContext, RequestContext, _replica_ctx, _request_ctx
+from shoal.runtime.wire import RequestMeta
+
+logger = logging.getLogger("shoal.replica")
+
+_SYNC, _ASYNC, _GEN, _AGEN = range(4)
+ASGISend = Callable[[dict[str, Any]], Awaitable[None]]
+
+
+def _kind(fn: Callable[..., Any]) -> int:
+    target = fn.__call__ if not (inspect.isfunction(fn) or inspect.ismethod(fn)) and callable(fn) else fn
+    if inspect.isasyncgenfunction(target):
+        return _AGEN
+    if inspect.iscoroutinefunction(target):
+        return _ASYNC
+    if inspect.isgeneratorfunction(target):
+        return _GEN
+    return _SYNC
+
+
+class UserCallable:
+    """Owns one instance of a deployment's class (or its function) and runs requests on it."""
+
+    def __init__(self, func_or_class: Any, init_args: tuple[Any, ...], init_kwargs: dict[str, Any],
+                 *, is_function: bool, context: ReplicaContext) -> None:
+        self._target = func_or_class
+        self._args = init_args
+        self._kwargs = init_kwargs
+        self._is_function = is_function
+        self._ctx = context
+        self._obj: Any = None
+        self._methods: dict[str, tuple[Callable[..., Any], int]] = {}
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"shoal-user-{context.deployment}")
+        self._asgi: Any = None
+
+    @property
+    def instance(self) -> Any:
+        return self._obj
+
+    # -- lifecycle
+    def _in_context(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        token = _replica_ctx.set(self._ctx)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            _replica_ctx.reset(token)
+
+    async def initialize(self, user_config: Any = None) -> None:
+        """Construct the object (on the loop thread, so constructors may use asyncio)."""
+        if self._is_function:
+            self._obj = self._target
+        else:
+            self._obj = self._in_context(self._target, *self._args, **self._kwargs)
+            ctx = self._ctx
+            self._ctx = ReplicaContext(ctx.app_name, ctx.deployment, ctx.replica_tag, self._obj)
+        asgi = getattr(self._target, "__shoal_asgi_app__", None)
+        if asgi is not None:
+            self._asgi = bind_asgi_app(asgi, self._target, self._obj) if not self._is_function else asgi
+        if user_config is not None:
+            await self.reconfigure(user_config)
+
+    async def _call_plain(self, fn: Callable[..., Any], kind: int, *args: Any) -> Any:
+        if kind == _ASYNC:
+            return await self._in_context(fn, *args)
+        result = await self.run_sync(fn, *args)
+        if inspect.isawaitable(result):
+            result = await result
+        return result
+
+    async def reconfigure(self, user_config: Any) -> None:
+        fn = getattr(self._obj, "reconfigure", None) if not self._is_function else None
+        if fn is None:
+            if user_config is not None:
+                raise ValueError(f"deployment {self._ctx.deployment!r} has a user_config but no reconfigure() method")
+            return
+        await self._call_plain(fn, _kind(fn), user_config)
+
+    async def check_health(self) -> None:
+        fn = getattr(self._obj, "check_health", None) if not self._is_function else None
+        if fn is not None:
+            await self._call_plain(fn, _kind(fn))
+
+    async def shutdown(self) -> None:
+        fn = getattr(type(self._obj), "__del__", None) if not self._is_function and self._obj is not None else None
+        try:
+            if fn is not None:
+                await self._call_plain(functools.partial(fn, self._obj), _SYNC)
+        finally:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+
+    def run_sync(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> asyncio.Future[Any]:
+        """Run sync user code on the user thread, with the caller's context variables."""
+        ctx = contextvars.copy_context()
+        call = functools.partial(ctx.run, self._in_context, fn, *args, **kwargs)
+        return asyncio.get_running_loop().run_in_executor(self._executor, call)
+
+    # -- requests
+    def _resolve(self, method: str) -> tuple[Callable[..., Any], int]:
+        try:
+            return self._methods[method]
+        except KeyError:
+            pass
+        if self._is_function:
+            if method != "__call__":
+                raise AttributeError(f"function deployment {self._ctx.deployment!r} has no method {method!r}")
+            fn = self._obj
+        else:
+            fn = getattr(self._obj, method, None)
+            if fn is None or (method.startswith("_") and method != "__call__"):
+                raise AttributeError(f"deployment {self._ctx.deployment!r} has no method {method!r}")
+        entry = (fn, _kind(fn))
+        self._methods[method] = entry
+        return entry
+
+    def _enter(self, meta: RequestMeta) -> contextvars.Token[RequestContext]:
+        return _request_ctx.set(RequestContext(meta.request_id, meta.multiplexed_model_id, meta.route,
+                                               self._ctx.app_name))
+
+    async def call(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any], meta: RequestMeta) -> Any:
+        fn, kind = self._resolve(method)
+        token = self._enter(meta)
+        try:
+            if kind == _ASYNC:
+                return await self._in_context(fn, *args, **kwargs)
+            if kind in (_GEN, _AGEN):
+                raise TypeError(
+                    f"method {method!r} of {self._ctx.deployment!r} is a generator; "
+                    "call it with handle.options(stream=True)"
+                )
+            result = await self.run_sync(fn, *args, **kwargs)
+            if inspect.isawaitable(result):
+                result = await result
+            return result
+        finally:
+            _request_ctx.reset(token)
+
+    async def stream(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any],
+                     meta: RequestMeta) -> AsyncIterator[Any]:
+        fn, kind = self._resolve(method)
+        token = self._enter(meta)
+        try:
+            if kind == _AGEN:
+                agen = self._in_context(fn, *args, **kwargs)
+                try:
+                    async for item in agen:
+                        yield item
+                finally:
+                    await agen.aclose()
+            elif kind == _GEN:
+                gen = await self.run_sync(fn, *args, **kwargs)
+                done = object()
+                try:
+                    while True:
+                        item = await self.run_sync(next, gen, done)
+                        if item is done:
+                            break
+                        yield item
+                finally:
+                    await self.run_sync(gen.close)
+            else:
+                raise TypeError(
+                    f"stream=True was set but method {method!r} of {self._ctx.deployment!r} is not a generator"
+                )
+        finally:
+            _request_ctx.reset(token)
+
+    async def http(self, scope: dict[str, Any], body: bytes, send: ASGISend, meta: RequestMeta) -> None:
+        """Serve one HTTP request: an ASGI app given to @serve.ingress, or ``__call__(request)``."""
+        sent = False
+
+        async def receive() -> dict[str, Any]:
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            # Nothing more will come; wait until the request is cancelled (client disconnect).
+            await asyncio.get_running_loop().create_future()
+            return {"type": "http.disconnect"}  # pragma: no cover
+
+        if self._asgi is not None:
+            token = self._enter(meta)
+            try:
+                await self._in_context(self._asgi, scope, receive, send)
+            finally:
+                _request_ctx.reset(token)
+            return
+        from starlette.requests import Request
+
+        request = Request(scope, receive)
+        _fn, kind = self._resolve("__call__")
+        if kind in (_GEN, _AGEN):
+            from starlette.responses import StreamingResponse
+
+            response: Any = StreamingResponse(self.stream("__call__", (request,), {}, meta))
+        else:
+            response = to_response(await self.call("__call__", (request,), {}, meta))
+        await response(scope, receive, send)
+
+
+def _json_default(o: Any) -> Any:
+    if hasattr(o, "model_dump"):
+        return o.model_dump(mode="json")
+    if hasattr(o, "tolist"):
+        return o.tolist()
+    if isinstance(o, (set, frozenset, tuple)):
+        return list(o)
+    return str(o)
+
+
+def to_response(result: Any) -> Any:
+    """Turn a handler's return value into a Starlette response."""
+    from starlette.responses import PlainTextResponse, Response
+
+    if isinstance(result, Response):
+        return result
+    if isinstance(result, str):
+        return PlainTextResponse(result)
+    if isinstance(result, (bytes, bytearray, memoryview)):
+        return Response(bytes(result), media_type="application/octet-stream")
+    body = json.dumps(result, default=_json_default, ensure_ascii=False).encode()
+    return Response(body, media_type="application/json")
+
+
+def bind_asgi_app(app: Any, cls: type, instance: Any) -> Any:
+    """Make FastAPI routes declared on the class's methods call this instance's bound methods."""
+    try:
+        from fastapi import FastAPI
+        from fastapi.routing import APIRoute, APIWebSocketRoute
+    except ImportError:  # a plain ASGI or Starlette app
+        return app
+    if not isinstance(app, FastAPI):
+        return app
+    owned = {name: fn for name, fn in vars(cls).items() if inspect.isfunction(fn)}
+    new_routes: list[Any] = []
+    changed = False
+    for route in app.router.routes:
+        endpoint = getattr(route, "endpoint", None)
+        name = getattr(endpoint, "__name__", None)
+        if isinstance(route, APIRoute) and name in owned and owned[name] is endpoint:
+            bound = getattr(instance, name)
+            new_routes.append(APIRoute(
+                route.path, bound, methods=list(route.methods or ()), name=route.name,
+                response_model=route.response_model, status_code=route.status_code, tags=route.tags,
+                dependencies=route.dependencies, summary=route.summary, description=route.description,
+                response_description=route.response_description, responses=route.responses,
+                deprecated=route.deprecated, response_class=route.response_class,
+                include_in_schema=route.include_in_schema, openapi_extra=route.openapi_extra,
+            ))
+            changed = True
+        elif isinstance(route, APIWebSocketRoute) and name in owned and owned[name] is endpoint:
+            new_routes.append(APIWebSocketRoute(route.path, getattr(instance, name), name=route.name))
+            changed = True
+        else:
+            new_routes.append(route)
+    if changed:
+        app.router.routes[:] = new_routes
+        app.openapi_schema = None
+    return app

@@ -1,0 +1,133 @@
+"""A process's link to the controller: membership for its routers, control messages, admin calls.
+
+Replica processes, proxy processes, the driver (the process that called ``serve.run``) and
+the CLI each hold one :class:`ControllerClient`. It is the process-runtime implementation
+of :class:`~shoal.runtime.backend.Backend`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from shoal.runtime.router import Router
+from shoal.runtime.wire import Call, FramedProtocol, Hello, Membership, Reply, Subscribe, connect_unix
+
+logger = logging.getLogger("shoal.client")
+
+
+class ControllerError(RuntimeError):
+    """An admin call that the controller refused or could not carry out."""
+
+
+class ControllerClient:
+    def __init__(
+        self,
+        controller_path: str,
+        secret: bytes,
+        role: str,
+        ident: str,
+        loop: asyncio.AbstractEventLoop,
+        on_control: Callable[[Any], None] | None = None,
+    ) -> None:
+        self.path = controller_path
+        self.secret = secret
+        self.role = role
+        self.ident = ident
+        self.loop = loop
+        self.on_control = on_control
+        self._proto: FramedProtocol | None = None
+        self._routers: dict[tuple[str, str], Router] = {}
+        self._lock = threading.Lock()
+        self._calls: dict[int, asyncio.Future[Any]] = {}
+        self._ids = itertools.count(1)
+        self.closed: asyncio.Event = asyncio.Event()
+
+    async def connect(self, timeout: float = 10.0) -> None:
+        self._proto = await connect_unix(self.path, self.secret, self._on_message, self._on_close, timeout=timeout)
+        self._proto.send(Hello(self.role, self.ident))
+        for app, dep in list(self._routers):
+            self._proto.send(Subscribe(app, dep))
+
+    @property
+    def connected(self) -> bool:
+        return self._proto is not None and not self._proto.closed
+
+    # -- Backend
+    def router(self, app: str, deployment: str) -> Router:
+        key = (app, deployment)
+        router = self._routers.get(key)
+        if router is not None:
+            return router
+        with self._lock:
+            router = self._routers.get(key)
+            if router is None:
+                router = Router(app, deployment, self.secret)
+                self._routers[key] = router
+                self._call_in_loop(self._subscribe, key)
+        return router
+
+    def _call_in_loop(self, fn: Callable[..., None], *args: Any) -> None:
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is self.loop:
+            fn(*args)
+        else:
+            self.loop.call_soon_threadsafe(fn, *args)
+
+    def _subscribe(self, key: tuple[str, str]) -> None:
+        if self._proto is not None and not self._proto.closed:
+            self._proto.send(Subscribe(*key))
+
+    # -- messages
+    def send(self, msg: Any) -> None:
+        if self._proto is None:
+            raise ConnectionError("not connected to the controller")
+        self._proto.send(msg)
+
+    async def call(self, op: str, timeout: float | None = 30.0, **args: Any) -> Any:
+        """An admin request to the controller (status, delete, shutdown, ...)."""
+        if self._proto is None or self._proto.closed:
+            raise ConnectionError("not connected to the controller")
+        cid = next(self._ids)
+        fut: asyncio.Future[Any] = self.loop.create_future()
+        self._calls[cid] = fut
+        try:
+            self._proto.send(Call(cid, op, args))
+            return await asyncio.wait_for(fut, timeout)
+        finally:
+            self._calls.pop(cid, None)
+
+    def _on_message(self, proto: FramedProtocol, msg: Any) -> None:
+        if isinstance(msg, Membership):
+            router = self._routers.get((msg.app, msg.deployment))
+            if router is not None:
+                router.update(msg)
+        elif isinstance(msg, Reply) and msg.id in self._calls:
+            fut = self._calls.pop(msg.id)
+            if not fut.done():
+                if msg.ok:
+                    fut.set_result(msg.value)
+                else:
+                    fut.set_exception(ControllerError(msg.error))
+        elif self.on_control is not None:
+            self.on_control(msg)
+
+    def _on_close(self, proto: FramedProtocol, exc: BaseException | None) -> None:
+        for fut in self._calls.values():
+            if not fut.done():
+                fut.set_exception(ConnectionError("lost the connection to the controller"))
+        self._calls.clear()
+        self.closed.set()
+
+    def close(self) -> None:
+        for router in self._routers.values():
+            router.close()
+        if self._proto is not None:
+            self._proto.close()

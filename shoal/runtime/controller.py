@@ -1,0 +1,748 @@
+"""The controller: desired state, replica processes, membership, health, the proxy.
+
+It runs on its own event loop (a thread of the process that called ``serve.run`` or
+``shoal run``) and listens on a Unix socket (mode 0600) for replicas, proxies, handles'
+routers and the CLI. The per-deployment plan comes from the pure :func:`reconcile`; this
+class only executes it and watches processes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import pickle
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from shoal.config import HTTPOptions
+from shoal.deployment import AppSpec, DeploymentSpec
+from shoal.runtime.reconcile import ReplicaView, StartReplica, StopReplica, reconcile
+from shoal.runtime.replica import Bootstrap
+from shoal.runtime.wire import (
+    Call,
+    FramedProtocol,
+    Hello,
+    Membership,
+    ProxyReady,
+    ReplicaAddress,
+    ReplicaFailed,
+    ReplicaInit,
+    ReplicaReady,
+    Reply,
+    Routes,
+    Stop,
+    Subscribe,
+    serve_unix,
+)
+from shoal.status import (
+    ApplicationStatus,
+    ApplicationStatusOverview,
+    DeploymentStatus,
+    DeploymentStatusOverview,
+    ProxyStatus,
+    ReplicaState,
+    ServeStatus,
+)
+
+logger = logging.getLogger("shoal.controller")
+
+# Constructor failures in a row (with no replica of that version ever ready) before giving up.
+MAX_START_FAILURES = 3
+# Failed health checks in a row before a replica is replaced.
+MAX_HEALTH_FAILURES = 3
+TICK_S = 0.05
+
+
+class DeployError(RuntimeError):
+    """An application could not be deployed; the message says which deployment and why."""
+
+
+@dataclass
+class Settings:
+    """Runtime settings of one instance, read once at start and passed down."""
+
+    run_dir: str
+    http: HTTPOptions = field(default_factory=HTTPOptions)
+    start_proxy: bool = True
+    die_with_parent: bool = True
+    log_level: str = "INFO"
+    python: str = sys.executable
+
+
+@dataclass(eq=False)
+class ReplicaRecord:
+    tag: str
+    app: str
+    deployment: str
+    version: str
+    socket_path: str
+    proc: subprocess.Popen[bytes]
+    state: ReplicaState = ReplicaState.STARTING
+    conn: FramedProtocol | None = None
+    started_at: float = 0.0
+    stop_deadline: float = 0.0
+    failed_reported: bool = False
+    health_failures: int = 0
+    next_health: float = 0.0
+    health_busy: bool = False
+
+
+@dataclass(eq=False)
+class DeploymentRecord:
+    spec: DeploymentSpec
+    version: str
+    target: int
+    status: DeploymentStatus = DeploymentStatus.UPDATING
+    message: str = ""
+    failures: int = 0
+    ready_once: bool = False
+    published: tuple[Any, ...] | None = None
+
+
+@dataclass(eq=False)
+class AppRecord:
+    spec: AppSpec
+    deployments: dict[str, DeploymentRecord]
+    status: ApplicationStatus = ApplicationStatus.DEPLOYING
+    message: str = ""
+    deployed_at: float = 0.0
+    deleting: bool = False
+
+
+@dataclass(eq=False)
+class ProxyRecord:
+    ident: str
+    proc: subprocess.Popen[bytes]
+    conn: FramedProtocol | None = None
+    ready: bool = False
+    restarts: int = 0
+
+
+class Controller:
+    def __init__(self, settings: Settings, secret: bytes) -> None:
+        self.settings = settings
+        self.secret = secret
+        self.path = os.path.join(settings.run_dir, "controller.sock")
+        self.apps: dict[str, AppRecord] = {}
+        # Deployments removed from a redeployed app, still stopping: (app, name) -> record.
+        self.retiring: dict[tuple[str, str], DeploymentRecord] = {}
+        self.replicas: dict[str, ReplicaRecord] = {}
+        self.subscribers: dict[tuple[str, str], set[FramedProtocol]] = {}
+        self.route_subscribers: set[FramedProtocol] = set()
+        self.proxy: ProxyRecord | None = None
+        self.http_port = 0
+        self._listen_sock: socket.socket | None = None
+        self._server: asyncio.AbstractServer | None = None
+        self._versions = itertools.count(1)
+        self._call_ids = itertools.count(1)
+        self._calls: dict[int, asyncio.Future[Any]] = {}
+        self._kick = asyncio.Event()
+        self._changed = asyncio.Condition()
+        self._task: asyncio.Task[None] | None = None
+        self.stopping = False
+        self.stopped = asyncio.Event()
+        self.shutdown_requested = asyncio.Event()
+
+    # ---- start / stop -----------------------------------------------------------------------
+    async def start(self) -> None:
+        os.makedirs(self.settings.run_dir, mode=0o700, exist_ok=True)
+        self._server = await serve_unix(self.path, self.secret, self._on_connect)
+        self._task = asyncio.get_running_loop().create_task(self._run())
+        if self.settings.start_proxy:
+            self._bind_http()
+            self._spawn_proxy()
+            deadline = time.monotonic() + 30
+            while not (self.proxy and self.proxy.ready):
+                if time.monotonic() > deadline or (self.proxy and self.proxy.proc.poll() is not None):
+                    raise RuntimeError("the HTTP proxy failed to start; see its log above")
+                await asyncio.sleep(0.01)
+
+    def _bind_http(self) -> None:
+        opts = self.settings.http
+        family = socket.AF_INET6 if ":" in opts.host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((opts.host, opts.port))
+        except OSError as e:
+            sock.close()
+            raise RuntimeError(
+                f"cannot listen on http://{opts.host}:{opts.port}: {e.strerror}. "
+                "Is another server using it? Choose another port with http_options.port."
+            ) from None
+        sock.listen(2048)
+        sock.set_inheritable(True)
+        self._listen_sock = sock
+        self.http_port = sock.getsockname()[1]
+
+    def _spawn_proxy(self) -> None:
+        assert self._listen_sock is not None
+        ident = f"proxy-{uuid.uuid4().hex[:6]}"
+        from shoal.runtime.proxy import ProxyBootstrap
+
+        boot = ProxyBootstrap(self.path, self.secret, ident, self._listen_sock.fileno(), self.settings.http,
+                              os.getpid(), self.settings.die_with_parent, self.settings.log_level, list(sys.path))
+        proc = self._popen("shoal.runtime.proxy", pickle.dumps(boot), pass_fds=(self._listen_sock.fileno(),))
+        restarts = self.proxy.restarts + 1 if self.proxy else 0
+        self.proxy = ProxyRecord(ident, proc, restarts=restarts)
+
+    def _popen(self, module: str, stdin_data: bytes, pass_fds: tuple[int, ...] = ()) -> subprocess.Popen[bytes]:
+        proc = subprocess.Popen([self.settings.python, "-m", module], stdin=subprocess.PIPE, pass_fds=pass_fds)
+        assert proc.stdin is not None
+        proc.stdin.write(stdin_data)
+        proc.stdin.close()
+        return proc
+
+    async def shutdown(self) -> None:
+        """Stop every replica (gracefully, then by force) and the proxy; close the socket."""
+        if self.stopping:
+            await self.stopped.wait()
+            return
+        self.stopping = True
+        for app in list(self.apps.values()):
+            self._start_delete(app)
+        self._publish_routes()
+        deadline = time.monotonic() + max(
+            [d.spec.config.graceful_shutdown_timeout_s for a in self.apps.values() for d in a.deployments.values()]
+            + [0.0]
+        ) + 5
+        while self.replicas and time.monotonic() < deadline:
+            self._kick.set()
+            await asyncio.sleep(TICK_S)
+        for rec in list(self.replicas.values()):
+            self._kill(rec.proc)
+        if self.proxy is not None:
+            proxy = self.proxy
+            self.proxy = None
+            self._stop_process(proxy.proc, proxy.conn, 5.0)
+            await self._wait_exit(proxy.proc, 5.0)
+        if self._task is not None:
+            self._task.cancel()
+        for conn in list(self.route_subscribers) + [c for s in self.subscribers.values() for c in s]:
+            conn.close()
+        if self._server is not None:
+            self._server.close()
+        if self._listen_sock is not None:
+            self._listen_sock.close()
+        for path in (self.path,):
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+        self.stopped.set()
+
+    def _stop_process(self, proc: subprocess.Popen[bytes], conn: FramedProtocol | None, grace: float) -> None:
+        if proc.poll() is not None:
+            return
+        try:
+            if conn is not None and not conn.closed:
+                conn.send(Stop("shutdown"))
+            else:
+                proc.send_signal(signal.SIGTERM)
+        except (ConnectionError, ProcessLookupError):
+            pass
+
+    async def _wait_exit(self, proc: subprocess.Popen[bytes], timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while proc.poll() is None and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        self._kill(proc)
+
+    @staticmethod
+    def _kill(proc: subprocess.Popen[bytes]) -> None:
+        if proc.poll() is None:
+            try:
+                proc.kill()
+            except ProcessLookupError:
+                pass
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                logger.error("process %d did not exit after SIGKILL", proc.pid)
+
+    # ---- desired state ----------------------------------------------------------------------
+    async def deploy(self, spec: AppSpec) -> None:
+        if self.stopping:
+            raise DeployError("the instance is shutting down")
+        if spec.route_prefix is not None:
+            for other in self.apps.values():
+                if other.spec.name != spec.name and not other.deleting and other.spec.route_prefix == spec.route_prefix:
+                    raise DeployError(
+                        f"route_prefix {spec.route_prefix!r} is already used by application {other.spec.name!r}"
+                    )
+        now = time.time()
+        old = self.apps.get(spec.name)
+        deps: dict[str, DeploymentRecord] = {}
+        for name, dspec in spec.deployments.items():
+            version = dspec.code_version
+            target = dspec.config.initial_target()
+            prev = old.deployments.get(name) if old is not None and not old.deleting else None
+            if prev is not None:
+                if prev.version == version and prev.spec.config.user_config != dspec.config.user_config:
+                    self._reconfigure(spec.name, name, dspec.config.user_config)
+                prev_target = prev.target
+                same_scaling = (prev.spec.config.num_replicas == dspec.config.num_replicas
+                                and prev.spec.config.autoscaling_config == dspec.config.autoscaling_config)
+                rec = DeploymentRecord(dspec, version, prev_target if same_scaling else target,
+                                       ready_once=prev.ready_once and prev.version == version)
+                rec.published = prev.published
+            else:
+                rec = DeploymentRecord(dspec, version, target)
+            deps[name] = rec
+        if old is not None:
+            for name, prev in old.deployments.items():
+                if name not in deps:
+                    prev.target = 0
+                    self.retiring[(spec.name, name)] = prev
+        self.apps[spec.name] = AppRecord(spec, deps, deployed_at=now)
+        self._publish_routes()
+        self._kick.set()
+        await self._notify()
+
+    def _reconfigure(self, app: str, deployment: str, user_config: Any) -> None:
+        for rec in self.replicas.values():
+            if rec.app == app and rec.deployment == deployment and rec.state == ReplicaState.RUNNING:
+                asyncio.get_running_loop().create_task(
+                    self._replica_call(rec, "reconfigure", 30.0, user_config=user_config))
+
+    async def delete(self, name: str, wait: bool = True) -> None:
+        app = self.apps.get(name)
+        if app is None:
+            return
+        self._start_delete(app)
+        self._publish_routes()
+        self._kick.set()
+        while wait and name in self.apps:
+            await asyncio.sleep(TICK_S)
+
+    def _start_delete(self, app: AppRecord) -> None:
+        app.deleting = True
+        app.status = ApplicationStatus.DELETING
+        for dep in app.deployments.values():
+            dep.target = 0
+
+    async def wait_running(self, name: str, timeout: float | None = None) -> None:
+        """Wait until the app is RUNNING; raise :class:`DeployError` if it fails to deploy."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        async with self._changed:
+            while True:
+                app = self.apps.get(name)
+                if app is None:
+                    raise DeployError(f"application {name!r} was deleted while deploying")
+                if app.status == ApplicationStatus.RUNNING:
+                    return
+                if app.status == ApplicationStatus.DEPLOY_FAILED:
+                    raise DeployError(f"application {name!r} failed to deploy: {app.message}")
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    raise TimeoutError(f"application {name!r} was not running after {timeout}s: {app.message}")
+                try:
+                    await asyncio.wait_for(self._changed.wait(), remaining)
+                except TimeoutError:
+                    continue
+
+    async def _notify(self) -> None:
+        async with self._changed:
+            self._changed.notify_all()
+
+    # ---- the control loop -------------------------------------------------------------------
+    async def _run(self) -> None:
+        while True:
+            try:
+                await asyncio.wait_for(self._kick.wait(), TICK_S * 2)
+            except TimeoutError:
+                pass
+            self._kick.clear()
+            try:
+                changed = self._tick()
+            except Exception:  # the loop must never stop
+                logger.exception("controller tick failed")
+                changed = True
+            if changed:
+                await self._notify()
+
+    def _tick(self) -> bool:
+        now = time.monotonic()
+        changed = self._reap(now)
+        for app in list(self.apps.values()):
+            for dep in app.deployments.values():
+                changed |= self._reconcile_deployment(app.spec.name, dep, now)
+        for (app_name, name), dep in list(self.retiring.items()):
+            self._reconcile_deployment(app_name, dep, now)
+            if not any(r.app == app_name and r.deployment == name for r in self.replicas.values()):
+                del self.retiring[(app_name, name)]
+                self._publish_gone(app_name, name, f"deployment {name!r} was removed from application {app_name!r}")
+        for app in list(self.apps.values()):
+            changed |= self._update_app_status(app)
+        self._health_checks(now)
+        self._watch_proxy()
+        return changed
+
+    def _reap(self, now: float) -> bool:
+        changed = False
+        for rec in list(self.replicas.values()):
+            code = rec.proc.poll()
+            if code is None:
+                if rec.state == ReplicaState.STOPPING and now > rec.stop_deadline:
+                    logger.warning("replica %s did not stop in time; killing it", rec.tag)
+                    self._kill(rec.proc)
+                    code = rec.proc.returncode
+                else:
+                    continue
+            self._replica_gone(rec, f"exited with code {code}")
+            changed = True
+        return changed
+
+    def _dep_record(self, app: str, name: str) -> DeploymentRecord | None:
+        a = self.apps.get(app)
+        rec = a.deployments.get(name) if a is not None else None
+        return rec if rec is not None else self.retiring.get((app, name))
+
+    def _replica_gone(self, rec: ReplicaRecord, why: str) -> None:
+        if self.replicas.pop(rec.tag, None) is None:
+            return
+        if rec.proc.poll() is None:
+            self._kill(rec.proc)
+        try:
+            os.unlink(rec.socket_path)
+        except OSError:
+            pass
+        dep = self._dep_record(rec.app, rec.deployment)
+        if rec.state != ReplicaState.STOPPING:
+            logger.warning("replica %s of %s/%s %s unexpectedly", rec.tag, rec.app, rec.deployment, why)
+            if dep is not None and rec.state == ReplicaState.STARTING and not rec.failed_reported:
+                if rec.version == dep.version:
+                    dep.failures += 1
+                    dep.message = f"replica {rec.tag} {why} before it was ready"
+            elif dep is not None:
+                dep.message = f"replica {rec.tag} {why}; starting a replacement"
+        if dep is not None:
+            self._publish(rec.app, rec.deployment, dep)
+
+    def _reconcile_deployment(self, app: str, dep: DeploymentRecord, now: float) -> bool:
+        name = dep.spec.name
+        mine = [r for r in self.replicas.values() if r.app == app and r.deployment == name]
+        views = [ReplicaView(r.tag, r.version, r.state) for r in mine]
+        can_start = dep.ready_once or dep.failures < MAX_START_FAILURES
+        actions = reconcile(dep.target, dep.version, views, can_start=can_start and not self.stopping)
+        by_tag = {r.tag: r for r in mine}
+        for action in actions:
+            if isinstance(action, StartReplica):
+                self._start_replica(app, dep)
+            elif isinstance(action, StopReplica):
+                self._stop_replica(by_tag[action.tag], action.reason, now)
+        if actions:
+            self._publish(app, name, dep)
+        return bool(actions)
+
+    def _start_replica(self, app: str, dep: DeploymentRecord) -> None:
+        uid = uuid.uuid4().hex[:8]
+        tag = f"{dep.spec.name}-{uid}"
+        socket_path = os.path.join(self.settings.run_dir, f"r-{uid}.sock")
+        boot = Bootstrap(self.path, self.secret, tag, list(sys.path), os.getcwd(), os.getpid(),
+                         self.settings.die_with_parent, self.settings.log_level)
+        try:
+            proc = self._popen("shoal.runtime.replica", pickle.dumps(boot))
+        except OSError as e:
+            dep.failures += 1
+            dep.message = f"could not start a replica process: {e}"
+            return
+        self.replicas[tag] = ReplicaRecord(tag, app, dep.spec.name, dep.version, socket_path, proc,
+                                           started_at=time.monotonic())
+
+    def _stop_replica(self, rec: ReplicaRecord, reason: str, now: float) -> None:
+        if rec.state == ReplicaState.STOPPING:
+            return
+        dep = self._dep_record(rec.app, rec.deployment)
+        grace = dep.spec.config.graceful_shutdown_timeout_s if dep else 20.0
+        rec.state = ReplicaState.STOPPING
+        rec.stop_deadline = now + grace + 5.0
+        logger.debug("stopping replica %s: %s", rec.tag, reason)
+        self._stop_process(rec.proc, rec.conn, grace)
+
+    def _update_app_status(self, app: AppRecord) -> bool:
+        before = (app.status, app.message)
+        if app.deleting:
+            if not any(r.app == app.spec.name for r in self.replicas.values()):
+                del self.apps[app.spec.name]
+                for name in app.deployments:
+                    self._publish_gone(app.spec.name, name, f"application {app.spec.name!r} was deleted")
+                return True
+            return False
+        failed = []
+        updating = False
+        unhealthy = False
+        for dep in app.deployments.values():
+            running = sum(1 for r in self.replicas.values() if r.app == app.spec.name
+                          and r.deployment == dep.spec.name and r.state == ReplicaState.RUNNING)
+            running_current = sum(1 for r in self.replicas.values() if r.app == app.spec.name
+                                  and r.deployment == dep.spec.name and r.state == ReplicaState.RUNNING
+                                  and r.version == dep.version)
+            others = sum(1 for r in self.replicas.values() if r.app == app.spec.name
+                         and r.deployment == dep.spec.name and r.version != dep.version)
+            if not dep.ready_once and dep.failures >= MAX_START_FAILURES:
+                dep.status = DeploymentStatus.DEPLOY_FAILED
+                failed.append(f"deployment {dep.spec.name!r}: {dep.message}")
+            elif running_current >= dep.target and others == 0:
+                dep.status = DeploymentStatus.HEALTHY
+                dep.message = "" if dep.status == DeploymentStatus.HEALTHY and running_current else dep.message
+            elif dep.ready_once and running < dep.target:
+                dep.status = DeploymentStatus.UNHEALTHY if running == 0 else DeploymentStatus.UPDATING
+            else:
+                dep.status = DeploymentStatus.UPDATING
+            updating |= dep.status == DeploymentStatus.UPDATING
+            unhealthy |= dep.status == DeploymentStatus.UNHEALTHY
+        if failed:
+            app.status = ApplicationStatus.DEPLOY_FAILED
+            app.message = "; ".join(failed)
+        elif unhealthy:
+            app.status = ApplicationStatus.UNHEALTHY
+            app.message = "; ".join(f"{d.spec.name}: {d.message}" for d in app.deployments.values() if d.message)
+        elif updating:
+            app.status = ApplicationStatus.DEPLOYING if app.status != ApplicationStatus.RUNNING else app.status
+            if app.status == ApplicationStatus.RUNNING and any(
+                d.status == DeploymentStatus.UPDATING and not d.ready_once for d in app.deployments.values()
+            ):
+                app.status = ApplicationStatus.DEPLOYING
+            app.message = ""
+        else:
+            app.status = ApplicationStatus.RUNNING
+            app.message = ""
+        return (app.status, app.message) != before
+
+    # ---- membership and routes --------------------------------------------------------------
+    def _membership(self, app: str, name: str, dep: DeploymentRecord) -> Membership:
+        cfg = dep.spec.config
+        running = tuple(sorted(
+            (ReplicaAddress(r.tag, r.socket_path, cfg.max_ongoing_requests)
+             for r in self.replicas.values()
+             if r.app == app and r.deployment == name and r.state == ReplicaState.RUNNING),
+            key=lambda a: a.tag,
+        ))
+        return Membership(app, name, 0, running, cfg.max_queued_requests)
+
+    def _publish(self, app: str, name: str, dep: DeploymentRecord) -> None:
+        m = self._membership(app, name, dep)
+        key = (m.replicas, m.max_queued_requests)
+        if key == dep.published:
+            return
+        dep.published = key
+        self._send_membership(Membership(app, name, next(self._versions), m.replicas, m.max_queued_requests))
+
+    def _publish_gone(self, app: str, name: str, why: str) -> None:
+        if self._dep_record(app, name) is not None:
+            return  # redeployed meanwhile
+        self._send_membership(Membership(app, name, next(self._versions), (), -1, gone=why))
+
+    def _send_membership(self, m: Membership) -> None:
+        for conn in list(self.subscribers.get((m.app, m.deployment), ())):
+            try:
+                conn.send(m)
+            except ConnectionError:
+                pass
+
+    def _routes(self) -> Routes:
+        table = {
+            a.spec.route_prefix: (a.spec.name, a.spec.ingress)
+            for a in self.apps.values()
+            if a.spec.route_prefix is not None and not a.deleting
+        }
+        return Routes(table)
+
+    def _publish_routes(self) -> None:
+        routes = self._routes()
+        for conn in list(self.route_subscribers):
+            try:
+                conn.send(routes)
+            except ConnectionError:
+                pass
+
+    # ---- health -----------------------------------------------------------------------------
+    def _health_checks(self, now: float) -> None:
+        for rec in self.replicas.values():
+            if rec.state != ReplicaState.RUNNING or rec.conn is None or rec.health_busy or now < rec.next_health:
+                continue
+            dep = self._dep_record(rec.app, rec.deployment)
+            if dep is None:
+                continue
+            rec.health_busy = True
+            asyncio.get_running_loop().create_task(self._check_one(rec, dep))
+
+    async def _check_one(self, rec: ReplicaRecord, dep: DeploymentRecord) -> None:
+        cfg = dep.spec.config
+        try:
+            await self._replica_call(rec, "health", cfg.health_check_timeout_s)
+            rec.health_failures = 0
+        except Exception as e:
+            rec.health_failures += 1
+            logger.warning("health check %d/%d of replica %s failed: %s", rec.health_failures,
+                           MAX_HEALTH_FAILURES, rec.tag, e)
+            if rec.health_failures >= MAX_HEALTH_FAILURES and rec.state == ReplicaState.RUNNING:
+                dep.message = f"replica {rec.tag} failed {MAX_HEALTH_FAILURES} health checks ({e}); replacing it"
+                self._stop_replica(rec, "unhealthy", time.monotonic())
+                self._kill(rec.proc)
+                self._kick.set()
+        finally:
+            rec.health_busy = False
+            rec.next_health = time.monotonic() + cfg.health_check_period_s
+
+    async def _replica_call(self, rec: ReplicaRecord, op: str, timeout: float, **args: Any) -> Any:
+        if rec.conn is None or rec.conn.closed:
+            raise ConnectionError(f"replica {rec.tag} is not connected")
+        cid = next(self._call_ids)
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._calls[cid] = fut
+        try:
+            rec.conn.send(Call(cid, op, args))
+            reply: Reply = await asyncio.wait_for(fut, timeout)
+        finally:
+            self._calls.pop(cid, None)
+        if not reply.ok:
+            raise RuntimeError(reply.error)
+        return reply.value
+
+    def _watch_proxy(self) -> None:
+        proxy = self.proxy
+        if proxy is None or self.stopping or proxy.proc.poll() is None:
+            return
+        logger.error("the HTTP proxy exited with code %s; restarting it", proxy.proc.returncode)
+        self._spawn_proxy()
+
+    # ---- connections ------------------------------------------------------------------------
+    def _on_connect(self, proto: FramedProtocol) -> None:
+        proto.on_message = self._on_message
+        proto.on_close = self._on_close
+
+    def _on_close(self, proto: FramedProtocol, exc: BaseException | None) -> None:
+        self.route_subscribers.discard(proto)
+        for subs in self.subscribers.values():
+            subs.discard(proto)
+        peer = proto.peer
+        if isinstance(peer, Hello) and peer.role == "replica":
+            rec = self.replicas.get(peer.ident)
+            if rec is not None and rec.conn is proto:
+                # The process may still be exiting; _reap() notices the exit code.
+                rec.conn = None
+                self._kick.set()
+
+    def _on_message(self, proto: FramedProtocol, msg: Any) -> None:
+        if isinstance(msg, Hello):
+            self._on_hello(proto, msg)
+        elif isinstance(msg, Subscribe):
+            key = (msg.app, msg.deployment)
+            self.subscribers.setdefault(key, set()).add(proto)
+            dep = self._dep_record(msg.app, msg.deployment)
+            if dep is None:
+                proto.send(Membership(msg.app, msg.deployment, next(self._versions), (), -1,
+                                      gone=f"deployment {msg.deployment!r} of application {msg.app!r} does not exist"))
+            else:
+                m = self._membership(msg.app, msg.deployment, dep)
+                proto.send(Membership(msg.app, msg.deployment, next(self._versions), m.replicas,
+                                      m.max_queued_requests))
+        elif isinstance(msg, ReplicaReady):
+            self._on_ready(msg)
+        elif isinstance(msg, ReplicaFailed):
+            self._on_failed(msg)
+        elif isinstance(msg, ProxyReady):
+            if self.proxy is not None and self.proxy.ident == msg.ident:
+                self.proxy.ready = True
+        elif isinstance(msg, Reply):
+            fut = self._calls.get(msg.id)
+            if fut is not None and not fut.done():
+                fut.set_result(msg)
+        elif isinstance(msg, Call):
+            asyncio.get_running_loop().create_task(self._admin(proto, msg))
+
+    def _on_hello(self, proto: FramedProtocol, hello: Hello) -> None:
+        proto.peer = hello
+        if hello.role == "replica":
+            rec = self.replicas.get(hello.ident)
+            dep = self._dep_record(rec.app, rec.deployment) if rec is not None else None
+            if rec is None or dep is None or rec.state == ReplicaState.STOPPING:
+                proto.send(Stop("not wanted"))
+                return
+            rec.conn = proto
+            spec = dep.spec
+            proto.send(ReplicaInit(rec.app, rec.deployment, rec.tag, spec.serialized(), spec.config,
+                                   spec.is_function, rec.socket_path))
+        elif hello.role == "proxy":
+            if self.proxy is not None and self.proxy.ident == hello.ident:
+                self.proxy.conn = proto
+            self.route_subscribers.add(proto)
+            proto.send(self._routes())
+
+    def _on_ready(self, msg: ReplicaReady) -> None:
+        rec = self.replicas.get(msg.tag)
+        if rec is None:
+            return
+        if rec.state == ReplicaState.STOPPING:
+            return
+        rec.state = ReplicaState.RUNNING
+        dep = self._dep_record(rec.app, rec.deployment)
+        if dep is not None:
+            cfg = dep.spec.config
+            rec.next_health = time.monotonic() + cfg.health_check_period_s
+            if rec.version == dep.version:
+                dep.ready_once = True
+                dep.failures = 0
+            self._publish(rec.app, rec.deployment, dep)
+        self._kick.set()
+
+    def _on_failed(self, msg: ReplicaFailed) -> None:
+        rec = self.replicas.get(msg.tag)
+        if rec is None:
+            return
+        rec.failed_reported = True
+        dep = self._dep_record(rec.app, rec.deployment)
+        if dep is not None and rec.version == dep.version:
+            dep.failures += 1
+            dep.message = f"replica constructor failed: {msg.error.strip()}"
+        logger.error("replica %s of %s/%s failed to start", rec.tag, rec.app, rec.deployment)
+        self._kick.set()
+
+    # ---- admin ------------------------------------------------------------------------------
+    async def _admin(self, proto: FramedProtocol, call: Call) -> None:
+        try:
+            if call.op == "status":
+                value: Any = self.status()
+            elif call.op == "delete":
+                await self.delete(call.args["name"], wait=bool(call.args.get("wait", True)))
+                value = None
+            elif call.op == "shutdown":
+                self.shutdown_requested.set()
+                value = None
+            elif call.op == "app_info":
+                value = {n: (a.spec.ingress, a.spec.route_prefix) for n, a in self.apps.items() if not a.deleting}
+            else:
+                raise ValueError(f"unknown operation {call.op!r}")
+            reply = Reply(call.id, True, value)
+        except Exception as e:
+            reply = Reply(call.id, False, error=str(e))
+        try:
+            proto.send(reply)
+        except ConnectionError:
+            pass
+
+    def status(self) -> ServeStatus:
+        out = ServeStatus(http_address=f"http://{self.settings.http.host}:{self.http_port}" if self.proxy else "")
+        if self.proxy is not None:
+            out.proxies[self.proxy.ident] = ProxyStatus.HEALTHY if self.proxy.ready else ProxyStatus.STARTING
+        for name, app in self.apps.items():
+            deps = {}
+            for dname, dep in app.deployments.items():
+                counts: dict[str, int] = {}
+                for r in self.replicas.values():
+                    if r.app == name and r.deployment == dname:
+                        counts[r.state.value] = counts.get(r.state.value, 0) + 1
+                deps[dname] = DeploymentStatusOverview(dep.status, counts, dep.message)
+            out.applications[name] = ApplicationStatusOverview(
+                app.status, app.message, app.deployed_at, deps, app.spec.route_prefix, app.spec.ingress)
+        return out

@@ -1,0 +1,324 @@
+"""The replica process: one instance of one deployment, serving requests over a Unix socket.
+
+Started by the controller as ``python -m shoal.runtime.replica`` with a pickled bootstrap
+on stdin (from its trusted parent, never from the network). It connects back to the
+controller, receives its deployment, constructs it, listens, and reports ready. It enforces
+``max_ongoing_requests`` (refusing extra requests so the caller's router goes elsewhere),
+answers health checks and ``reconfigure``, and drains on stop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import pickle
+import signal
+import sys
+import traceback
+from dataclasses import dataclass
+from typing import Any
+
+import cloudpickle
+
+from shoal.context import ReplicaContext, set_process_replica_context
+from shoal.exceptions import RayServeException
+from shoal.runtime import backend
+from shoal.runtime.callable import UserCallable
+from shoal.runtime.client import ControllerClient
+from shoal.runtime.wire import (
+    CANCEL,
+    END,
+    ERR,
+    ITEM,
+    OK,
+    REJECT,
+    REQUEST,
+    Call,
+    FramedProtocol,
+    ReplicaFailed,
+    ReplicaInit,
+    ReplicaReady,
+    Reply,
+    RequestMeta,
+    Stop,
+    serve_unix,
+)
+
+logger = logging.getLogger("shoal.replica")
+
+
+@dataclass
+class Bootstrap:
+    controller_path: str
+    secret: bytes
+    tag: str
+    sys_path: list[str]
+    cwd: str
+    parent_pid: int
+    # Exit with the parent (embedded mode); a detached instance lets replicas be adopted.
+    die_with_parent: bool = True
+    log_level: str = "INFO"
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """Ask Linux to SIGTERM us when the parent goes away; a no-op elsewhere."""
+    if sys.platform != "linux":
+        return
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        return
+    if os.getppid() != parent_pid:
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _error_payload(exc: BaseException) -> tuple[BaseException, str]:
+    tb = "".join(traceback.format_exception(exc))
+    try:
+        cloudpickle.dumps(exc)
+        return exc, tb
+    except Exception:
+        return RayServeException(f"{type(exc).__name__}: {exc}"), tb
+
+
+class ReplicaServer:
+    def __init__(self, boot: Bootstrap) -> None:
+        self.boot = boot
+        self.loop = asyncio.get_running_loop()
+        self.client = ControllerClient(boot.controller_path, boot.secret, "replica", boot.tag, self.loop,
+                                       on_control=self._on_control)
+        self.user: UserCallable | None = None
+        self.init_msg: asyncio.Future[ReplicaInit] = self.loop.create_future()
+        self.max_ongoing = 5
+        self.ongoing = 0
+        self.draining = False
+        self.tasks: dict[tuple[int, int], asyncio.Task[None]] = {}
+        self.idle = asyncio.Event()
+        self.idle.set()
+        self.stop_requested = asyncio.Event()
+        self.graceful_timeout = 20.0
+        self.server: asyncio.AbstractServer | None = None
+        self.conns: set[FramedProtocol] = set()
+
+    async def run(self) -> int:
+        await self.client.connect()
+        backend.set_current(self.client)
+        init = await asyncio.wait_for(self.init_msg, 60)
+        cfg = init.config
+        self.max_ongoing = cfg.max_ongoing_requests
+        self.graceful_timeout = cfg.graceful_shutdown_timeout_s
+        ctx = ReplicaContext(init.app, init.deployment, init.tag)
+        set_process_replica_context(ctx)
+        try:
+            target, args, kwargs = cloudpickle.loads(init.blob)
+            self.user = UserCallable(target, args, kwargs, is_function=init.is_function, context=ctx)
+            await self.user.initialize(cfg.user_config)
+            self.server = await serve_unix(init.socket_path, self.boot.secret, self._on_connect)
+        except BaseException as e:  # the constructor's failure is the deployment's status message
+            logger.error("replica %s failed to start:\n%s", init.tag, traceback.format_exc())
+            self.client.send(ReplicaFailed(init.tag, f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
+            await asyncio.sleep(0.05)  # let the message flush
+            return 1
+        set_process_replica_context(ReplicaContext(init.app, init.deployment, init.tag, self.user.instance))
+        self.client.send(ReplicaReady(init.tag, os.getpid()))
+        closed = asyncio.ensure_future(self.client.closed.wait())
+        stop = asyncio.ensure_future(self.stop_requested.wait())
+        await asyncio.wait({closed, stop}, return_when=asyncio.FIRST_COMPLETED)
+        await self.drain()
+        return 0
+
+    async def drain(self) -> None:
+        self.draining = True
+        if self.server is not None:
+            self.server.close()
+        try:
+            await asyncio.wait_for(self.idle.wait(), self.graceful_timeout)
+        except TimeoutError:
+            logger.warning("graceful shutdown timed out with %d requests in flight; cancelling them", self.ongoing)
+            for task in list(self.tasks.values()):
+                task.cancel()
+            await asyncio.sleep(0)
+        if self.user is not None:
+            try:
+                await asyncio.wait_for(self.user.shutdown(), 10)
+            except Exception:
+                logger.exception("error in the deployment's __del__")
+        for conn in list(self.conns):
+            conn.close()
+
+    # -- control plane
+    def _on_control(self, msg: Any) -> None:
+        if isinstance(msg, ReplicaInit):
+            if not self.init_msg.done():
+                self.init_msg.set_result(msg)
+        elif isinstance(msg, Call):
+            self.loop.create_task(self._control_call(msg))
+        elif isinstance(msg, Stop):
+            self.stop_requested.set()
+
+    async def _control_call(self, call: Call) -> None:
+        try:
+            if self.user is None:
+                raise RuntimeError("replica is not initialized")
+            if call.op == "health":
+                await self.user.check_health()
+                value: Any = None
+            elif call.op == "reconfigure":
+                await self.user.reconfigure(call.args.get("user_config"))
+                value = None
+            elif call.op == "stats":
+                value = {"ongoing": self.ongoing}
+            else:
+                raise ValueError(f"unknown op {call.op!r}")
+            reply = Reply(call.id, True, value)
+        except Exception as e:
+            reply = Reply(call.id, False, error=f"{type(e).__name__}: {e}")
+        try:
+            self.client.send(reply)
+        except ConnectionError:
+            pass
+
+    # -- data plane
+    def _on_connect(self, proto: FramedProtocol) -> None:
+        self.conns.add(proto)
+        proto.on_message = self._on_message
+        proto.on_close = self._on_conn_close
+
+    def _on_conn_close(self, proto: FramedProtocol, exc: BaseException | None) -> None:
+        self.conns.discard(proto)
+        key = id(proto)
+        for (pid, _rid), task in list(self.tasks.items()):
+            if pid == key:
+                task.cancel()
+
+    def _on_message(self, proto: FramedProtocol, msg: Any) -> None:
+        kind = msg[0]
+        if kind == REQUEST:
+            rid = msg[1]
+            if self.draining or self.ongoing >= self.max_ongoing:
+                proto.send((REJECT, rid))
+                return
+            self.ongoing += 1
+            self.idle.clear()
+            key = (id(proto), rid)
+            task = self.loop.create_task(self._handle(proto, rid, msg[2], msg[3], msg[4], msg[5]))
+            self.tasks[key] = task
+            task.add_done_callback(lambda _t, key=key: self._done(key))
+        elif kind == CANCEL:
+            task = self.tasks.get((id(proto), msg[1]))
+            if task is not None:
+                task.cancel()
+
+    def _done(self, key: tuple[int, int]) -> None:
+        self.tasks.pop(key, None)
+        self.ongoing -= 1
+        if self.ongoing == 0:
+            self.idle.set()
+
+    async def _handle(self, proto: FramedProtocol, rid: int, method: str, args: tuple[Any, ...],
+                      kwargs: dict[str, Any], meta: RequestMeta) -> None:
+        user = self.user
+        assert user is not None
+        try:
+            if meta.http:
+                await self._handle_http(proto, rid, args[0], args[1], meta)
+            elif meta.stream:
+                async for item in user.stream(method, args, kwargs, meta):
+                    proto.send_user((ITEM, rid, item))
+                proto.send((END, rid))
+            else:
+                result = await user.call(method, args, kwargs, meta)
+                try:
+                    proto.send_user((OK, rid, result))
+                except (pickle.PicklingError, TypeError, AttributeError) as e:
+                    raise TypeError(f"the result of {method!r} could not be serialized: {e}") from None
+        except asyncio.CancelledError:
+            return  # the caller gave up; nobody is waiting for an answer
+        except ConnectionError:
+            return
+        except Exception as e:
+            logger.error("request %s to %s failed:\n%s", meta.request_id, method, traceback.format_exc())
+            exc, tb = _error_payload(e)
+            try:
+                proto.send_user((ERR, rid, exc, tb))
+            except ConnectionError:
+                pass
+
+    async def _handle_http(self, proto: FramedProtocol, rid: int, scope: dict[str, Any], body: bytes,
+                           meta: RequestMeta) -> None:
+        assert self.user is not None
+        pending: list[dict[str, Any]] = []
+        state = {"streaming": False, "done": False}
+
+        async def send(message: dict[str, Any]) -> None:
+            if state["done"]:
+                return
+            pending.append(message)
+            if message["type"] != "http.response.body":
+                return
+            if not state["streaming"] and not message.get("more_body", False):
+                proto.send_user((OK, rid, list(pending)))
+                state["done"] = True
+            else:
+                state["streaming"] = True
+                proto.send_user((ITEM, rid, list(pending)))
+                if not message.get("more_body", False):
+                    proto.send((END, rid))
+                    state["done"] = True
+            pending.clear()
+
+        await self.user.http(scope, body, send, meta)
+        if not state["done"]:
+            if state["streaming"]:
+                if pending:
+                    proto.send_user((ITEM, rid, list(pending)))
+                proto.send((END, rid))
+            else:
+                pending.append({"type": "http.response.body", "body": b"", "more_body": False})
+                proto.send_user((OK, rid, list(pending)))
+
+
+def _setup_logging(boot: Bootstrap, tag: str) -> None:
+    logging.basicConfig(
+        level=boot.log_level,
+        format=f"%(asctime)s %(levelname)s replica {tag} pid={os.getpid()} %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def main() -> None:
+    boot: Bootstrap = pickle.loads(sys.stdin.buffer.read())
+    if boot.die_with_parent:
+        die_with_parent(boot.parent_pid)
+    sys.path[:] = boot.sys_path
+    try:
+        os.chdir(boot.cwd)
+    except OSError:
+        pass
+    _setup_logging(boot, boot.tag)
+    # SIGTERM (from the controller or Kubernetes) means: drain, then exit.
+    loop = backend.new_event_loop()
+    asyncio.set_event_loop(loop)
+
+    async def runner() -> int:
+        server = ReplicaServer(boot)
+        loop.add_signal_handler(signal.SIGTERM, server.stop_requested.set)
+        loop.add_signal_handler(signal.SIGINT, server.stop_requested.set)
+        return await server.run()
+
+    try:
+        code = loop.run_until_complete(runner())
+    except (TimeoutError, ConnectionError, OSError) as e:
+        logger.error("replica %s could not reach the controller: %s", boot.tag, e)
+        code = 3
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,359 @@
+"""Wire format shared by every cross-process hop (Unix sockets locally, TCP in a cluster).
+
+A connection carries length-prefixed frames: a 4-byte big-endian length, then the payload.
+It opens with a mutual HMAC handshake on the instance secret; until it succeeds, frames are
+compared as raw bytes and nothing is unpickled. After it, payloads are pickles (protocol 5,
+cloudpickle for user values so classes from ``__main__`` travel by value).
+
+Data-plane messages are plain tuples (cheap to pickle), their first two fields always the
+kind and the per-connection request id:
+
+    (REQUEST, rid, method, args, kwargs, meta)   meta: RequestMeta
+    (OK, rid, value)                              unary result
+    (ITEM, rid, value)                            one streamed item
+    (END, rid)                                    end of a stream
+    (ERR, rid, exception, traceback_text)
+    (REJECT, rid)                                 replica at max_ongoing_requests; try elsewhere
+    (CANCEL, rid)                                 caller gave up; replica cancels the task
+
+Control-plane messages (controller <-> replicas, proxies, clients, CLI) are the frozen
+dataclasses below, each carrying an id for tracing and request/reply matching.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import logging
+import os
+import pickle
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+import cloudpickle
+
+logger = logging.getLogger("shoal.wire")
+
+REQUEST, OK, ITEM, END, ERR, REJECT, CANCEL = range(7)
+_HEADER = struct.Struct(">I")
+MAX_FRAME = 1 << 31
+_NONCE = 32
+_MAC = 32
+
+
+class RequestMeta(NamedTuple):
+    request_id: str
+    stream: bool = False
+    # True when args are (asgi_scope, body) and the reply is a stream of ASGI messages.
+    http: bool = False
+    multiplexed_model_id: str = ""
+    route: str = ""
+
+
+# ---- control plane -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Hello:
+    role: str  # "replica" | "proxy" | "client"
+    ident: str  # replica tag, proxy id, or a client name
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicaInit:
+    app: str
+    deployment: str
+    tag: str
+    blob: bytes
+    config: Any  # DeploymentConfig
+    is_function: bool
+    socket_path: str
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicaReady:
+    tag: str
+    pid: int
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicaFailed:
+    tag: str
+    error: str
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicaStats:
+    tag: str
+    ongoing: int
+
+
+@dataclass(frozen=True, slots=True)
+class Subscribe:
+    app: str
+    deployment: str
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicaAddress:
+    tag: str
+    address: str  # Unix socket path, or host:port in a cluster
+    max_ongoing: int
+
+
+@dataclass(frozen=True, slots=True)
+class Membership:
+    app: str
+    deployment: str
+    version: int
+    replicas: tuple[ReplicaAddress, ...]
+    max_queued_requests: int = -1
+    # The deployment no longer exists (app deleted or instance shutting down).
+    gone: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Routes:
+    # route_prefix -> (app name, ingress deployment name)
+    table: dict[str, tuple[str, str]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class ProxyReady:
+    ident: str
+    port: int
+
+
+@dataclass(frozen=True, slots=True)
+class Call:
+    """A request/reply on the control plane (health checks, reconfigure, admin commands)."""
+
+    id: int
+    op: str
+    args: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    id: int
+    ok: bool
+    value: Any = None
+    error: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Stop:
+    """Ask a replica or proxy to drain and exit."""
+
+    reason: str = ""
+
+
+# ---- serialization -------------------------------------------------------------------------
+
+
+def dumps(msg: Any) -> bytes:
+    """Pickle a message; user values may need cloudpickle (classes defined in __main__)."""
+    try:
+        return pickle.dumps(msg, protocol=5)
+    except (pickle.PicklingError, TypeError, AttributeError):
+        return cloudpickle.dumps(msg, protocol=5)
+
+
+def dumps_user(msg: Any) -> bytes:
+    return cloudpickle.dumps(msg, protocol=5)
+
+
+def new_secret() -> bytes:
+    return os.urandom(32)
+
+
+def _mac(secret: bytes, label: bytes, nonce: bytes) -> bytes:
+    return hmac.new(secret, label + nonce, hashlib.sha256).digest()
+
+
+class AuthError(ConnectionError):
+    pass
+
+
+class FramedProtocol(asyncio.Protocol):
+    """A framed, authenticated, pickled message connection.
+
+    ``on_message(msg)`` runs for every message after the handshake; ``on_close(exc)`` once
+    when the connection ends. ``ready`` resolves when the handshake succeeded.
+    """
+
+    def __init__(
+        self,
+        secret: bytes,
+        server_side: bool,
+        on_message: Callable[[FramedProtocol, Any], None] | None = None,
+        on_close: Callable[[FramedProtocol, BaseException | None], None] | None = None,
+        on_ready: Callable[[FramedProtocol], None] | None = None,
+    ) -> None:
+        self._secret = secret
+        self._on_ready = on_ready
+        self._server = server_side
+        self.on_message = on_message
+        self.on_close = on_close
+        self._buf = bytearray()
+        self._nonce = os.urandom(_NONCE)
+        self._state = 0  # 0: handshake step 1, 1: step 2, 2: authenticated
+        self.transport: asyncio.Transport | None = None
+        self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.closed = False
+        self.peer: Any = None  # set by the owner (e.g. the Hello it received)
+
+    # -- asyncio.Protocol
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        if self._server:
+            self._write_raw(self._nonce)
+
+    def data_received(self, data: bytes) -> None:
+        buf = self._buf
+        buf += data
+        pos = 0
+        n = len(buf)
+        while n - pos >= 4:
+            (size,) = _HEADER.unpack_from(buf, pos)
+            if n - pos - 4 < size:
+                break
+            frame = bytes(buf[pos + 4 : pos + 4 + size])
+            pos += 4 + size
+            if self._state == 2:
+                try:
+                    msg = pickle.loads(frame)
+                except Exception:
+                    logger.exception("undecodable frame; closing connection")
+                    self._abort()
+                    return
+                if self.on_message is not None:
+                    try:
+                        self.on_message(self, msg)
+                    except Exception:
+                        logger.exception("error handling message %r", type(msg))
+            else:
+                if not self._handshake(frame):
+                    return
+            if self.closed:
+                return
+        if pos:
+            del buf[:pos]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if not self.ready.done():
+            self.ready.set_exception(exc or ConnectionError("connection closed during handshake"))
+            self.ready.exception()  # mark retrieved
+        if self.on_close is not None:
+            cb, self.on_close = self.on_close, None
+            cb(self, exc)
+
+    # -- handshake: server sends nonce_s; client sends nonce_c + mac("c", nonce_s);
+    #    server checks it and sends mac("s", nonce_c); client checks that.
+    def _handshake(self, frame: bytes) -> bool:
+        if self._server:
+            if self._state != 0 or len(frame) != _NONCE + _MAC:
+                return self._fail("bad handshake frame")
+            nonce_c, mac = frame[:_NONCE], frame[_NONCE:]
+            if not hmac.compare_digest(mac, _mac(self._secret, b"c", self._nonce)):
+                return self._fail("authentication failed")
+            self._write_raw(_mac(self._secret, b"s", nonce_c))
+            self._authenticated()
+            return True
+        if self._state == 0:
+            if len(frame) != _NONCE:
+                return self._fail("bad handshake frame")
+            self._write_raw(self._nonce + _mac(self._secret, b"c", frame))
+            self._state = 1
+            return True
+        if len(frame) != _MAC or not hmac.compare_digest(frame, _mac(self._secret, b"s", self._nonce)):
+            return self._fail("server failed authentication")
+        self._authenticated()
+        return True
+
+    def _authenticated(self) -> None:
+        self._state = 2
+        if not self.ready.done():
+            self.ready.set_result(None)
+        if self._on_ready is not None:
+            # Synchronously, so that handlers are in place before the next frame is parsed.
+            self._on_ready(self)
+
+    def _fail(self, why: str) -> bool:
+        logger.warning("closing connection: %s", why)
+        if not self.ready.done():
+            self.ready.set_exception(AuthError(why))
+            self.ready.exception()
+        self._abort()
+        return False
+
+    def _abort(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.abort()
+
+    def _write_raw(self, payload: bytes) -> None:
+        assert self.transport is not None
+        self.transport.write(_HEADER.pack(len(payload)) + payload)
+
+    # -- sending
+    def send(self, msg: Any) -> None:
+        """Send a control message (std pickle, cloudpickle fallback)."""
+        self.send_bytes(dumps(msg))
+
+    def send_user(self, msg: Any) -> None:
+        """Send a message that carries user values."""
+        self.send_bytes(dumps_user(msg))
+
+    def send_bytes(self, payload: bytes) -> None:
+        if self.closed or self.transport is None or self.transport.is_closing():
+            raise ConnectionError("connection is closed")
+        if len(payload) >= MAX_FRAME:
+            raise ValueError("message too large for one frame")
+        self.transport.writelines((_HEADER.pack(len(payload)), payload))
+
+    def close(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.close()
+
+
+async def connect_unix(
+    path: str,
+    secret: bytes,
+    on_message: Callable[[FramedProtocol, Any], None] | None = None,
+    on_close: Callable[[FramedProtocol, BaseException | None], None] | None = None,
+    timeout: float = 10.0,
+) -> FramedProtocol:
+    loop = asyncio.get_running_loop()
+    _, proto = await asyncio.wait_for(
+        loop.create_unix_connection(lambda: FramedProtocol(secret, False, on_message, on_close), path), timeout
+    )
+    await asyncio.wait_for(proto.ready, timeout)
+    return proto
+
+
+async def serve_unix(
+    path: str,
+    secret: bytes,
+    on_connect: Callable[[FramedProtocol], None],
+) -> asyncio.AbstractServer:
+    """Listen on ``path`` (mode 0600); ``on_connect`` runs for each authenticated peer."""
+    loop = asyncio.get_running_loop()
+
+    def factory() -> FramedProtocol:
+        return FramedProtocol(secret, True, on_ready=on_connect)
+
+    if os.path.exists(path):
+        os.unlink(path)
+    old = os.umask(0o177)
+    try:
+        server = await loop.create_unix_server(factory, path)
+    finally:
+        os.umask(old)
+    os.chmod(path, 0o600)
+    return server

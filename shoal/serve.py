@@ -1,0 +1,50 @@
+"""shoal's public serving API, with Ray Serve's names: ``from shoal import serve``."""
+
+from __future__ import annotations
+
+from shoal.api import (
+    delete,
+    get_app_handle,
+    get_deployment_handle,
+    http_address,
+    ingress,
+    run,
+    shutdown,
+    start,
+    status,
+)
+from shoal.config import AutoscalingConfig, HTTPOptions
+from shoal.context import get_replica_context
+from shoal.deployment import Application, Deployment, deployment
+from shoal.exceptions import (
+    BackPressureError,
+    DeploymentUnavailableError,
+    RayServeException,
+    RequestCancelledError,
+)
+from shoal.handle import DeploymentHandle, DeploymentResponse, DeploymentResponseGenerator
+
+__all__ = [
+    "Application",
+    "AutoscalingConfig",
+    "BackPressureError",
+    "Deployment",
+    "DeploymentHandle",
+    "DeploymentResponse",
+    "DeploymentResponseGenerator",
+    "DeploymentUnavailableError",
+    "HTTPOptions",
+    "RayServeException",
+    "RequestCancelledError",
+    "delete",
+    "deployment",
+    "get_app_handle",
+    "get_deployment_handle",
+    "get_replica_context",
+    "http_address",
+    "ingress",
+    "run",
+    "shutdown",
+    "start",
+    "status",
+]

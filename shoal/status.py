@@ -1,0 +1,88 @@
+"""Status objects returned by ``serve.status()``, with Ray Serve's names and values."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from enum import Enum, StrEnum
+from typing import Any
+
+__all__ = [
+    "ApplicationStatus",
+    "ApplicationStatusOverview",
+    "DeploymentStatus",
+    "DeploymentStatusOverview",
+    "ProxyStatus",
+    "ReplicaState",
+    "ServeStatus",
+]
+
+
+class ApplicationStatus(StrEnum):
+    NOT_STARTED = "NOT_STARTED"
+    DEPLOYING = "DEPLOYING"
+    DEPLOY_FAILED = "DEPLOY_FAILED"
+    RUNNING = "RUNNING"
+    UNHEALTHY = "UNHEALTHY"
+    DELETING = "DELETING"
+
+
+class DeploymentStatus(StrEnum):
+    UPDATING = "UPDATING"
+    HEALTHY = "HEALTHY"
+    UNHEALTHY = "UNHEALTHY"
+    DEPLOY_FAILED = "DEPLOY_FAILED"
+    UPSCALING = "UPSCALING"
+    DOWNSCALING = "DOWNSCALING"
+
+
+class ReplicaState(StrEnum):
+    STARTING = "STARTING"
+    UPDATING = "UPDATING"
+    RECOVERING = "RECOVERING"
+    RUNNING = "RUNNING"
+    STOPPING = "STOPPING"
+    PENDING_MIGRATION = "PENDING_MIGRATION"
+
+
+class ProxyStatus(StrEnum):
+    STARTING = "STARTING"
+    HEALTHY = "HEALTHY"
+    UNHEALTHY = "UNHEALTHY"
+    DRAINING = "DRAINING"
+    DRAINED = "DRAINED"
+
+
+@dataclass
+class DeploymentStatusOverview:
+    status: DeploymentStatus
+    replica_states: dict[str, int] = field(default_factory=dict)
+    message: str = ""
+    status_trigger: str = ""
+
+
+@dataclass
+class ApplicationStatusOverview:
+    status: ApplicationStatus
+    message: str = ""
+    last_deployed_time_s: float = 0.0
+    deployments: dict[str, DeploymentStatusOverview] = field(default_factory=dict)
+    route_prefix: str | None = None
+    ingress: str = ""
+
+
+@dataclass
+class ServeStatus:
+    proxies: dict[str, ProxyStatus] = field(default_factory=dict)
+    applications: dict[str, ApplicationStatusOverview] = field(default_factory=dict)
+    target_capacity: float | None = None
+    http_address: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        def plain(v: Any) -> Any:
+            if isinstance(v, Enum):
+                return v.value
+            if isinstance(v, dict):
+                return {k: plain(x) for k, x in v.items()}
+            return v
+
+        return plain(asdict(self))  # type: ignore[no-any-return]
