@@ -463,7 +463,7 @@ class ServeDeploySchema(_Schema):
                 "(import_path, route_prefix, deployments, ...) into a list under 'applications:'",
             )
         try:
-            return cls.model_validate(data)
+            return cls.model_validate(dict(data))
         except ValidationError as e:
             raise validation_error_to_config_error(e, source, cls) from None
 

@@ -158,32 +158,33 @@ class UserCallable:
     async def stream(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any],
                      meta: RequestMeta) -> AsyncIterator[Any]:
         fn, kind = self._resolve(method)
-        token = self._enter(meta)
-        try:
-            if kind == _AGEN:
-                agen = self._in_context(fn, *args, **kwargs)
-                try:
-                    async for item in agen:
-                        yield item
-                finally:
-                    await agen.aclose()
-            elif kind == _GEN:
-                gen = await self.run_sync(fn, *args, **kwargs)
-                done = object()
-                try:
-                    while True:
-                        item = await self.run_sync(next, gen, done)
-                        if item is done:
-                            break
-                        yield item
-                finally:
-                    await self.run_sync(gen.close)
-            else:
-                raise TypeError(
-                    f"stream=True was set but method {method!r} of {self._ctx.deployment!r} is not a generator"
-                )
-        finally:
-            _request_ctx.reset(token)
+        # A generator may be resumed from different tasks (and so contexts): set the request
+        # context again on every resumption instead of resetting a token.
+        self._enter(meta)
+        if kind == _AGEN:
+            agen = self._in_context(fn, *args, **kwargs)
+            try:
+                async for item in agen:
+                    yield item
+                    self._enter(meta)
+            finally:
+                await agen.aclose()
+        elif kind == _GEN:
+            gen = await self.run_sync(fn, *args, **kwargs)
+            done = object()
+            try:
+                while True:
+                    item = await self.run_sync(next, gen, done)
+                    if item is done:
+                        break
+                    yield item
+                    self._enter(meta)
+            finally:
+                await self.run_sync(gen.close)
+        else:
+            raise TypeError(
+                f"stream=True was set but method {method!r} of {self._ctx.deployment!r} is not a generator"
+            )
 
     async def http(self, scope: dict[str, Any], body: bytes, send: ASGISend, meta: RequestMeta) -> None:
         """Serve one HTTP request: an ASGI app given to @serve.ingress, or ``__call__(request)``."""

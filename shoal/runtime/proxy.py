@@ -249,7 +249,7 @@ async def _serve(boot: ProxyBootstrap) -> None:
     await client.connect()
     backend.set_current(client)
     config = uvicorn.Config(app, fd=boot.fd, loop="none", http="httptools", lifespan="off", access_log=False,
-                            log_level=boot.log_level.lower(), timeout_keep_alive=int(boot.http.keep_alive_timeout_s),
+                            log_level="warning", timeout_keep_alive=int(boot.http.keep_alive_timeout_s),
                             server_header=False, date_header=False)
     server = uvicorn.Server(config)
     server.install_signal_handlers = lambda: None  # type: ignore[method-assign]

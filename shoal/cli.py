@@ -1,0 +1,224 @@
+"""The ``shoal`` command line: a thin layer over the Python API."""
+
+from __future__ import annotations
+
+import asyncio
+import glob
+import json
+import os
+import sys
+import time
+from typing import Any
+
+import click
+
+from shoal.api import _is_live, instances_root
+
+
+def _console() -> Any:
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+def _is_config_file(target: str) -> bool:
+    return target.endswith((".yaml", ".yml", ".json")) and ":" not in os.path.basename(target)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="shoal")
+def cli() -> None:
+    """shoal: serve Ray Serve-style applications on one machine, or compile them for Kubernetes."""
+
+
+@cli.command()
+@click.argument("target")
+@click.option("--name", default=None, help="Application name (default: 'default'; ignored for config files).")
+@click.option("--route-prefix", default=None, help="HTTP route prefix of the app (default '/').")
+@click.option("--host", default=None, help="Proxy host (default 127.0.0.1; config file: http_options.host).")
+@click.option("-p", "--port", type=int, default=None, help="Proxy port (default 8000; 0 picks a free port).")
+@click.option("--address", default=None, envvar="SHOAL_RUN_DIR",
+              help="Instance directory for the control socket (default /tmp/shoal-<uid>/default).")
+def run(target: str, name: str | None, route_prefix: str | None, host: str | None, port: int | None,
+        address: str | None) -> None:
+    """Run TARGET in the foreground until Ctrl-C.
+
+    TARGET is an import path to a bound application or an app builder
+    (``module:app``, ``package.module:build``) or a serve config file (``serve.yaml``).
+    """
+    from shoal import api
+    from shoal.config import HTTPOptions
+    from shoal.loader import build_application
+    from shoal.schema import ConfigError, ServeApplicationSchema, ServeDeploySchema, load_config_file
+
+    console = _console()
+    t0 = time.monotonic()
+    try:
+        if _is_config_file(target):
+            config = load_config_file(target)
+            http = config.http_options
+            apps = config.applications
+            source = target
+        else:
+            http = HTTPOptions()
+            app_schema: dict[str, Any] = {"import_path": target, "name": name or "default"}
+            if route_prefix is not None:
+                app_schema["route_prefix"] = None if route_prefix.lower() == "none" else route_prefix
+            config = ServeDeploySchema.from_dict({"applications": [app_schema]}, source="command line")
+            apps = config.applications
+            source = "command line"
+        overrides = {k: v for k, v in (("host", host), ("port", port)) if v is not None}
+        if overrides:
+            http = http.model_copy(update=overrides)
+            HTTPOptions.model_validate(http.model_dump())
+        built = [(a, build_application(a, source=source)) for a in apps]
+    except (ConfigError, ImportError, AttributeError, ValueError, TypeError) as e:
+        console.print(f"[red]error:[/red] {e}")
+        raise SystemExit(2) from None
+    try:
+        api.start(http_options=http, _run_dir=address)
+        for app_schema_obj, application in built:
+            assert isinstance(app_schema_obj, ServeApplicationSchema)
+            with console.status(f"deploying application [bold]{app_schema_obj.name}[/bold] ..."):
+                api.run(application, name=app_schema_obj.name, route_prefix=app_schema_obj.route_prefix)
+    except KeyboardInterrupt:
+        api.shutdown()
+        raise SystemExit(130) from None
+    except Exception as e:
+        console.print(f"[red]error:[/red] {e}")
+        api.shutdown()
+        raise SystemExit(1) from None
+    base = api.http_address()
+    console.print(f"[green]ready[/green] in {time.monotonic() - t0:.2f}s")
+    for app_schema_obj, _ in built:
+        if app_schema_obj.route_prefix is not None:
+            console.print(f"  {app_schema_obj.name}: {base}{app_schema_obj.route_prefix}")
+    console.print("Press Ctrl-C to stop.")
+    _install_sigterm()
+    api.wait_for_shutdown()
+    console.print("stopped")
+
+
+def _install_sigterm() -> None:
+    import signal
+
+    def on_term(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_term)
+
+
+def resolve_address(address: str | None) -> str:
+    """The run directory of the instance to talk to, or a clear error."""
+    if address:
+        if not _is_live(address):
+            raise click.ClickException(f"no running shoal instance at {address}")
+        return address
+    env = os.environ.get("SHOAL_RUN_DIR")
+    if env:
+        if not _is_live(env):
+            raise click.ClickException(f"no running shoal instance at SHOAL_RUN_DIR={env}")
+        return env
+    root = instances_root()
+    default = os.path.join(root, "default")
+    if _is_live(default):
+        return default
+    live = sorted(d for d in glob.glob(os.path.join(root, "*")) if _is_live(d))
+    if len(live) == 1:
+        return live[0]
+    if not live:
+        raise click.ClickException("no running shoal instance found (start one with `shoal run`)")
+    raise click.ClickException("several shoal instances are running; pick one with --address:\n  " + "\n  ".join(live))
+
+
+def _admin(address: str, op: str, **args: Any) -> Any:
+    from shoal.runtime.backend import new_event_loop
+    from shoal.runtime.client import ControllerClient
+
+    path = os.path.join(address, "controller.sock")
+    try:
+        with open(os.path.join(address, "secret"), "rb") as f:
+            secret = f.read()
+    except OSError as e:
+        raise click.ClickException(f"cannot read the instance secret in {address}: {e.strerror}") from None
+
+    async def go() -> Any:
+        client = ControllerClient(path, secret, "client", f"cli-{os.getpid()}", asyncio.get_running_loop())
+        try:
+            await client.connect(timeout=5)
+            return await client.call(op, **args)
+        finally:
+            client.close()
+
+    loop = new_event_loop()
+    try:
+        return loop.run_until_complete(go())
+    except (ConnectionError, OSError) as e:
+        raise click.ClickException(f"cannot reach the shoal instance at {address}: {e}") from None
+    finally:
+        loop.close()
+
+
+@cli.command()
+@click.option("--address", default=None, help="Instance directory (default: the one running instance).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def status(address: str | None, as_json: bool) -> None:
+    """Show applications, deployments and replica states of a running instance."""
+    addr = resolve_address(address)
+    st = _admin(addr, "status")
+    data = st.to_dict()
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    console.print(f"instance: {addr}   http: {data['http_address'] or '(no proxy)'}")
+    if not data["applications"]:
+        console.print("no applications deployed")
+        return
+    table = Table("application", "status", "route", "deployment", "deployment status", "replicas", "message")
+    for app_name, app in data["applications"].items():
+        first = True
+        for dep_name, dep in app["deployments"].items():
+            replicas = ", ".join(f"{k}: {v}" for k, v in sorted(dep["replica_states"].items())) or "-"
+            table.add_row(app_name if first else "", app["status"] if first else "",
+                          str(app["route_prefix"]) if first else "", dep_name, dep["status"], replicas,
+                          (dep["message"] or (app["message"] if first else ""))[:80])
+            first = False
+    console.print(table)
+
+
+@cli.command()
+@click.option("--address", default=None, help="Instance directory (default: the one running instance).")
+@click.option("--timeout", default=60.0, show_default=True, help="Seconds to wait for it to stop.")
+def shutdown(address: str | None, timeout: float) -> None:
+    """Stop a running instance: its replicas, proxy and controller."""
+    addr = resolve_address(address)
+    _admin(addr, "shutdown")
+    deadline = time.monotonic() + timeout
+    while _is_live(addr) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if _is_live(addr):
+        raise click.ClickException(f"the instance at {addr} is still running after {timeout}s")
+    click.echo(f"shut down {addr}")
+
+
+@cli.command()
+@click.argument("name")
+@click.option("--address", default=None, help="Instance directory (default: the one running instance).")
+def delete(name: str, address: str | None) -> None:
+    """Delete application NAME from a running instance."""
+    addr = resolve_address(address)
+    _admin(addr, "delete", name=name)
+    click.echo(f"deleted application {name!r}")
+
+
+def main() -> None:
+    sys.path.insert(0, os.getcwd()) if os.getcwd() not in sys.path else None
+    cli(prog_name="shoal")
+
+
+if __name__ == "__main__":
+    main()
