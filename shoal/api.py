@@ -357,7 +357,26 @@ def ingress(app: Any) -> Callable[[Any], Any]:
     def decorator(cls: Any) -> Any:
         if not callable(app):
             raise TypeError("serve.ingress expects an ASGI application such as a FastAPI app")
+        _make_starlette_state_picklable()
         cls.__shoal_asgi_app__ = app
         return cls
 
     return decorator
+
+
+def _make_starlette_state_picklable() -> None:
+    """Starlette's ``State`` recurses in ``__getattr__`` when unpickled; give it a reducer.
+
+    The app object travels to replica processes with the class it decorates.
+    """
+    import copyreg
+
+    try:
+        from starlette.datastructures import State
+    except ImportError:  # pragma: no cover - starlette is a core dependency
+        return
+
+    def reduce_state(state: State) -> tuple[Any, ...]:
+        return (State, (dict(state._state),))
+
+    copyreg.pickle(State, reduce_state)

@@ -71,7 +71,7 @@ def run(target: str, name: str | None, route_prefix: str | None, host: str | Non
         if overrides:
             http = http.model_copy(update=overrides)
             HTTPOptions.model_validate(http.model_dump())
-        built = [(a, build_application(a, source=source)) for a in apps]
+        built = [(a, build_application(a, source=source, index=i)) for i, a in enumerate(apps)]
     except (ConfigError, ImportError, AttributeError, ValueError, TypeError) as e:
         console.print(f"[red]error:[/red] {e}")
         raise SystemExit(2) from None

