@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import threading
 import time
@@ -158,7 +159,7 @@ def test_failing_health_check_replaces_replica(instance: Instance) -> None:
 
 
 def test_bad_deployment_options_name_the_field() -> None:
-    with pytest.raises(ValueError, match="ray_actor_options.num_gpu"):
+    with pytest.raises(ValueError, match=r"ray_actor_options\.num_gpu"):
         serve.deployment(ray_actor_options={"num_gpu": 1})(Sleeper.func_or_class)
     with pytest.raises(ValueError, match="max_ongoing_requests"):
         Sleeper.options(max_ongoing_requests=0)
@@ -176,7 +177,7 @@ def test_port_in_use_is_a_clear_error(run_dir: str) -> None:
     s.listen()
     port = s.getsockname()[1]
     try:
-        with pytest.raises(RuntimeError, match=f"127.0.0.1:{port}"):
+        with pytest.raises(RuntimeError, match=re.escape(f"127.0.0.1:{port}")):
             serve.start(http_options={"port": port}, _run_dir=run_dir)
     finally:
         s.close()

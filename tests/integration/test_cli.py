@@ -1,0 +1,232 @@
+"""The `shoal` command line, run as real subprocesses."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from conftest import child_pids, wait_until
+
+APP = textwrap.dedent('''
+    from starlette.requests import Request
+    from shoal import serve
+    from shoal.handle import DeploymentHandle
+
+    @serve.deployment
+    class Greeter:
+        def __init__(self, greeting: str = "hello") -> None:
+            self.greeting = greeting
+
+        def greet(self, name: str) -> str:
+            return f"{self.greeting} {name}"
+
+    @serve.deployment
+    class Front:
+        def __init__(self, greeter: DeploymentHandle) -> None:
+            self.greeter = greeter
+
+        async def __call__(self, request: Request) -> str:
+            return await self.greeter.greet.remote(request.query_params.get("name", "world"))
+
+    app = Front.bind(Greeter.bind())
+
+    def build(args: dict) -> serve.Application:
+        return Front.bind(Greeter.bind(args.get("greeting", "hello")))
+''')
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def shoal(*args: str, cwd: Path, env: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "shoal.cli", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def descendants(pid: int) -> set[int]:
+    out: set[int] = set()
+    todo = [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            kids = child_pids(p)
+        except OSError:
+            continue
+        out |= kids
+        todo.extend(kids)
+    return out
+
+
+@pytest.fixture
+def project(tmp_path: Path, run_dir: str) -> tuple[Path, dict[str, str]]:
+    (tmp_path / "myapp.py").write_text(APP)
+    env = {**os.environ, "SHOAL_RUN_DIR": run_dir, "PYTHONPATH": os.getcwd()}
+    return tmp_path, env
+
+
+def start_run(args: list[str], cwd: Path, env: dict[str, str]) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-m", "shoal.cli", "run", *args], cwd=cwd, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def wait_http(url: str, timeout: float = 60) -> bool:
+    def ok() -> bool:
+        try:
+            return httpx.get(url, timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    return wait_until(ok, timeout, 0.1)
+
+
+def test_help() -> None:
+    for cmd in ([], ["run"], ["status"], ["shutdown"], ["delete"]):
+        r = subprocess.run([sys.executable, "-m", "shoal.cli", *cmd, "--help"], capture_output=True, text=True)
+        assert r.returncode == 0 and "Usage" in r.stdout
+
+
+def test_run_import_path_status_and_shutdown(project: tuple[Path, dict[str, str]]) -> None:
+    cwd, env = project
+    port = free_port()
+    proc = start_run(["myapp:app", "--port", str(port)], cwd, env)
+    try:
+        assert wait_http(f"http://127.0.0.1:{port}/?name=cli"), proc.stdout.read() if proc.poll() else ""
+        assert httpx.get(f"http://127.0.0.1:{port}/?name=cli").text == "hello cli"
+        kids = descendants(proc.pid)
+        assert len(kids) >= 3  # proxy + two replicas, each its own process
+        st = shoal("status", "--json", cwd=cwd, env=env)
+        assert st.returncode == 0, st.stderr
+        assert '"RUNNING"' in st.stdout and '"Greeter"' in st.stdout
+        table = shoal("status", cwd=cwd, env=env)
+        assert "Front" in table.stdout
+        down = shoal("shutdown", cwd=cwd, env=env)
+        assert down.returncode == 0, down.stderr
+        assert proc.wait(30) == 0
+        assert wait_until(lambda: all(not os.path.exists(f"/proc/{k}") or _zombie(k) for k in kids), 10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ", 1)[1][0] == "Z"
+    except OSError:
+        return True
+
+
+def test_run_config_file_and_ctrl_c(project: tuple[Path, dict[str, str]]) -> None:
+    cwd, env = project
+    port = free_port()
+    (cwd / "serve.yaml").write_text(textwrap.dedent(f"""
+        http_options:
+          host: 127.0.0.1
+          port: {port}
+        applications:
+          - name: greet
+            route_prefix: /greet
+            import_path: myapp:build
+            args:
+              greeting: ahoy
+            deployments:
+              - name: Greeter
+                num_replicas: 2
+    """))
+    proc = start_run(["serve.yaml"], cwd, env)
+    try:
+        assert wait_http(f"http://127.0.0.1:{port}/greet?name=sailor")
+        assert httpx.get(f"http://127.0.0.1:{port}/greet?name=sailor").text == "ahoy sailor"
+        st = shoal("status", "--json", cwd=cwd, env=env)
+        assert '"RUNNING": 2' in st.stdout
+        kids = descendants(proc.pid)
+        proc.send_signal(signal.SIGINT)  # Ctrl-C
+        assert proc.wait(30) == 0
+        assert wait_until(lambda: all(_zombie(k) for k in kids), 10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_killed_driver_leaves_no_process(project: tuple[Path, dict[str, str]]) -> None:
+    cwd, env = project
+    port = free_port()
+    proc = start_run(["myapp:app", "--port", str(port)], cwd, env)
+    try:
+        assert wait_http(f"http://127.0.0.1:{port}/")
+        kids = descendants(proc.pid)
+        proc.kill()  # kill -9: no chance to clean up
+        proc.wait()
+        assert wait_until(lambda: all(_zombie(k) for k in kids), 15)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_bad_config_names_file_and_field(project: tuple[Path, dict[str, str]]) -> None:
+    cwd, env = project
+    (cwd / "bad.yaml").write_text(textwrap.dedent("""
+        applications:
+          - name: greet
+            import_path: myapp:app
+            deployments:
+              - name: Greeter
+                num_replicas: -1
+    """))
+    r = shoal("run", "bad.yaml", cwd=cwd, env=env)
+    assert r.returncode == 2
+    assert "bad.yaml" in r.stderr and "applications[0].deployments[0].num_replicas" in r.stderr
+
+
+def test_bad_import_path(project: tuple[Path, dict[str, str]]) -> None:
+    cwd, env = project
+    r = shoal("run", "nosuchmodule:app", cwd=cwd, env=env)
+    assert r.returncode == 2 and "nosuchmodule" in r.stderr
+
+
+def test_status_without_instance(project: tuple[Path, dict[str, str]]) -> None:
+    cwd, env = project
+    r = shoal("status", cwd=cwd, env=env)
+    assert r.returncode != 0 and "no running shoal instance" in r.stderr
+
+
+def test_classes_defined_in_main(tmp_path: Path, run_dir: str) -> None:
+    script = tmp_path / "script.py"
+    script.write_text(textwrap.dedent('''
+        from dataclasses import dataclass
+        from shoal import serve
+
+        @dataclass
+        class Point:
+            x: int
+            y: int
+
+        @serve.deployment
+        class Mover:
+            def move(self, p: Point) -> Point:
+                return Point(p.x + 1, p.y + 1)
+
+        if __name__ == "__main__":
+            serve.start(http_options={"port": 0})
+            h = serve.run(Mover.bind())
+            print("RESULT", h.move.remote(Point(1, 2)).result())
+            serve.shutdown()
+    '''))
+    env = {**os.environ, "SHOAL_RUN_DIR": run_dir, "PYTHONPATH": os.getcwd()}
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60, env=env)
+    assert "RESULT Point(x=2, y=3)" in r.stdout, r.stderr
