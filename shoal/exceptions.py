@@ -57,7 +57,11 @@ class RequestCancelledError(RayServeException):
 
     def __init__(self, request_id: str = "", message: str = "") -> None:
         self.request_id = request_id
-        super().__init__(message or f"Request {request_id} was cancelled.")
+        self.message = message or f"Request {request_id} was cancelled."
+        super().__init__(self.message)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.request_id, self.message))
 
 
 class ReplicaDiedError(RayServeException):

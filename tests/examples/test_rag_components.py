@@ -310,6 +310,8 @@ def test_prompt_normalises_context() -> None:
     )
     with pytest.raises(TypeError):
         prompt("q", [{"id": "no text"}])
+    with pytest.raises(TypeError, match="single document"):
+        prompt("q", {"id": "x", "text": "a lone document"})
     with pytest.raises(TypeError):
         prompt(123, [])  # type: ignore[arg-type]
 
