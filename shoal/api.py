@@ -293,7 +293,8 @@ def _app_info() -> dict[str, tuple[str, str | None]]:
     current = _backend._current
     if isinstance(current, ControllerClient):
         # Inside a replica or proxy: ask the controller.
-        return _call_blocking(current, "app_info")
+        info: dict[str, tuple[str, str | None]] = _call_blocking(current, "app_info")
+        return info
     return {}
 
 

@@ -117,8 +117,8 @@ def wrap_remote_exception(exc: BaseException, remote_traceback: str) -> BaseExce
         out.__dict__.update(getattr(exc, "__dict__", {}))
     except (AttributeError, TypeError):
         pass
-    out.cause = exc
-    out.remote_traceback = remote_traceback
+    out.cause = exc  # type: ignore[attr-defined]
+    out.remote_traceback = remote_traceback  # type: ignore[attr-defined]
     return out
 
 

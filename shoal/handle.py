@@ -158,7 +158,7 @@ class DeploymentResponse:
                 if t.cancelled():
                     cfut.cancel()
                 elif t.exception() is not None:
-                    cfut.set_exception(t.exception())  # type: ignore[arg-type]
+                    cfut.set_exception(t.exception())
                 else:
                     cfut.set_result(t.result())
 
@@ -222,14 +222,18 @@ class DeploymentResponseGenerator:
             raise StopAsyncIteration
         if _running_loop() is self._loop:
             return await self._agen.__anext__()
-        cfut = asyncio.run_coroutine_threadsafe(self._agen.__anext__(), self._loop)  # type: ignore[arg-type]
+        cfut: concurrent.futures.Future[Any] = asyncio.run_coroutine_threadsafe(
+            self._anext(), self._loop)
         return await asyncio.wrap_future(cfut)
+
+    async def _anext(self) -> Any:
+        return await self._agen.__anext__()
 
     def __iter__(self) -> Iterator[Any]:
         if _running_loop() is self._loop:
             raise RuntimeError("iterate a streaming response with `async for` on its own event loop")
         while True:
-            cfut = asyncio.run_coroutine_threadsafe(self._agen.__anext__(), self._loop)  # type: ignore[arg-type]
+            cfut: concurrent.futures.Future[Any] = asyncio.run_coroutine_threadsafe(self._anext(), self._loop)
             try:
                 yield cfut.result()
             except StopAsyncIteration:

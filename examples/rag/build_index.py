@@ -18,10 +18,11 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-if __package__:
+if __package__ or TYPE_CHECKING:  # python -m examples.rag.build_index (type checkers follow this branch)
     from .components import (
         CORPUS_FILE,
         EMBEDDINGS_FILE,
@@ -33,7 +34,7 @@ if __package__:
         passage_text,
         resolve_model_path,
     )
-else:  # run as a script: this file's directory is sys.path[0]
+else:  # python examples/rag/build_index.py: this file's directory is sys.path[0]
     from components import (
         CORPUS_FILE,
         EMBEDDINGS_FILE,

@@ -163,7 +163,9 @@ class VectorDB:
         corpus_path = base / CORPUS_FILE
         embeddings_path = base / EMBEDDINGS_FILE
         if not corpus_path.is_file():
-            raise FileNotFoundError(f"corpus not found at {corpus_path}; build it with: python examples/rag/build_corpus.py")
+            raise FileNotFoundError(
+                f"corpus not found at {corpus_path}; build it with: python examples/rag/build_corpus.py"
+            )
         if not embeddings_path.is_file():
             raise FileNotFoundError(
                 f"embeddings not found at {embeddings_path}; build them with: python examples/rag/build_index.py"
@@ -233,6 +235,8 @@ def prompt(query: str, context: Iterable[Mapping[str, Any] | str] | None = None)
     """
     if not isinstance(query, str):
         raise TypeError(f"query must be a str, got {type(query).__name__}")
+    if isinstance(context, str | Mapping):
+        raise TypeError("context must be a list of documents, not a single document")
     docs: list[Document] = []
     for i, item in enumerate(context or ()):
         if isinstance(item, str):
@@ -246,8 +250,7 @@ def prompt(query: str, context: Iterable[Mapping[str, Any] | str] | None = None)
     return Prompt(query=query, docs=tuple(docs))
 
 
-STOPWORDS: frozenset[str] = frozenset(
-    """
+_STOPWORDS_TEXT = """
     a about above after again against all also am an and any are as at be because been before being below between
     both but by can could did do does doing done down during each either else even ever few for from further get gets
     got had has have having he her here hers him his how i if in into is it its itself just me might more most much
@@ -255,11 +258,13 @@ STOPWORDS: frozenset[str] = frozenset(
     should so some such than that the their them then there these they this those through to too under until up upon
     us very via was way we were what when where whether which while who whom whose why will with within without would
     yet you your yours
-    """.split()
-)
+"""
+STOPWORDS: frozenset[str] = frozenset(_STOPWORDS_TEXT.split())
 
 _TOKEN_RE = re.compile(r"[a-z0-9]+(?:[-_][a-z0-9]+)*")
-_SENTENCE_BOUNDARY_RE = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9\"'(\[*])")
+# End of sentence: ".", "!" or "?" (but not an ellipsis) followed by whitespace and the start of a word, since
+# docstring sentences often begin with a lowercase identifier ("compresslevel sets the ...").
+_SENTENCE_BOUNDARY_RE = re.compile(r"(?<=[.!?])(?<!\.\.\.)\s+(?=[A-Za-z0-9\"'(\[*])")
 _ABBREVIATIONS = ("e.g.", "i.e.", "a.k.a.", "etc.", "cf.", "vs.")
 
 
@@ -317,16 +322,24 @@ class _Candidate:
     position: int
     terms: Counter[str]
     length: int
+    title_terms: frozenset[str]
 
 
 class ExtractiveLLM:
     """A small, deterministic, download-free generator that answers by extraction.
 
-    The context documents are split into sentences and each sentence is scored against the query with BM25 (the
-    sentences of the context are the collection; a document's title counts towards each of its sentences). Scores are
-    damped slightly by the rank of the document the sentence came from, so the retriever's order breaks near-ties.
-    The answer is the best sentence plus up to ``max_sentences - 1`` more that score at least ``min_ratio`` of it.
-    If no sentence shares a term with the query, the answer is the first sentence of the top-ranked document.
+    The context documents are split into sentences, and each sentence that shares a term with the query is scored:
+
+    * BM25 of the query against the sentence, with the context's sentences as the collection;
+    * plus ``title_weight`` for every query term that also occurs in the title of the sentence's document (the
+      title is a qualified name such as ``json.loads``, so this rewards the module or function the user named);
+    * divided by ``(1 + rank_decay * doc_rank) * (1 + position_decay * position)``, so the retriever's ranking and a
+      docstring's summary line win near-ties.
+
+    The answer is the best sentence plus up to ``max_sentences - 1`` more that score at least ``min_ratio`` of it, in
+    score order. If no sentence shares a term with the query, the answer is the first sentence of the top-ranked
+    document (retrieval is semantic, so it may be relevant without lexical overlap); with no context at all it is
+    ``NO_CONTEXT_ANSWER``.
     """
 
     MODELS: tuple[str, ...] = ("extractive",)
@@ -338,7 +351,9 @@ class ExtractiveLLM:
         *,
         max_sentences: int = 3,
         min_ratio: float = 0.5,
-        rank_decay: float = 0.1,
+        rank_decay: float = 0.5,
+        position_decay: float = 0.3,
+        title_weight: float = 1.0,
         k1: float = 1.2,
         b: float = 0.75,
     ) -> None:
@@ -353,6 +368,8 @@ class ExtractiveLLM:
         self.max_sentences = max_sentences
         self.min_ratio = min_ratio
         self.rank_decay = rank_decay
+        self.position_decay = position_decay
+        self.title_weight = title_weight
         self.k1 = k1
         self.b = b
 
@@ -384,14 +401,15 @@ class ExtractiveLLM:
     def _candidates(self, docs: Sequence[Mapping[str, str]]) -> list[_Candidate]:
         candidates: list[_Candidate] = []
         for rank, doc in enumerate(docs):
-            title_terms = tokenize(doc.get("title", ""))
+            title_terms = frozenset(tokenize(doc.get("title", "")))
             for position, sentence in enumerate(split_sentences(doc.get("text", ""))):
                 terms = tokenize(sentence)
-                candidates.append(_Candidate(sentence, rank, position, Counter(terms + title_terms), max(len(terms), 1)))
+                candidates.append(_Candidate(sentence, rank, position, Counter(terms), max(len(terms), 1), title_terms))
         return candidates
 
     def _score(self, query_terms: list[str], candidates: list[_Candidate]) -> list[tuple[float, _Candidate]]:
-        """BM25 score of every candidate, best first (ties: better-ranked document, then earlier sentence)."""
+        """Score every candidate (see the class docstring), best first; ties go to the better-ranked document and
+        then to the earlier sentence. Candidates without a query term score 0."""
         n = len(candidates)
         avg_length = sum(c.length for c in candidates) / n
         unique_terms = sorted(set(query_terms))
@@ -401,6 +419,8 @@ class ExtractiveLLM:
         for c in candidates:
             norm = self.k1 * (1.0 - self.b + self.b * c.length / avg_length)
             bm25 = sum(idf[t] * c.terms[t] * (self.k1 + 1.0) / (c.terms[t] + norm) for t in unique_terms if c.terms[t])
-            scored.append((bm25 / (1.0 + self.rank_decay * c.doc_rank), c))
+            title_bonus = self.title_weight * sum(1 for t in unique_terms if t in c.title_terms)
+            prior = (1.0 + self.rank_decay * c.doc_rank) * (1.0 + self.position_decay * c.position)
+            scored.append(((bm25 + title_bonus) / prior if bm25 > 0 else 0.0, c))
         scored.sort(key=lambda item: (-item[0], item[1].doc_rank, item[1].position))
         return scored

@@ -29,7 +29,9 @@ ASGISend = Callable[[dict[str, Any]], Awaitable[None]]
 
 
 def _kind(fn: Callable[..., Any]) -> int:
-    target = fn.__call__ if not (inspect.isfunction(fn) or inspect.ismethod(fn)) and callable(fn) else fn
+    target: Any = fn
+    if not (inspect.isfunction(fn) or inspect.ismethod(fn)):
+        target = getattr(fn, "__call__", fn)  # noqa: B004 - a callable object's method decides
     if inspect.isasyncgenfunction(target):
         return _AGEN
     if inspect.iscoroutinefunction(target):

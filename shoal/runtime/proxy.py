@@ -252,7 +252,6 @@ async def _serve(boot: ProxyBootstrap) -> None:
                             log_level="warning", timeout_keep_alive=int(boot.http.keep_alive_timeout_s),
                             server_header=False, date_header=False)
     server = uvicorn.Server(config)
-    server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
     serving = loop.create_task(server.serve())
     while not server.started:
         if serving.done():

@@ -10,6 +10,7 @@ answers health checks and ``reconfigure``, and drains on stop.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import pickle
@@ -207,13 +208,13 @@ class ReplicaServer:
             key = (id(proto), rid)
             task = self.loop.create_task(self._handle(proto, rid, msg[2], msg[3], msg[4], msg[5]))
             self.tasks[key] = task
-            task.add_done_callback(lambda _t, key=key: self._done(key))
+            task.add_done_callback(functools.partial(self._done, key))
         elif kind == CANCEL:
-            task = self.tasks.get((id(proto), msg[1]))
-            if task is not None:
-                task.cancel()
+            running = self.tasks.get((id(proto), msg[1]))
+            if running is not None:
+                running.cancel()
 
-    def _done(self, key: tuple[int, int]) -> None:
+    def _done(self, key: tuple[int, int], _task: asyncio.Task[None]) -> None:
         self.tasks.pop(key, None)
         self.ongoing -= 1
         if self.ongoing == 0:

@@ -216,11 +216,11 @@ class Router:
                 if slot.conn.idle:
                     slot.conn.close()
         for tag, addr in new.items():
-            slot = self._slots.get(tag)
-            if slot is None or slot.conn.dead:
+            existing = self._slots.get(tag)
+            if existing is None or existing.conn.dead:
                 self._slots[tag] = self._new_slot(addr)
             else:
-                slot.address = addr
+                existing.address = addr
         self._wake(all_waiters=True)
 
     def _new_slot(self, addr: ReplicaAddress) -> _Slot:

@@ -159,11 +159,12 @@ def dumps(msg: Any) -> bytes:
     try:
         return pickle.dumps(msg, protocol=5)
     except (pickle.PicklingError, TypeError, AttributeError):
-        return cloudpickle.dumps(msg, protocol=5)
+        return dumps_user(msg)
 
 
 def dumps_user(msg: Any) -> bytes:
-    return cloudpickle.dumps(msg, protocol=5)
+    data: bytes = cloudpickle.dumps(msg, protocol=5)
+    return data
 
 
 def new_secret() -> bytes:

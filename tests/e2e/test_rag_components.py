@@ -18,10 +18,6 @@ from typing import Any
 import numpy as np
 import pytest
 
-# examples/ is not an installed package: make the repository root importable however pytest is started (with plain
-# `pytest`, tests/ is on sys.path instead and `examples` would resolve to the tests/examples directory).
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
 from examples.rag import components
 from examples.rag.build_corpus import SOURCES
 from examples.rag.components import (
