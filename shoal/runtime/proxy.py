@@ -14,6 +14,7 @@ import logging
 import os
 import pickle
 import signal
+import socket
 import sys
 from dataclasses import dataclass
 from typing import Any
@@ -248,11 +249,14 @@ async def _serve(boot: ProxyBootstrap) -> None:
     app = ProxyApp(client, boot.http)
     await client.connect()
     backend.set_current(client)
-    config = uvicorn.Config(app, fd=boot.fd, loop="none", http="httptools", lifespan="off", access_log=False,
+    # socket(fileno=) detects the address family; uvicorn's fd= option assumes a Unix socket,
+    # which would leave TCP_NODELAY off (and cost ~40 ms per response to delayed ACKs).
+    sock = socket.socket(fileno=boot.fd)
+    config = uvicorn.Config(app, loop="none", http="httptools", lifespan="off", access_log=False,
                             log_level="warning", timeout_keep_alive=int(boot.http.keep_alive_timeout_s),
                             server_header=False, date_header=False)
     server = uvicorn.Server(config)
-    serving = loop.create_task(server.serve())
+    serving = loop.create_task(server.serve(sockets=[sock]))
     while not server.started:
         if serving.done():
             serving.result()

@@ -284,11 +284,14 @@ class ReplicaServer:
 
 
 def _setup_logging(boot: Bootstrap, tag: str) -> None:
+    # Third-party libraries log at WARNING (as in a plain Python program); shoal's own
+    # loggers at the instance's level.
     logging.basicConfig(
-        level=boot.log_level,
+        level=logging.WARNING,
         format=f"%(asctime)s %(levelname)s replica {tag} pid={os.getpid()} %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    logging.getLogger("shoal").setLevel(boot.log_level)
 
 
 def main() -> None:
