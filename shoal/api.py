@@ -193,6 +193,7 @@ def run(
     spec = build_app_spec(target, name, route_prefix)
     inst.loop.run(inst.controller.deploy(spec))
     inst.loop.run(inst.controller.wait_running(name, timeout_s))
+    inst.loop.run(inst.controller.wait_proxy())
     handle = DeploymentHandle(spec.ingress, name)
     if blocking:
         wait_for_shutdown()

@@ -59,6 +59,7 @@ MAX_START_FAILURES = 3
 # Failed health checks in a row before a replica is replaced.
 MAX_HEALTH_FAILURES = 3
 TICK_S = 0.05
+MAX_PROXY_RESTARTS = 5
 
 
 class DeployError(RuntimeError):
@@ -157,13 +158,18 @@ class Controller:
         self._server = await serve_unix(self.path, self.secret, self._on_connect)
         self._task = asyncio.get_running_loop().create_task(self._run())
         if self.settings.start_proxy:
+            # The socket listens from here on: connections wait in its backlog until the
+            # proxy process (started in parallel with the replicas) accepts them.
             self._bind_http()
             self._spawn_proxy()
-            deadline = time.monotonic() + 30
-            while not (self.proxy and self.proxy.ready):
-                if time.monotonic() > deadline or (self.proxy and self.proxy.proc.poll() is not None):
-                    raise RuntimeError("the HTTP proxy failed to start; see its log above")
-                await asyncio.sleep(0.01)
+
+    async def wait_proxy(self, timeout: float = 30.0) -> None:
+        """Wait until the HTTP proxy serves; raise if it cannot start."""
+        deadline = time.monotonic() + timeout
+        while self.proxy is not None and not self.proxy.ready:
+            if time.monotonic() > deadline or self.proxy.restarts >= MAX_PROXY_RESTARTS:
+                raise RuntimeError("the HTTP proxy failed to start; see its log above")
+            await asyncio.sleep(0.01)
 
     def _bind_http(self) -> None:
         opts = self.settings.http
@@ -611,7 +617,13 @@ class Controller:
 
     def _watch_proxy(self) -> None:
         proxy = self.proxy
-        if proxy is None or self.stopping or proxy.proc.poll() is None:
+        if proxy is None or self.stopping or proxy.proc.poll() is None or proxy.restarts >= MAX_PROXY_RESTARTS:
+            return
+        proxy.ready = False
+        if proxy.restarts + 1 >= MAX_PROXY_RESTARTS:
+            logger.error("the HTTP proxy exited with code %s %d times; giving up", proxy.proc.returncode,
+                         MAX_PROXY_RESTARTS)
+            proxy.restarts += 1
             return
         logger.error("the HTTP proxy exited with code %s; restarting it", proxy.proc.returncode)
         self._spawn_proxy()
@@ -734,7 +746,9 @@ class Controller:
     def status(self) -> ServeStatus:
         out = ServeStatus(http_address=f"http://{self.settings.http.host}:{self.http_port}" if self.proxy else "")
         if self.proxy is not None:
-            out.proxies[self.proxy.ident] = ProxyStatus.HEALTHY if self.proxy.ready else ProxyStatus.STARTING
+            alive = self.proxy.proc.poll() is None
+            out.proxies[self.proxy.ident] = (ProxyStatus.HEALTHY if self.proxy.ready and alive
+                                             else ProxyStatus.STARTING if alive else ProxyStatus.UNHEALTHY)
         for name, app in self.apps.items():
             deps = {}
             for dname, dep in app.deployments.items():

@@ -114,6 +114,7 @@ class ReplicaServer:
         self.graceful_timeout = cfg.graceful_shutdown_timeout_s
         ctx = ReplicaContext(init.app, init.deployment, init.tag)
         set_process_replica_context(ctx)
+        apply_logging_config(cfg.logging_config, ctx)
         try:
             target, args, kwargs = cloudpickle.loads(init.blob)
             self.user = UserCallable(target, args, kwargs, is_function=init.is_function, context=ctx)
@@ -281,6 +282,39 @@ class ReplicaServer:
             else:
                 pending.append({"type": "http.response.body", "body": b"", "more_body": False})
                 proto.send_user((OK, rid, list(pending)))
+
+
+class JSONFormatter(logging.Formatter):
+    """One JSON object per line, with the replica's identity (``logging_config.encoding: JSON``)."""
+
+    def __init__(self, ctx: ReplicaContext) -> None:
+        super().__init__()
+        self._ids = {"application": ctx.app_name, "deployment": ctx.deployment, "replica": ctx.replica_tag}
+
+    def format(self, record: logging.LogRecord) -> str:
+        import json
+
+        out = {"asctime": self.formatTime(record), "levelname": record.levelname, "name": record.name,
+               "message": record.getMessage(), **self._ids}
+        if record.exc_info:
+            out["exc_text"] = self.formatException(record.exc_info)
+        return json.dumps(out)
+
+
+def apply_logging_config(lc: Any, ctx: ReplicaContext) -> None:
+    """Apply a deployment's ``logging_config``: level, encoding, and an optional log file."""
+    if lc is None:
+        return
+    root = logging.getLogger()
+    logging.getLogger("shoal").setLevel(lc.log_level)
+    root.setLevel(lc.log_level)
+    if lc.logs_dir:
+        os.makedirs(lc.logs_dir, exist_ok=True)
+        name = f"replica_{ctx.app_name}_{ctx.deployment}_{ctx.replica_tag}.log"
+        root.addHandler(logging.FileHandler(os.path.join(lc.logs_dir, name)))
+    if lc.encoding == "JSON":
+        for handler in root.handlers:
+            handler.setFormatter(JSONFormatter(ctx))
 
 
 def _setup_logging(boot: Bootstrap, tag: str) -> None:

@@ -161,6 +161,47 @@ def test_run_config_file_and_ctrl_c(project: tuple[Path, dict[str, str]]) -> Non
             proc.wait()
 
 
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signals_stop_everything(project: tuple[Path, dict[str, str]], sig: signal.Signals) -> None:
+    cwd, env = project
+    port = free_port()
+    proc = start_run(["myapp:app", "--port", str(port)], cwd, env)
+    try:
+        assert wait_http(f"http://127.0.0.1:{port}/")
+        kids = descendants(proc.pid)
+        assert kids
+        proc.send_signal(sig)
+        assert proc.wait(30) == 0
+        assert wait_until(lambda: all(_zombie(k) for k in kids), 10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_script_exit_without_shutdown_cleans_up(tmp_path: Path, run_dir: str) -> None:
+    script = tmp_path / "leaky.py"
+    script.write_text(textwrap.dedent('''
+        import os
+        from shoal import serve
+
+        @serve.deployment(num_replicas=2)
+        def f(x):
+            return os.getpid()
+
+        serve.start(http_options={"port": 0})
+        h = serve.run(f.bind())
+        print("PIDS", sorted({h.remote(i).result() for i in range(20)}))
+        # no serve.shutdown(): atexit must stop the replicas and the proxy
+    '''))
+    env = {**os.environ, "SHOAL_RUN_DIR": run_dir, "PYTHONPATH": os.getcwd()}
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60, env=env)
+    line = next(x for x in r.stdout.splitlines() if x.startswith("PIDS"))
+    pids = [int(p) for p in line[len("PIDS ["):-1].split(", ")]
+    assert len(pids) == 2
+    assert wait_until(lambda: all(_zombie(p) for p in pids), 10)
+
+
 def test_killed_driver_leaves_no_process(project: tuple[Path, dict[str, str]]) -> None:
     cwd, env = project
     port = free_port()

@@ -182,3 +182,24 @@ def test_port_in_use_is_a_clear_error(run_dir: str) -> None:
     finally:
         s.close()
         serve.shutdown()
+
+
+def test_proxy_crash_is_restarted(instance: Instance) -> None:
+    serve.run(Sleeper.bind())
+    assert httpx.get(instance.url + "/").status_code == 200
+    (ident, _), = serve.status().proxies.items()
+    from shoal import api
+
+    assert api._instance is not None
+    proxy = api._instance.controller.proxy
+    assert proxy is not None
+    os.kill(proxy.proc.pid, signal.SIGKILL)
+
+    def recovered() -> bool:
+        try:
+            return httpx.get(instance.url + "/", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    assert wait_until(recovered, 30, 0.1)
+    assert ident not in serve.status().proxies  # a new proxy process took over

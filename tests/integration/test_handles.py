@@ -216,3 +216,25 @@ def test_streaming_handle(mode: str) -> None:
     assert list(h.options(stream=True).sync_count.remote(3)) == [0, 1, 2]
     with pytest.raises(TypeError, match="stream=True"):
         h.count.remote(3).result()
+
+
+def test_logging_config_json_to_file(instance: object, tmp_path: object) -> None:
+    import json
+    import logging
+    from pathlib import Path
+
+    logs = Path(str(tmp_path)) / "logs"
+
+    @serve.deployment(logging_config={"encoding": "JSON", "log_level": "DEBUG", "logs_dir": str(logs)})
+    class Chatty:
+        def talk(self) -> str:
+            logging.getLogger("my.model").debug("thinking hard")
+            return "done"
+
+    h = serve.run(Chatty.bind())
+    assert h.talk.remote().result() == "done"
+    files = list(logs.glob("replica_default_Chatty_*.log"))
+    assert len(files) == 1
+    lines = [json.loads(x) for x in files[0].read_text().splitlines()]
+    record = next(x for x in lines if x["message"] == "thinking hard")
+    assert record["levelname"] == "DEBUG" and record["deployment"] == "Chatty" and record["name"] == "my.model"
