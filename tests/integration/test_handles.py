@@ -238,3 +238,24 @@ def test_logging_config_json_to_file(instance: object, tmp_path: object) -> None
     lines = [json.loads(x) for x in files[0].read_text().splitlines()]
     record = next(x for x in lines if x["message"] == "thinking hard")
     assert record["levelname"] == "DEBUG" and record["deployment"] == "Chatty" and record["name"] == "my.model"
+
+
+def test_user_config_change_applies_in_place(instance: object) -> None:
+    @serve.deployment(user_config={"v": 1})
+    class Live:
+        def __init__(self) -> None:
+            self.v = 0
+
+        def reconfigure(self, config: dict[str, int]) -> None:
+            self.v = config["v"]
+
+        def get(self) -> tuple[int, int]:
+            return self.v, os.getpid()
+
+    h = serve.run(Live.bind())
+    v, pid = h.get.remote().result()
+    assert v == 1
+    serve.run(Live.options(user_config={"v": 2}).bind())
+    from conftest import wait_until
+
+    assert wait_until(lambda: h.get.remote().result() == (2, pid), 10)  # same process, new config
