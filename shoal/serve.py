@@ -23,6 +23,7 @@ from shoal.exceptions import (
     RequestCancelledError,
 )
 from shoal.handle import DeploymentHandle, DeploymentResponse, DeploymentResponseGenerator
+from shoal.multiplex import get_multiplexed_model_id, multiplexed
 
 __all__ = [
     "Application",
@@ -40,9 +41,11 @@ __all__ = [
     "deployment",
     "get_app_handle",
     "get_deployment_handle",
+    "get_multiplexed_model_id",
     "get_replica_context",
     "http_address",
     "ingress",
+    "multiplexed",
     "run",
     "shutdown",
     "start",

@@ -35,6 +35,7 @@ from shoal.runtime.wire import (
     ReplicaAddress,
     ReplicaFailed,
     ReplicaInit,
+    ReplicaModels,
     ReplicaReady,
     Reply,
     Routes,
@@ -94,6 +95,7 @@ class ReplicaRecord:
     health_failures: int = 0
     next_health: float = 0.0
     health_busy: bool = False
+    model_ids: tuple[str, ...] = ()
 
 
 @dataclass(eq=False)
@@ -528,7 +530,7 @@ class Controller:
     def _membership(self, app: str, name: str, dep: DeploymentRecord) -> Membership:
         cfg = dep.spec.config
         running = tuple(sorted(
-            (ReplicaAddress(r.tag, r.socket_path, cfg.max_ongoing_requests)
+            (ReplicaAddress(r.tag, r.socket_path, cfg.max_ongoing_requests, r.model_ids)
              for r in self.replicas.values()
              if r.app == app and r.deployment == name and r.state == ReplicaState.RUNNING),
             key=lambda a: a.tag,
@@ -663,6 +665,12 @@ class Controller:
             self._on_ready(msg)
         elif isinstance(msg, ReplicaFailed):
             self._on_failed(msg)
+        elif isinstance(msg, ReplicaModels):
+            rec = self.replicas.get(msg.tag)
+            dep = self._dep_record(rec.app, rec.deployment) if rec is not None else None
+            if rec is not None and dep is not None:
+                rec.model_ids = msg.model_ids
+                self._publish(rec.app, rec.deployment, dep)
         elif isinstance(msg, ProxyReady):
             if self.proxy is not None and self.proxy.ident == msg.ident:
                 self.proxy.ready = True

@@ -23,6 +23,7 @@ from typing import Any
 import cloudpickle
 
 from shoal.context import ReplicaContext, set_process_replica_context
+from shoal import multiplex
 from shoal.exceptions import RayServeException
 from shoal.runtime import backend
 from shoal.runtime.callable import UserCallable
@@ -39,6 +40,7 @@ from shoal.runtime.wire import (
     FramedProtocol,
     ReplicaFailed,
     ReplicaInit,
+    ReplicaModels,
     ReplicaReady,
     Reply,
     RequestMeta,
@@ -115,6 +117,7 @@ class ReplicaServer:
         ctx = ReplicaContext(init.app, init.deployment, init.tag)
         set_process_replica_context(ctx)
         apply_logging_config(cfg.logging_config, ctx)
+        multiplex.models_changed_hook = lambda ids: self._send(ReplicaModels(init.tag, ids))
         try:
             target, args, kwargs = cloudpickle.loads(init.blob)
             self.user = UserCallable(target, args, kwargs, is_function=init.is_function, context=ctx)
@@ -153,6 +156,12 @@ class ReplicaServer:
             conn.close()
 
     # -- control plane
+    def _send(self, msg: Any) -> None:
+        try:
+            self.client.send(msg)
+        except ConnectionError:
+            pass
+
     def _on_control(self, msg: Any) -> None:
         if isinstance(msg, ReplicaInit):
             if not self.init_msg.done():

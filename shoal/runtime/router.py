@@ -244,22 +244,30 @@ class Router:
         return len(self._waiters)
 
     # -- choice
-    def _choose(self, now: float) -> _Slot | None:
+    def _choose(self, now: float, model_id: str = "") -> _Slot | None:
         free = [s for s in self._slots.values()
                 if s.in_flight < s.address.max_ongoing and s.blocked_until <= now]
         if not free:
             return None
+        if model_id:
+            # Prefer replicas that already hold the model; among the rest, those holding fewest.
+            holding = [s for s in free if model_id in s.address.model_ids]
+            if holding:
+                free = holding
+            else:
+                fewest = min(len(s.address.model_ids) for s in free)
+                free = [s for s in free if len(s.address.model_ids) == fewest]
         if len(free) == 1:
             return free[0]
         a, b = self._rng.sample(free, 2)
         return a if a.in_flight <= b.in_flight else b
 
-    async def _acquire(self) -> _Slot:
+    async def _acquire(self, model_id: str = "") -> _Slot:
         loop = asyncio.get_running_loop()
         if self._gone:
             raise DeploymentUnavailableError(self._gone)
         if not self._waiters:
-            slot = self._choose(loop.time())
+            slot = self._choose(loop.time(), model_id)
             if slot is not None:
                 slot.in_flight += 1
                 return slot
@@ -274,7 +282,7 @@ class Router:
                 await waiter[0]
                 if self._gone:
                     raise DeploymentUnavailableError(self._gone)
-                slot = self._choose(loop.time())
+                slot = self._choose(loop.time(), model_id)
                 if slot is not None:
                     slot.in_flight += 1
                     got = True
@@ -285,7 +293,7 @@ class Router:
             self._waiters.remove(waiter)
             # Pass the turn on: after a success there may be more room, after a failure
             # (cancellation, timeout) our wake-up must not be lost.
-            if self._waiters and (not got or self._choose(loop.time()) is not None):
+            if self._waiters and (not got or self._choose(loop.time(), model_id) is not None):
                 self._wake()
 
     def _schedule_unblock(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -323,7 +331,7 @@ class Router:
     async def call(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any], meta: RequestMeta) -> Any:
         args, kwargs = await resolve_arguments(args, kwargs)
         while True:
-            slot = await self._acquire()
+            slot = await self._acquire(meta.multiplexed_model_id)
             try:
                 conn = await self._connected(slot)
                 rid, fut = conn.send_unary(method, args, kwargs, meta)
@@ -343,7 +351,7 @@ class Router:
                      meta: RequestMeta) -> AsyncIterator[Any]:
         args, kwargs = await resolve_arguments(args, kwargs)
         while True:
-            slot = await self._acquire()
+            slot = await self._acquire(meta.multiplexed_model_id)
             try:
                 conn = await self._connected(slot)
                 rid, q = conn.send_stream(method, args, kwargs, meta)

@@ -92,6 +92,14 @@ class ReplicaStats:
 
 
 @dataclass(frozen=True, slots=True)
+class ReplicaModels:
+    """A replica's multiplexed models changed (loaded or evicted)."""
+
+    tag: str
+    model_ids: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class Subscribe:
     app: str
     deployment: str
@@ -102,6 +110,7 @@ class ReplicaAddress:
     tag: str
     address: str  # Unix socket path, or host:port in a cluster
     max_ongoing: int
+    model_ids: tuple[str, ...] = ()  # multiplexed models the replica holds
 
 
 @dataclass(frozen=True, slots=True)

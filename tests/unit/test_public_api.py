@@ -14,7 +14,8 @@ def test_serve_exports_exactly() -> None:
         "Application", "AutoscalingConfig", "BackPressureError", "Deployment", "DeploymentHandle",
         "DeploymentResponse", "DeploymentResponseGenerator", "DeploymentUnavailableError", "HTTPOptions",
         "RayServeException", "RequestCancelledError", "delete", "deployment", "get_app_handle",
-        "get_deployment_handle", "get_replica_context", "http_address", "ingress", "run", "shutdown", "start",
+        "get_deployment_handle", "get_multiplexed_model_id", "get_replica_context", "http_address", "ingress",
+        "multiplexed", "run", "shutdown", "start",
         "status",
     }
     for name in shoal.serve.__all__:
