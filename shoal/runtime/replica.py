@@ -22,8 +22,8 @@ from typing import Any
 
 import cloudpickle
 
-from shoal.context import ReplicaContext, set_process_replica_context
 from shoal import multiplex
+from shoal.context import ReplicaContext, set_process_replica_context
 from shoal.exceptions import RayServeException
 from shoal.runtime import backend
 from shoal.runtime.callable import UserCallable
