@@ -15,7 +15,16 @@ from collections.abc import Callable
 from typing import Any
 
 from shoal.runtime.router import Router
-from shoal.runtime.wire import Call, FramedProtocol, Hello, Membership, Reply, Subscribe, connect_unix
+from shoal.runtime.wire import (
+    Call,
+    FramedProtocol,
+    HandleStats,
+    Hello,
+    Membership,
+    Reply,
+    Subscribe,
+    connect_unix,
+)
 
 logger = logging.getLogger("shoal.client")
 
@@ -46,12 +55,15 @@ class ControllerClient:
         self._calls: dict[int, asyncio.Future[Any]] = {}
         self._ids = itertools.count(1)
         self.closed: asyncio.Event = asyncio.Event()
+        self._reporter: asyncio.Task[None] | None = None
 
     async def connect(self, timeout: float = 10.0) -> None:
         self._proto = await connect_unix(self.path, self.secret, self._on_message, self._on_close, timeout=timeout)
         self._proto.send(Hello(self.role, self.ident))
         for app, dep in list(self._routers):
             self._proto.send(Subscribe(app, dep))
+        if self._reporter is None:
+            self._reporter = self.loop.create_task(self._report_loop())
 
     @property
     def connected(self) -> bool:
@@ -67,6 +79,7 @@ class ControllerClient:
             router = self._routers.get(key)
             if router is None:
                 router = Router(app, deployment, self.secret)
+                router.on_cold_wait = self._report_now
                 self._routers[key] = router
                 self._call_in_loop(self._subscribe, key)
         return router
@@ -80,6 +93,32 @@ class ControllerClient:
             fn(*args)
         else:
             self.loop.call_soon_threadsafe(fn, *args)
+
+    # -- load reports for autoscaling
+    def _report_now(self, router: Router) -> None:
+        self._report(router)
+
+    def _report(self, router: Router) -> None:
+        if self._proto is None or self._proto.closed:
+            return
+        try:
+            self._proto.send(HandleStats(router.app, router.deployment, router.num_queued, router.num_in_flight))
+        except ConnectionError:
+            pass
+
+    async def _report_loop(self) -> None:
+        """Report every autoscaling deployment's load at its metrics interval."""
+        due: dict[tuple[str, str], float] = {}
+        while not self.closed.is_set():
+            now = self.loop.time()
+            for key, router in list(self._routers.items()):
+                interval = router.metrics_interval_s
+                if interval <= 0:
+                    continue
+                if now >= due.get(key, 0.0):
+                    self._report(router)
+                    due[key] = now + interval
+            await asyncio.sleep(0.05)
 
     def _subscribe(self, key: tuple[str, str]) -> None:
         if self._proto is not None and not self._proto.closed:
@@ -127,6 +166,8 @@ class ControllerClient:
         self.closed.set()
 
     def close(self) -> None:
+        if self._reporter is not None:
+            self._reporter.cancel()
         for router in self._routers.values():
             router.close()
         if self._proto is not None:

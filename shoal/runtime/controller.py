@@ -22,6 +22,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+from shoal.autoscaling import Autoscaler, PolicyLoadError
 from shoal.config import HTTPOptions
 from shoal.deployment import AppSpec, DeploymentSpec
 from shoal.runtime.reconcile import ReplicaView, StartReplica, StopReplica, reconcile
@@ -29,6 +30,7 @@ from shoal.runtime.replica import Bootstrap
 from shoal.runtime.wire import (
     Call,
     FramedProtocol,
+    HandleStats,
     Hello,
     Membership,
     ProxyReady,
@@ -108,6 +110,8 @@ class DeploymentRecord:
     failures: int = 0
     ready_once: bool = False
     published: tuple[Any, ...] | None = None
+    autoscaler: Autoscaler | None = None
+    scaling: str = ""  # "UPSCALING" / "DOWNSCALING" while an autoscaling decision is carried out
 
 
 @dataclass(eq=False)
@@ -140,6 +144,8 @@ class Controller:
         self.replicas: dict[str, ReplicaRecord] = {}
         self.subscribers: dict[tuple[str, str], set[FramedProtocol]] = {}
         self.route_subscribers: set[FramedProtocol] = set()
+        # (app, deployment) -> connection id -> (time, queued, in flight), from callers' routers.
+        self.handle_stats: dict[tuple[str, str], dict[int, tuple[float, int, int]]] = {}
         self.proxy: ProxyRecord | None = None
         self.http_port = 0
         self._listen_sock: socket.socket | None = None
@@ -290,21 +296,14 @@ class Controller:
         old = self.apps.get(spec.name)
         deps: dict[str, DeploymentRecord] = {}
         for name, dspec in spec.deployments.items():
-            version = dspec.code_version
-            target = dspec.config.initial_target()
             prev = old.deployments.get(name) if old is not None and not old.deleting else None
-            if prev is not None:
-                if prev.version == version and prev.spec.config.user_config != dspec.config.user_config:
-                    self._reconfigure(spec.name, name, dspec.config.user_config)
-                prev_target = prev.target
-                same_scaling = (prev.spec.config.num_replicas == dspec.config.num_replicas
-                                and prev.spec.config.autoscaling_config == dspec.config.autoscaling_config)
-                rec = DeploymentRecord(dspec, version, prev_target if same_scaling else target,
-                                       ready_once=prev.ready_once and prev.version == version)
-                rec.published = prev.published
-            else:
-                rec = DeploymentRecord(dspec, version, target)
-            deps[name] = rec
+            deps[name] = self._plan_deployment(spec.name, dspec, prev)
+        # Only now that every deployment validated: apply in-place changes and swap the state.
+        for name, rec in deps.items():
+            prev = old.deployments.get(name) if old is not None and not old.deleting else None
+            if prev is not None and prev.version == rec.version \
+                    and prev.spec.config.user_config != rec.spec.config.user_config:
+                self._reconfigure(spec.name, name, rec.spec.config.user_config)
         if old is not None:
             for name, prev in old.deployments.items():
                 if name not in deps:
@@ -314,6 +313,57 @@ class Controller:
         self._publish_routes()
         self._kick.set()
         await self._notify()
+
+    def _plan_deployment(self, app: str, dspec: DeploymentSpec, prev: DeploymentRecord | None) -> DeploymentRecord:
+        """The record for a (re)deployed deployment; the replica count carries over when it can."""
+        version = dspec.code_version
+        cfg = dspec.config
+        auto = cfg.resolved_autoscaling()
+        target = cfg.initial_target()
+        autoscaler: Autoscaler | None = None
+        try:
+            if auto is not None:
+                if prev is not None and prev.autoscaler is not None:
+                    autoscaler = prev.autoscaler
+                    autoscaler.update_config(auto)
+                    # Keep the current scale, within the new bounds.
+                    target = min(max(prev.target, auto.min_replicas), auto.max_replicas)
+                    autoscaler.target = target
+                else:
+                    autoscaler = Autoscaler(auto, dspec.name, app, target)
+        except PolicyLoadError as e:
+            raise DeployError(f"deployment {dspec.name!r}: autoscaling_config.policy: {e}") from None
+        if prev is not None and auto is None and prev.spec.config.num_replicas == cfg.num_replicas \
+                and prev.autoscaler is None:
+            target = prev.target
+        rec = DeploymentRecord(dspec, version, target, autoscaler=autoscaler,
+                               ready_once=prev is not None and prev.ready_once and prev.version == version)
+        if prev is not None:
+            rec.published = prev.published
+        return rec
+
+    def _autoscale(self, app: str, dep: DeploymentRecord, now: float) -> None:
+        scaler = dep.autoscaler
+        if scaler is None:
+            return
+        name = dep.spec.name
+        interval = scaler.config.metrics_interval_s
+        queued = in_flight = 0
+        for t, q, f in self.handle_stats.get((app, name), {}).values():
+            if now - t <= max(3 * interval, 1.0):  # a caller that stopped reporting no longer counts
+                queued += q
+                in_flight += f
+        scaler.record(now, queued + in_flight, queued)
+        mine = [r for r in self.replicas.values() if r.app == app and r.deployment == name
+                and r.version == dep.version and r.state in (ReplicaState.STARTING, ReplicaState.RUNNING)]
+        running = [r.tag for r in mine if r.state == ReplicaState.RUNNING]
+        new = scaler.decide(now, len(mine), running)
+        if new != dep.target:
+            logger.info("autoscaling %s/%s from %d to %d replicas", app, name, dep.target, new)
+            dep.scaling = "UPSCALING" if new > dep.target else "DOWNSCALING"
+            dep.target = new
+        if scaler.last_error:
+            dep.message = f"autoscaling policy failed: {scaler.last_error}"
 
     def _reconfigure(self, app: str, deployment: str, user_config: Any) -> None:
         for rec in self.replicas.values():
@@ -382,6 +432,8 @@ class Controller:
         changed = self._reap(now)
         for app in list(self.apps.values()):
             for dep in app.deployments.values():
+                if not app.deleting:
+                    self._autoscale(app.spec.name, dep, now)
                 changed |= self._reconcile_deployment(app.spec.name, dep, now)
         for (app_name, name), dep in list(self.retiring.items()):
             self._reconcile_deployment(app_name, dep, now)
@@ -485,46 +537,40 @@ class Controller:
                     self._publish_gone(app.spec.name, name, f"application {app.spec.name!r} was deleted")
                 return True
             return False
-        failed = []
-        updating = False
-        unhealthy = False
         for dep in app.deployments.values():
-            running = sum(1 for r in self.replicas.values() if r.app == app.spec.name
-                          and r.deployment == dep.spec.name and r.state == ReplicaState.RUNNING)
-            running_current = sum(1 for r in self.replicas.values() if r.app == app.spec.name
-                                  and r.deployment == dep.spec.name and r.state == ReplicaState.RUNNING
-                                  and r.version == dep.version)
-            others = sum(1 for r in self.replicas.values() if r.app == app.spec.name
-                         and r.deployment == dep.spec.name and r.version != dep.version)
-            if not dep.ready_once and dep.failures >= MAX_START_FAILURES:
-                dep.status = DeploymentStatus.DEPLOY_FAILED
-                failed.append(f"deployment {dep.spec.name!r}: {dep.message}")
-            elif running_current >= dep.target and others == 0:
-                dep.status = DeploymentStatus.HEALTHY
-                dep.message = "" if dep.status == DeploymentStatus.HEALTHY and running_current else dep.message
-            elif dep.ready_once and running < dep.target:
-                dep.status = DeploymentStatus.UNHEALTHY if running == 0 else DeploymentStatus.UPDATING
-            else:
-                dep.status = DeploymentStatus.UPDATING
-            updating |= dep.status == DeploymentStatus.UPDATING
-            unhealthy |= dep.status == DeploymentStatus.UNHEALTHY
-        if failed:
+            dep.status = self._deployment_status(app.spec.name, dep)
+        statuses = {d.status for d in app.deployments.values()}
+        problems = "; ".join(f"deployment {d.spec.name!r}: {d.message}" for d in app.deployments.values()
+                             if d.message and d.status != DeploymentStatus.HEALTHY)
+        if DeploymentStatus.DEPLOY_FAILED in statuses:
             app.status = ApplicationStatus.DEPLOY_FAILED
-            app.message = "; ".join(failed)
-        elif unhealthy:
+        elif DeploymentStatus.UNHEALTHY in statuses:
             app.status = ApplicationStatus.UNHEALTHY
-            app.message = "; ".join(f"{d.spec.name}: {d.message}" for d in app.deployments.values() if d.message)
-        elif updating:
-            app.status = ApplicationStatus.DEPLOYING if app.status != ApplicationStatus.RUNNING else app.status
-            if app.status == ApplicationStatus.RUNNING and any(
-                d.status == DeploymentStatus.UPDATING and not d.ready_once for d in app.deployments.values()
-            ):
-                app.status = ApplicationStatus.DEPLOYING
-            app.message = ""
+        elif DeploymentStatus.UPDATING in statuses and app.status != ApplicationStatus.RUNNING:
+            app.status = ApplicationStatus.DEPLOYING  # a (re)deploy is rolling out
         else:
+            # Autoscaling, or replacing a crashed replica, keeps a running app RUNNING.
             app.status = ApplicationStatus.RUNNING
-            app.message = ""
+        app.message = problems
         return (app.status, app.message) != before
+
+    def _deployment_status(self, app: str, dep: DeploymentRecord) -> DeploymentStatus:
+        mine = [r for r in self.replicas.values() if r.app == app and r.deployment == dep.spec.name]
+        current = [r for r in mine if r.version == dep.version and r.state != ReplicaState.STOPPING]
+        running = sum(1 for r in current if r.state == ReplicaState.RUNNING)
+        others = sum(1 for r in mine if r.version != dep.version)
+        if not dep.ready_once and dep.failures >= MAX_START_FAILURES:
+            return DeploymentStatus.DEPLOY_FAILED
+        if running == dep.target == len(current) and others == 0:
+            dep.scaling = ""
+            if dep.autoscaler is None or not dep.autoscaler.last_error:
+                dep.message = ""
+            return DeploymentStatus.HEALTHY
+        if dep.scaling and dep.ready_once:
+            return DeploymentStatus.UPSCALING if dep.scaling == "UPSCALING" else DeploymentStatus.DOWNSCALING
+        if dep.ready_once and running == 0 and dep.target > 0 and others == 0:
+            return DeploymentStatus.UNHEALTHY
+        return DeploymentStatus.UPDATING
 
     # ---- membership and routes --------------------------------------------------------------
     def _membership(self, app: str, name: str, dep: DeploymentRecord) -> Membership:
@@ -535,15 +581,17 @@ class Controller:
              if r.app == app and r.deployment == name and r.state == ReplicaState.RUNNING),
             key=lambda a: a.tag,
         ))
-        return Membership(app, name, 0, running, cfg.max_queued_requests)
+        auto = cfg.resolved_autoscaling()
+        return Membership(app, name, next(self._versions), running, cfg.max_queued_requests,
+                          metrics_interval_s=auto.metrics_interval_s if auto else 0.0)
 
     def _publish(self, app: str, name: str, dep: DeploymentRecord) -> None:
         m = self._membership(app, name, dep)
-        key = (m.replicas, m.max_queued_requests)
+        key = (m.replicas, m.max_queued_requests, m.metrics_interval_s)
         if key == dep.published:
             return
         dep.published = key
-        self._send_membership(Membership(app, name, next(self._versions), m.replicas, m.max_queued_requests))
+        self._send_membership(m)
 
     def _publish_gone(self, app: str, name: str, why: str) -> None:
         if self._dep_record(app, name) is not None:
@@ -639,6 +687,8 @@ class Controller:
         self.route_subscribers.discard(proto)
         for subs in self.subscribers.values():
             subs.discard(proto)
+        for stats in self.handle_stats.values():
+            stats.pop(id(proto), None)
         peer = proto.peer
         if isinstance(peer, Hello) and peer.role == "replica":
             rec = self.replicas.get(peer.ident)
@@ -658,9 +708,12 @@ class Controller:
                 proto.send(Membership(msg.app, msg.deployment, next(self._versions), (), -1,
                                       gone=f"deployment {msg.deployment!r} of application {msg.app!r} does not exist"))
             else:
-                m = self._membership(msg.app, msg.deployment, dep)
-                proto.send(Membership(msg.app, msg.deployment, next(self._versions), m.replicas,
-                                      m.max_queued_requests))
+                proto.send(self._membership(msg.app, msg.deployment, dep))
+        elif isinstance(msg, HandleStats):
+            key = (msg.app, msg.deployment)
+            self.handle_stats.setdefault(key, {})[id(proto)] = (time.monotonic(), msg.queued, msg.in_flight)
+            if msg.queued:
+                self._kick.set()  # maybe a scale from zero
         elif isinstance(msg, ReplicaReady):
             self._on_ready(msg)
         elif isinstance(msg, ReplicaFailed):

@@ -200,6 +200,9 @@ class Router:
         self._waiters: deque[list[asyncio.Future[None]]] = deque()
         self._rng = rng or random.Random()
         self._wake_handle: asyncio.TimerHandle | None = None
+        self.metrics_interval_s = 0.0
+        # Called when a request starts waiting while the deployment has no replica (scale from zero).
+        self.on_cold_wait: Callable[[Router], None] | None = None
 
     # -- membership
     def update(self, m: Membership) -> None:
@@ -208,6 +211,7 @@ class Router:
         self._version = m.version
         self._max_queued = m.max_queued_requests
         self._gone = m.gone
+        self.metrics_interval_s = m.metrics_interval_s
         new = {r.tag: r for r in m.replicas}
         for tag, slot in list(self._slots.items()):
             if tag not in new:
@@ -243,6 +247,10 @@ class Router:
     def num_queued(self) -> int:
         return len(self._waiters)
 
+    @property
+    def num_in_flight(self) -> int:
+        return sum(s.in_flight for s in self._slots.values())
+
     # -- choice
     def _choose(self, now: float, model_id: str = "") -> _Slot | None:
         free = [s for s in self._slots.values()
@@ -276,6 +284,8 @@ class Router:
         # A waiter keeps its place in line across wake-ups: its future is replaced in place.
         waiter: list[asyncio.Future[None]] = [loop.create_future()]
         self._waiters.append(waiter)
+        if not self._slots and self.on_cold_wait is not None:
+            self.on_cold_wait(self)
         got = False
         try:
             while True:

@@ -122,6 +122,18 @@ class Membership:
     max_queued_requests: int = -1
     # The deployment no longer exists (app deleted or instance shutting down).
     gone: str = ""
+    # How often callers report their load for autoscaling (0: the deployment does not autoscale).
+    metrics_interval_s: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class HandleStats:
+    """A caller's load on one deployment: requests waiting for a replica, and in flight."""
+
+    app: str
+    deployment: str
+    queued: int
+    in_flight: int
 
 
 @dataclass(frozen=True, slots=True)
