@@ -13,6 +13,7 @@ from shoal.api import (
     start,
     status,
 )
+from shoal.batching import batch
 from shoal.config import AutoscalingConfig, HTTPOptions
 from shoal.context import get_replica_context
 from shoal.deployment import Application, Deployment, deployment
@@ -37,6 +38,7 @@ __all__ = [
     "HTTPOptions",
     "RayServeException",
     "RequestCancelledError",
+    "batch",
     "delete",
     "deployment",
     "get_app_handle",

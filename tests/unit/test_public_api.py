@@ -13,7 +13,7 @@ def test_serve_exports_exactly() -> None:
     assert set(shoal.serve.__all__) == {
         "Application", "AutoscalingConfig", "BackPressureError", "Deployment", "DeploymentHandle",
         "DeploymentResponse", "DeploymentResponseGenerator", "DeploymentUnavailableError", "HTTPOptions",
-        "RayServeException", "RequestCancelledError", "delete", "deployment", "get_app_handle",
+        "RayServeException", "RequestCancelledError", "batch", "delete", "deployment", "get_app_handle",
         "get_deployment_handle", "get_multiplexed_model_id", "get_replica_context", "http_address", "ingress",
         "multiplexed", "run", "shutdown", "start",
         "status",
