@@ -6,7 +6,6 @@ Serve mean the same thing here.
 
 from __future__ import annotations
 
-import math
 from enum import StrEnum
 from typing import Any, Literal
 
@@ -61,8 +60,19 @@ class AutoscalingConfig(_Strict):
     downscale_to_zero_delay_s: NonNegativeFloat | None = None
     upscale_delay_s: NonNegativeFloat = 30.0
     aggregation_function: AggregationFunction = AggregationFunction.MEAN
-    # Import path ("module:function" or "module.function") of a custom policy.
+    # Import path ("module:function" or "module.function") of a custom policy. Ray's object
+    # form, {"policy_function": "module:function"}, is accepted too.
     policy: str | None = None
+
+    @field_validator("policy", mode="before")
+    @classmethod
+    def _policy_path(cls, v: Any) -> Any:
+        if isinstance(v, dict):
+            extra = set(v) - {"policy_function"}
+            if extra:
+                raise ValueError(f"unsupported policy option(s): {', '.join(sorted(extra))}")
+            return v.get("policy_function")
+        return v
 
     @model_validator(mode="after")
     def _check_bounds(self) -> AutoscalingConfig:
@@ -200,7 +210,3 @@ def validate_route_prefix(prefix: str | None) -> str | None:
     if "{" in prefix or "}" in prefix:
         raise ValueError(f"route_prefix may not contain wildcards, got {prefix!r}")
     return prefix
-
-
-def finite(x: float) -> bool:
-    return not (math.isinf(x) or math.isnan(x))

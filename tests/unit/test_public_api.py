@@ -112,3 +112,10 @@ def test_graph_build() -> None:
         build_app_spec(Mid.bind(Top.bind(Leaf.bind(), Leaf.bind(), {})), "app")
     with pytest.raises(TypeError, match="bind"):
         build_app_spec(Leaf, "app")  # type: ignore[arg-type]
+
+
+def test_policy_object_form() -> None:
+    a = AutoscalingConfig(policy={"policy_function": "mod:fn"})
+    assert a.policy == "mod:fn"
+    with pytest.raises(ValueError, match="unsupported policy option"):
+        AutoscalingConfig(policy={"policy_function": "mod:fn", "policy_kwargs": {}})
