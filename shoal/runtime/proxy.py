@@ -34,6 +34,8 @@ from shoal.runtime.wire import ProxyReady, RequestMeta, Routes, Stop
 logger = logging.getLogger("shoal.proxy")
 
 Scope = dict[str, Any]
+# Requests still running after this long get a task that watches for the client going away.
+WATCH_AFTER_S = 0.05
 
 
 @dataclass
@@ -168,53 +170,80 @@ class ProxyApp:
 
     async def _forward(self, router: Any, scope: Scope, body: bytes, meta: RequestMeta,
                        receive: Any, send: Any) -> None:
-        started = False
-        rid_header = (b"x-request-id", meta.request_id.encode())
+        """Stream the replica's ASGI messages to the client; map errors; honour timeouts.
 
-        async def pump() -> None:
-            nonlocal started
+        Timeouts and client disconnects cancel this task (and with it the request upstream).
+        The disconnect watcher starts only for requests that take a while, so that fast
+        requests cost no extra task.
+        """
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        assert task is not None
+        started = False
+        finished = False
+        why = ""
+        watcher: asyncio.Task[None] | None = None
+
+        def expire() -> None:
+            nonlocal why
+            if not finished:
+                why = "timeout"
+                task.cancel()
+
+        async def watch() -> None:
+            nonlocal why
+            while True:
+                msg = await receive()
+                if msg["type"] == "http.disconnect":
+                    if not finished:
+                        why = "disconnect"
+                        task.cancel()
+                    return
+
+        def start_watch() -> None:
+            nonlocal watcher
+            if not finished:
+                watcher = loop.create_task(watch())
+
+        timeout = self.options.request_timeout_s
+        timer = loop.call_later(timeout, expire) if timeout else None
+        watch_timer = loop.call_later(WATCH_AFTER_S, start_watch)
+        rid_header = (b"x-request-id", meta.request_id.encode())
+        try:
             async for messages in router.stream("__call__", (scope, body), {}, meta):
                 for m in messages:
                     if m["type"] == "http.response.start":
-                        if not any(k.lower() == b"x-request-id" for k, _ in m.get("headers", ())):
-                            m = {**m, "headers": [*m.get("headers", ()), rid_header]}
+                        headers = m.get("headers", ())
+                        if not any(k.lower() == b"x-request-id" for k, _ in headers):
+                            m = {**m, "headers": [*headers, rid_header]}
                         started = True
                     await send(m)
-
-        loop = asyncio.get_running_loop()
-        work = loop.create_task(pump())
-        watch = loop.create_task(receive())
-        try:
-            done, _ = await asyncio.wait({work, watch}, timeout=self.options.request_timeout_s,
-                                         return_when=asyncio.FIRST_COMPLETED)
-            if work in done:
-                exc = work.exception()
-                if exc is None:
-                    return
-                if started:
-                    logger.error("request %s failed after its response started: %r", meta.request_id, exc)
-                    raise exc
-                status, text = error_status(exc)
-                if status == 500:
-                    logger.error("request %s to %s failed: %s", meta.request_id, meta.route,
-                                 str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
-                extra = []
-                if status == 503:
-                    extra.append((b"retry-after", b"1"))
-                await _send_json(send, status, {"error": text, "request_id": meta.request_id}, meta.request_id, extra)
-                return
-            work.cancel()
-            if watch in done:  # the client went away: cancel upstream, answer nobody
-                return
-            logger.warning("request %s timed out after %ss", meta.request_id, self.options.request_timeout_s)
-            if not started:
-                await _send_json(send, 408, {"error": "request timed out", "request_id": meta.request_id},
-                                 meta.request_id)
+        except asyncio.CancelledError:
+            if not why:
+                raise  # the server itself is shutting down
+            task.uncancel()
+            if why == "timeout":
+                logger.warning("request %s timed out after %ss", meta.request_id, timeout)
+                if not started:
+                    await _send_json(send, 408, {"error": "request timed out", "request_id": meta.request_id},
+                                     meta.request_id)
+        except Exception as exc:
+            if started:
+                logger.error("request %s failed after its response started: %r", meta.request_id, exc)
+                raise
+            status, text = error_status(exc)
+            if status == 500:
+                logger.error("request %s to %s failed: %s", meta.request_id, meta.route,
+                             str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+            extra = [(b"retry-after", b"1")] if status == 503 else []
+            await _send_json(send, status, {"error": text, "request_id": meta.request_id}, meta.request_id, extra)
         finally:
-            if not watch.done():
-                watch.cancel()
-            if not work.done():
-                work.cancel()
+            finished = True
+            if timer is not None:
+                timer.cancel()
+            watch_timer.cancel()
+            if watcher is not None and not watcher.done():
+                watcher.cancel()
 
 
 def main() -> None:
@@ -252,7 +281,7 @@ async def _serve(boot: ProxyBootstrap) -> None:
     # socket(fileno=) detects the address family; uvicorn's fd= option assumes a Unix socket,
     # which would leave TCP_NODELAY off (and cost ~40 ms per response to delayed ACKs).
     sock = socket.socket(fileno=boot.fd)
-    config = uvicorn.Config(app, loop="none", http="httptools", lifespan="off", access_log=False,
+    config = uvicorn.Config(app, loop="none", http="httptools", lifespan="off", access_log=False, proxy_headers=False,
                             log_level="warning", timeout_keep_alive=int(boot.http.keep_alive_timeout_s),
                             server_header=False, date_header=False)
     server = uvicorn.Server(config)

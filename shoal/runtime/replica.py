@@ -271,12 +271,13 @@ class ReplicaServer:
             pending.append(message)
             if message["type"] != "http.response.body":
                 return
+            # ASGI messages are plain data: plain pickle (see Router._send).
             if not state["streaming"] and not message.get("more_body", False):
-                proto.send_user((OK, rid, list(pending)))
+                proto.send((OK, rid, list(pending)))
                 state["done"] = True
             else:
                 state["streaming"] = True
-                proto.send_user((ITEM, rid, list(pending)))
+                proto.send((ITEM, rid, list(pending)))
                 if not message.get("more_body", False):
                     proto.send((END, rid))
                     state["done"] = True
@@ -286,11 +287,11 @@ class ReplicaServer:
         if not state["done"]:
             if state["streaming"]:
                 if pending:
-                    proto.send_user((ITEM, rid, list(pending)))
+                    proto.send((ITEM, rid, list(pending)))
                 proto.send((END, rid))
             else:
                 pending.append({"type": "http.response.body", "body": b"", "more_body": False})
-                proto.send_user((OK, rid, list(pending)))
+                proto.send((OK, rid, list(pending)))
 
 
 class JSONFormatter(logging.Formatter):

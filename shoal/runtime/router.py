@@ -50,7 +50,29 @@ class _Unreachable(Exception):
     pass
 
 
-_END = object()
+class _StreamSink:
+    """A minimal single-consumer queue of (kind, value) frames for one streamed request."""
+
+    __slots__ = ("items", "waiter")
+
+    def __init__(self) -> None:
+        self.items: deque[tuple[int, Any]] = deque()
+        self.waiter: asyncio.Future[None] | None = None
+
+    def put_nowait(self, item: tuple[int, Any]) -> None:
+        self.items.append(item)
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def get(self) -> tuple[int, Any]:
+        while not self.items:
+            self.waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self.waiter
+            finally:
+                self.waiter = None
+        return self.items.popleft()
 
 
 class ReplicaConnection:
@@ -63,7 +85,7 @@ class ReplicaConnection:
         self._connecting: asyncio.Task[FramedProtocol] | None = None
         self._next = 0
         # rid -> Future (unary) or Queue (stream)
-        self._pending: dict[int, asyncio.Future[Any] | asyncio.Queue[tuple[int, Any]]] = {}
+        self._pending: dict[int, asyncio.Future[Any] | _StreamSink] = {}
         self.dead = False
         self.on_dead: Callable[[ReplicaConnection], None] | None = None
 
@@ -133,7 +155,7 @@ class ReplicaConnection:
                 sink.put_nowait((ERR, err))
 
     def _send(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any], meta: RequestMeta,
-              sink: asyncio.Future[Any] | asyncio.Queue[tuple[int, Any]]) -> int:
+              sink: asyncio.Future[Any] | _StreamSink) -> int:
         proto = self._proto
         if proto is None or proto.closed:
             raise _Unreachable(self.address.tag)
@@ -141,7 +163,13 @@ class ReplicaConnection:
         rid = self._next
         self._pending[rid] = sink
         try:
-            proto.send_user((REQUEST, rid, method, args, kwargs, meta))
+            msg = (REQUEST, rid, method, args, kwargs, meta)
+            # HTTP requests carry only plain data (an ASGI scope and bytes): plain pickle is
+            # enough and much faster; user values may need cloudpickle.
+            if meta.http:
+                proto.send(msg)
+            else:
+                proto.send_user(msg)
         except ConnectionError:
             self._pending.pop(rid, None)
             raise _Unreachable(self.address.tag) from None
@@ -156,8 +184,8 @@ class ReplicaConnection:
         return self._send(method, args, kwargs, meta, fut), fut
 
     def send_stream(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any],
-                    meta: RequestMeta) -> tuple[int, asyncio.Queue[tuple[int, Any]]]:
-        q: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
+                    meta: RequestMeta) -> tuple[int, _StreamSink]:
+        q = _StreamSink()
         return self._send(method, args, kwargs, meta, q), q
 
     def cancel(self, rid: int) -> None:

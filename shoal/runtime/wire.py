@@ -334,9 +334,13 @@ class FramedProtocol(asyncio.Protocol):
     def send_bytes(self, payload: bytes) -> None:
         if self.closed or self.transport is None or self.transport.is_closing():
             raise ConnectionError("connection is closed")
-        if len(payload) >= MAX_FRAME:
+        n = len(payload)
+        if n >= MAX_FRAME:
             raise ValueError("message too large for one frame")
-        self.transport.writelines((_HEADER.pack(len(payload)), payload))
+        if n < 65536:  # one small write beats a gather of two buffers
+            self.transport.write(_HEADER.pack(n) + payload)
+        else:
+            self.transport.writelines((_HEADER.pack(n), payload))
 
     def close(self) -> None:
         self.closed = True
