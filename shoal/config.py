@@ -190,6 +190,9 @@ class HTTPOptions(_Strict):
     keep_alive_timeout_s: PositiveFloat = 5.0
     # Accepted for compatibility with Ray's config files; one machine has one proxy location.
     location: Literal["HeadOnly", "EveryNode", "NoServer", "Disabled"] = "HeadOnly"
+    # shoal: ingress replicas accept HTTP connections on the shared port themselves, saving the
+    # proxy hop; the proxy process steps aside while every routed app has such a replica.
+    ingress_serves_http: bool = True
 
     @field_validator("root_path")
     @classmethod

@@ -39,10 +39,12 @@ from shoal.runtime.wire import (
     ReplicaInit,
     ReplicaModels,
     ReplicaReady,
+    ReplicaStats,
     Reply,
     Routes,
     Stop,
     Subscribe,
+    SubscribeRoutes,
     serve_unix,
 )
 from shoal.status import (
@@ -98,6 +100,9 @@ class ReplicaRecord:
     next_health: float = 0.0
     health_busy: bool = False
     model_ids: tuple[str, ...] = ()
+    serves_http: bool = False
+    ongoing: int = 0
+    stats_at: float = 0.0
 
 
 @dataclass(eq=False)
@@ -348,14 +353,14 @@ class Controller:
             return
         name = dep.spec.name
         interval = scaler.config.metrics_interval_s
-        queued = in_flight = 0
-        for t, q, f in self.handle_stats.get((app, name), {}).values():
-            if now - t <= max(3 * interval, 1.0):  # a caller that stopped reporting no longer counts
-                queued += q
-                in_flight += f
-        scaler.record(now, queued + in_flight, queued)
+        fresh = max(3 * interval, 1.0)  # a report older than this no longer counts
+        # Load = requests in the replicas (running or queued there, HTTP included) + requests
+        # waiting in callers for a replica.
+        queued = sum(q for t, q, _ in self.handle_stats.get((app, name), {}).values() if now - t <= fresh)
         mine = [r for r in self.replicas.values() if r.app == app and r.deployment == name
                 and r.version == dep.version and r.state in (ReplicaState.STARTING, ReplicaState.RUNNING)]
+        ongoing = sum(r.ongoing for r in mine if r.state == ReplicaState.RUNNING and now - r.stats_at <= fresh)
+        scaler.record(now, queued + ongoing, queued)
         running = [r.tag for r in mine if r.state == ReplicaState.RUNNING]
         new = scaler.decide(now, len(mine), running)
         if new != dep.target:
@@ -507,16 +512,21 @@ class Controller:
         uid = uuid.uuid4().hex[:8]
         tag = f"{dep.spec.name}-{uid}"
         socket_path = os.path.join(self.settings.run_dir, f"r-{uid}.sock")
+        app_rec = self.apps.get(app)
+        serves_http = (dep.spec.ingress and self._listen_sock is not None and self.settings.http.ingress_serves_http
+                       and app_rec is not None and app_rec.spec.route_prefix is not None)
+        fds = (self._listen_sock.fileno(),) if serves_http and self._listen_sock is not None else ()
         boot = Bootstrap(self.path, self.secret, tag, list(sys.path), os.getcwd(), os.getpid(),
-                         self.settings.die_with_parent, self.settings.log_level)
+                         self.settings.die_with_parent, self.settings.log_level,
+                         http_fd=fds[0] if fds else -1, http=self.settings.http if fds else None)
         try:
-            proc = self._popen("shoal.runtime.replica", pickle.dumps(boot))
+            proc = self._popen("shoal.runtime.replica", pickle.dumps(boot), pass_fds=fds)
         except OSError as e:
             dep.failures += 1
             dep.message = f"could not start a replica process: {e}"
             return
         self.replicas[tag] = ReplicaRecord(tag, app, dep.spec.name, dep.version, socket_path, proc,
-                                           started_at=time.monotonic())
+                                           started_at=time.monotonic(), serves_http=bool(fds))
 
     def _stop_replica(self, rec: ReplicaRecord, reason: str, now: float) -> None:
         if rec.state == ReplicaState.STOPPING:
@@ -592,6 +602,8 @@ class Controller:
             return
         dep.published = key
         self._send_membership(m)
+        if dep.spec.ingress:
+            self._publish_routes()
 
     def _publish_gone(self, app: str, name: str, why: str) -> None:
         if self._dep_record(app, name) is not None:
@@ -606,12 +618,14 @@ class Controller:
                 pass
 
     def _routes(self) -> Routes:
-        table = {
-            a.spec.route_prefix: (a.spec.name, a.spec.ingress)
-            for a in self.apps.values()
-            if a.spec.route_prefix is not None and not a.deleting
-        }
-        return Routes(table)
+        routed = [a for a in self.apps.values() if a.spec.route_prefix is not None and not a.deleting]
+        table = {a.spec.route_prefix: (a.spec.name, a.spec.ingress) for a in routed if a.spec.route_prefix}
+        # The proxy steps aside only while every routed app has an ingress replica serving
+        # HTTP itself; otherwise it accepts too (to hold requests for a cold app, answer 404s).
+        served = {(r.app, r.deployment) for r in self.replicas.values()
+                  if r.serves_http and r.state == ReplicaState.RUNNING}
+        direct = bool(routed) and all((a.spec.name, a.spec.ingress) in served for a in routed)
+        return Routes(table, proxy_accepts=not direct)
 
     def _publish_routes(self) -> None:
         routes = self._routes()
@@ -709,6 +723,13 @@ class Controller:
                                       gone=f"deployment {msg.deployment!r} of application {msg.app!r} does not exist"))
             else:
                 proto.send(self._membership(msg.app, msg.deployment, dep))
+        elif isinstance(msg, SubscribeRoutes):
+            self.route_subscribers.add(proto)
+            proto.send(self._routes())
+        elif isinstance(msg, ReplicaStats):
+            stats_rec = self.replicas.get(msg.tag)
+            if stats_rec is not None:
+                stats_rec.ongoing, stats_rec.stats_at = msg.ongoing, time.monotonic()
         elif isinstance(msg, HandleStats):
             key = (msg.app, msg.deployment)
             self.handle_stats.setdefault(key, {})[id(proto)] = (time.monotonic(), msg.queued, msg.in_flight)
@@ -745,7 +766,7 @@ class Controller:
             rec.conn = proto
             spec = dep.spec
             proto.send(ReplicaInit(rec.app, rec.deployment, rec.tag, spec.serialized(), spec.config,
-                                   spec.is_function, rec.socket_path))
+                                   spec.is_function, rec.socket_path, rec.serves_http))
         elif hello.role == "proxy":
             if self.proxy is not None and self.proxy.ident == hello.ident:
                 self.proxy.conn = proto

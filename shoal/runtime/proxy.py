@@ -16,8 +16,9 @@ import pickle
 import signal
 import socket
 import sys
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from shoal.config import HTTPOptions
 from shoal.exceptions import (
@@ -34,6 +35,16 @@ from shoal.runtime.wire import ProxyReady, RequestMeta, Routes, Stop
 logger = logging.getLogger("shoal.proxy")
 
 Scope = dict[str, Any]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+
+
+class LocalIngress(Protocol):
+    """An app served in this very process (an ingress replica that serves HTTP itself)."""
+
+    key: tuple[str, str]  # (app, ingress deployment)
+
+    async def serve(self, scope: Scope, body: bytes, meta: RequestMeta, send: Send) -> None: ...
+
 # Requests still running after this long get a task that watches for the client going away.
 WATCH_AFTER_S = 0.05
 
@@ -80,10 +91,12 @@ async def _send_json(send: Any, status: int, body: dict[str, Any], request_id: s
 class ProxyApp:
     """The proxy's ASGI application."""
 
-    def __init__(self, client: ControllerClient, options: HTTPOptions) -> None:
+    def __init__(self, client: ControllerClient, options: HTTPOptions, local: LocalIngress | None = None) -> None:
         self.client = client
         self.options = options
         self.routes: list[tuple[str, str, str]] = []  # (prefix, app, ingress), longest first
+        # In an ingress replica that serves HTTP itself: its own app is called in-process.
+        self.local = local
 
     def set_routes(self, routes: Routes) -> None:
         self.routes = sorted(((p, a, d) for p, (a, d) in routes.table.items()), key=lambda r: -len(r[0]))
@@ -165,10 +178,22 @@ class ProxyApp:
             "server": scope.get("server"),
         }
         meta = RequestMeta(request_id, False, True, model_id, prefix)
-        router = self.client.router(app, dep)
-        await self._forward(router, inner, bytes(body), meta, receive, send)
+        data = bytes(body)
+        local = self.local
+        if local is not None and local.key == (app, dep):
+            async def run(out: Send) -> None:
+                await local.serve(inner, data, meta, out)
+        else:
+            router = self.client.router(app, dep)
 
-    async def _forward(self, router: Any, scope: Scope, body: bytes, meta: RequestMeta,
+            async def run(out: Send) -> None:
+                async for messages in router.stream("__call__", (inner, data), {}, meta):
+                    for m in messages:
+                        await out(m)
+
+        await self._forward(run, meta, receive, send)
+
+    async def _forward(self, run: Callable[[Send], Awaitable[None]], meta: RequestMeta,
                        receive: Any, send: Any) -> None:
         """Stream the replica's ASGI messages to the client; map errors; honour timeouts.
 
@@ -209,15 +234,18 @@ class ProxyApp:
         timer = loop.call_later(timeout, expire) if timeout else None
         watch_timer = loop.call_later(WATCH_AFTER_S, start_watch)
         rid_header = (b"x-request-id", meta.request_id.encode())
+
+        async def out(m: dict[str, Any]) -> None:
+            nonlocal started
+            if m["type"] == "http.response.start":
+                headers = m.get("headers", ())
+                if not any(k.lower() == b"x-request-id" for k, _ in headers):
+                    m = {**m, "headers": [*headers, rid_header]}
+                started = True
+            await send(m)
+
         try:
-            async for messages in router.stream("__call__", (scope, body), {}, meta):
-                for m in messages:
-                    if m["type"] == "http.response.start":
-                        headers = m.get("headers", ())
-                        if not any(k.lower() == b"x-request-id" for k, _ in headers):
-                            m = {**m, "headers": [*headers, rid_header]}
-                        started = True
-                    await send(m)
+            await run(out)
         except asyncio.CancelledError:
             if not why:
                 raise  # the server itself is shutting down
@@ -261,16 +289,67 @@ def main() -> None:
     os._exit(0)
 
 
-async def _serve(boot: ProxyBootstrap) -> None:
-    import uvicorn
+class HTTPFront:
+    """uvicorn serving an ASGI app on (a duplicate of) an inherited listening socket.
 
+    Start and stop as often as needed: stopping closes only this process's copy of the
+    socket, finishes the requests in flight and closes idle keep-alive connections.
+    """
+
+    def __init__(self, app: Any, fd: int, options: HTTPOptions) -> None:
+        self.app = app
+        self.fd = fd
+        self.options = options
+        self.server: Any = None
+        self.task: asyncio.Task[None] | None = None
+
+    @property
+    def serving(self) -> bool:
+        return self.server is not None
+
+    async def start(self) -> None:
+        import uvicorn
+
+        if self.server is not None:
+            return
+        # socket(fileno=) detects the address family; uvicorn's fd= option assumes a Unix
+        # socket, which would leave TCP_NODELAY off (~40 ms per response to delayed ACKs).
+        sock = socket.socket(fileno=os.dup(self.fd))
+        config = uvicorn.Config(self.app, loop="none", http="httptools", lifespan="off", access_log=False,
+                                proxy_headers=False, log_level="warning", server_header=False, date_header=False,
+                                timeout_keep_alive=int(self.options.keep_alive_timeout_s))
+        server = uvicorn.Server(config)
+        task = asyncio.get_running_loop().create_task(server.serve(sockets=[sock]))
+        while not server.started:
+            if task.done():
+                task.result()
+                raise RuntimeError("the HTTP server stopped while starting")
+            await asyncio.sleep(0.005)
+        self.server, self.task = server, task
+
+    async def stop(self, timeout: float = 10.0) -> None:
+        server, task = self.server, self.task
+        self.server = self.task = None
+        if server is None or task is None:
+            return
+        server.should_exit = True
+        try:
+            await asyncio.wait_for(task, timeout)
+        except (TimeoutError, Exception):
+            pass
+
+
+async def _serve(boot: ProxyBootstrap) -> None:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     app: ProxyApp | None = None
+    front: HTTPFront | None = None
+    toggles: asyncio.Queue[bool] = asyncio.Queue()
 
     def on_control(msg: Any) -> None:
         if isinstance(msg, Routes) and app is not None:
             app.set_routes(msg)
+            toggles.put_nowait(msg.proxy_accepts)
         elif isinstance(msg, Stop):
             stop.set()
 
@@ -278,30 +357,31 @@ async def _serve(boot: ProxyBootstrap) -> None:
     app = ProxyApp(client, boot.http)
     await client.connect()
     backend.set_current(client)
-    # socket(fileno=) detects the address family; uvicorn's fd= option assumes a Unix socket,
-    # which would leave TCP_NODELAY off (and cost ~40 ms per response to delayed ACKs).
-    sock = socket.socket(fileno=boot.fd)
-    config = uvicorn.Config(app, loop="none", http="httptools", lifespan="off", access_log=False, proxy_headers=False,
-                            log_level="warning", timeout_keep_alive=int(boot.http.keep_alive_timeout_s),
-                            server_header=False, date_header=False)
-    server = uvicorn.Server(config)
-    serving = loop.create_task(server.serve(sockets=[sock]))
-    while not server.started:
-        if serving.done():
-            serving.result()
-            return
-        await asyncio.sleep(0.005)
+    front = HTTPFront(app, boot.fd, boot.http)
+    await front.start()
     client.send(ProxyReady(boot.ident, 0))
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+
+    async def follow_toggles() -> None:
+        # While every routed app has an ingress replica serving HTTP itself, this process
+        # stops accepting so that connections land on those replicas; it takes over again
+        # whenever an app has none (e.g. scaled to zero) to hold requests and answer 404s.
+        while True:
+            want = await toggles.get()
+            while not toggles.empty():
+                want = toggles.get_nowait()
+            if want:
+                await front.start()
+            else:
+                await front.stop()
+
+    follower = loop.create_task(follow_toggles())
     closed = loop.create_task(client.closed.wait())
     stopping = loop.create_task(stop.wait())
-    await asyncio.wait({closed, stopping, serving}, return_when=asyncio.FIRST_COMPLETED)
-    server.should_exit = True
-    try:
-        await asyncio.wait_for(serving, 10)
-    except (TimeoutError, Exception):
-        pass
+    await asyncio.wait({closed, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    follower.cancel()
+    await front.stop()
     client.close()
 
 

@@ -17,6 +17,8 @@ import pickle
 import signal
 import sys
 import traceback
+from collections import deque
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,7 +26,7 @@ import cloudpickle
 
 from shoal import multiplex
 from shoal.context import ReplicaContext, set_process_replica_context
-from shoal.exceptions import RayServeException
+from shoal.exceptions import BackPressureError, RayServeException
 from shoal.runtime import backend
 from shoal.runtime.callable import UserCallable
 from shoal.runtime.client import ControllerClient
@@ -42,9 +44,12 @@ from shoal.runtime.wire import (
     ReplicaInit,
     ReplicaModels,
     ReplicaReady,
+    ReplicaStats,
     Reply,
     RequestMeta,
+    Routes,
     Stop,
+    SubscribeRoutes,
     serve_unix,
 )
 
@@ -62,6 +67,9 @@ class Bootstrap:
     # Exit with the parent (embedded mode); a detached instance lets replicas be adopted.
     die_with_parent: bool = True
     log_level: str = "INFO"
+    # An inherited listening socket: set for ingress replicas that serve HTTP themselves.
+    http_fd: int = -1
+    http: Any = None  # HTTPOptions
 
 
 def die_with_parent(parent_pid: int) -> None:
@@ -106,6 +114,11 @@ class ReplicaServer:
         self.graceful_timeout = 20.0
         self.server: asyncio.AbstractServer | None = None
         self.conns: set[FramedProtocol] = set()
+        self.key: tuple[str, str] = ("", "")
+        self.max_queued = -1
+        self.local_waiters: deque[asyncio.Future[None]] = deque()
+        self.front: Any = None  # HTTPFront when serving HTTP itself
+        self.proxy_app: Any = None
 
     async def run(self) -> int:
         await self.client.connect()
@@ -129,6 +142,19 @@ class ReplicaServer:
             await asyncio.sleep(0.05)  # let the message flush
             return 1
         set_process_replica_context(ReplicaContext(init.app, init.deployment, init.tag, self.user.instance))
+        self.key = (init.app, init.deployment)
+        self.max_queued = cfg.max_queued_requests
+        if init.serves_http and self.boot.http_fd >= 0:
+            try:
+                await self._start_http()
+            except Exception as e:
+                logger.error("replica %s could not serve HTTP:\n%s", init.tag, traceback.format_exc())
+                self.client.send(ReplicaFailed(init.tag, f"could not serve HTTP: {e}"))
+                await asyncio.sleep(0.05)
+                return 1
+        auto = cfg.resolved_autoscaling()
+        if auto is not None:
+            self.loop.create_task(self._report_load(init.tag, auto.metrics_interval_s))
         self.client.send(ReplicaReady(init.tag, os.getpid()))
         closed = asyncio.ensure_future(self.client.closed.wait())
         stop = asyncio.ensure_future(self.stop_requested.wait())
@@ -136,8 +162,59 @@ class ReplicaServer:
         await self.drain()
         return 0
 
+    async def _start_http(self) -> None:
+        from shoal.runtime.proxy import HTTPFront, ProxyApp
+
+        self.proxy_app = ProxyApp(self.client, self.boot.http, local=self)
+        self.client.send(SubscribeRoutes())
+        self.front = HTTPFront(self.proxy_app, self.boot.http_fd, self.boot.http)
+        await self.front.start()
+
+    async def _report_load(self, tag: str, interval: float) -> None:
+        while not self.draining:
+            self._send(ReplicaStats(tag, self.ongoing + len(self.local_waiters)))
+            await asyncio.sleep(interval)
+
+    # -- HTTP served in this process (LocalIngress for ProxyApp)
+    async def serve(self, scope: dict[str, Any], body: bytes, meta: RequestMeta,
+                    send: Callable[[dict[str, Any]], Awaitable[None]]) -> None:
+        assert self.user is not None
+        if self.ongoing >= self.max_ongoing or self.local_waiters:
+            if self.max_queued != -1 and len(self.local_waiters) >= self.max_queued:
+                raise BackPressureError(len(self.local_waiters), self.max_queued)
+            # Wait in FIFO order for a slot; the request that frees one hands it over.
+            fut: asyncio.Future[None] = self.loop.create_future()
+            self.local_waiters.append(fut)
+            try:
+                await fut
+            except asyncio.CancelledError:
+                if fut.done() and not fut.cancelled():
+                    self._release_slot()  # we were handed a slot but no longer want it
+                else:
+                    self.local_waiters.remove(fut)
+                raise
+        else:
+            self.ongoing += 1
+            self.idle.clear()
+        try:
+            await self.user.http(scope, body, send, meta)
+        finally:
+            self._release_slot()
+
+    def _release_slot(self) -> None:
+        while self.local_waiters:
+            fut = self.local_waiters.popleft()
+            if not fut.done():
+                fut.set_result(None)  # the slot passes on; `ongoing` stays the same
+                return
+        self.ongoing -= 1
+        if self.ongoing == 0:
+            self.idle.set()
+
     async def drain(self) -> None:
         self.draining = True
+        if self.front is not None:
+            await self.front.stop(self.graceful_timeout)
         if self.server is not None:
             self.server.close()
         try:
@@ -170,6 +247,8 @@ class ReplicaServer:
             self.loop.create_task(self._control_call(msg))
         elif isinstance(msg, Stop):
             self.stop_requested.set()
+        elif isinstance(msg, Routes) and self.proxy_app is not None:
+            self.proxy_app.set_routes(msg)
 
     async def _control_call(self, call: Call) -> None:
         try:
@@ -210,7 +289,7 @@ class ReplicaServer:
         kind = msg[0]
         if kind == REQUEST:
             rid = msg[1]
-            if self.draining or self.ongoing >= self.max_ongoing:
+            if self.draining or self.ongoing >= self.max_ongoing or self.local_waiters:
                 proto.send((REJECT, rid))
                 return
             self.ongoing += 1
@@ -226,9 +305,7 @@ class ReplicaServer:
 
     def _done(self, key: tuple[int, int], _task: asyncio.Task[None]) -> None:
         self.tasks.pop(key, None)
-        self.ongoing -= 1
-        if self.ongoing == 0:
-            self.idle.set()
+        self._release_slot()
 
     async def _handle(self, proto: FramedProtocol, rid: int, method: str, args: tuple[Any, ...],
                       kwargs: dict[str, Any], meta: RequestMeta) -> None:

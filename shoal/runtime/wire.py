@@ -71,6 +71,7 @@ class ReplicaInit:
     config: Any  # DeploymentConfig
     is_function: bool
     socket_path: str
+    serves_http: bool = False  # an ingress replica given the HTTP socket
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,12 +84,6 @@ class ReplicaReady:
 class ReplicaFailed:
     tag: str
     error: str
-
-
-@dataclass(frozen=True, slots=True)
-class ReplicaStats:
-    tag: str
-    ongoing: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,6 +135,21 @@ class HandleStats:
 class Routes:
     # route_prefix -> (app name, ingress deployment name)
     table: dict[str, tuple[str, str]] = field(default_factory=dict)
+    # False while every routed app has ingress replicas serving HTTP themselves.
+    proxy_accepts: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class SubscribeRoutes:
+    """An ingress replica that serves HTTP itself wants the route table too."""
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicaStats:
+    """A replica's load: requests running or waiting in it (for autoscaling)."""
+
+    tag: str
+    ongoing: int
 
 
 @dataclass(frozen=True, slots=True)

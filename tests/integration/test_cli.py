@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
 
 import httpx
@@ -76,8 +77,23 @@ def project(tmp_path: Path, run_dir: str) -> tuple[Path, dict[str, str]]:
 
 
 def start_run(args: list[str], cwd: Path, env: dict[str, str]) -> subprocess.Popen[str]:
-    return subprocess.Popen([sys.executable, "-m", "shoal.cli", "run", *args], cwd=cwd, env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "shoal.cli", "run", *args], cwd=cwd, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    proc.output = lines  # type: ignore[attr-defined]
+
+    def pump() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line)
+
+    threading.Thread(target=pump, daemon=True).start()
+    return proc
+
+
+def wait_started(proc: subprocess.Popen[str], timeout: float = 60) -> bool:
+    """Until `shoal run` says it is ready (HTTP may answer a little earlier)."""
+    return wait_until(lambda: any("Press Ctrl-C" in x for x in proc.output), timeout, 0.05)  # type: ignore[attr-defined]
 
 
 def wait_http(url: str, timeout: float = 60) -> bool:
@@ -101,7 +117,8 @@ def test_run_import_path_status_and_shutdown(project: tuple[Path, dict[str, str]
     port = free_port()
     proc = start_run(["myapp:app", "--port", str(port)], cwd, env)
     try:
-        assert wait_http(f"http://127.0.0.1:{port}/?name=cli"), proc.stdout.read() if proc.poll() else ""
+        assert wait_http(f"http://127.0.0.1:{port}/?name=cli"), "".join(proc.output)  # type: ignore[attr-defined]
+        assert wait_started(proc)
         assert httpx.get(f"http://127.0.0.1:{port}/?name=cli").text == "hello cli"
         kids = descendants(proc.pid)
         assert len(kids) >= 3  # proxy + two replicas, each its own process
@@ -151,6 +168,7 @@ def test_run_config_file_and_ctrl_c(project: tuple[Path, dict[str, str]]) -> Non
         assert httpx.get(f"http://127.0.0.1:{port}/greet?name=sailor").text == "ahoy sailor"
         st = shoal("status", "--json", cwd=cwd, env=env)
         assert '"RUNNING": 2' in st.stdout
+        assert wait_started(proc)
         kids = descendants(proc.pid)
         proc.send_signal(signal.SIGINT)  # Ctrl-C
         assert proc.wait(30) == 0
@@ -168,6 +186,7 @@ def test_signals_stop_everything(project: tuple[Path, dict[str, str]], sig: sign
     proc = start_run(["myapp:app", "--port", str(port)], cwd, env)
     try:
         assert wait_http(f"http://127.0.0.1:{port}/")
+        assert wait_started(proc)
         kids = descendants(proc.pid)
         assert kids
         proc.send_signal(sig)

@@ -62,24 +62,37 @@ def test_kill_9_mid_request_fails_fast_then_recovers(instance: Instance) -> None
     assert new_pid != pid
 
 
-def test_kill_9_mid_http_request_gives_500(instance: Instance) -> None:
-    h = serve.run(Sleeper.bind())
-    pid = h.pid.remote().result()
-    result: dict[str, httpx.Response] = {}
+@pytest.mark.parametrize("direct", [False, True], ids=["via-proxy", "ingress-serves-http"])
+def test_kill_9_mid_http_request_fails_fast(run_dir: str, direct: bool) -> None:
+    serve.start(http_options={"port": 0, "ingress_serves_http": direct}, _run_dir=run_dir)
+    try:
+        url = serve.http_address()
+        h = serve.run(Sleeper.bind())
+        pid = h.pid.remote().result()
+        result: dict[str, object] = {}
 
-    def call() -> None:
-        result["r"] = httpx.get(instance.url + "/", params={"s": "60"}, timeout=30)
+        def call() -> None:
+            try:
+                result["r"] = httpx.get(url + "/", params={"s": "60"}, timeout=30)
+            except httpx.HTTPError as e:
+                result["r"] = e
 
-    t = threading.Thread(target=call)
-    t.start()
-    time.sleep(0.5)
-    os.kill(pid, signal.SIGKILL)
-    t.join(20)
-    assert not t.is_alive()
-    r = result["r"]
-    assert r.status_code == 500
-    assert "died" in r.json()["error"]
-    assert wait_until(lambda: httpx.get(instance.url + "/", timeout=10).status_code == 200, 30)
+        t = threading.Thread(target=call)
+        t.start()
+        time.sleep(0.5)
+        os.kill(pid, signal.SIGKILL)
+        t.join(20)
+        assert not t.is_alive()  # promptly, never a hang
+        r = result["r"]
+        if direct:
+            # The dead replica held the client's connection itself: the client sees it close.
+            assert isinstance(r, httpx.TransportError)
+        else:
+            assert isinstance(r, httpx.Response) and r.status_code == 500
+            assert "died" in r.json()["error"]
+        assert wait_until(lambda: httpx.get(url + "/", timeout=10).status_code == 200, 30)
+    finally:
+        serve.shutdown()
 
 
 def test_max_ongoing_requests_is_enforced(instance: Instance) -> None:
@@ -202,4 +215,6 @@ def test_proxy_crash_is_restarted(instance: Instance) -> None:
             return False
 
     assert wait_until(recovered, 30, 0.1)
-    assert ident not in serve.status().proxies  # a new proxy process took over
+    assert wait_until(lambda: ident not in serve.status().proxies, 30)  # a new proxy process took over
+    (new_ident, state), = serve.status().proxies.items()
+    assert wait_until(lambda: serve.status().proxies.get(new_ident) == "HEALTHY", 30)

@@ -149,23 +149,29 @@ def test_fastapi_ingress(instance: Instance) -> None:
 def test_streaming_response_chunk_by_chunk(instance: Instance) -> None:
     @serve.deployment
     class SSE:
+        def __init__(self) -> None:
+            self.go = asyncio.Event()
+
+        async def release(self) -> None:
+            self.go.set()
+
         async def __call__(self, request: Request) -> StreamingResponse:
             async def events():  # type: ignore[no-untyped-def]
-                for i in range(5):
+                yield "data: 0\n\n"
+                await self.go.wait()  # the rest only after the client has seen the first event
+                for i in range(1, 5):
                     yield f"data: {i}\n\n"
-                    await asyncio.sleep(0.05)
 
             return StreamingResponse(events(), media_type="text/event-stream")
 
-    serve.run(SSE.bind())
-    chunks = []
-    with httpx.stream("GET", instance.url + "/") as r:
+    h = serve.run(SSE.bind())
+    with httpx.stream("GET", instance.url + "/", timeout=30) as r:
         assert r.headers["content-type"].startswith("text/event-stream")
-        for chunk in r.iter_text():
-            if chunk:
-                chunks.append(chunk)
-    assert "".join(chunks) == "".join(f"data: {i}\n\n" for i in range(5))
-    assert len(chunks) >= 3  # delivered as produced, not as one body
+        lines = r.iter_lines()
+        assert next(lines) == "data: 0"  # delivered before the generator went on
+        h.release.remote().result()
+        rest = [x for x in lines if x]
+    assert rest == [f"data: {i}" for i in range(1, 5)]
 
 
 def test_generator_call_streams(instance: Instance) -> None:
