@@ -216,5 +216,5 @@ def test_proxy_crash_is_restarted(instance: Instance) -> None:
 
     assert wait_until(recovered, 30, 0.1)
     assert wait_until(lambda: ident not in serve.status().proxies, 30)  # a new proxy process took over
-    (new_ident, state), = serve.status().proxies.items()
+    (new_ident, _state), = serve.status().proxies.items()
     assert wait_until(lambda: serve.status().proxies.get(new_ident) == "HEALTHY", 30)
