@@ -78,6 +78,9 @@ class Settings:
     run_dir: str
     http: HTTPOptions = field(default_factory=HTTPOptions)
     start_proxy: bool = True
+    # Replica processes kept booted (imports done) and waiting for a deployment, so that a
+    # new replica skips interpreter start-up: cold start, scale-up and recovery get faster.
+    spare_replicas: int = 1
     die_with_parent: bool = True
     log_level: str = "INFO"
     python: str = sys.executable
@@ -130,6 +133,13 @@ class AppRecord:
 
 
 @dataclass(eq=False)
+class SpareRecord:
+    ident: str
+    proc: subprocess.Popen[bytes]
+    conn: FramedProtocol | None = None
+
+
+@dataclass(eq=False)
 class ProxyRecord:
     ident: str
     proc: subprocess.Popen[bytes]
@@ -152,6 +162,9 @@ class Controller:
         # (app, deployment) -> connection id -> (time, queued, in flight), from callers' routers.
         self.handle_stats: dict[tuple[str, str], dict[int, tuple[float, int, int]]] = {}
         self.proxy: ProxyRecord | None = None
+        self.spares: dict[str, SpareRecord] = {}
+        # A spare handed a deployment before it connected: spare ident -> replica tag.
+        self.spare_alias: dict[str, str] = {}
         self.http_port = 0
         self._listen_sock: socket.socket | None = None
         self._server: asyncio.AbstractServer | None = None
@@ -175,6 +188,8 @@ class Controller:
             # proxy process (started in parallel with the replicas) accepts them.
             self._bind_http()
             self._spawn_proxy()
+        for _ in range(self.settings.spare_replicas):
+            self._spawn_spare()
 
     async def wait_proxy(self, timeout: float = 30.0) -> None:
         """Wait until the HTTP proxy serves; raise if it cannot start."""
@@ -205,9 +220,10 @@ class Controller:
     def _spawn_proxy(self) -> None:
         assert self._listen_sock is not None
         ident = f"proxy-{uuid.uuid4().hex[:6]}"
-        from shoal.runtime.proxy import ProxyBootstrap
+        from shoal.runtime.proxy import FrontOptions, ProxyBootstrap
 
-        boot = ProxyBootstrap(self.path, self.secret, ident, self._listen_sock.fileno(), self.settings.http,
+        boot = ProxyBootstrap(self.path, self.secret, ident, self._listen_sock.fileno(),
+                              FrontOptions.of(self.settings.http),
                               os.getpid(), self.settings.die_with_parent, self.settings.log_level, list(sys.path))
         proc = self._popen("shoal.runtime.proxy", pickle.dumps(boot), pass_fds=(self._listen_sock.fileno(),))
         restarts = self.proxy.restarts + 1 if self.proxy else 0
@@ -233,9 +249,14 @@ class Controller:
             [d.spec.config.graceful_shutdown_timeout_s for a in self.apps.values() for d in a.deployments.values()]
             + [0.0]
         ) + 5
+        for spare in list(self.spares.values()):
+            self._stop_process(spare.proc, spare.conn, 5.0)
         while self.replicas and time.monotonic() < deadline:
             self._kick.set()
             await asyncio.sleep(TICK_S)
+        for spare in list(self.spares.values()):
+            await self._wait_exit(spare.proc, 5.0)
+        self.spares.clear()
         for rec in list(self.replicas.values()):
             self._kill(rec.proc)
         if self.proxy is not None:
@@ -449,10 +470,16 @@ class Controller:
             changed |= self._update_app_status(app)
         self._health_checks(now)
         self._watch_proxy()
+        self._refill_spares()
         return changed
 
     def _reap(self, now: float) -> bool:
         changed = False
+        for ident, spare in list(self.spares.items()):
+            if spare.proc.poll() is not None:
+                if not self.stopping:
+                    logger.warning("spare replica process %s exited with code %s", ident, spare.proc.returncode)
+                del self.spares[ident]
         for rec in list(self.replicas.values()):
             code = rec.proc.poll()
             if code is None:
@@ -508,6 +535,28 @@ class Controller:
             self._publish(app, name, dep)
         return bool(actions)
 
+    def _replica_bootstrap(self, tag: str, http: bool) -> tuple[Bootstrap, tuple[int, ...]]:
+        from shoal.runtime.proxy import FrontOptions
+
+        fds = (self._listen_sock.fileno(),) if http and self._listen_sock is not None else ()
+        boot = Bootstrap(self.path, self.secret, tag, list(sys.path), os.getcwd(), os.getpid(),
+                         self.settings.die_with_parent, self.settings.log_level,
+                         http_fd=fds[0] if fds else -1, http=FrontOptions.of(self.settings.http) if fds else None)
+        return boot, fds
+
+    def _spawn_spare(self) -> None:
+        if self.stopping:
+            return
+        ident = f"spare-{uuid.uuid4().hex[:8]}"
+        # Spares inherit the HTTP socket, so that any of them can become an ingress replica.
+        boot, fds = self._replica_bootstrap(ident, self.settings.http.ingress_serves_http)
+        try:
+            proc = self._popen("shoal.runtime.replica", pickle.dumps(boot), pass_fds=fds)
+        except OSError as e:
+            logger.warning("could not start a spare replica process: %s", e)
+            return
+        self.spares[ident] = SpareRecord(ident, proc)
+
     def _start_replica(self, app: str, dep: DeploymentRecord) -> None:
         uid = uuid.uuid4().hex[:8]
         tag = f"{dep.spec.name}-{uid}"
@@ -515,18 +564,27 @@ class Controller:
         app_rec = self.apps.get(app)
         serves_http = (dep.spec.ingress and self._listen_sock is not None and self.settings.http.ingress_serves_http
                        and app_rec is not None and app_rec.spec.route_prefix is not None)
-        fds = (self._listen_sock.fileno(),) if serves_http and self._listen_sock is not None else ()
-        boot = Bootstrap(self.path, self.secret, tag, list(sys.path), os.getcwd(), os.getpid(),
-                         self.settings.die_with_parent, self.settings.log_level,
-                         http_fd=fds[0] if fds else -1, http=self.settings.http if fds else None)
-        try:
-            proc = self._popen("shoal.runtime.replica", pickle.dumps(boot), pass_fds=fds)
-        except OSError as e:
-            dep.failures += 1
-            dep.message = f"could not start a replica process: {e}"
-            return
-        self.replicas[tag] = ReplicaRecord(tag, app, dep.spec.name, dep.version, socket_path, proc,
-                                           started_at=time.monotonic(), serves_http=bool(fds))
+        spare = next((s for s in self.spares.values() if s.proc.poll() is None), None)
+        conn: FramedProtocol | None = None
+        if spare is not None:
+            del self.spares[spare.ident]
+            proc = spare.proc
+            conn = spare.conn if spare.conn is not None and not spare.conn.closed else None
+            if conn is None:
+                self.spare_alias[spare.ident] = tag  # it will say hello under its spare name
+        else:
+            boot, fds = self._replica_bootstrap(tag, serves_http)
+            try:
+                proc = self._popen("shoal.runtime.replica", pickle.dumps(boot), pass_fds=fds)
+            except OSError as e:
+                dep.failures += 1
+                dep.message = f"could not start a replica process: {e}"
+                return
+        rec = ReplicaRecord(tag, app, dep.spec.name, dep.version, socket_path, proc,
+                            started_at=time.monotonic(), serves_http=serves_http)
+        self.replicas[tag] = rec
+        if conn is not None:
+            self._on_hello(conn, Hello("replica", tag))
 
     def _stop_replica(self, rec: ReplicaRecord, reason: str, now: float) -> None:
         if rec.state == ReplicaState.STOPPING:
@@ -756,7 +814,12 @@ class Controller:
             asyncio.get_running_loop().create_task(self._admin(proto, msg))
 
     def _on_hello(self, proto: FramedProtocol, hello: Hello) -> None:
+        if hello.role == "replica" and hello.ident in self.spare_alias:
+            hello = Hello("replica", self.spare_alias.pop(hello.ident))
         proto.peer = hello
+        if hello.role == "replica" and hello.ident in self.spares:
+            self.spares[hello.ident].conn = proto  # booted; waits for a deployment
+            return
         if hello.role == "replica":
             rec = self.replicas.get(hello.ident)
             dep = self._dep_record(rec.app, rec.deployment) if rec is not None else None
@@ -772,6 +835,17 @@ class Controller:
                 self.proxy.conn = proto
             self.route_subscribers.add(proto)
             proto.send(self._routes())
+
+    def _refill_spares(self) -> None:
+        # Only when nothing is starting: a spare booting now would compete for the CPU with
+        # the replicas someone is waiting for.
+        if any(r.state == ReplicaState.STARTING for r in self.replicas.values()):
+            return
+        while len(self.spares) < self.settings.spare_replicas and not self.stopping:
+            before = len(self.spares)
+            self._spawn_spare()
+            if len(self.spares) == before:
+                return
 
     def _on_ready(self, msg: ReplicaReady) -> None:
         rec = self.replicas.get(msg.tag)

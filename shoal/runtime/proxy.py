@@ -20,7 +20,6 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from shoal.config import HTTPOptions
 from shoal.exceptions import (
     BackPressureError,
     DeploymentUnavailableError,
@@ -49,13 +48,27 @@ class LocalIngress(Protocol):
 WATCH_AFTER_S = 0.05
 
 
+@dataclass(frozen=True)
+class FrontOptions:
+    """What an HTTP front needs of ``HTTPOptions``: plain data, so that proxy processes
+    start without importing pydantic."""
+
+    root_path: str = ""
+    request_timeout_s: float | None = None
+    keep_alive_timeout_s: float = 5.0
+
+    @classmethod
+    def of(cls, http: Any) -> FrontOptions:
+        return cls(http.root_path, http.request_timeout_s, http.keep_alive_timeout_s)
+
+
 @dataclass
 class ProxyBootstrap:
     controller_path: str
     secret: bytes
     ident: str
     fd: int
-    http: HTTPOptions
+    http: FrontOptions
     parent_pid: int
     die_with_parent: bool
     log_level: str
@@ -91,7 +104,7 @@ async def _send_json(send: Any, status: int, body: dict[str, Any], request_id: s
 class ProxyApp:
     """The proxy's ASGI application."""
 
-    def __init__(self, client: ControllerClient, options: HTTPOptions, local: LocalIngress | None = None) -> None:
+    def __init__(self, client: ControllerClient, options: FrontOptions, local: LocalIngress | None = None) -> None:
         self.client = client
         self.options = options
         self.routes: list[tuple[str, str, str]] = []  # (prefix, app, ingress), longest first
@@ -296,7 +309,7 @@ class HTTPFront:
     socket, finishes the requests in flight and closes idle keep-alive connections.
     """
 
-    def __init__(self, app: Any, fd: int, options: HTTPOptions) -> None:
+    def __init__(self, app: Any, fd: int, options: FrontOptions) -> None:
         self.app = app
         self.fd = fd
         self.options = options

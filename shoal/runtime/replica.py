@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import importlib
 import logging
 import os
 import pickle
@@ -121,8 +122,21 @@ class ReplicaServer:
         self.proxy_app: Any = None
 
     async def run(self) -> int:
+        spare = self.boot.tag.startswith("spare-")
+        if spare:
+            # Do now the imports every replica needs, while nobody is waiting for us.
+            modules = ["shoal.serve"] + (["uvicorn", "shoal.runtime.proxy"] if self.boot.http_fd >= 0 else [])
+            for name in modules:
+                importlib.import_module(name)
         await self.client.connect()
         backend.set_current(self.client)
+        if spare:
+            waits: set[asyncio.Future[Any]] = {self.init_msg, asyncio.ensure_future(self.stop_requested.wait()),
+                                               asyncio.ensure_future(self.client.closed.wait())}
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            if not self.init_msg.done():
+                return 0  # stopped (or the controller went away) before being given a deployment
+            _setup_logging(self.boot, self.init_msg.result().tag)
         init = await asyncio.wait_for(self.init_msg, 60)
         cfg = init.config
         self.max_ongoing = cfg.max_ongoing_requests
@@ -407,11 +421,13 @@ def apply_logging_config(lc: Any, ctx: ReplicaContext) -> None:
 def _setup_logging(boot: Bootstrap, tag: str) -> None:
     # Third-party libraries log at WARNING (as in a plain Python program); shoal's own
     # loggers at the instance's level.
-    logging.basicConfig(
-        level=logging.WARNING,
-        format=f"%(asctime)s %(levelname)s replica {tag} pid={os.getpid()} %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    fmt = f"%(asctime)s %(levelname)s replica {tag} pid={os.getpid()} %(name)s: %(message)s"
+    root = logging.getLogger()
+    if root.handlers:  # a spare that just became a replica: name it in its log lines
+        for handler in root.handlers:
+            handler.setFormatter(logging.Formatter(fmt))
+    else:
+        logging.basicConfig(level=logging.WARNING, format=fmt, stream=sys.stderr)
     logging.getLogger("shoal").setLevel(boot.log_level)
 
 
