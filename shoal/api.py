@@ -102,10 +102,16 @@ def start(
     *,
     detached: bool = False,
     proxy: bool = True,
+    num_gpus: int | None = None,
+    strict_cpus: bool = False,
     _run_dir: str | None = None,
     **_compat: Any,
 ) -> None:
-    """Start the instance in this process (controller thread, HTTP proxy). Idempotent."""
+    """Start the instance in this process (controller thread, HTTP proxy). Idempotent.
+
+    shoal extensions: ``num_gpus`` declares GPUs instead of asking ``nvidia-smi``;
+    ``strict_cpus`` refuses to place replicas whose ``num_cpus`` exceed the machine's.
+    """
     global _instance
     with _lock:
         opts = _parse_http_options(http_options)
@@ -116,7 +122,7 @@ def start(
         _ensure_logging()
         run_dir = _run_dir or default_run_dir()
         settings = Settings(run_dir=run_dir, http=opts, start_proxy=proxy and opts.location != "NoServer"
-                            and opts.location != "Disabled")
+                            and opts.location != "Disabled", num_gpus=num_gpus, strict_cpus=strict_cpus)
         secret = new_secret()
         os.makedirs(run_dir, mode=0o700, exist_ok=True)
         _write_secret(run_dir, secret)

@@ -39,8 +39,11 @@ def cli() -> None:
 @click.option("-p", "--port", type=int, default=None, help="Proxy port (default 8000; 0 picks a free port).")
 @click.option("--address", default=None, envvar="SHOAL_RUN_DIR",
               help="Instance directory for the control socket (default /tmp/shoal-<uid>/default).")
+@click.option("--num-gpus", type=int, default=None,
+              help="Declare this many GPUs instead of asking nvidia-smi (fractional num_gpus share them).")
+@click.option("--strict-cpus", is_flag=True, help="Refuse to oversubscribe CPUs (num_cpus is enforced).")
 def run(target: str, name: str | None, route_prefix: str | None, host: str | None, port: int | None,
-        address: str | None) -> None:
+        address: str | None, num_gpus: int | None, strict_cpus: bool) -> None:
     """Run TARGET in the foreground until Ctrl-C.
 
     TARGET is an import path to a bound application or an app builder
@@ -76,7 +79,7 @@ def run(target: str, name: str | None, route_prefix: str | None, host: str | Non
         console.print(f"[red]error:[/red] {e}")
         raise SystemExit(2) from None
     try:
-        api.start(http_options=http, _run_dir=address)
+        api.start(http_options=http, num_gpus=num_gpus, strict_cpus=strict_cpus, _run_dir=address)
         for app_schema_obj, application in built:
             assert isinstance(app_schema_obj, ServeApplicationSchema)
             with console.status(f"deploying application [bold]{app_schema_obj.name}[/bold] ..."):
@@ -175,6 +178,8 @@ def status(address: str | None, as_json: bool) -> None:
 
     console = Console()
     console.print(f"instance: {addr}   http: {data['http_address'] or '(no proxy)'}")
+    if data.get("resources"):
+        console.print(data["resources"])
     if not data["applications"]:
         console.print("no applications deployed")
         return

@@ -76,6 +76,8 @@ class ServeStatus:
     applications: dict[str, ApplicationStatusOverview] = field(default_factory=dict)
     target_capacity: float | None = None
     http_address: str = ""
+    # shoal: the machine's resources and what replicas hold (CPUs oversubscribed, GPUs shared).
+    resources: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         def plain(v: Any) -> Any:

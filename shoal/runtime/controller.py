@@ -25,6 +25,7 @@ from typing import Any
 from shoal.autoscaling import Autoscaler, PolicyLoadError
 from shoal.config import HTTPOptions
 from shoal.deployment import AppSpec, DeploymentSpec
+from shoal.resources import Ledger, Pending, Request, detect
 from shoal.runtime.reconcile import ReplicaView, StartReplica, StopReplica, reconcile
 from shoal.runtime.replica import Bootstrap
 from shoal.runtime.wire import (
@@ -81,6 +82,10 @@ class Settings:
     # Replica processes kept booted (imports done) and waiting for a deployment, so that a
     # new replica skips interpreter start-up: cold start, scale-up and recovery get faster.
     spare_replicas: int = 1
+    # GPUs to account for: None finds them with nvidia-smi; a number declares that many.
+    num_gpus: int | None = None
+    # Refuse to place replicas whose num_cpus exceed the machine's (off: record and warn).
+    strict_cpus: bool = False
     die_with_parent: bool = True
     log_level: str = "INFO"
     python: str = sys.executable
@@ -120,6 +125,7 @@ class DeploymentRecord:
     published: tuple[Any, ...] | None = None
     autoscaler: Autoscaler | None = None
     scaling: str = ""  # "UPSCALING" / "DOWNSCALING" while an autoscaling decision is carried out
+    resource_blocked: bool = False  # the last replica start found no room
 
 
 @dataclass(eq=False)
@@ -163,6 +169,9 @@ class Controller:
         self.handle_stats: dict[tuple[str, str], dict[int, tuple[float, int, int]]] = {}
         self.proxy: ProxyRecord | None = None
         self.spares: dict[str, SpareRecord] = {}
+        self.ledger = Ledger(detect(num_gpus=settings.num_gpus), strict_cpus=settings.strict_cpus)
+        # Spares have no GPU: on a GPU machine they start with CUDA_VISIBLE_DEVICES="".
+        self._spare_env = {"CUDA_VISIBLE_DEVICES": ""} if self.ledger.machine.num_gpus else {}
         # A spare handed a deployment before it connected: spare ident -> replica tag.
         self.spare_alias: dict[str, str] = {}
         self.http_port = 0
@@ -229,8 +238,11 @@ class Controller:
         restarts = self.proxy.restarts + 1 if self.proxy else 0
         self.proxy = ProxyRecord(ident, proc, restarts=restarts)
 
-    def _popen(self, module: str, stdin_data: bytes, pass_fds: tuple[int, ...] = ()) -> subprocess.Popen[bytes]:
-        proc = subprocess.Popen([self.settings.python, "-m", module], stdin=subprocess.PIPE, pass_fds=pass_fds)
+    def _popen(self, module: str, stdin_data: bytes, pass_fds: tuple[int, ...] = (),
+               env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+        full_env = {**os.environ, **env} if env else None
+        proc = subprocess.Popen([self.settings.python, "-m", module], stdin=subprocess.PIPE, pass_fds=pass_fds,
+                                env=full_env)
         assert proc.stdin is not None
         proc.stdin.write(stdin_data)
         proc.stdin.close()
@@ -501,6 +513,7 @@ class Controller:
     def _replica_gone(self, rec: ReplicaRecord, why: str) -> None:
         if self.replicas.pop(rec.tag, None) is None:
             return
+        self.ledger.release(rec.tag)
         if rec.proc.poll() is None:
             self._kill(rec.proc)
         try:
@@ -526,6 +539,15 @@ class Controller:
         can_start = dep.ready_once or dep.failures < MAX_START_FAILURES
         actions = reconcile(dep.target, dep.version, views, can_start=can_start and not self.stopping)
         by_tag = {r.tag: r for r in mine}
+        if dep.resource_blocked:
+            dep.resource_blocked = False
+            # A new version that has no room to start while the old one holds the resources
+            # (e.g. every GPU): retire one old replica at a time to make room.
+            old = [r for r in mine if r.version != dep.version]
+            if old and not any(r.state == ReplicaState.STOPPING for r in old):
+                victim = min(old, key=lambda r: (r.state == ReplicaState.RUNNING, r.tag))
+                self._stop_replica(victim, "making room for the new version", now)
+                self._publish(app, name, dep)
         for action in actions:
             if isinstance(action, StartReplica):
                 self._start_replica(app, dep)
@@ -551,7 +573,7 @@ class Controller:
         # Spares inherit the HTTP socket, so that any of them can become an ingress replica.
         boot, fds = self._replica_bootstrap(ident, self.settings.http.ingress_serves_http)
         try:
-            proc = self._popen("shoal.runtime.replica", pickle.dumps(boot), pass_fds=fds)
+            proc = self._popen("shoal.runtime.replica", pickle.dumps(boot), pass_fds=fds, env=self._spare_env)
         except OSError as e:
             logger.warning("could not start a spare replica process: %s", e)
             return
@@ -564,7 +586,19 @@ class Controller:
         app_rec = self.apps.get(app)
         serves_http = (dep.spec.ingress and self._listen_sock is not None and self.settings.http.ingress_serves_http
                        and app_rec is not None and app_rec.spec.route_prefix is not None)
-        spare = next((s for s in self.spares.values() if s.proc.poll() is None), None)
+        placement = self.ledger.place(tag, Request.of(dep.spec.config.ray_actor_options))
+        if isinstance(placement, Pending):
+            # Stays pending, with a status message naming what is missing; retried each tick.
+            dep.message = f"replica pending: {placement.reason}"
+            dep.resource_blocked = True
+            if placement.can_never_fit:
+                dep.failures = MAX_START_FAILURES
+                dep.ready_once = False
+            return
+        env = self.ledger.cuda_env(placement)
+        spare = None
+        if not placement.gpus:
+            spare = next((s for s in self.spares.values() if s.proc.poll() is None), None)
         conn: FramedProtocol | None = None
         if spare is not None:
             del self.spares[spare.ident]
@@ -575,8 +609,9 @@ class Controller:
         else:
             boot, fds = self._replica_bootstrap(tag, serves_http)
             try:
-                proc = self._popen("shoal.runtime.replica", pickle.dumps(boot), pass_fds=fds)
+                proc = self._popen("shoal.runtime.replica", pickle.dumps(boot), pass_fds=fds, env=env)
             except OSError as e:
+                self.ledger.release(tag)
                 dep.failures += 1
                 dep.message = f"could not start a replica process: {e}"
                 return
@@ -900,7 +935,8 @@ class Controller:
             pass
 
     def status(self) -> ServeStatus:
-        out = ServeStatus(http_address=f"http://{self.settings.http.host}:{self.http_port}" if self.proxy else "")
+        out = ServeStatus(http_address=f"http://{self.settings.http.host}:{self.http_port}" if self.proxy else "",
+                          resources=self.ledger.summary())
         if self.proxy is not None:
             alive = self.proxy.proc.poll() is None
             out.proxies[self.proxy.ident] = (ProxyStatus.HEALTHY if self.proxy.ready and alive

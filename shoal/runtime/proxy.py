@@ -41,6 +41,7 @@ class LocalIngress(Protocol):
     """An app served in this very process (an ingress replica that serves HTTP itself)."""
 
     key: tuple[str, str]  # (app, ingress deployment)
+    model_ids: tuple[str, ...]  # multiplexed models loaded here
 
     async def serve(self, scope: Scope, body: bytes, meta: RequestMeta, send: Send) -> None: ...
 
@@ -193,7 +194,10 @@ class ProxyApp:
         meta = RequestMeta(request_id, False, True, model_id, prefix)
         data = bytes(body)
         local = self.local
-        if local is not None and local.key == (app, dep):
+        if local is not None and local.key == (app, dep) and not (
+            # A multiplexed model held by another replica and not by this one: send it there.
+            model_id and model_id not in local.model_ids and self.client.router(app, dep).holds_model(model_id)
+        ):
             async def run(out: Send) -> None:
                 await local.serve(inner, data, meta, out)
         else:
@@ -305,16 +309,18 @@ def main() -> None:
 class HTTPFront:
     """uvicorn serving an ASGI app on (a duplicate of) an inherited listening socket.
 
-    Start and stop as often as needed: stopping closes only this process's copy of the
-    socket, finishes the requests in flight and closes idle keep-alive connections.
+    ``pause()`` stops accepting new connections but lets the open ones (keep-alive clients)
+    go on being served until they close; ``start()`` accepts again; ``stop()`` shuts down,
+    finishing requests in flight and closing idle connections.
     """
 
     def __init__(self, app: Any, fd: int, options: FrontOptions) -> None:
         self.app = app
         self.fd = fd
         self.options = options
-        self.server: Any = None
+        self.server: Any = None  # the accepting uvicorn.Server
         self.task: asyncio.Task[None] | None = None
+        self.paused: list[tuple[Any, asyncio.Task[None]]] = []  # servers that only finish connections
 
     @property
     def serving(self) -> bool:
@@ -340,16 +346,27 @@ class HTTPFront:
             await asyncio.sleep(0.005)
         self.server, self.task = server, task
 
-    async def stop(self, timeout: float = 10.0) -> None:
-        server, task = self.server, self.task
-        self.server = self.task = None
-        if server is None or task is None:
+    def pause(self) -> None:
+        if self.server is None or self.task is None:
             return
-        server.should_exit = True
-        try:
-            await asyncio.wait_for(task, timeout)
-        except (TimeoutError, Exception):
-            pass
+        for listener in self.server.servers:
+            listener.close()  # no new connections; open ones are left alone
+        self.paused.append((self.server, self.task))
+        self.server = self.task = None
+        # Forget servers whose connections are all gone.
+        self.paused = [(s, t) for s, t in self.paused if s.server_state.connections and not t.done()]
+
+    async def stop(self, timeout: float = 10.0) -> None:
+        running = self.paused + ([(self.server, self.task)] if self.server is not None and self.task else [])
+        self.server = self.task = None
+        self.paused = []
+        for server, _ in running:
+            server.should_exit = True
+        for _, task in running:
+            try:
+                await asyncio.wait_for(task, timeout)
+            except (TimeoutError, Exception):
+                pass
 
 
 async def _serve(boot: ProxyBootstrap) -> None:
@@ -387,7 +404,7 @@ async def _serve(boot: ProxyBootstrap) -> None:
             if want:
                 await front.start()
             else:
-                await front.stop()
+                front.pause()
 
     follower = loop.create_task(follow_toggles())
     closed = loop.create_task(client.closed.wait())

@@ -118,6 +118,7 @@ class ReplicaServer:
         self.key: tuple[str, str] = ("", "")
         self.max_queued = -1
         self.local_waiters: deque[asyncio.Future[None]] = deque()
+        self.model_ids: tuple[str, ...] = ()
         self.front: Any = None  # HTTPFront when serving HTTP itself
         self.proxy_app: Any = None
 
@@ -144,7 +145,7 @@ class ReplicaServer:
         ctx = ReplicaContext(init.app, init.deployment, init.tag)
         set_process_replica_context(ctx)
         apply_logging_config(cfg.logging_config, ctx)
-        multiplex.models_changed_hook = lambda ids: self._send(ReplicaModels(init.tag, ids))
+        multiplex.models_changed_hook = lambda ids: self._models_changed(init.tag, ids)
         try:
             target, args, kwargs = cloudpickle.loads(init.blob)
             self.user = UserCallable(target, args, kwargs, is_function=init.is_function, context=ctx)
@@ -245,6 +246,10 @@ class ReplicaServer:
                 logger.exception("error in the deployment's __del__")
         for conn in list(self.conns):
             conn.close()
+
+    def _models_changed(self, tag: str, ids: tuple[str, ...]) -> None:
+        self.model_ids = ids
+        self._send(ReplicaModels(tag, ids))
 
     # -- control plane
     def _send(self, msg: Any) -> None:

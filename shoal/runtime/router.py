@@ -40,6 +40,7 @@ logger = logging.getLogger("shoal.router")
 
 # How long a replica that refused a request is skipped, unless one of ours finishes there first.
 REJECT_BACKOFF_S = 0.02
+CLOCK_SLACK_S = 0.002
 
 
 class _Rejected(Exception):
@@ -275,14 +276,20 @@ class Router:
     def num_queued(self) -> int:
         return len(self._waiters)
 
+    def holds_model(self, model_id: str) -> bool:
+        """Whether some replica reported holding this multiplexed model."""
+        return any(model_id in s.address.model_ids for s in self._slots.values())
+
     @property
     def num_in_flight(self) -> int:
         return sum(s.in_flight for s in self._slots.values())
 
     # -- choice
     def _choose(self, now: float, model_id: str = "") -> _Slot | None:
+        # uvloop's clock has millisecond granularity: a slot whose block ends within the
+        # current millisecond counts as free (else a timer set for its end would spin).
         free = [s for s in self._slots.values()
-                if s.in_flight < s.address.max_ongoing and s.blocked_until <= now]
+                if s.in_flight < s.address.max_ongoing and s.blocked_until <= now + CLOCK_SLACK_S]
         if not free:
             return None
         if model_id:
@@ -340,7 +347,7 @@ class Router:
             def fire() -> None:
                 self._wake_handle = None
                 self._wake()
-            self._wake_handle = loop.call_at(min(blocked), fire)
+            self._wake_handle = loop.call_at(min(blocked) + CLOCK_SLACK_S, fire)
 
     def _release(self, slot: _Slot) -> None:
         slot.in_flight -= 1

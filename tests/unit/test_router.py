@@ -72,3 +72,28 @@ async def test_unreachable_replica_is_dropped_and_request_waits() -> None:
     # The socket does not exist: the slot is dropped and the call waits for new membership.
     assert router.num_replicas == 0 and not call.done()
     call.cancel()
+
+
+def test_blocked_replica_is_retried_after_its_backoff() -> None:
+    # A replica that refused a request is skipped briefly; a waiting caller must get it back
+    # once the block ends (uvloop's millisecond clock once made this spin forever).
+    from shoal.runtime.backend import new_event_loop
+
+    async def scenario() -> bool:
+        router = Router("app", "dep", b"s")
+        router.update(membership(1, 1, max_ongoing=1))
+        slot = router._slots["r0"]
+        loop = asyncio.get_running_loop()
+        for _ in range(20):
+            slot.blocked_until = loop.time() + 0.0101
+            router._schedule_unblock(loop)
+            got = await asyncio.wait_for(router._acquire(), 1.0)
+            assert got is slot
+            router._release(got)
+        return True
+
+    loop = new_event_loop()
+    try:
+        assert loop.run_until_complete(scenario())
+    finally:
+        loop.close()
