@@ -111,6 +111,7 @@ class ControllerClient:
         due: dict[tuple[str, str], float] = {}
         while not self.closed.is_set():
             now = self.loop.time()
+            nap = 1.0  # idle processes wake rarely; autoscaling deployments set the pace
             for key, router in list(self._routers.items()):
                 interval = router.metrics_interval_s
                 if interval <= 0:
@@ -118,7 +119,8 @@ class ControllerClient:
                 if now >= due.get(key, 0.0):
                     self._report(router)
                     due[key] = now + interval
-            await asyncio.sleep(0.05)
+                nap = min(nap, max(0.01, due[key] - now))
+            await asyncio.sleep(nap)
 
     def _subscribe(self, key: tuple[str, str]) -> None:
         if self._proto is not None and not self._proto.closed:

@@ -46,7 +46,7 @@ class LocalIngress(Protocol):
     async def serve(self, scope: Scope, body: bytes, meta: RequestMeta, send: Send) -> None: ...
 
 # Requests still running after this long get a task that watches for the client going away.
-WATCH_AFTER_S = 0.05
+WATCH_AFTER_S = 0.2
 
 
 @dataclass(frozen=True)
