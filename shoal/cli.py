@@ -102,6 +102,52 @@ def run(target: str, name: str | None, route_prefix: str | None, host: str | Non
     console.print("stopped")
 
 
+@cli.command()
+@click.argument("targets", nargs=-1, required=True)
+@click.option("-o", "--output", "output", default=None, help="Write the config file here (default: stdout).")
+@click.option("--name", default=None, help="Application name (one target only; default 'default').")
+@click.option("--route-prefix", default=None, help="Route prefix (one target only; default '/').")
+def build(targets: tuple[str, ...], output: str | None, name: str | None, route_prefix: str | None) -> None:
+    """Write a serve config file for the bound apps at TARGETS (``module:app``).
+
+    The file lists every deployment with the options set in code, ready to edit and to pass to
+    ``shoal run``. With several targets, apps are named after their modules and routed at
+    ``/<module>``.
+    """
+    import yaml
+
+    from shoal.config import HTTPOptions
+    from shoal.deployment import Application
+    from shoal.loader import build_config_dict, import_attr
+
+    if len(targets) > 1 and (name or route_prefix):
+        raise click.UsageError("--name and --route-prefix apply to a single target")
+    apps: list[dict[str, Any]] = []
+    for target in targets:
+        try:
+            app = import_attr(target)
+        except (ImportError, AttributeError) as e:
+            raise click.ClickException(str(e)) from None
+        if not isinstance(app, Application):
+            raise click.ClickException(f"{target} is not a bound application (call .bind() on a deployment)")
+        module = target.split(":")[0].rsplit(".", 1)[-1]
+        app_name = name or ("default" if len(targets) == 1 else module)
+        prefix = route_prefix or ("/" if len(targets) == 1 else f"/{module}")
+        try:
+            apps.extend(build_config_dict(app, app_name, prefix, target)["applications"])
+        except ValueError as e:
+            raise click.ClickException(str(e)) from None
+    http = HTTPOptions()
+    doc = {"http_options": {"host": http.host, "port": http.port}, "applications": apps}
+    text = yaml.safe_dump(doc, sort_keys=False)
+    if output:
+        with open(output, "w") as f:
+            f.write(text)
+        click.echo(f"wrote {output}", err=True)
+    else:
+        click.echo(text, nl=False)
+
+
 def _install_sigterm() -> None:
     import signal
 

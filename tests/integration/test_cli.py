@@ -107,7 +107,7 @@ def wait_http(url: str, timeout: float = 60) -> bool:
 
 
 def test_help() -> None:
-    for cmd in ([], ["run"], ["status"], ["shutdown"], ["delete"]):
+    for cmd in ([], ["run"], ["build"], ["status"], ["shutdown"], ["delete"]):
         r = subprocess.run([sys.executable, "-m", "shoal.cli", *cmd, "--help"], capture_output=True, text=True)
         assert r.returncode == 0 and "Usage" in r.stdout
 
@@ -289,3 +289,27 @@ def test_classes_defined_in_main(tmp_path: Path, run_dir: str) -> None:
     env = {**os.environ, "SHOAL_RUN_DIR": run_dir, "PYTHONPATH": os.getcwd()}
     r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60, env=env)
     assert "RESULT Point(x=2, y=3)" in r.stdout, r.stderr
+
+
+def test_build_writes_a_config_that_runs(project: tuple[Path, dict[str, str]]) -> None:
+    cwd, env = project
+    r = shoal("build", "myapp:app", "-o", "built.yaml", cwd=cwd, env=env)
+    assert r.returncode == 0, r.stderr
+    text = (cwd / "built.yaml").read_text()
+    assert "import_path: myapp:app" in text and "name: Greeter" in text and "name: Front" in text
+    from shoal.schema import load_config_file
+
+    config = load_config_file(cwd / "built.yaml")
+    assert config.applications[0].route_prefix == "/"
+    # The generated file is what `shoal run` takes (with a free port).
+    port = free_port()
+    (cwd / "built.yaml").write_text(text.replace("port: 8000", f"port: {port}"))
+    proc = start_run(["built.yaml"], cwd, env)
+    try:
+        assert wait_http(f"http://127.0.0.1:{port}/?name=built")
+        assert httpx.get(f"http://127.0.0.1:{port}/?name=built").text == "hello built"
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    bad = shoal("build", "myapp:build", cwd=cwd, env=env)
+    assert bad.returncode != 0 and "not a bound application" in bad.stderr
