@@ -262,7 +262,7 @@ class Controller:
             + [0.0]
         ) + 5
         for spare in list(self.spares.values()):
-            self._stop_process(spare.proc, spare.conn, 5.0)
+            self._stop_process(spare.proc, spare.conn)
         while self.replicas and time.monotonic() < deadline:
             self._kick.set()
             await asyncio.sleep(TICK_S)
@@ -274,7 +274,7 @@ class Controller:
         if self.proxy is not None:
             proxy = self.proxy
             self.proxy = None
-            self._stop_process(proxy.proc, proxy.conn, 5.0)
+            self._stop_process(proxy.proc, proxy.conn)
             await self._wait_exit(proxy.proc, 5.0)
         if self._task is not None:
             self._task.cancel()
@@ -291,7 +291,7 @@ class Controller:
                 pass
         self.stopped.set()
 
-    def _stop_process(self, proc: subprocess.Popen[bytes], conn: FramedProtocol | None, grace: float) -> None:
+    def _stop_process(self, proc: subprocess.Popen[bytes], conn: FramedProtocol | None) -> None:
         if proc.poll() is not None:
             return
         try:
@@ -629,7 +629,7 @@ class Controller:
         rec.state = ReplicaState.STOPPING
         rec.stop_deadline = now + grace + 5.0
         logger.debug("stopping replica %s: %s", rec.tag, reason)
-        self._stop_process(rec.proc, rec.conn, grace)
+        self._stop_process(rec.proc, rec.conn)
 
     def _update_app_status(self, app: AppRecord) -> bool:
         before = (app.status, app.message)

@@ -322,10 +322,6 @@ class HTTPFront:
         self.task: asyncio.Task[None] | None = None
         self.paused: list[tuple[Any, asyncio.Task[None]]] = []  # servers that only finish connections
 
-    @property
-    def serving(self) -> bool:
-        return self.server is not None
-
     async def start(self) -> None:
         import uvicorn
 

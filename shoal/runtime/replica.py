@@ -70,7 +70,7 @@ class Bootstrap:
     log_level: str = "INFO"
     # An inherited listening socket: set for ingress replicas that serve HTTP themselves.
     http_fd: int = -1
-    http: Any = None  # HTTPOptions
+    http: Any = None  # proxy.FrontOptions
 
 
 def die_with_parent(parent_pid: int) -> None:

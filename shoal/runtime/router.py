@@ -363,10 +363,6 @@ class Router:
                 if not all_waiters:
                     return
 
-    async def _connected(self, slot: _Slot) -> ReplicaConnection:
-        await slot.conn.connect()
-        return slot.conn
-
     def _rejected(self, slot: _Slot) -> None:
         loop = asyncio.get_running_loop()
         slot.blocked_until = loop.time() + REJECT_BACKOFF_S
@@ -378,7 +374,8 @@ class Router:
         while True:
             slot = await self._acquire(meta.multiplexed_model_id)
             try:
-                conn = await self._connected(slot)
+                conn = slot.conn
+                await conn.connect()
                 rid, fut = conn.send_unary(method, args, kwargs, meta)
                 try:
                     return await fut
@@ -398,7 +395,8 @@ class Router:
         while True:
             slot = await self._acquire(meta.multiplexed_model_id)
             try:
-                conn = await self._connected(slot)
+                conn = slot.conn
+                await conn.connect()
                 rid, q = conn.send_stream(method, args, kwargs, meta)
                 done = False
                 try:

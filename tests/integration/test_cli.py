@@ -91,6 +91,13 @@ def start_run(args: list[str], cwd: Path, env: dict[str, str]) -> subprocess.Pop
     return proc
 
 
+def reap(proc: subprocess.Popen[str]) -> None:
+    """Stop a `shoal run` a test started, whatever state the test left it in."""
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+
+
 def wait_started(proc: subprocess.Popen[str], timeout: float = 60) -> bool:
     """Until `shoal run` says it is ready (HTTP may answer a little earlier)."""
     return wait_until(lambda: any("Press Ctrl-C" in x for x in proc.output), timeout, 0.05)  # type: ignore[attr-defined]
@@ -132,9 +139,7 @@ def test_run_import_path_status_and_shutdown(project: tuple[Path, dict[str, str]
         assert proc.wait(30) == 0
         assert wait_until(lambda: all(not os.path.exists(f"/proc/{k}") or _zombie(k) for k in kids), 10)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        reap(proc)
 
 
 def _zombie(pid: int) -> bool:
@@ -174,9 +179,7 @@ def test_run_config_file_and_ctrl_c(project: tuple[Path, dict[str, str]]) -> Non
         assert proc.wait(30) == 0
         assert wait_until(lambda: all(_zombie(k) for k in kids), 10)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        reap(proc)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
@@ -193,9 +196,7 @@ def test_signals_stop_everything(project: tuple[Path, dict[str, str]], sig: sign
         assert proc.wait(30) == 0
         assert wait_until(lambda: all(_zombie(k) for k in kids), 10)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        reap(proc)
 
 
 def test_script_exit_without_shutdown_cleans_up(tmp_path: Path, run_dir: str) -> None:
@@ -232,9 +233,7 @@ def test_killed_driver_leaves_no_process(project: tuple[Path, dict[str, str]]) -
         proc.wait()
         assert wait_until(lambda: all(_zombie(k) for k in kids), 15)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        reap(proc)
 
 
 def test_bad_config_names_file_and_field(project: tuple[Path, dict[str, str]]) -> None:
