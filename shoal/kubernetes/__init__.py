@@ -1,0 +1,1 @@
+"""Kubernetes placement: compile apps into plain objects, and run replicas as pods."""
