@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar, overload
@@ -16,6 +17,11 @@ from shoal.config import DeploymentConfig, validate_route_prefix
 __all__ = ["AppSpec", "Application", "Deployment", "DeploymentSpec", "build_app_spec", "deployment"]
 
 T = TypeVar("T")
+
+# cloudpickle gives each class it pickles by value a random tracking id (a 32-hex string,
+# memoized, followed by None in the skeleton-class call). Masked for the version hash, so that
+# the same code pickled in two processes (two `shoal deploy` runs) has the same version.
+_TRACKER_ID = re.compile(rb"\x8c\x20[0-9a-f]{32}\x94N")
 
 # Options whose change needs new replica processes; the others apply in place.
 _RESTART_FIELDS = ("ray_actor_options", "max_ongoing_requests", "logging_config")
@@ -265,7 +271,7 @@ class DeploymentSpec:
     @property
     def code_version(self) -> str:
         """Changes when the code, the constructor arguments or a restart-requiring option does."""
-        h = hashlib.sha256(self.serialized())
+        h = hashlib.sha256(_TRACKER_ID.sub(b"<class>", self.serialized()))
         for f in _RESTART_FIELDS:
             h.update(repr(getattr(self.config, f)).encode())
         return h.hexdigest()[:16]
@@ -277,6 +283,10 @@ class AppSpec:
     route_prefix: str | None
     ingress: str
     deployments: dict[str, DeploymentSpec]
+    # Where the app was deployed from (``shoal deploy``): replicas add these to sys.path and
+    # change into cwd before unpickling the code. Empty: the instance's own.
+    sys_path: tuple[str, ...] = ()
+    cwd: str = ""
 
     def edges(self) -> list[tuple[str, str]]:
         return [(d.name, callee) for d in self.deployments.values() for callee in d.calls]

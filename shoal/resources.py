@@ -322,9 +322,11 @@ class Ledger:
 
     # -- placing -------------------------------------------------------------------------------
 
-    def place(self, tag: str, request: Request) -> Placement | Pending:
+    def place(self, tag: str, request: Request, pin: tuple[int, ...] | None = None) -> Placement | Pending:
         """Reserve ``request`` for replica ``tag``, or say why not. Nothing is held on Pending.
 
+        ``pin`` names the GPU indices to use when they have room (a restarted controller
+        adopting a replica that already runs on them); otherwise devices are picked as usual.
         Raises ``ValueError`` if ``tag`` already holds an allocation (release it first).
         """
         if tag in self._allocations:
@@ -341,7 +343,10 @@ class Ledger:
         missing: list[str] = []
         chosen: tuple[int, ...] = ()
         if gpus > 0:
-            picked = self._pick_gpus(gpus)
+            share_each = gpus if gpus < 1 else Fraction(1)
+            pinned_ok = pin is not None and len(pin) == max(1, int(gpus)) and all(
+                i in self._gpu_used and 1 - self._gpu_used[i] >= share_each for i in pin)
+            picked = tuple(pin) if pin is not None and pinned_ok else self._pick_gpus(gpus)
             if picked is None:
                 missing.append(self._gpu_shortage(gpus))
             else:

@@ -14,6 +14,7 @@ __all__ = [
     "ProxyStatus",
     "ReplicaState",
     "ServeStatus",
+    "summarize_requests",
 ]
 
 
@@ -68,6 +69,11 @@ class ApplicationStatusOverview:
     deployments: dict[str, DeploymentStatusOverview] = field(default_factory=dict)
     route_prefix: str | None = None
     ingress: str = ""
+    # shoal: the app's version (a hash of its code and options), requests its ingress finished
+    # (count, errors, latency percentiles), and a canary release in progress, if any.
+    version: str = ""
+    metrics: dict[str, Any] = field(default_factory=dict)
+    canary: dict[str, Any] | None = None
 
 
 @dataclass
@@ -88,3 +94,25 @@ class ServeStatus:
             return v
 
         return plain(asdict(self))  # type: ignore[no-any-return]
+
+
+def summarize_requests(requests: int, errors: int, hist: list[int] | tuple[int, ...]) -> dict[str, Any]:
+    """Count, errors, error rate and latency percentiles (bucket upper bounds, in ms) from the
+    histogram replicas report (``shoal.runtime.wire.LATENCY_BUCKETS_MS``)."""
+    from shoal.runtime.wire import LATENCY_BUCKETS_MS
+
+    out: dict[str, Any] = {"requests": requests, "errors": errors,
+                           "error_rate": round(errors / requests, 4) if requests else 0.0}
+    total = sum(hist)
+    for q in (50, 95, 99):
+        value: float | None = None
+        if total:
+            need = total * q / 100.0
+            seen = 0
+            for i, n in enumerate(hist):
+                seen += n
+                if seen >= need:
+                    value = float(LATENCY_BUCKETS_MS[i]) if i < len(LATENCY_BUCKETS_MS) else float("inf")
+                    break
+        out[f"p{q}_ms"] = value
+    return out

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import os
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -42,6 +43,9 @@ class ControllerClient:
         ident: str,
         loop: asyncio.AbstractEventLoop,
         on_control: Callable[[Any], None] | None = None,
+        *,
+        reconnect_s: float = 0.0,
+        on_reconnect: Callable[[], None] | None = None,
     ) -> None:
         self.path = controller_path
         self.secret = secret
@@ -56,10 +60,21 @@ class ControllerClient:
         self._ids = itertools.count(1)
         self.closed: asyncio.Event = asyncio.Event()
         self._reporter: asyncio.Task[None] | None = None
+        # A detached instance's replicas and proxy outlive their controller: when the
+        # connection drops they keep serving and try to reconnect for this long (0: give up
+        # at once, ``closed`` is set), telling a restarted controller they are resuming.
+        self.reconnect_s = reconnect_s
+        self.on_reconnect = on_reconnect
+        self.resumed = False
+        self._closing = False
+        self._reconnecting: asyncio.Task[None] | None = None
+        # Handles for app X resolve to another app key here (a canary replica calls its own
+        # versions of the app's deployments): visible app name -> app key.
+        self.app_alias: dict[str, str] = {}
 
     async def connect(self, timeout: float = 10.0) -> None:
         self._proto = await connect_unix(self.path, self.secret, self._on_message, self._on_close, timeout=timeout)
-        self._proto.send(Hello(self.role, self.ident))
+        self._proto.send(Hello(self.role, self.ident, os.getpid(), self.resumed))
         for app, dep in list(self._routers):
             self._proto.send(Subscribe(app, dep))
         if self._reporter is None:
@@ -71,6 +86,8 @@ class ControllerClient:
 
     # -- Backend
     def router(self, app: str, deployment: str) -> Router:
+        if self.app_alias:
+            app = self.app_alias.get(app, app)
         key = (app, deployment)
         router = self._routers.get(key)
         if router is not None:
@@ -165,9 +182,38 @@ class ControllerClient:
             if not fut.done():
                 fut.set_exception(ConnectionError("lost the connection to the controller"))
         self._calls.clear()
+        if self.reconnect_s > 0 and not self._closing and self._reconnecting is None:
+            logger.warning("lost the connection to the controller; serving on and reconnecting for up to %.0fs",
+                           self.reconnect_s)
+            self._reconnecting = self.loop.create_task(self._reconnect())
+            return
         self.closed.set()
 
+    async def _reconnect(self) -> None:
+        deadline = self.loop.time() + self.reconnect_s
+        delay = 0.05
+        try:
+            while not self._closing and self.loop.time() < deadline:
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 0.5)
+                try:
+                    await self.connect(timeout=2.0)
+                except (OSError, ConnectionError, TimeoutError):
+                    continue
+                logger.info("reconnected to the controller")
+                if self.on_reconnect is not None:
+                    self.on_reconnect()
+                return
+            if not self._closing:
+                logger.error("no controller came back within %.0fs; giving up", self.reconnect_s)
+            self.closed.set()
+        finally:
+            self._reconnecting = None
+
     def close(self) -> None:
+        self._closing = True
+        if self._reconnecting is not None:
+            self._reconnecting.cancel()
         if self._reporter is not None:
             self._reporter.cancel()
         for router in self._routers.values():

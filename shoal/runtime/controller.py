@@ -9,7 +9,9 @@ class only executes it and watches processes.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import itertools
+import json
 import logging
 import os
 import pickle
@@ -26,8 +28,10 @@ from shoal.autoscaling import Autoscaler, PolicyLoadError
 from shoal.config import HTTPOptions
 from shoal.deployment import AppSpec, DeploymentSpec
 from shoal.resources import Ledger, Pending, Request, detect
+from shoal.runtime.processes import AdoptedProcess, Proc, is_shoal_process, spawn
 from shoal.runtime.reconcile import ReplicaView, StartReplica, StopReplica, reconcile
 from shoal.runtime.replica import Bootstrap
+from shoal.runtime.state import StateStore
 from shoal.runtime.wire import (
     Call,
     FramedProtocol,
@@ -56,6 +60,7 @@ from shoal.status import (
     ProxyStatus,
     ReplicaState,
     ServeStatus,
+    summarize_requests,
 )
 
 logger = logging.getLogger("shoal.controller")
@@ -66,10 +71,26 @@ MAX_START_FAILURES = 3
 MAX_HEALTH_FAILURES = 3
 TICK_S = 0.05
 MAX_PROXY_RESTARTS = 5
+# A restarted controller waits this long for a still-running replica to reconnect before
+# it gives up on it (and starts a replacement).
+ADOPT_WAIT_S = 10.0
+CANARY_SUFFIX = "#canary"
 
 
 class DeployError(RuntimeError):
     """An application could not be deployed; the message says which deployment and why."""
+
+
+def fingerprint(spec: AppSpec) -> str:
+    """The app's version: its deployments' code versions and options, and its ingress.
+
+    Deploying a spec with the same fingerprint (and route prefix) changes nothing.
+    """
+    h = hashlib.sha256(spec.ingress.encode())
+    for name in sorted(spec.deployments):
+        d = spec.deployments[name]
+        h.update(f"\0{name}\0{d.code_version}\0{d.config!r}".encode())
+    return h.hexdigest()[:12]
 
 
 @dataclass
@@ -89,6 +110,9 @@ class Settings:
     die_with_parent: bool = True
     log_level: str = "INFO"
     python: str = sys.executable
+    # A detached instance (``shoal start``): desired state and processes are kept in this
+    # SQLite file, and a controller started later adopts what still runs. "" = embedded.
+    state_path: str = ""
 
 
 @dataclass(eq=False)
@@ -98,7 +122,7 @@ class ReplicaRecord:
     deployment: str
     version: str
     socket_path: str
-    proc: subprocess.Popen[bytes]
+    proc: Proc
     state: ReplicaState = ReplicaState.STARTING
     conn: FramedProtocol | None = None
     started_at: float = 0.0
@@ -111,6 +135,14 @@ class ReplicaRecord:
     serves_http: bool = False
     ongoing: int = 0
     stats_at: float = 0.0
+    gpus: tuple[int, ...] = ()
+    # Adopted from an earlier controller: not confirmed until it reconnects (by this time).
+    adopted: bool = False
+    adopt_deadline: float = 0.0
+    # Requests it finished since it started (count, failures, latency histogram).
+    requests: int = 0
+    errors: int = 0
+    latency_hist: tuple[int, ...] = ()
 
 
 @dataclass(eq=False)
@@ -128,6 +160,21 @@ class DeploymentRecord:
     resource_blocked: bool = False  # the last replica start found no room
 
 
+@dataclass
+class RequestTotals:
+    requests: int = 0
+    errors: int = 0
+    hist: list[int] = field(default_factory=list)
+
+    def add(self, requests: int, errors: int, hist: tuple[int, ...] | list[int]) -> None:
+        self.requests += requests
+        self.errors += errors
+        if len(self.hist) < len(hist):
+            self.hist.extend([0] * (len(hist) - len(self.hist)))
+        for i, n in enumerate(hist):
+            self.hist[i] += n
+
+
 @dataclass(eq=False)
 class AppRecord:
     spec: AppSpec
@@ -136,6 +183,8 @@ class AppRecord:
     message: str = ""
     deployed_at: float = 0.0
     deleting: bool = False
+    # Requests finished by ingress replicas that are gone (live ones are added on read).
+    finished: RequestTotals = field(default_factory=lambda: RequestTotals())
 
 
 @dataclass(eq=False)
@@ -148,7 +197,7 @@ class SpareRecord:
 @dataclass(eq=False)
 class ProxyRecord:
     ident: str
-    proc: subprocess.Popen[bytes]
+    proc: Proc
     conn: FramedProtocol | None = None
     ready: bool = False
     restarts: int = 0
@@ -177,7 +226,8 @@ class Controller:
         self.http_port = 0
         self._listen_sock: socket.socket | None = None
         self._server: asyncio.AbstractServer | None = None
-        self._versions = itertools.count(1)
+        # Membership versions only grow, across controller restarts too (routers ignore older ones).
+        self._versions = itertools.count(time.time_ns() // 1000)
         self._call_ids = itertools.count(1)
         self._calls: dict[int, asyncio.Future[Any]] = {}
         self._kick = asyncio.Event()
@@ -186,16 +236,24 @@ class Controller:
         self.stopping = False
         self.stopped = asyncio.Event()
         self.shutdown_requested = asyncio.Event()
+        self.store = StateStore(settings.state_path) if settings.state_path else None
+        self.fd_path = os.path.join(settings.run_dir, "http-fd.sock") if self.store is not None else ""
+        # Canary releases in progress: app name -> percent of its HTTP traffic for the canary
+        # (an app record under "<name>#canary").
+        self.canaries: dict[str, float] = {}
 
     # ---- start / stop -----------------------------------------------------------------------
     async def start(self) -> None:
         os.makedirs(self.settings.run_dir, mode=0o700, exist_ok=True)
         self._server = await serve_unix(self.path, self.secret, self._on_connect)
+        if self.store is not None:
+            self._restore()
         self._task = asyncio.get_running_loop().create_task(self._run())
-        if self.settings.start_proxy:
+        if self.settings.start_proxy and self.proxy is None:
             # The socket listens from here on: connections wait in its backlog until the
             # proxy process (started in parallel with the replicas) accepts them.
-            self._bind_http()
+            if self._listen_sock is None:
+                self._bind_http()
             self._spawn_proxy()
         for _ in range(self.settings.spare_replicas):
             self._spawn_spare()
@@ -225,6 +283,8 @@ class Controller:
         sock.set_inheritable(True)
         self._listen_sock = sock
         self.http_port = sock.getsockname()[1]
+        if self.store is not None:
+            self.store.set_meta("http_port", str(self.http_port))
 
     def _spawn_proxy(self) -> None:
         assert self._listen_sock is not None
@@ -233,20 +293,19 @@ class Controller:
 
         boot = ProxyBootstrap(self.path, self.secret, ident, self._listen_sock.fileno(),
                               FrontOptions.of(self.settings.http),
-                              os.getpid(), self.settings.die_with_parent, self.settings.log_level, list(sys.path))
+                              os.getpid(), self.settings.die_with_parent, self.settings.log_level, list(sys.path),
+                              fd_path=self.fd_path)
         proc = self._popen("shoal.runtime.proxy", pickle.dumps(boot), pass_fds=(self._listen_sock.fileno(),))
         restarts = self.proxy.restarts + 1 if self.proxy else 0
+        if self.proxy is not None and self.store is not None:
+            self.store.delete_process(self.proxy.ident)
         self.proxy = ProxyRecord(ident, proc, restarts=restarts)
+        if self.store is not None:
+            self.store.save_process(ident, "proxy", proc.pid)
 
     def _popen(self, module: str, stdin_data: bytes, pass_fds: tuple[int, ...] = (),
                env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
-        full_env = {**os.environ, **env} if env else None
-        proc = subprocess.Popen([self.settings.python, "-m", module], stdin=subprocess.PIPE, pass_fds=pass_fds,
-                                env=full_env)
-        assert proc.stdin is not None
-        proc.stdin.write(stdin_data)
-        proc.stdin.close()
-        return proc
+        return spawn([self.settings.python, "-m", module], stdin_data, pass_fds, env)
 
     async def shutdown(self) -> None:
         """Stop every replica (gracefully, then by force) and the proxy; close the socket."""
@@ -284,14 +343,18 @@ class Controller:
             self._server.close()
         if self._listen_sock is not None:
             self._listen_sock.close()
-        for path in (self.path,):
+        for path in (self.path, self.fd_path):
             try:
-                os.unlink(path)
+                if path:
+                    os.unlink(path)
             except OSError:
                 pass
+        if self.store is not None:
+            self.store.clear()  # a deliberate shutdown: the next start begins empty
+            self.store.close()
         self.stopped.set()
 
-    def _stop_process(self, proc: subprocess.Popen[bytes], conn: FramedProtocol | None) -> None:
+    def _stop_process(self, proc: Proc, conn: FramedProtocol | None) -> None:
         if proc.poll() is not None:
             return
         try:
@@ -302,14 +365,14 @@ class Controller:
         except (ConnectionError, ProcessLookupError):
             pass
 
-    async def _wait_exit(self, proc: subprocess.Popen[bytes], timeout: float) -> None:
+    async def _wait_exit(self, proc: Proc, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while proc.poll() is None and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
         self._kill(proc)
 
     @staticmethod
-    def _kill(proc: subprocess.Popen[bytes]) -> None:
+    def _kill(proc: Proc) -> None:
         if proc.poll() is None:
             try:
                 proc.kill()
@@ -319,6 +382,171 @@ class Controller:
                 proc.wait(timeout=5)
             except subprocess.TimeoutExpired:
                 logger.error("process %d did not exit after SIGKILL", proc.pid)
+
+    # ---- a detached instance's memory: restore and adopt --------------------------------------
+    def _restore(self) -> None:
+        """Read the state file: redeploy its apps, adopt the replicas and proxy still running."""
+        from shoal.runtime.proxy import take_listening_fd
+
+        store = self.store
+        assert store is not None
+        now = time.monotonic()
+        for key, spec, deployed_at in store.load_apps():
+            deps = {n: self._plan_deployment(key, d, None) for n, d in spec.deployments.items()}
+            self.apps[key] = AppRecord(spec, deps, deployed_at=deployed_at)
+        saved = json.loads(store.get_meta("canaries") or "{}")
+        self.canaries = {k: float(w) for k, w in saved.items() if k in self.apps and k + CANARY_SUFFIX in self.apps}
+        adopted = 0
+        for row in store.load_processes():
+            alive = is_shoal_process(row.pid)
+            if row.role == "proxy":
+                if alive and self.settings.start_proxy and self.proxy is None and self.fd_path:
+                    sock = take_listening_fd(self.fd_path)
+                    if sock is not None:
+                        sock.set_inheritable(True)
+                        self._listen_sock = sock
+                        self.http_port = sock.getsockname()[1]
+                        self.proxy = ProxyRecord(row.ident, AdoptedProcess(row.pid), ready=True)
+                        logger.info("adopted the HTTP proxy (pid %d) on port %d", row.pid, self.http_port)
+                        continue
+                if alive:  # it holds the port but would not hand it over: replace it
+                    AdoptedProcess(row.pid).kill()
+                store.delete_process(row.ident)
+                continue
+            info = row.info
+            dep = self._dep_record(str(info.get("app")), str(info.get("deployment")))
+            if not alive or dep is None:
+                if alive:
+                    AdoptedProcess(row.pid).kill()
+                store.delete_process(row.ident)
+                continue
+            gpus = tuple(int(g) for g in info.get("gpus", ()))
+            placement = self.ledger.place(row.ident, Request.of(dep.spec.config.ray_actor_options), pin=gpus)
+            if isinstance(placement, Pending):
+                logger.warning("adopted replica %s does not fit the resources any more: %s", row.ident,
+                               placement.reason)
+            self.replicas[row.ident] = ReplicaRecord(
+                row.ident, str(info["app"]), str(info["deployment"]), str(info["version"]), str(info["socket_path"]),
+                AdoptedProcess(row.pid), started_at=now, serves_http=bool(info.get("serves_http")), gpus=gpus,
+                adopted=True, adopt_deadline=now + ADOPT_WAIT_S)
+            adopted += 1
+        # Autoscaled deployments keep the scale they had.
+        for app in self.apps.values():
+            for name, dep in app.deployments.items():
+                if dep.autoscaler is None:
+                    continue
+                n = sum(1 for r in self.replicas.values()
+                        if r.app == app.spec.name and r.deployment == name and r.version == dep.version)
+                if n:
+                    cfg = dep.autoscaler.config
+                    dep.target = dep.autoscaler.target = min(max(n, cfg.min_replicas), cfg.max_replicas)
+        port = store.get_meta("http_port")
+        if self._listen_sock is None and port and self.apps and self.settings.http.port == 0:
+            self.settings.http = self.settings.http.model_copy(update={"port": int(port)})
+        if self.apps or adopted:
+            logger.info("restored %d application(s) from %s; adopting %d running replica(s)",
+                        sum(1 for k in self.apps if CANARY_SUFFIX not in k), store.path, adopted)
+
+    # ---- declarative deploys and canaries (``shoal deploy``) --------------------------------
+    async def apply(self, specs: list[AppSpec], canary: float | None = None) -> dict[str, str]:
+        """Make the instance run exactly ``specs`` (apps not listed are deleted). Returns what
+        happened to each app: created, updated, unchanged, deleted, or a canary started.
+
+        With ``canary`` (percent), an app that exists and changed is not replaced: the new
+        version runs beside it as a canary taking that share of the app's HTTP traffic.
+        """
+        if canary is not None and not 0 < canary < 100:
+            raise DeployError(f"canary weight must be between 0 and 100 (exclusive), got {canary}")
+        names = [s.name for s in specs]
+        dupes = {n for n in names if names.count(n) > 1}
+        if dupes:
+            raise DeployError(f"application name(s) {', '.join(sorted(dupes))} appear more than once")
+        if any(CANARY_SUFFIX in n or "#" in n for n in names):
+            raise DeployError("application names may not contain '#'")
+        results: dict[str, str] = {}
+        for spec in specs:
+            cur = self.apps.get(spec.name)
+            live = cur is not None and not cur.deleting
+            in_canary = spec.name in self.canaries
+            if canary is not None and live:
+                assert cur is not None
+                canary_rec = self.apps.get(spec.name + CANARY_SUFFIX)
+                if fingerprint(cur.spec) == fingerprint(spec) and cur.spec.route_prefix == spec.route_prefix \
+                        and not in_canary:
+                    results[spec.name] = "unchanged"
+                elif in_canary and canary_rec is not None and fingerprint(canary_rec.spec) == fingerprint(spec):
+                    self._set_canary_weight(spec.name, canary)
+                    results[spec.name] = f"canary weight {canary:g}%"
+                else:
+                    await self._deploy_canary(spec, cur, canary)
+                    results[spec.name] = f"canary started with {canary:g}% of traffic"
+                continue
+            if in_canary:
+                raise DeployError(f"application {spec.name!r} has a canary release in progress: "
+                                  f"run `shoal promote {spec.name}` or `shoal rollback {spec.name}` first, "
+                                  "or deploy with --canary to replace the canary")
+            if live and cur is not None and fingerprint(cur.spec) == fingerprint(spec) \
+                    and cur.spec.route_prefix == spec.route_prefix:
+                results[spec.name] = "unchanged"
+                continue
+            await self.deploy(spec)
+            results[spec.name] = "updated" if live else "created"
+        for name, app in list(self.apps.items()):
+            if CANARY_SUFFIX in name or app.deleting or name in results:
+                continue
+            await self._end_canary(name)
+            await self.delete(name, wait=False)
+            results[name] = "deleted"
+        return results
+
+    async def _deploy_canary(self, spec: AppSpec, stable: AppRecord, weight: float) -> None:
+        from dataclasses import replace
+
+        if stable.spec.route_prefix is None:
+            raise DeployError(f"application {spec.name!r} has no route_prefix: a canary splits HTTP traffic")
+        if spec.route_prefix != stable.spec.route_prefix:
+            raise DeployError(f"application {spec.name!r}: a canary keeps the route_prefix "
+                              f"{stable.spec.route_prefix!r} (got {spec.route_prefix!r})")
+        key = spec.name + CANARY_SUFFIX
+        await self.deploy(replace(spec, name=key, route_prefix=None))
+        self._set_canary_weight(spec.name, weight)
+
+    def _set_canary_weight(self, name: str, weight: float) -> None:
+        self.canaries[name] = weight
+        if self.store is not None:
+            self.store.set_meta("canaries", json.dumps(self.canaries))
+        self._publish_routes()
+
+    async def _end_canary(self, name: str) -> None:
+        """Stop splitting traffic, then delete the canary app (its replicas drain)."""
+        if name not in self.canaries and name + CANARY_SUFFIX not in self.apps:
+            return
+        self.canaries.pop(name, None)
+        if self.store is not None:
+            self.store.set_meta("canaries", json.dumps(self.canaries))
+        self._publish_routes()
+        # Let fronts that already picked the canary for a request hand it over before the
+        # canary's replicas start draining.
+        await asyncio.sleep(0.5)
+        await self.delete(name + CANARY_SUFFIX, wait=True)
+
+    async def promote(self, name: str, timeout: float | None = 600.0) -> None:
+        """Make the canary the app's version: roll the app to it, then remove the canary."""
+        from dataclasses import replace
+
+        canary = self.apps.get(name + CANARY_SUFFIX)
+        stable = self.apps.get(name)
+        if canary is None or stable is None or name not in self.canaries:
+            raise DeployError(f"application {name!r} has no canary release to promote")
+        await self.deploy(replace(canary.spec, name=name, route_prefix=stable.spec.route_prefix))
+        await self.wait_running(name, timeout)
+        await self._end_canary(name)
+
+    async def rollback(self, name: str) -> None:
+        """Send all traffic back to the app's version and remove the canary."""
+        if name not in self.canaries and name + CANARY_SUFFIX not in self.apps:
+            raise DeployError(f"application {name!r} has no canary release to roll back")
+        await self._end_canary(name)
 
     # ---- desired state ----------------------------------------------------------------------
     async def deploy(self, spec: AppSpec) -> None:
@@ -347,7 +575,12 @@ class Controller:
                 if name not in deps:
                     prev.target = 0
                     self.retiring[(spec.name, name)] = prev
-        self.apps[spec.name] = AppRecord(spec, deps, deployed_at=now)
+        same_version = old is not None and fingerprint(old.spec) == fingerprint(spec)
+        self.apps[spec.name] = AppRecord(spec, deps, deployed_at=now,
+                                         finished=old.finished if old is not None and same_version
+                                         else RequestTotals())
+        if self.store is not None:
+            self.store.save_app(spec.name, spec, now)
         self._publish_routes()
         self._kick.set()
         await self._notify()
@@ -410,6 +643,11 @@ class Controller:
                     self._replica_call(rec, "reconfigure", 30.0, user_config=user_config))
 
     async def delete(self, name: str, wait: bool = True) -> None:
+        if CANARY_SUFFIX not in name and name + CANARY_SUFFIX in self.apps:
+            self.canaries.pop(name, None)
+            if self.store is not None:
+                self.store.set_meta("canaries", json.dumps(self.canaries))
+            await self.delete(name + CANARY_SUFFIX, wait=wait)
         app = self.apps.get(name)
         if app is None:
             return
@@ -494,6 +732,12 @@ class Controller:
                 del self.spares[ident]
         for rec in list(self.replicas.values()):
             code = rec.proc.poll()
+            if code is None and rec.adopt_deadline and now > rec.adopt_deadline:
+                logger.warning("replica %s (pid %d) did not reconnect after the controller restarted; replacing it",
+                               rec.tag, rec.proc.pid)
+                rec.adopt_deadline = 0.0
+                self._kill(rec.proc)
+                code = rec.proc.returncode
             if code is None:
                 if rec.state == ReplicaState.STOPPING and now > rec.stop_deadline:
                     logger.warning("replica %s did not stop in time; killing it", rec.tag)
@@ -514,6 +758,14 @@ class Controller:
         if self.replicas.pop(rec.tag, None) is None:
             return
         self.ledger.release(rec.tag)
+        rec.adopt_deadline = 0.0
+        if self.store is not None:
+            self.store.delete_process(rec.tag)
+        app_rec = self.apps.get(rec.app)
+        ingress = app_rec.deployments.get(rec.deployment) if app_rec is not None else None
+        if app_rec is not None and ingress is not None and ingress.spec.ingress and ingress.version == rec.version \
+                and rec.requests:
+            app_rec.finished.add(rec.requests, rec.errors, rec.latency_hist)  # per version: only the current one
         if rec.proc.poll() is None:
             self._kill(rec.proc)
         try:
@@ -523,7 +775,7 @@ class Controller:
         dep = self._dep_record(rec.app, rec.deployment)
         if rec.state != ReplicaState.STOPPING:
             logger.warning("replica %s of %s/%s %s unexpectedly", rec.tag, rec.app, rec.deployment, why)
-            if dep is not None and rec.state == ReplicaState.STARTING and not rec.failed_reported:
+            if dep is not None and rec.state == ReplicaState.STARTING and not rec.failed_reported and not rec.adopted:
                 if rec.version == dep.version:
                     dep.failures += 1
                     dep.message = f"replica {rec.tag} {why} before it was ready"
@@ -616,8 +868,11 @@ class Controller:
                 dep.message = f"could not start a replica process: {e}"
                 return
         rec = ReplicaRecord(tag, app, dep.spec.name, dep.version, socket_path, proc,
-                            started_at=time.monotonic(), serves_http=serves_http)
+                            started_at=time.monotonic(), serves_http=serves_http, gpus=placement.gpus)
         self.replicas[tag] = rec
+        if self.store is not None:
+            self.store.save_process(tag, "replica", proc.pid, app=app, deployment=dep.spec.name, version=dep.version,
+                                    socket_path=socket_path, serves_http=serves_http, gpus=list(placement.gpus))
         if conn is not None:
             self._on_hello(conn, Hello("replica", tag))
 
@@ -636,6 +891,8 @@ class Controller:
         if app.deleting:
             if not any(r.app == app.spec.name for r in self.replicas.values()):
                 del self.apps[app.spec.name]
+                if self.store is not None:
+                    self.store.delete_app(app.spec.name)
                 for name in app.deployments:
                     self._publish_gone(app.spec.name, name, f"application {app.spec.name!r} was deleted")
                 return True
@@ -688,7 +945,14 @@ class Controller:
         return Membership(app, name, next(self._versions), running, cfg.max_queued_requests,
                           metrics_interval_s=auto.metrics_interval_s if auto else 0.0)
 
+    def _settled(self, app: str, name: str) -> bool:
+        """False while adopted replicas of the deployment have not reconnected yet: until then
+        routers keep the membership the previous controller gave them."""
+        return not any(r.adopt_deadline and r.app == app and r.deployment == name for r in self.replicas.values())
+
     def _publish(self, app: str, name: str, dep: DeploymentRecord) -> None:
+        if not self._settled(app, name):
+            return
         m = self._membership(app, name, dep)
         key = (m.replicas, m.max_queued_requests, m.metrics_interval_s)
         if key == dep.published:
@@ -718,7 +982,12 @@ class Controller:
         served = {(r.app, r.deployment) for r in self.replicas.values()
                   if r.serves_http and r.state == ReplicaState.RUNNING}
         direct = bool(routed) and all((a.spec.name, a.spec.ingress) in served for a in routed)
-        return Routes(table, proxy_accepts=not direct)
+        split = {}
+        for name, weight in self.canaries.items():
+            stable, canary = self.apps.get(name), self.apps.get(name + CANARY_SUFFIX)
+            if stable is not None and canary is not None and stable.spec.route_prefix and not canary.deleting:
+                split[stable.spec.route_prefix] = (canary.spec.name, canary.spec.ingress, weight)
+        return Routes(table, proxy_accepts=not direct, split=split)
 
     def _publish_routes(self) -> None:
         routes = self._routes()
@@ -814,7 +1083,7 @@ class Controller:
             if dep is None:
                 proto.send(Membership(msg.app, msg.deployment, next(self._versions), (), -1,
                                       gone=f"deployment {msg.deployment!r} of application {msg.app!r} does not exist"))
-            else:
+            elif self._settled(msg.app, msg.deployment):
                 proto.send(self._membership(msg.app, msg.deployment, dep))
         elif isinstance(msg, SubscribeRoutes):
             self.route_subscribers.add(proto)
@@ -823,6 +1092,9 @@ class Controller:
             stats_rec = self.replicas.get(msg.tag)
             if stats_rec is not None:
                 stats_rec.ongoing, stats_rec.stats_at = msg.ongoing, time.monotonic()
+                if msg.latency_hist:
+                    stats_rec.requests, stats_rec.errors = msg.requests, msg.errors
+                    stats_rec.latency_hist = msg.latency_hist
         elif isinstance(msg, HandleStats):
             key = (msg.app, msg.deployment)
             self.handle_stats.setdefault(key, {})[id(proto)] = (time.monotonic(), msg.queued, msg.in_flight)
@@ -862,12 +1134,19 @@ class Controller:
                 proto.send(Stop("not wanted"))
                 return
             rec.conn = proto
+            if hello.resumed:
+                return  # an adopted replica, already serving: its ReplicaReady follows
             spec = dep.spec
+            app_rec = self.apps.get(rec.app)
+            sys_path, cwd = (app_rec.spec.sys_path, app_rec.spec.cwd) if app_rec is not None else ((), "")
             proto.send(ReplicaInit(rec.app, rec.deployment, rec.tag, spec.serialized(), spec.config,
-                                   spec.is_function, rec.socket_path, rec.serves_http))
+                                   spec.is_function, rec.socket_path, rec.serves_http, sys_path, cwd))
         elif hello.role == "proxy":
             if self.proxy is not None and self.proxy.ident == hello.ident:
                 self.proxy.conn = proto
+            elif hello.resumed:
+                proto.send(Stop("not wanted"))
+                return
             self.route_subscribers.add(proto)
             proto.send(self._routes())
 
@@ -889,6 +1168,7 @@ class Controller:
         if rec.state == ReplicaState.STOPPING:
             return
         rec.state = ReplicaState.RUNNING
+        rec.adopt_deadline = 0.0
         dep = self._dep_record(rec.app, rec.deployment)
         if dep is not None:
             cfg = dep.spec.config
@@ -923,7 +1203,16 @@ class Controller:
                 self.shutdown_requested.set()
                 value = None
             elif call.op == "app_info":
-                value = {n: (a.spec.ingress, a.spec.route_prefix) for n, a in self.apps.items() if not a.deleting}
+                value = {n: (a.spec.ingress, a.spec.route_prefix) for n, a in self.apps.items()
+                         if not a.deleting and CANARY_SUFFIX not in n}
+            elif call.op == "apply":
+                value = await self.apply(list(call.args["specs"]), call.args.get("canary"))
+            elif call.op == "promote":
+                await self.promote(str(call.args["name"]))
+                value = None
+            elif call.op == "rollback":
+                await self.rollback(str(call.args["name"]))
+                value = None
             else:
                 raise ValueError(f"unknown operation {call.op!r}")
             reply = Reply(call.id, True, value)
@@ -942,13 +1231,33 @@ class Controller:
             out.proxies[self.proxy.ident] = (ProxyStatus.HEALTHY if self.proxy.ready and alive
                                              else ProxyStatus.STARTING if alive else ProxyStatus.UNHEALTHY)
         for name, app in self.apps.items():
-            deps = {}
-            for dname, dep in app.deployments.items():
-                counts: dict[str, int] = {}
-                for r in self.replicas.values():
-                    if r.app == name and r.deployment == dname:
-                        counts[r.state.value] = counts.get(r.state.value, 0) + 1
-                deps[dname] = DeploymentStatusOverview(dep.status, counts, dep.message)
-            out.applications[name] = ApplicationStatusOverview(
-                app.status, app.message, app.deployed_at, deps, app.spec.route_prefix, app.spec.ingress)
+            if CANARY_SUFFIX in name:
+                continue
+            overview = self._app_overview(name, app)
+            canary = self.apps.get(name + CANARY_SUFFIX)
+            if canary is not None and not canary.deleting:
+                c = self._app_overview(canary.spec.name, canary)
+                overview.canary = {"weight": self.canaries.get(name, 0.0), "status": c.status.value,
+                                   "message": c.message, "version": c.version, "metrics": c.metrics,
+                                   "deployments": {k: {"status": d.status.value, "replica_states": d.replica_states,
+                                                       "message": d.message} for k, d in c.deployments.items()}}
+            out.applications[name] = overview
         return out
+
+    def _app_overview(self, key: str, app: AppRecord) -> ApplicationStatusOverview:
+        deps = {}
+        for dname, dep in app.deployments.items():
+            counts: dict[str, int] = {}
+            for r in self.replicas.values():
+                if r.app == key and r.deployment == dname:
+                    counts[r.state.value] = counts.get(r.state.value, 0) + 1
+            deps[dname] = DeploymentStatusOverview(dep.status, counts, dep.message)
+        totals = RequestTotals(app.finished.requests, app.finished.errors, list(app.finished.hist))
+        ingress = app.deployments.get(app.spec.ingress)
+        for r in self.replicas.values():
+            if r.app == key and r.deployment == app.spec.ingress and r.requests \
+                    and ingress is not None and r.version == ingress.version:
+                totals.add(r.requests, r.errors, r.latency_hist)
+        return ApplicationStatusOverview(
+            app.status, app.message, app.deployed_at, deps, app.spec.route_prefix, app.spec.ingress,
+            version=fingerprint(app.spec), metrics=summarize_requests(totals.requests, totals.errors, totals.hist))

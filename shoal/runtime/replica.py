@@ -17,7 +17,9 @@ import os
 import pickle
 import signal
 import sys
+import time
 import traceback
+from bisect import bisect_left
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -36,6 +38,7 @@ from shoal.runtime.wire import (
     END,
     ERR,
     ITEM,
+    LATENCY_BUCKETS_MS,
     OK,
     REJECT,
     REQUEST,
@@ -55,6 +58,10 @@ from shoal.runtime.wire import (
 )
 
 logger = logging.getLogger("shoal.replica")
+
+# How long a replica of a detached instance keeps serving without a controller, waiting for a
+# restarted one to adopt it, before it exits ($SHOAL_ORPHAN_TIMEOUT_S).
+ORPHAN_TIMEOUT_S = float(os.environ.get("SHOAL_ORPHAN_TIMEOUT_S", "600"))
 
 
 @dataclass
@@ -88,6 +95,23 @@ def die_with_parent(parent_pid: int) -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
+class RequestCounters:
+    """Requests this replica finished: count, failures, latency histogram (LATENCY_BUCKETS_MS)."""
+
+    __slots__ = ("errors", "hist", "requests")
+
+    def __init__(self) -> None:
+        self.requests = 0
+        self.errors = 0
+        self.hist = [0] * (len(LATENCY_BUCKETS_MS) + 1)
+
+    def record(self, started: float, failed: bool) -> None:
+        self.requests += 1
+        if failed:
+            self.errors += 1
+        self.hist[bisect_left(LATENCY_BUCKETS_MS, (time.monotonic() - started) * 1000.0)] += 1
+
+
 def _error_payload(exc: BaseException) -> tuple[BaseException, str]:
     tb = "".join(traceback.format_exception(exc))
     try:
@@ -101,8 +125,14 @@ class ReplicaServer:
     def __init__(self, boot: Bootstrap) -> None:
         self.boot = boot
         self.loop = asyncio.get_running_loop()
+        # Replicas of a detached instance outlive a controller crash and wait for the next one;
+        # spares (no deployment yet) just exit.
+        reconnect = 0.0 if boot.die_with_parent or boot.tag.startswith("spare-") else ORPHAN_TIMEOUT_S
         self.client = ControllerClient(boot.controller_path, boot.secret, "replica", boot.tag, self.loop,
-                                       on_control=self._on_control)
+                                       on_control=self._on_control, reconnect_s=reconnect,
+                                       on_reconnect=self._on_reconnect)
+        self.counters = RequestCounters()
+        self.ready_tag = ""
         self.user: UserCallable | None = None
         self.init_msg: asyncio.Future[ReplicaInit] = self.loop.create_future()
         self.max_ongoing = 5
@@ -139,10 +169,26 @@ class ReplicaServer:
                 return 0  # stopped (or the controller went away) before being given a deployment
             _setup_logging(self.boot, self.init_msg.result().tag)
         init = await asyncio.wait_for(self.init_msg, 60)
+        # A spare given a deployment is that replica from now on, also to a restarted controller.
+        self.client.ident = init.tag
+        if not self.boot.die_with_parent:
+            self.client.reconnect_s = ORPHAN_TIMEOUT_S
+        if init.sys_path:
+            sys.path[:0] = [p for p in init.sys_path if p not in sys.path]
+        if init.cwd:
+            try:
+                os.chdir(init.cwd)
+            except OSError as e:
+                logger.warning("cannot change to the app's directory %s: %s", init.cwd, e)
         cfg = init.config
+        # A canary's app key is "<app>#canary": user code sees the app's name, and the handles
+        # it makes reach the canary's own deployments.
+        visible_app = init.app.split("#", 1)[0]
+        if visible_app != init.app:
+            self.client.app_alias[visible_app] = init.app
         self.max_ongoing = cfg.max_ongoing_requests
         self.graceful_timeout = cfg.graceful_shutdown_timeout_s
-        ctx = ReplicaContext(init.app, init.deployment, init.tag)
+        ctx = ReplicaContext(visible_app, init.deployment, init.tag)
         set_process_replica_context(ctx)
         apply_logging_config(cfg.logging_config, ctx)
         multiplex.models_changed_hook = lambda ids: self._models_changed(init.tag, ids)
@@ -156,7 +202,7 @@ class ReplicaServer:
             self.client.send(ReplicaFailed(init.tag, f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
             await asyncio.sleep(0.05)  # let the message flush
             return 1
-        set_process_replica_context(ReplicaContext(init.app, init.deployment, init.tag, self.user.instance))
+        set_process_replica_context(ReplicaContext(visible_app, init.deployment, init.tag, self.user.instance))
         self.key = (init.app, init.deployment)
         self.max_queued = cfg.max_queued_requests
         if init.serves_http and self.boot.http_fd >= 0:
@@ -168,9 +214,10 @@ class ReplicaServer:
                 await asyncio.sleep(0.05)
                 return 1
         auto = cfg.resolved_autoscaling()
-        if auto is not None:
-            self.loop.create_task(self._report_load(init.tag, auto.metrics_interval_s))
-        self.client.send(ReplicaReady(init.tag, os.getpid()))
+        self.loop.create_task(self._report_load(init.tag, auto.metrics_interval_s if auto is not None else 0.0))
+        self.ready_tag = init.tag
+        self.client.resumed = True
+        self._send(ReplicaReady(init.tag, os.getpid()))
         closed = asyncio.ensure_future(self.client.closed.wait())
         stop = asyncio.ensure_future(self.stop_requested.wait())
         await asyncio.wait({closed, stop}, return_when=asyncio.FIRST_COMPLETED)
@@ -186,9 +233,29 @@ class ReplicaServer:
         await self.front.start()
 
     async def _report_load(self, tag: str, interval: float) -> None:
+        """Report load every ``interval`` (autoscaling deployments), and finished-request
+        counters when they changed, at most once a second."""
+        last: tuple[int, int] = (0, 0)
+        next_counters = 0.0
         while not self.draining:
-            self._send(ReplicaStats(tag, self.ongoing + len(self.local_waiters)))
-            await asyncio.sleep(interval)
+            now = self.loop.time()
+            c = self.counters
+            counters_due = now >= next_counters and (c.requests, c.errors) != last
+            if interval > 0 or counters_due:
+                self._send(ReplicaStats(tag, self.ongoing + len(self.local_waiters), c.requests, c.errors,
+                                        tuple(c.hist)))
+                last = (c.requests, c.errors)
+                next_counters = now + 1.0
+            await asyncio.sleep(interval if interval > 0 else 1.0)
+
+    def _on_reconnect(self) -> None:
+        """A restarted controller: say again what this replica is and does."""
+        if self.ready_tag:
+            self._send(ReplicaReady(self.ready_tag, os.getpid()))
+            if self.model_ids:
+                self._send(ReplicaModels(self.ready_tag, self.model_ids))
+        if self.proxy_app is not None:
+            self._send(SubscribeRoutes())
 
     # -- HTTP served in this process (LocalIngress for ProxyApp)
     async def serve(self, scope: dict[str, Any], body: bytes, meta: RequestMeta,
@@ -211,9 +278,18 @@ class ReplicaServer:
         else:
             self.ongoing += 1
             self.idle.clear()
+        started = time.monotonic()
+        status = [500]
+
+        async def watch(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
         try:
-            await self.user.http(scope, body, send, meta)
+            await self.user.http(scope, body, watch, meta)
         finally:
+            self.counters.record(started, status[0] >= 500)
             self._release_slot()
 
     def _release_slot(self) -> None:
@@ -330,9 +406,11 @@ class ReplicaServer:
                       kwargs: dict[str, Any], meta: RequestMeta) -> None:
         user = self.user
         assert user is not None
+        started = time.monotonic()
+        failed = True
         try:
             if meta.http:
-                await self._handle_http(proto, rid, args[0], args[1], meta)
+                failed = await self._handle_http(proto, rid, args[0], args[1], meta) >= 500
             elif meta.stream:
                 async for item in user.stream(method, args, kwargs, meta):
                     proto.send_user((ITEM, rid, item))
@@ -343,9 +421,13 @@ class ReplicaServer:
                     proto.send_user((OK, rid, result))
                 except (pickle.PicklingError, TypeError, AttributeError) as e:
                     raise TypeError(f"the result of {method!r} could not be serialized: {e}") from None
+            if not meta.http:
+                failed = False
         except asyncio.CancelledError:
+            failed = False
             return  # the caller gave up; nobody is waiting for an answer
         except ConnectionError:
+            failed = False
             return
         except Exception as e:
             logger.error("request %s to %s failed:\n%s", meta.request_id, method, traceback.format_exc())
@@ -354,16 +436,22 @@ class ReplicaServer:
                 proto.send_user((ERR, rid, exc, tb))
             except ConnectionError:
                 pass
+        finally:
+            self.counters.record(started, failed)
 
     async def _handle_http(self, proto: FramedProtocol, rid: int, scope: dict[str, Any], body: bytes,
-                           meta: RequestMeta) -> None:
+                           meta: RequestMeta) -> int:
+        """Serve a proxied HTTP request; returns the response status."""
         assert self.user is not None
         pending: list[dict[str, Any]] = []
         state = {"streaming": False, "done": False}
+        status = [500]
 
         async def send(message: dict[str, Any]) -> None:
             if state["done"]:
                 return
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
             pending.append(message)
             if message["type"] != "http.response.body":
                 return
@@ -388,6 +476,7 @@ class ReplicaServer:
             else:
                 pending.append({"type": "http.response.body", "body": b"", "more_body": False})
                 proto.send((OK, rid, list(pending)))
+        return status[0]
 
 
 class JSONFormatter(logging.Formatter):

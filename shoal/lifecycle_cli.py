@@ -1,0 +1,215 @@
+"""``shoal start``, ``shoal deploy``, ``shoal promote`` and ``shoal rollback``: a long-running
+local instance driven declaratively by config files, with canary releases."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from typing import Any
+
+import click
+
+WAIT_START_S = 30.0
+
+
+def _default_address(address: str | None) -> str:
+    from shoal.api import instances_root
+
+    if address:
+        return address
+    env = os.environ.get("SHOAL_RUN_DIR")
+    if env:
+        return env
+    return os.path.join(instances_root(), "default")
+
+
+def _tail(path: str, lines: int = 20) -> str:
+    try:
+        with open(path, errors="replace") as f:
+            return "".join(f.readlines()[-lines:])
+    except OSError:
+        return ""
+
+
+@click.command()
+@click.option("--address", default=None,
+              help="Instance directory (default /tmp/shoal-<uid>/default or $SHOAL_RUN_DIR).")
+@click.option("--host", default="127.0.0.1", show_default=True, help="HTTP host of the proxy.")
+@click.option("-p", "--port", type=int, default=8000, show_default=True, help="HTTP port (0 picks a free port).")
+@click.option("--num-gpus", type=int, default=None,
+              help="Declare this many GPUs instead of asking nvidia-smi (fractional num_gpus share them).")
+@click.option("--strict-cpus", is_flag=True, help="Refuse to oversubscribe CPUs (num_cpus is enforced).")
+@click.option("--log-file", default=None,
+              help="Where the controller writes its log (default <address>/controller.log).")
+def start(address: str | None, host: str, port: int, num_gpus: int | None, strict_cpus: bool,
+          log_file: str | None) -> None:
+    """Start a long-running local instance in the background.
+
+    Deploy to it with ``shoal deploy config.yaml``; watch it with ``shoal status``; stop it
+    with ``shoal shutdown``. Its state lives in ``<address>/state.db``: if the controller
+    process dies, the replicas and the proxy keep serving, and running ``shoal start`` again
+    on the same address adopts them without dropping traffic.
+    """
+    from shoal.api import _is_live
+    from shoal.config import HTTPOptions
+    from shoal.runtime.daemon import LOG_FILE
+
+    run_dir = _default_address(address)
+    if _is_live(run_dir):
+        raise click.ClickException(f"a shoal instance is already running at {run_dir} "
+                                   "(`shoal status` shows it, `shoal shutdown` stops it)")
+    try:
+        http = HTTPOptions(host=host, port=port)
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
+    os.makedirs(run_dir, mode=0o700, exist_ok=True)
+    log_path = log_file or os.path.join(run_dir, LOG_FILE)
+    opts = {"run_dir": run_dir, "http": {"host": http.host, "port": http.port}, "num_gpus": num_gpus,
+            "strict_cpus": strict_cpus}
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "shoal.runtime.daemon", json.dumps(opts)],
+                                stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
+    deadline = time.monotonic() + WAIT_START_S
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise click.ClickException(f"the controller exited with code {proc.returncode}; "
+                                       f"the end of {log_path}:\n{_tail(log_path)}")
+        if _is_live(run_dir) and os.path.exists(os.path.join(run_dir, "controller.pid")):
+            break
+        time.sleep(0.05)
+    else:
+        raise click.ClickException(f"the controller did not start within {WAIT_START_S:.0f}s; see {log_path}")
+    from shoal.cli import _admin
+
+    st = _admin(run_dir, "status")
+    apps = [a for a in st.applications]
+    click.echo(f"started shoal at {run_dir} (controller pid {proc.pid})")
+    click.echo(f"  http: {st.http_address}")
+    click.echo(f"  log:  {log_path}")
+    if apps:
+        click.echo(f"  restored: {', '.join(apps)}")
+
+
+def _build_specs(config_path: str) -> tuple[list[Any], Any]:
+    from shoal.deployment import build_app_spec
+    from shoal.loader import build_application
+    from shoal.runtime.state import portable
+    from shoal.schema import ConfigError, load_config_file
+
+    try:
+        config = load_config_file(config_path)
+        specs = []
+        for i, app_schema in enumerate(config.applications):
+            application = build_application(app_schema, source=config_path, index=i)
+            spec = build_app_spec(application, app_schema.name, app_schema.route_prefix)
+            spec.sys_path = tuple(sys.path)
+            spec.cwd = os.getcwd()
+            specs.append(portable(spec))
+    except (ConfigError, ImportError, AttributeError, ValueError, TypeError) as e:
+        click.echo(f"error: {e}", err=True)
+        raise SystemExit(2) from None
+    return specs, config
+
+
+def _wait_running(address: str, names: list[str], timeout: float) -> dict[str, Any]:
+    from shoal.cli import _admin
+
+    deadline = time.monotonic() + timeout
+    while True:
+        data: dict[str, Any] = _admin(address, "status").to_dict()
+        apps = data["applications"]
+        states = {n: apps.get(n, {}).get("status") for n in names}
+        canary_states = {n: (apps.get(n, {}).get("canary") or {}).get("status") for n in names}
+        pending = [n for n in names if states[n] not in ("RUNNING", "DEPLOY_FAILED")
+                   or canary_states[n] not in (None, "RUNNING", "DEPLOY_FAILED")]
+        if not pending or time.monotonic() > deadline:
+            return data
+        time.sleep(0.2)
+
+
+@click.command()
+@click.argument("config_file")
+@click.option("--address", default=None, help="Instance directory (default: the one running instance).")
+@click.option("--canary", type=float, default=None,
+              help="Run changed apps as a canary beside the current version with this percent of their "
+                   "HTTP traffic (sticky per x-session-id); finish with `shoal promote` or `shoal rollback`.")
+@click.option("--no-wait", is_flag=True, help="Return once the instance accepted the config.")
+@click.option("--timeout", default=300.0, show_default=True, help="Seconds to wait for the apps to run.")
+def deploy(config_file: str, address: str | None, canary: float | None, no_wait: bool, timeout: float) -> None:
+    """Make a running instance serve exactly the apps in CONFIG_FILE.
+
+    Declarative and idempotent: apps in the file are created or updated (replicas roll, new
+    ones ready before old ones stop; num_replicas, user_config and autoscaling apply in place),
+    apps not in the file are deleted, and deploying the same file again changes nothing.
+    The file is a serve config (``shoal build`` writes one); its code is imported here, from
+    the current directory, and replicas import it from the same place.
+    """
+    from shoal.cli import _admin, resolve_address
+
+    if not config_file.endswith((".yaml", ".yml", ".json")):
+        raise click.UsageError(f"{config_file} is not a config file (.yaml/.yml/.json); "
+                               "`shoal build module:app -o serve.yaml` writes one")
+    if canary is not None and not 0 < canary < 100:
+        raise click.BadParameter("must be between 0 and 100 (exclusive)", param_hint="--canary")
+    addr = resolve_address(address)
+    specs, config = _build_specs(config_file)
+    results: dict[str, str] = _admin(addr, "apply", timeout=120.0, specs=specs, canary=canary)
+    for name, what in results.items():
+        click.echo(f"{name}: {what}")
+    current = _admin(addr, "status")
+    http = config.http_options
+    if current.http_address and current.http_address != f"http://{http.host}:{http.port}" \
+            and "http_options" in (getattr(config, "model_fields_set", set()) or set()):
+        click.echo(f"note: the instance serves {current.http_address}; http_options apply at `shoal start`",
+                   err=True)
+    if no_wait:
+        return
+    live = [n for n, what in results.items() if what != "deleted"]
+    data = _wait_running(addr, live, timeout)
+    failed = False
+    for name in live:
+        app = data["applications"].get(name, {})
+        status = app.get("status")
+        line = f"{name}: {status}"
+        if app.get("route_prefix") is not None and data.get("http_address"):
+            line += f"  {data['http_address']}{app['route_prefix']}"
+        if app.get("canary"):
+            line += f"  (canary {app['canary']['weight']:g}%: {app['canary']['status']})"
+        click.echo(line)
+        msg = app.get("message") or (app.get("canary") or {}).get("message")
+        if status != "RUNNING" or (app.get("canary") or {}).get("status") not in (None, "RUNNING"):
+            failed = True
+            if msg:
+                click.echo(f"  {msg}", err=True)
+    if failed:
+        raise SystemExit(1)
+
+
+@click.command()
+@click.argument("name")
+@click.option("--address", default=None, help="Instance directory (default: the one running instance).")
+@click.option("--timeout", default=600.0, show_default=True, help="Seconds to wait for the roll-out.")
+def promote(name: str, address: str | None, timeout: float) -> None:
+    """Finish application NAME's canary release: roll the app to the canary's version
+    (zero downtime), then remove the canary."""
+    from shoal.cli import _admin, resolve_address
+
+    addr = resolve_address(address)
+    _admin(addr, "promote", timeout=timeout, name=name)
+    click.echo(f"promoted the canary of {name!r}: it is now the app's only version")
+
+
+@click.command()
+@click.argument("name")
+@click.option("--address", default=None, help="Instance directory (default: the one running instance).")
+def rollback(name: str, address: str | None) -> None:
+    """Undo application NAME's canary release: all traffic goes back to the current version
+    and the canary's replicas drain and stop."""
+    from shoal.cli import _admin, resolve_address
+
+    addr = resolve_address(address)
+    _admin(addr, "rollback", timeout=120.0, name=name)
+    click.echo(f"rolled back the canary of {name!r}")
