@@ -12,6 +12,7 @@ from typing import Any
 
 import click
 
+from shoal import lifecycle_cli
 from shoal.api import _is_live, instances_root
 
 
@@ -180,9 +181,9 @@ def resolve_address(address: str | None) -> str:
     raise click.ClickException("several shoal instances are running; pick one with --address:\n  " + "\n  ".join(live))
 
 
-def _admin(address: str, op: str, **args: Any) -> Any:
+def _admin(address: str, op: str, timeout: float = 30.0, **args: Any) -> Any:
     from shoal.runtime.backend import new_event_loop
-    from shoal.runtime.client import ControllerClient
+    from shoal.runtime.client import ControllerClient, ControllerError
 
     path = os.path.join(address, "controller.sock")
     try:
@@ -195,13 +196,17 @@ def _admin(address: str, op: str, **args: Any) -> Any:
         client = ControllerClient(path, secret, "client", f"cli-{os.getpid()}", asyncio.get_running_loop())
         try:
             await client.connect(timeout=5)
-            return await client.call(op, **args)
+            return await client.call(op, timeout, **args)
         finally:
             client.close()
 
     loop = new_event_loop()
     try:
         return loop.run_until_complete(go())
+    except ControllerError as e:
+        raise click.ClickException(str(e)) from None
+    except TimeoutError:
+        raise click.ClickException(f"the shoal instance at {address} did not answer within {timeout:.0f}s") from None
     except (ConnectionError, OSError) as e:
         raise click.ClickException(f"cannot reach the shoal instance at {address}: {e}") from None
     finally:
@@ -239,6 +244,34 @@ def status(address: str | None, as_json: bool) -> None:
                           (dep["message"] or (app["message"] if first else ""))[:80])
             first = False
     console.print(table)
+    _print_versions(console, data["applications"])
+
+
+def _metrics_line(m: dict[str, Any]) -> str:
+    if not m or not m.get("requests"):
+        return "no requests yet"
+
+    def ms(v: float | None) -> str:
+        return "-" if v is None else (">30s" if v == float("inf") else f"<={v:g}ms")
+
+    return (f"{m['requests']} requests, {m['errors']} errors ({m['error_rate']:.2%}), "
+            f"p50 {ms(m['p50_ms'])}, p95 {ms(m['p95_ms'])}, p99 {ms(m['p99_ms'])}")
+
+
+def _print_versions(console: Any, apps: dict[str, Any]) -> None:
+    """Per-version request metrics; for apps in a canary release, both versions side by side."""
+    for name, app in apps.items():
+        canary = app.get("canary")
+        if canary is None:
+            if app.get("metrics", {}).get("requests"):
+                console.print(f"{name} version {app.get('version', '')}: {_metrics_line(app['metrics'])}")
+            continue
+        console.print(f"[bold]{name}[/bold]: canary release, {canary['weight']:g}% of HTTP traffic to the canary")
+        console.print(f"  current {app.get('version', '')}: {_metrics_line(app.get('metrics', {}))}")
+        console.print(f"  canary  {canary['version']} ({canary['status']}): {_metrics_line(canary['metrics'])}")
+        if canary.get("message"):
+            console.print(f"  {canary['message']}")
+        console.print(f"  finish with `shoal promote {name}` or `shoal rollback {name}`")
 
 
 @cli.command()
@@ -264,6 +297,12 @@ def delete(name: str, address: str | None) -> None:
     addr = resolve_address(address)
     _admin(addr, "delete", name=name)
     click.echo(f"deleted application {name!r}")
+
+
+cli.add_command(lifecycle_cli.start)
+cli.add_command(lifecycle_cli.deploy)
+cli.add_command(lifecycle_cli.promote)
+cli.add_command(lifecycle_cli.rollback)
 
 
 def main() -> None:

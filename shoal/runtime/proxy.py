@@ -9,13 +9,16 @@ short JSON bodies with the right status code; tracebacks stay in the logs.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import os
 import pickle
+import random
 import signal
 import socket
 import sys
+import threading
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -29,6 +32,7 @@ from shoal.exceptions import (
 )
 from shoal.runtime import backend
 from shoal.runtime.client import ControllerClient
+from shoal.runtime.router import Router
 from shoal.runtime.wire import ProxyReady, RequestMeta, Routes, Stop
 
 logger = logging.getLogger("shoal.proxy")
@@ -44,6 +48,12 @@ class LocalIngress(Protocol):
     model_ids: tuple[str, ...]  # multiplexed models loaded here
 
     async def serve(self, scope: Scope, body: bytes, meta: RequestMeta, send: Send) -> None: ...
+
+class RouterSource(Protocol):
+    """Where a ProxyApp gets its routers: the controller client, or a pod's DNS-based backend."""
+
+    def router(self, app: str, deployment: str) -> Router: ...
+
 
 # Requests still running after this long get a task that watches for the client going away.
 WATCH_AFTER_S = 0.2
@@ -74,6 +84,9 @@ class ProxyBootstrap:
     die_with_parent: bool
     log_level: str
     sys_path: list[str]
+    # Detached instance: a Unix socket path where this proxy hands its listening socket to a
+    # restarted controller (SCM_RIGHTS), so the port survives a controller crash.
+    fd_path: str = ""
 
 
 def error_status(exc: BaseException) -> tuple[int, str]:
@@ -102,20 +115,37 @@ async def _send_json(send: Any, status: int, body: dict[str, Any], request_id: s
     await send({"type": "http.response.body", "body": payload, "more_body": False})
 
 
+def canary_share(session: bytes) -> float:
+    """A number in [0, 100): a request goes to the canary when it is below the canary's weight.
+
+    With an ``x-session-id`` it is a hash of the id, so a session sticks to one version (and
+    raising the weight only moves sessions from the old version to the new); without one it is
+    random per request.
+    """
+    if session:
+        return int.from_bytes(hashlib.blake2b(session, digest_size=8).digest(), "big") % 10_000 / 100.0
+    return random.random() * 100.0
+
+
 class ProxyApp:
     """The proxy's ASGI application."""
 
-    def __init__(self, client: ControllerClient, options: FrontOptions, local: LocalIngress | None = None) -> None:
+    def __init__(self, client: RouterSource, options: FrontOptions, local: LocalIngress | None = None) -> None:
         self.client = client
         self.options = options
         self.routes: list[tuple[str, str, str]] = []  # (prefix, app, ingress), longest first
+        # Canary releases: prefix -> (canary app key, its ingress, percent of requests).
+        self.split: dict[str, tuple[str, str, float]] = {}
         # In an ingress replica that serves HTTP itself: its own app is called in-process.
         self.local = local
 
     def set_routes(self, routes: Routes) -> None:
         self.routes = sorted(((p, a, d) for p, (a, d) in routes.table.items()), key=lambda r: -len(r[0]))
+        self.split = dict(routes.split)
         for _, app, dep in self.routes:
             self.client.router(app, dep)  # subscribe early so the first request finds replicas
+        for app, dep, _ in self.split.values():
+            self.client.router(app, dep)
 
     def match(self, path: str) -> tuple[str, str, str] | None:
         for prefix, app, dep in self.routes:
@@ -165,6 +195,10 @@ class ProxyApp:
                                          "hint": "GET /-/routes lists the route prefixes"}, request_id)
             return
         prefix, app, dep = route
+        if self.split:
+            canary = self.split.get(prefix)
+            if canary is not None and canary_share(session) < canary[2]:
+                app, dep = canary[0], canary[1]
         body = bytearray()
         while True:
             msg = await receive()
@@ -291,6 +325,62 @@ class ProxyApp:
                 watcher.cancel()
 
 
+def _orphan_timeout() -> float:
+    from shoal.runtime.replica import ORPHAN_TIMEOUT_S
+
+    return ORPHAN_TIMEOUT_S
+
+
+def serve_listening_fd(path: str, fd: int) -> None:
+    """Hand ``fd`` (the HTTP listening socket) to whoever connects to ``path``.
+
+    A restarted controller of a detached instance takes the socket back this way, so that the
+    port stays bound and served without a gap. The socket file is 0600 inside the instance's
+    0700 directory: only the instance's user can connect.
+    """
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o177)
+    try:
+        server.bind(path)
+    finally:
+        os.umask(old)
+    server.listen(4)
+
+    def loop() -> None:
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            with conn:
+                try:
+                    socket.send_fds(conn, [b"http-socket"], [fd])
+                except OSError as e:
+                    logger.warning("could not hand over the listening socket: %s", e)
+
+    threading.Thread(target=loop, name="shoal-fd-handover", daemon=True).start()
+
+
+def take_listening_fd(path: str, timeout: float = 2.0) -> socket.socket | None:
+    """The listening socket a running proxy holds (see :func:`serve_listening_fd`), or None."""
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    conn.settimeout(timeout)
+    try:
+        conn.connect(path)
+        _, fds, _, _ = socket.recv_fds(conn, 64, 1)
+    except OSError:
+        return None
+    finally:
+        conn.close()
+    if not fds:
+        return None
+    return socket.socket(fileno=fds[0])
+
+
 def main() -> None:
     boot: ProxyBootstrap = pickle.loads(sys.stdin.buffer.read())
     from shoal.runtime.replica import die_with_parent
@@ -379,9 +469,17 @@ async def _serve(boot: ProxyBootstrap) -> None:
         elif isinstance(msg, Stop):
             stop.set()
 
-    client = ControllerClient(boot.controller_path, boot.secret, "proxy", boot.ident, loop, on_control=on_control)
+    def on_reconnect() -> None:
+        client.send(ProxyReady(boot.ident, 0))
+
+    client = ControllerClient(boot.controller_path, boot.secret, "proxy", boot.ident, loop, on_control=on_control,
+                              reconnect_s=0.0 if boot.die_with_parent else _orphan_timeout(),
+                              on_reconnect=on_reconnect)
     app = ProxyApp(client, boot.http)
     await client.connect()
+    client.resumed = True
+    if boot.fd_path:
+        serve_listening_fd(boot.fd_path, boot.fd)
     backend.set_current(client)
     front = HTTPFront(app, boot.fd, boot.http)
     await front.start()

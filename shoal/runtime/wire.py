@@ -60,6 +60,9 @@ class RequestMeta(NamedTuple):
 class Hello:
     role: str  # "replica" | "proxy" | "client"
     ident: str  # replica tag, proxy id, or a client name
+    pid: int = 0
+    # A replica or proxy reconnecting to a restarted controller, already serving (adoption).
+    resumed: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +75,9 @@ class ReplicaInit:
     is_function: bool
     socket_path: str
     serves_http: bool = False  # an ingress replica given the HTTP socket
+    # Where the app's code was deployed from (``shoal deploy``): prepended to sys.path / the cwd.
+    sys_path: tuple[str, ...] = ()
+    cwd: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,6 +143,8 @@ class Routes:
     table: dict[str, tuple[str, str]] = field(default_factory=dict)
     # False while every routed app has ingress replicas serving HTTP themselves.
     proxy_accepts: bool = True
+    # Canary releases: route_prefix -> (canary app key, its ingress, percent of traffic).
+    split: dict[str, tuple[str, str, float]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,10 +154,19 @@ class SubscribeRoutes:
 
 @dataclass(frozen=True, slots=True)
 class ReplicaStats:
-    """A replica's load: requests running or waiting in it (for autoscaling)."""
+    """A replica's load (requests running or waiting in it, for autoscaling) and, since it
+    started, the requests it finished: count, failures and a latency histogram
+    (``LATENCY_BUCKETS_MS``), from which per-version metrics are summed."""
 
     tag: str
     ongoing: int
+    requests: int = 0
+    errors: int = 0
+    latency_hist: tuple[int, ...] = ()
+
+
+# Upper bounds (ms) of the latency histogram replicas report; the last bucket is open.
+LATENCY_BUCKETS_MS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 30000)
 
 
 @dataclass(frozen=True, slots=True)
