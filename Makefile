@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test lint typecheck unit clean bench
+.PHONY: install run test lint typecheck unit clean bench docs
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,7 @@ test: $(STAMP)
 	$(PY) -m ruff check shoal tests examples benchmarks
 	$(PY) -m mypy
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+	$(PY) -m mkdocs build --strict -q
 
 unit: $(STAMP)
 	$(PY) -m pytest -q tests/unit
@@ -34,6 +35,10 @@ lint: $(STAMP)
 
 typecheck: $(STAMP)
 	$(PY) -m mypy
+
+## Build the documentation site into site/ (mkdocs serve previews it on :8000).
+docs: $(STAMP)
+	$(PY) -m mkdocs build --strict
 
 BENCH_VENV ?= .venv-bench
 BENCH_PY := $(BENCH_VENV)/bin/python

@@ -38,12 +38,12 @@ from collections import deque
 from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, NamedTuple, TypeVar, overload
+from typing import Any, NamedTuple, Protocol, TypeVar, overload
 
 from shoal.context import get_request_context
 from shoal.exceptions import RayServeException
 
-__all__ = ["BatchConfig", "BatchDecision", "batch", "next_batch"]
+__all__ = ["BatchClock", "BatchConfig", "BatchDecision", "batch", "next_batch", "set_loop_clock"]
 
 logger = logging.getLogger("shoal.batching")
 
@@ -196,6 +196,37 @@ class _CallShape:
 
 
 # --------------------------------------------------------------------------------------------
+# The clock a queue reads and arms its timeout timer on: its event loop, unless a clock was set
+# for that loop (shoal.testing's FakeClock), so a batch can be formed without real waiting.
+
+
+class _Timer(Protocol):
+    def cancel(self) -> None: ...
+
+
+class BatchClock(Protocol):
+    """What a batch queue needs from a clock; an asyncio event loop is one."""
+
+    def time(self) -> float: ...
+
+    def call_at(self, when: float, callback: Callable[[], object]) -> _Timer: ...
+
+
+_loop_clocks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, BatchClock] = weakref.WeakKeyDictionary()
+
+
+def set_loop_clock(loop: asyncio.AbstractEventLoop, clock: BatchClock | None) -> None:
+    """Make batch queues created on ``loop`` from now on use ``clock`` (None: the loop's own).
+
+    The clock's ``call_at`` callbacks must run on ``loop``'s thread.
+    """
+    if clock is None:
+        _loop_clocks.pop(loop, None)
+    else:
+        _loop_clocks[loop] = clock
+
+
+# --------------------------------------------------------------------------------------------
 # Requests and their delivery.
 
 
@@ -293,11 +324,12 @@ class _BatchQueue:
                  owner_ref: Callable[[], Any] | None) -> None:
         self.batcher = batcher
         self.loop = loop
+        self.clock: BatchClock = _loop_clocks.get(loop) or loop
         self.owner_ref = owner_ref
         self.items: deque[_Item] = deque()
         self.running = 0
         self._poked = False
-        self._timer: asyncio.TimerHandle | None = None
+        self._timer: _Timer | None = None
         self._timer_at = 0.0
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -321,7 +353,7 @@ class _BatchQueue:
         b = self.batcher
         items = self.items
         if now is None:
-            now = self.loop.time()
+            now = self.clock.time()
         config = BatchConfig(b.max_batch_size, b.batch_wait_timeout_s)
         size_of = self._size_of if b.batch_size_fn is not None else None
         while items and self.running < b.max_concurrent_batches:
@@ -363,7 +395,7 @@ class _BatchQueue:
                 return
             self._timer.cancel()
         self._timer_at = at
-        self._timer = self.loop.call_at(at, self._on_timer)
+        self._timer = self.clock.call_at(at, self._on_timer)
 
     def _disarm(self) -> None:
         if self._timer is not None:
@@ -373,7 +405,7 @@ class _BatchQueue:
     def _on_timer(self) -> None:
         self._timer = None
         # The loop runs timers up to its clock resolution early; the deadline has been reached.
-        self._drain(max(self.loop.time(), self._timer_at))
+        self._drain(max(self.clock.time(), self._timer_at))
 
     def _start(self, taken: list[_Item]) -> None:
         self.running += 1
@@ -585,7 +617,7 @@ class _Batcher:
             if size > self.max_batch_size:
                 raise _oversized_error(self)
         q = self.queue_for(owner)
-        item = _Item(q, owner, arguments, q.loop.time(), self.streaming)
+        item = _Item(q, owner, arguments, q.clock.time(), self.streaming)
         q.put(item)
         return item
 

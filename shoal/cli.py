@@ -149,6 +149,42 @@ def build(targets: tuple[str, ...], output: str | None, name: str | None, route_
         click.echo(text, nl=False)
 
 
+@cli.command()
+@click.argument("target")
+@click.option("-f", "--format", "fmt", type=click.Choice(["mermaid", "dot", "svg", "png"]), default=None,
+              help="Output format (default: from the -o file's extension, else mermaid). "
+                   "svg and png need Graphviz's `dot`.")
+@click.option("-o", "--output", "output", default=None, help="Write the graph here (default: stdout).")
+@click.option("--name", default=None, help="Application name (import paths only; default 'default').")
+@click.option("--route-prefix", default=None, help="Route prefix (import paths only; default '/').")
+def graph(target: str, fmt: str | None, output: str | None, name: str | None, route_prefix: str | None) -> None:
+    """Draw the deployment graph of TARGET (``module:app`` or a serve config file).
+
+    Each deployment shows its replicas (a fixed count, or the autoscaling range and target),
+    its resources, max_ongoing_requests, and whether it is the ingress and at which route;
+    arrows are handle calls. Config files are drawn with their deployment overrides applied.
+    """
+    from shoal.graph import GraphvizNotFoundError, load_app_specs, render
+    from shoal.schema import ConfigError
+
+    if fmt is None:
+        ext = os.path.splitext(output or "")[1].lower()
+        fmt = {".svg": "svg", ".png": "png", ".dot": "dot", ".gv": "dot"}.get(ext, "mermaid")
+    try:
+        specs = load_app_specs(target, name=name, route_prefix=route_prefix)
+        data = render(specs, fmt)
+    except (ConfigError, ImportError, AttributeError, ValueError, TypeError, GraphvizNotFoundError) as e:
+        raise click.ClickException(str(e)) from None
+    if output:
+        with open(output, "wb") as f:
+            f.write(data)
+        click.echo(f"wrote {output}", err=True)
+    elif fmt == "png":
+        sys.stdout.buffer.write(data)
+    else:
+        click.echo(data.decode(), nl=False)
+
+
 def _install_sigterm() -> None:
     import signal
 

@@ -12,6 +12,7 @@ import traceback
 from collections.abc import AsyncIterator
 from typing import Any
 
+from shoal.batching import BatchClock, set_loop_clock
 from shoal.context import ReplicaContext
 from shoal.deployment import AppSpec
 from shoal.exceptions import DeploymentUnavailableError, RayServeException, wrap_remote_exception
@@ -54,8 +55,11 @@ class LocalRouter:
 
 
 class LocalBackend:
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, *, clock: BatchClock | None = None) -> None:
         self.loop = loop
+        # A fake clock (shoal.testing) drives @serve.batch's wait timeout on this loop.
+        if clock is not None:
+            set_loop_clock(loop, clock)
         self.instances: dict[tuple[str, str], UserCallable] = {}
         self.apps: dict[str, AppSpec] = {}
 
