@@ -14,6 +14,7 @@ import click
 
 from shoal import lifecycle_cli
 from shoal.api import _is_live, instances_root
+from shoal.kubernetes.cli import k8s as k8s_command
 
 
 def _console() -> Any:
@@ -335,6 +336,7 @@ def delete(name: str, address: str | None) -> None:
     click.echo(f"deleted application {name!r}")
 
 
+cli.add_command(k8s_command)
 cli.add_command(lifecycle_cli.start)
 cli.add_command(lifecycle_cli.deploy)
 cli.add_command(lifecycle_cli.promote)

@@ -1,0 +1,408 @@
+"""``shoal k8s apply``: server-side apply of a build, pruning what the build no longer has.
+
+The logic is written against :class:`ClusterAPI`, a five-method view of the Kubernetes API,
+so it is tested against a fake; :class:`KubernetesAPI` implements it with the official
+``kubernetes`` client (the optional ``kubernetes`` extra).
+
+* **Apply**: every object of the build, in build order (identity and config before
+  workloads, routes last), by server-side apply with field manager ``shoal``. Conflicts with
+  other managers fail unless forced. A Secret that already exists is never overwritten
+  (``--create-secret`` would otherwise rotate the RPC secret under running pods).
+* **Prune**: objects of the kinds shoal generates, labelled ``app.kubernetes.io/part-of=APP``
+  and ``app.kubernetes.io/managed-by=shoal`` (plus ``app.kubernetes.io/instance`` for a
+  canary build), that the new build does not contain. Secrets are never pruned.
+* **Diff** (``--dry-run``): live object against the server's dry-run result when the server
+  accepts a dry-run apply; otherwise against the build's object, comparing only the fields
+  the build sets. Secret values are masked.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import yaml
+
+from shoal.kubernetes.compiler import L_INSTANCE, L_PART_OF, L_VERSION, MANAGED_BY, label_value
+
+__all__ = [
+    "FIELD_MANAGER",
+    "PRUNE_KINDS",
+    "ApplyConflict",
+    "ApplyPlan",
+    "ApplyRejected",
+    "ClusterAPI",
+    "ClusterUnreachable",
+    "KindNotServed",
+    "KubernetesAPI",
+    "Ref",
+    "Scope",
+    "execute",
+    "plan_apply",
+    "render_diff",
+]
+
+Obj = dict[str, Any]
+FIELD_MANAGER = "shoal"
+
+# Kinds shoal generates and may prune, in the order they are deleted (routes first).
+PRUNE_KINDS: tuple[tuple[str, str], ...] = (
+    ("gateway.networking.k8s.io/v1", "HTTPRoute"),
+    ("networking.k8s.io/v1", "Ingress"),
+    ("monitoring.coreos.com/v1", "PodMonitor"),
+    ("keda.sh/v1alpha1", "ScaledObject"),
+    ("autoscaling/v2", "HorizontalPodAutoscaler"),
+    ("policy/v1", "PodDisruptionBudget"),
+    ("apps/v1", "Deployment"),
+    ("v1", "Service"),
+    ("networking.k8s.io/v1", "NetworkPolicy"),
+    ("v1", "ConfigMap"),
+    ("v1", "ServiceAccount"),
+)
+
+
+class KindNotServed(Exception):
+    """The cluster does not serve this apiVersion/kind (e.g. KEDA or the Gateway API is not installed)."""
+
+
+class ClusterUnreachable(Exception):
+    """The API server cannot be reached or the credentials are missing."""
+
+
+class ApplyConflict(Exception):
+    """Server-side apply found fields owned by another manager (retry with force to take them)."""
+
+
+class ApplyRejected(Exception):
+    """The API server refused an object (validation, admission, quota...)."""
+
+
+class ClusterAPI(Protocol):
+    def get(self, api_version: str, kind: str, namespace: str, name: str) -> Obj | None: ...
+
+    def list(self, api_version: str, kind: str, namespace: str, label_selector: str) -> list[Obj]: ...
+
+    def apply(self, obj: Obj, *, field_manager: str, force: bool, dry_run: bool) -> Obj: ...
+
+    def delete(self, api_version: str, kind: str, namespace: str, name: str, *, dry_run: bool) -> None: ...
+
+
+@dataclass(frozen=True)
+class Ref:
+    api_version: str
+    kind: str
+    namespace: str
+    name: str
+
+    @classmethod
+    def of(cls, obj: Obj) -> Ref:
+        meta = obj.get("metadata") or {}
+        return cls(str(obj["apiVersion"]), str(obj["kind"]), str(meta.get("namespace", "default")),
+                   str(meta["name"]))
+
+    def __str__(self) -> str:
+        group = self.api_version.split("/")[0] if "/" in self.api_version else ""
+        kind = self.kind.lower() + (f".{group}" if group else "")
+        return f"{kind}/{self.name}"
+
+
+@dataclass(frozen=True)
+class Scope:
+    """Where prune looks: one namespace and one label selector (one app, or one canary instance)."""
+
+    namespace: str
+    selector: str
+    # For a canary build: the stable version whose pods the old backend Service selects.
+    canary_of: str | None = None
+    app: str | None = None
+
+
+@dataclass
+class ApplyPlan:
+    apply: list[Obj] = field(default_factory=list)
+    live: dict[Ref, Obj | None] = field(default_factory=dict)
+    skip: list[tuple[Ref, str]] = field(default_factory=list)
+    prune: list[Ref] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+
+def plan_apply(objects: Sequence[Obj], api: ClusterAPI, scopes: Iterable[Scope], *, prune: bool = True) -> ApplyPlan:
+    """What applying ``objects`` does: which to apply, which to leave alone, which to prune."""
+    plan = ApplyPlan()
+    wanted = {Ref.of(o) for o in objects}
+    for obj in objects:
+        ref = Ref.of(obj)
+        live = _get(api, ref)
+        if ref.kind == "Secret" and live is not None:
+            plan.skip.append((ref, "exists; shoal never overwrites a Secret"))
+            continue
+        plan.live[ref] = live
+        plan.apply.append(obj)
+    for scope in scopes:
+        if scope.canary_of is not None and scope.app is not None:
+            stable = (f"{L_PART_OF}={label_value(scope.app)},{L_INSTANCE}={label_value(scope.app)},"
+                      f"app.kubernetes.io/managed-by={MANAGED_BY}")
+            deployments = _list(api, "apps/v1", "Deployment", scope.namespace, stable)
+            versions = sorted({(d.get("metadata", {}).get("labels") or {}).get(L_VERSION, "") for d in deployments})
+            if scope.canary_of not in versions:
+                plan.warnings.append(
+                    f"no Deployment of application {scope.app!r} has version {scope.canary_of!r} in namespace "
+                    f"{scope.namespace!r} (found: {', '.join(v for v in versions if v) or 'none'}); the canary's "
+                    "old backend would select no pods"
+                )
+        if not prune:
+            continue
+        for api_version, kind in PRUNE_KINDS:
+            for item in _list(api, api_version, kind, scope.namespace, scope.selector):
+                ref = Ref(api_version, kind, scope.namespace, item["metadata"]["name"])
+                if ref not in wanted and ref not in plan.prune:
+                    plan.prune.append(ref)
+    return plan
+
+
+def _get(api: ClusterAPI, ref: Ref) -> Obj | None:
+    try:
+        return api.get(ref.api_version, ref.kind, ref.namespace, ref.name)
+    except KindNotServed:
+        return None
+
+
+def _list(api: ClusterAPI, api_version: str, kind: str, namespace: str, selector: str) -> list[Obj]:
+    try:
+        return api.list(api_version, kind, namespace, selector)
+    except KindNotServed:
+        return []
+
+
+def execute(plan: ApplyPlan, api: ClusterAPI, *, force: bool = False,
+            echo: Callable[[str], None] = lambda s: None) -> dict[str, int]:
+    """Apply, then prune. Returns counts by outcome (created, configured, unchanged, skipped, pruned)."""
+    counts = {"created": 0, "configured": 0, "unchanged": 0, "skipped": 0, "pruned": 0}
+    for ref, why in plan.skip:
+        counts["skipped"] += 1
+        echo(f"{ref} unchanged ({why})")
+    for obj in plan.apply:
+        ref = Ref.of(obj)
+        before = plan.live.get(ref)
+        try:
+            after = api.apply(obj, field_manager=FIELD_MANAGER, force=force, dry_run=False)
+        except KindNotServed:
+            raise ApplyRejected(
+                f"{ref}: the cluster does not serve {ref.api_version} {ref.kind}"
+                + _install_hint(ref.kind)
+            ) from None
+        if before is None:
+            outcome = "created"
+        elif _rv(before) != _rv(after):
+            outcome = "configured"
+        else:
+            outcome = "unchanged"
+        counts[outcome] += 1
+        echo(f"{ref} {outcome}")
+    for ref in plan.prune:
+        api.delete(ref.api_version, ref.kind, ref.namespace, ref.name, dry_run=False)
+        counts["pruned"] += 1
+        echo(f"{ref} pruned")
+    return counts
+
+
+def _install_hint(kind: str) -> str:
+    return {
+        "ScaledObject": " (install KEDA, or build with --autoscaler hpa)",
+        "HTTPRoute": " (install the Gateway API CRDs and a Gateway controller, or build with --ingress-class)",
+        "PodMonitor": " (install the Prometheus Operator, or build without --pod-monitor)",
+    }.get(kind, "")
+
+
+def _rv(obj: Obj | None) -> str | None:
+    if obj is None:
+        return None
+    return str((obj.get("metadata") or {}).get("resourceVersion"))
+
+
+# --------------------------------------------------------------------------------------------
+# Diff
+# --------------------------------------------------------------------------------------------
+
+_SERVER_META = ("managedFields", "resourceVersion", "uid", "creationTimestamp", "generation", "selfLink")
+
+
+def _clean(obj: Obj | None) -> Obj | None:
+    """A copy without what the server maintains (status, managedFields, ...) and with Secret values masked."""
+    if obj is None:
+        return None
+    out = copy.deepcopy(obj)
+    out.pop("status", None)
+    meta = out.get("metadata") or {}
+    for key in _SERVER_META:
+        meta.pop(key, None)
+    ann = meta.get("annotations")
+    if isinstance(ann, dict):
+        ann.pop("kubectl.kubernetes.io/last-applied-configuration", None)
+        if not ann:
+            meta.pop("annotations")
+    if out.get("kind") == "Secret":
+        for key in ("data", "stringData"):
+            if isinstance(out.get(key), dict):
+                out[key] = {k: "***" for k in out[key]}
+    return out
+
+
+def _shape_like(live: Any, desired: Any) -> Any:
+    """``live`` restricted to the keys ``desired`` has (recursively through mappings)."""
+    if isinstance(live, dict) and isinstance(desired, dict):
+        return {k: _shape_like(live[k], v) for k, v in desired.items() if k in live}
+    if isinstance(live, list) and isinstance(desired, list) and len(live) == len(desired):
+        return [_shape_like(a, b) for a, b in zip(live, desired, strict=True)]
+    return live
+
+
+def _yaml(obj: Obj | None) -> list[str]:
+    if obj is None:
+        return []
+    return yaml.safe_dump(obj, sort_keys=True).splitlines(keepends=True)
+
+
+def render_diff(plan: ApplyPlan, api: ClusterAPI, *, force: bool = False) -> tuple[str, str]:
+    """A unified diff of what applying ``plan`` would change, and how it was computed.
+
+    The mode is ``"server"`` when every object went through a server-side dry-run apply, and
+    ``"local"`` when at least one had to be compared locally (the server refused the dry run,
+    e.g. a kind it does not serve yet).
+    """
+    chunks: list[str] = []
+    mode = "server"
+    for obj in plan.apply:
+        ref = Ref.of(obj)
+        live = plan.live.get(ref)
+        try:
+            new: Obj | None = api.apply(obj, field_manager=FIELD_MANAGER, force=force, dry_run=True)
+            old = live
+        except (KindNotServed, ApplyRejected, ApplyConflict):
+            mode = "local"
+            new = obj
+            old = _shape_like(live, obj) if live is not None else None
+        a, b = _yaml(_clean(old)), _yaml(_clean(new))
+        if a != b:
+            chunks.extend(difflib.unified_diff(a, b, fromfile=f"live/{ref}", tofile=f"new/{ref}"))
+    for ref in plan.prune:
+        live = _get(api, ref)
+        chunks.extend(difflib.unified_diff(_yaml(_clean(live)), [], fromfile=f"live/{ref}", tofile="(pruned)"))
+    return "".join(chunks), mode
+
+
+# --------------------------------------------------------------------------------------------
+# The real API, through the official client
+# --------------------------------------------------------------------------------------------
+
+
+class KubernetesAPI:
+    """:class:`ClusterAPI` over the ``kubernetes`` package's dynamic client (kubeconfig or in-cluster)."""
+
+    def __init__(self, *, context: str | None = None, kubeconfig: str | None = None) -> None:
+        import importlib
+
+        try:
+            # Imported by name: the package is optional and untyped, so everything from it is Any.
+            client: Any = importlib.import_module("kubernetes.client")
+            config: Any = importlib.import_module("kubernetes.config")
+            dynamic: Any = importlib.import_module("kubernetes.dynamic")
+            config_exception: Any = importlib.import_module("kubernetes.config.config_exception")
+        except ImportError:
+            raise ImportError(
+                "shoal k8s apply needs the official Kubernetes client: pip install 'shoal[kubernetes]'"
+            ) from None
+        try:
+            config.load_kube_config(config_file=kubeconfig, context=context)
+        except (config_exception.ConfigException, FileNotFoundError, TypeError) as e:
+            if kubeconfig or context:
+                raise ClusterUnreachable(f"cannot load the kubeconfig: {e}") from None
+            try:
+                config.load_incluster_config()
+            except config_exception.ConfigException:
+                raise ClusterUnreachable(f"no kubeconfig and not running in a cluster: {e}") from None
+        self._api_client = client.ApiClient()
+        self._dyn: Any = None
+        self._dynamic = dynamic
+
+    def _resource(self, api_version: str, kind: str) -> Any:
+        from kubernetes.dynamic.exceptions import ResourceNotFoundError
+
+        with self._errors(f"{api_version} {kind}"):
+            if self._dyn is None:
+                self._dyn = self._dynamic.DynamicClient(self._api_client)
+            try:
+                return self._dyn.resources.get(api_version=api_version, kind=kind)
+            except ResourceNotFoundError:
+                raise KindNotServed(f"{api_version} {kind}") from None
+
+    def _errors(self, what: str) -> Any:
+        import contextlib
+
+        from kubernetes.client.exceptions import ApiException
+        from urllib3.exceptions import HTTPError
+
+        @contextlib.contextmanager
+        def guard() -> Any:
+            try:
+                yield
+            except HTTPError as e:
+                raise ClusterUnreachable(f"cannot reach the Kubernetes API: {e}") from None
+            except ApiException as e:
+                if e.status == 404:
+                    raise
+                if e.status == 409:
+                    raise ApplyConflict(f"{what}: {_api_message(e)} (rerun with --force-conflicts to take over "
+                                        "the conflicting fields)") from None
+                if e.status in (401, 403):
+                    raise ClusterUnreachable(f"{what}: not allowed: {_api_message(e)}") from None
+                raise ApplyRejected(f"{what}: {_api_message(e)}") from None
+
+        return guard()
+
+    def get(self, api_version: str, kind: str, namespace: str, name: str) -> Obj | None:
+        from kubernetes.dynamic.exceptions import NotFoundError
+
+        res = self._resource(api_version, kind)
+        try:
+            with self._errors(f"{kind}/{name}"):
+                return dict(res.get(name=name, namespace=namespace).to_dict())
+        except NotFoundError:
+            return None
+
+    def list(self, api_version: str, kind: str, namespace: str, label_selector: str) -> list[Obj]:
+        res = self._resource(api_version, kind)
+        with self._errors(f"{kind} list"):
+            return list(res.get(namespace=namespace, label_selector=label_selector).to_dict().get("items") or [])
+
+    def apply(self, obj: Obj, *, field_manager: str, force: bool, dry_run: bool) -> Obj:
+        ref = Ref.of(obj)
+        res = self._resource(ref.api_version, ref.kind)
+        with self._errors(str(ref)):
+            out = res.server_side_apply(body=obj, name=ref.name, namespace=ref.namespace,
+                                        field_manager=field_manager, force_conflicts=force,
+                                        dry_run="All" if dry_run else None)
+            return dict(out.to_dict())
+
+    def delete(self, api_version: str, kind: str, namespace: str, name: str, *, dry_run: bool) -> None:
+        from kubernetes.dynamic.exceptions import NotFoundError
+
+        res = self._resource(api_version, kind)
+        try:
+            with self._errors(f"{kind}/{name}"):
+                res.delete(name=name, namespace=namespace, propagation_policy="Background",
+                           dry_run="All" if dry_run else None)
+        except NotFoundError:
+            pass
+
+
+def _api_message(e: Any) -> str:
+    import json
+
+    try:
+        return str(json.loads(e.body).get("message") or e.reason)
+    except (TypeError, ValueError, AttributeError):
+        return str(getattr(e, "reason", e))
