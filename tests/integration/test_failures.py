@@ -224,3 +224,56 @@ def test_proxy_crash_is_restarted(instance: Instance) -> None:
     assert wait_until(lambda: ident not in serve.status().proxies, 30)  # a new proxy process took over
     (new_ident, _state), = serve.status().proxies.items()
     assert wait_until(lambda: serve.status().proxies.get(new_ident) == "HEALTHY", 30)
+
+
+@serve.deployment(num_replicas=2)
+class Quick:
+    async def pid(self) -> int:
+        return os.getpid()
+
+    async def work(self) -> int:
+        await asyncio.sleep(0.02)
+        return os.getpid()
+
+
+def test_kill_9_under_steady_load_fails_only_in_flight_requests(instance: Instance) -> None:
+    """Six callers, each with one request outstanding at a time, against two replicas; one
+    replica is killed with -9. Only requests that replica had accepted may fail, each promptly
+    with ReplicaDiedError; everything else is served (requests it had not accepted are retried
+    on the other replica), and the replacement takes traffic."""
+    h = serve.run(Quick.bind())
+    victim = h.pid.remote().result()
+    served: list[int] = []
+    failures: list[tuple[str, float]] = []
+    stop = threading.Event()
+    deadline = time.monotonic() + 120
+    callers = 6
+
+    def load() -> None:
+        while not stop.is_set() and time.monotonic() < deadline:
+            t0 = time.monotonic()
+            try:
+                served.append(h.work.remote().result(timeout_s=30))
+            except Exception as e:
+                failures.append((type(e).__name__, time.monotonic() - t0))
+
+    threads = [threading.Thread(target=load) for _ in range(callers)]
+    for t in threads:
+        t.start()
+    try:
+        assert wait_until(lambda: served.count(victim) > 20, 30)
+        os.kill(victim, signal.SIGKILL)
+        n = len(served)
+        assert wait_until(lambda: len(served) > n + 200, 30)
+        assert wait_until(lambda: serve.status().applications["default"].deployments["Quick"].replica_states
+                          == {"RUNNING": 2}, 30)
+        n = len(served)
+        assert wait_until(lambda: len(served) > n + 100, 30)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    print(f"kill -9 under load: {len(served)} served, {len(failures)} failed {failures}")
+    assert len(failures) <= callers  # at most the requests in flight on the killed replica
+    assert all(name.endswith("ReplicaDiedError") and took < 10 for name, took in failures)
+    assert len(set(served[-50:])) == 2 and victim not in served[-50:]  # the replacement serves

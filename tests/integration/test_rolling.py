@@ -67,6 +67,7 @@ def test_rolling_update_under_load_loses_nothing(instance: Instance) -> None:
         stop.set()
         for t in threads:
             t.join()
+    print(f"rolling update under load: {len(results)} requests, {len(failures)} failed")
     assert failures == []
     assert "v1" in results and results[-1] == "v2"
     # After the roll-out only v2 answers, and exactly the target count of replicas runs.
