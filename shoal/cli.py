@@ -44,8 +44,10 @@ def cli() -> None:
 @click.option("--num-gpus", type=int, default=None,
               help="Declare this many GPUs instead of asking nvidia-smi (fractional num_gpus share them).")
 @click.option("--strict-cpus", is_flag=True, help="Refuse to oversubscribe CPUs (num_cpus is enforced).")
+@click.option("--reload", is_flag=True,
+              help="Watch the app's files; on a change redeploy in place (rolling), keeping the proxy up.")
 def run(target: str, name: str | None, route_prefix: str | None, host: str | None, port: int | None,
-        address: str | None, num_gpus: int | None, strict_cpus: bool) -> None:
+        address: str | None, num_gpus: int | None, strict_cpus: bool, reload: bool) -> None:
     """Run TARGET in the foreground until Ctrl-C.
 
     TARGET is an import path to a bound application or an app builder
@@ -95,13 +97,91 @@ def run(target: str, name: str | None, route_prefix: str | None, host: str | Non
         raise SystemExit(1) from None
     base = api.http_address()
     console.print(f"[green]ready[/green] in {time.monotonic() - t0:.2f}s")
-    for app_schema_obj, _ in built:
-        if app_schema_obj.route_prefix is not None:
-            console.print(f"  {app_schema_obj.name}: {base}{app_schema_obj.route_prefix}")
-    console.print("Press Ctrl-C to stop.")
+    for app_name, prefix, _ in built:
+        if prefix is not None:
+            console.print(f"  {app_name}: {base}{prefix}")
+    console.print("Press Ctrl-C to stop." + (" Watching the app's files for changes." if reload else ""))
     _install_sigterm()
-    api.wait_for_shutdown()
+    if reload:
+        _reload_loop(console, target, name, route_prefix)
+        api.shutdown()
+    else:
+        api.wait_for_shutdown()
     console.print("stopped")
+
+
+def _load_and_build(target: str, name: str | None, route_prefix: str | None) -> tuple[Any, list[tuple[str, Any, Any]]]:
+    """The HTTP options and (name, route prefix, bound application) of each app of TARGET."""
+    from shoal.config import HTTPOptions
+    from shoal.loader import build_application
+    from shoal.schema import ServeDeploySchema, load_config_file
+
+    if _is_config_file(target):
+        config = load_config_file(target)
+        http = config.http_options
+        source = target
+    else:
+        http = HTTPOptions()
+        app_schema: dict[str, Any] = {"import_path": target, "name": name or "default"}
+        if route_prefix is not None:
+            app_schema["route_prefix"] = None if route_prefix.lower() == "none" else route_prefix
+        config = ServeDeploySchema.from_dict({"applications": [app_schema]}, source="command line")
+        source = "command line"
+    built = [(a.name, a.route_prefix, build_application(a, source=source, index=i))
+             for i, a in enumerate(config.applications)]
+    return http, built
+
+
+def _reload_loop(console: Any, target: str, name: str | None, route_prefix: str | None) -> None:
+    """Redeploy in place whenever the app's files change, until Ctrl-C / shutdown.
+
+    Changed code rolls the affected deployments (new replicas ready before old ones stop);
+    the proxy stays up. A file that fails to import keeps the previous version serving.
+    """
+    import traceback
+
+    from shoal import api
+    from shoal.devloop import SourceWatcher, deploy_with_progress, describe_changes, forget_modules
+
+    roots = [os.getcwd()] + ([os.path.dirname(os.path.abspath(target))] if _is_config_file(target) else [])
+    watcher = SourceWatcher(roots, [target] if _is_config_file(target) else [])
+    inst = api._require()
+    try:
+        while not inst.controller.shutdown_requested.is_set() and not inst.controller.stopped.is_set():
+            time.sleep(0.5)
+            changed = watcher.changed()
+            if not changed:
+                continue
+            rel = ", ".join(os.path.relpath(f) for f in changed)
+            console.print(f"[cyan]changed:[/cyan] {rel}; reloading")
+            forget_modules(roots)
+            t0 = time.monotonic()
+            try:
+                _, built = _load_and_build(target, name, route_prefix)
+            except Exception as e:
+                detail = "".join(traceback.format_exception_only(type(e), e)).strip()
+                console.print(f"[red]reload failed[/red], the previous version keeps serving:\n{detail}")
+                watcher.rescan()
+                continue
+            watcher.rescan()
+            from shoal.deployment import build_app_spec
+
+            for app_name, prefix, application in built:
+                current = inst.controller.apps.get(app_name)
+                try:
+                    new_spec = build_app_spec(application, app_name, prefix)
+                except Exception as e:
+                    console.print(f"[red]reload failed[/red] for {app_name}: {e}")
+                    continue
+                for line in describe_changes(current.spec if current is not None else None, new_spec):
+                    console.print(f"  {line}")
+                try:
+                    deploy_with_progress(console, application, app_name, prefix)
+                except Exception as e:
+                    console.print(f"[red]redeploy of {app_name} failed:[/red] {e}")
+            console.print(f"[green]reloaded[/green] in {time.monotonic() - t0:.2f}s")
+    except KeyboardInterrupt:
+        pass
 
 
 @cli.command()

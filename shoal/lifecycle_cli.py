@@ -114,22 +114,6 @@ def _build_specs(config_path: str) -> tuple[list[Any], Any]:
     return specs, config
 
 
-def _wait_running(address: str, names: list[str], timeout: float) -> dict[str, Any]:
-    from shoal.cli import _admin
-
-    deadline = time.monotonic() + timeout
-    while True:
-        data: dict[str, Any] = _admin(address, "status").to_dict()
-        apps = data["applications"]
-        states = {n: apps.get(n, {}).get("status") for n in names}
-        canary_states = {n: (apps.get(n, {}).get("canary") or {}).get("status") for n in names}
-        pending = [n for n in names if states[n] not in ("RUNNING", "DEPLOY_FAILED")
-                   or canary_states[n] not in (None, "RUNNING", "DEPLOY_FAILED")]
-        if not pending or time.monotonic() > deadline:
-            return data
-        time.sleep(0.2)
-
-
 @click.command()
 @click.argument("config_file")
 @click.option("--address", default=None, help="Instance directory (default: the one running instance).")
@@ -168,22 +152,27 @@ def deploy(config_file: str, address: str | None, canary: float | None, no_wait:
     if no_wait:
         return
     live = [n for n, what in results.items() if what != "deleted"]
-    data = _wait_running(addr, live, timeout)
-    failed = False
+    from rich.console import Console
+
+    from shoal.devloop import show_progress
+
+    console = Console(stderr=True)
+    try:
+        problems = show_progress(console, lambda: _admin(addr, "status").to_dict(), live, timeout)
+    except TimeoutError as e:
+        raise click.ClickException(str(e)) from None
+    data = _admin(addr, "status").to_dict()
     for name in live:
         app = data["applications"].get(name, {})
-        status = app.get("status")
-        line = f"{name}: {status}"
+        line = f"{name}: {app.get('status')}"
         if app.get("route_prefix") is not None and data.get("http_address"):
             line += f"  {data['http_address']}{app['route_prefix']}"
         if app.get("canary"):
             line += f"  (canary {app['canary']['weight']:g}%: {app['canary']['status']})"
         click.echo(line)
-        msg = app.get("message") or (app.get("canary") or {}).get("message")
-        if status != "RUNNING" or (app.get("canary") or {}).get("status") not in (None, "RUNNING"):
-            failed = True
-            if msg:
-                click.echo(f"  {msg}", err=True)
+    for problem in problems:
+        click.echo(f"error: {problem}", err=True)
+    failed = bool(problems)
     if failed:
         raise SystemExit(1)
 

@@ -59,6 +59,11 @@ class DeploymentStatusOverview:
     replica_states: dict[str, int] = field(default_factory=dict)
     message: str = ""
     status_trigger: str = ""
+    # shoal: the code version running, the replica count aimed at, and the requests this
+    # version's replicas finished (count, errors, latency percentiles).
+    version: str = ""
+    target_replicas: int = 0
+    metrics: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

@@ -158,6 +158,8 @@ class DeploymentRecord:
     autoscaler: Autoscaler | None = None
     scaling: str = ""  # "UPSCALING" / "DOWNSCALING" while an autoscaling decision is carried out
     resource_blocked: bool = False  # the last replica start found no room
+    # Requests finished by this version's replicas that are gone (live ones are added on read).
+    finished: RequestTotals = field(default_factory=lambda: RequestTotals())
 
 
 @dataclass
@@ -183,8 +185,6 @@ class AppRecord:
     message: str = ""
     deployed_at: float = 0.0
     deleting: bool = False
-    # Requests finished by ingress replicas that are gone (live ones are added on read).
-    finished: RequestTotals = field(default_factory=lambda: RequestTotals())
 
 
 @dataclass(eq=False)
@@ -575,10 +575,7 @@ class Controller:
                 if name not in deps:
                     prev.target = 0
                     self.retiring[(spec.name, name)] = prev
-        same_version = old is not None and fingerprint(old.spec) == fingerprint(spec)
-        self.apps[spec.name] = AppRecord(spec, deps, deployed_at=now,
-                                         finished=old.finished if old is not None and same_version
-                                         else RequestTotals())
+        self.apps[spec.name] = AppRecord(spec, deps, deployed_at=now)
         if self.store is not None:
             self.store.save_app(spec.name, spec, now)
         self._publish_routes()
@@ -611,6 +608,8 @@ class Controller:
                                ready_once=prev is not None and prev.ready_once and prev.version == version)
         if prev is not None:
             rec.published = prev.published
+            if prev.version == version:
+                rec.finished = prev.finished
         return rec
 
     def _autoscale(self, app: str, dep: DeploymentRecord, now: float) -> None:
@@ -761,11 +760,9 @@ class Controller:
         rec.adopt_deadline = 0.0
         if self.store is not None:
             self.store.delete_process(rec.tag)
-        app_rec = self.apps.get(rec.app)
-        ingress = app_rec.deployments.get(rec.deployment) if app_rec is not None else None
-        if app_rec is not None and ingress is not None and ingress.spec.ingress and ingress.version == rec.version \
-                and rec.requests:
-            app_rec.finished.add(rec.requests, rec.errors, rec.latency_hist)  # per version: only the current one
+        owner = self._dep_record(rec.app, rec.deployment)
+        if owner is not None and owner.version == rec.version and rec.requests:
+            owner.finished.add(rec.requests, rec.errors, rec.latency_hist)  # per version: only the current one
         if rec.proc.poll() is None:
             self._kill(rec.proc)
         try:
@@ -1248,16 +1245,16 @@ class Controller:
         deps = {}
         for dname, dep in app.deployments.items():
             counts: dict[str, int] = {}
+            totals = RequestTotals(dep.finished.requests, dep.finished.errors, list(dep.finished.hist))
             for r in self.replicas.values():
                 if r.app == key and r.deployment == dname:
                     counts[r.state.value] = counts.get(r.state.value, 0) + 1
-            deps[dname] = DeploymentStatusOverview(dep.status, counts, dep.message)
-        totals = RequestTotals(app.finished.requests, app.finished.errors, list(app.finished.hist))
-        ingress = app.deployments.get(app.spec.ingress)
-        for r in self.replicas.values():
-            if r.app == key and r.deployment == app.spec.ingress and r.requests \
-                    and ingress is not None and r.version == ingress.version:
-                totals.add(r.requests, r.errors, r.latency_hist)
+                    if r.requests and r.version == dep.version:
+                        totals.add(r.requests, r.errors, r.latency_hist)
+            deps[dname] = DeploymentStatusOverview(
+                dep.status, counts, dep.message, version=dep.version, target_replicas=dep.target,
+                metrics=summarize_requests(totals.requests, totals.errors, totals.hist))
+        ingress = deps.get(app.spec.ingress)
         return ApplicationStatusOverview(
             app.status, app.message, app.deployed_at, deps, app.spec.route_prefix, app.spec.ingress,
-            version=fingerprint(app.spec), metrics=summarize_requests(totals.requests, totals.errors, totals.hist))
+            version=fingerprint(app.spec), metrics=dict(ingress.metrics) if ingress is not None else {})
