@@ -22,11 +22,16 @@ from shoal.deployment import AppSpec
 SLOW_AFTER_S = 15.0
 
 
+# shoal itself is never reloaded, also when it is installed from a checkout under the project.
+_SHOAL_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
 def _project_file(path: str | None, roots: tuple[str, ...]) -> bool:
     if not path:
         return False
     path = os.path.abspath(path)
-    if "site-packages" in path or "dist-packages" in path or path.startswith(sys.prefix + os.sep):
+    if "site-packages" in path or "dist-packages" in path or path.startswith(sys.prefix + os.sep) \
+            or path.startswith(_SHOAL_DIR + os.sep):
         return False
     return any(path == r or path.startswith(r + os.sep) for r in roots)
 

@@ -60,3 +60,17 @@ def test_watcher_sees_edits_new_baseline_and_forgets_modules(tmp_path: Path) -> 
     finally:
         sys.path.remove(str(tmp_path))
         sys.modules.pop("watched_mod_xyz", None)
+
+
+def test_shoal_itself_is_never_watched_or_forgotten() -> None:
+    import shoal
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(shoal.__file__)))
+    w = SourceWatcher([root])
+    assert not any(f.startswith(os.path.dirname(os.path.abspath(shoal.__file__))) for f in w.files())
+    saved = dict(sys.modules)
+    try:
+        forgotten = forget_modules([root])
+        assert not any(name == "shoal" or name.startswith("shoal.") for name in forgotten)
+    finally:
+        sys.modules.update(saved)  # put back what this test removed (test modules of this checkout)
