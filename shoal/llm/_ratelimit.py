@@ -1,0 +1,178 @@
+"""Per-tenant rate limits (token buckets) and usage counters. Pure: the caller passes ``now``.
+
+Two buckets per limited tenant:
+
+* **requests**: ``requests_per_minute`` deep, refilled at ``requests_per_minute / 60`` per
+  second; a request takes one token or is refused.
+* **tokens**: ``tokens_per_minute`` deep, refilled likewise. How many tokens a request uses is
+  known only when it ends, so a request is admitted while the bucket holds at least one token
+  and its prompt and completion tokens are charged when it ends; the bucket may go below zero,
+  and then the tenant waits until it has refilled. A tenant can overshoot by one request's
+  tokens, never more.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from shoal.llm._config import GatewayConfig
+
+__all__ = ["Decision", "RateLimiter", "TokenBucket", "UsageLedger"]
+
+
+@dataclass
+class TokenBucket:
+    """``capacity`` tokens at most, ``rate`` tokens added per second, starting full."""
+
+    capacity: float
+    rate: float
+    level: float = math.nan
+    updated: float = math.nan
+
+    def _refill(self, now: float) -> None:
+        if math.isnan(self.level):
+            self.level, self.updated = self.capacity, now
+            return
+        if now > self.updated:
+            self.level = min(self.capacity, self.level + (now - self.updated) * self.rate)
+            self.updated = now
+
+    def take(self, n: float, now: float) -> float:
+        """Take ``n`` tokens: 0.0 when taken, else the seconds until ``n`` will be there."""
+        self._refill(now)
+        if self.level >= n:
+            self.level -= n
+            return 0.0
+        return (n - self.level) / self.rate
+
+    def wait_for(self, n: float, now: float) -> float:
+        """Seconds until the bucket holds ``n`` tokens (0.0 if it does now); takes nothing."""
+        self._refill(now)
+        return 0.0 if self.level >= n else (n - self.level) / self.rate
+
+    def charge(self, n: float, now: float) -> None:
+        """Remove ``n`` tokens, going below zero if need be."""
+        self._refill(now)
+        self.level -= n
+
+    def remaining(self, now: float) -> int:
+        self._refill(now)
+        return max(0, math.floor(self.level))
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The answer to :meth:`RateLimiter.admit`: admitted, or which limit refused and for how long."""
+
+    allowed: bool
+    retry_after_s: float = 0.0
+    limit: str = ""  # "requests" or "tokens"
+    limit_value: float = 0.0
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+class RateLimiter:
+    """Token buckets per tenant, from a :class:`GatewayConfig`. Not thread-safe (one event loop)."""
+
+    def __init__(self, config: GatewayConfig) -> None:
+        self._config = config
+        self._requests: dict[str, TokenBucket] = {}
+        self._tokens: dict[str, TokenBucket] = {}
+
+    def _buckets(self, tenant: str) -> tuple[TokenBucket | None, TokenBucket | None]:
+        limits = self._config.tenant(tenant)
+        req = self._requests.get(tenant)
+        if req is None and limits.requests_per_minute:
+            req = self._requests[tenant] = TokenBucket(limits.requests_per_minute, limits.requests_per_minute / 60)
+        tok = self._tokens.get(tenant)
+        if tok is None and limits.tokens_per_minute:
+            tok = self._tokens[tenant] = TokenBucket(limits.tokens_per_minute, limits.tokens_per_minute / 60)
+        return req, tok
+
+    def admit(self, tenant: str, now: float) -> Decision:
+        """Admit one request of ``tenant`` (taking a request token) or say why not."""
+        req, tok = self._buckets(tenant)
+        if tok is not None:
+            wait = tok.wait_for(1, now)
+            if wait > 0:
+                return Decision(False, wait, "tokens", tok.capacity, self.headers(tenant, now))
+        if req is not None:
+            wait = req.take(1, now)
+            if wait > 0:
+                return Decision(False, wait, "requests", req.capacity, self.headers(tenant, now))
+        return Decision(True, headers=self.headers(tenant, now))
+
+    def charge(self, tenant: str, tokens: int, now: float) -> None:
+        """Charge a finished (or cancelled) request's prompt plus completion tokens."""
+        _, tok = self._buckets(tenant)
+        if tok is not None and tokens > 0:
+            tok.charge(tokens, now)
+
+    def headers(self, tenant: str, now: float) -> dict[str, str]:
+        """OpenAI's ``x-ratelimit-*`` headers for the tenant's limits (none when it has none)."""
+        req, tok = self._buckets(tenant)
+        out: dict[str, str] = {}
+        if req is not None:
+            out["x-ratelimit-limit-requests"] = str(math.floor(req.capacity))
+            out["x-ratelimit-remaining-requests"] = str(req.remaining(now))
+        if tok is not None:
+            out["x-ratelimit-limit-tokens"] = str(math.floor(tok.capacity))
+            out["x-ratelimit-remaining-tokens"] = str(tok.remaining(now))
+        return out
+
+
+@dataclass
+class _Counts:
+    requests: int = 0
+    errors: int = 0
+    rate_limited: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    def add(self, other: _Counts) -> None:
+        self.requests += other.requests
+        self.errors += other.errors
+        self.rate_limited += other.rate_limited
+        self.prompt_tokens += other.prompt_tokens
+        self.completion_tokens += other.completion_tokens
+
+    def as_dict(self) -> dict[str, int]:
+        return {"requests": self.requests, "errors": self.errors, "rate_limited": self.rate_limited,
+                "prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+                "total_tokens": self.prompt_tokens + self.completion_tokens}
+
+
+class UsageLedger:
+    """What each tenant used, per model, since the gateway replica started."""
+
+    def __init__(self) -> None:
+        self._counts: dict[tuple[str, str], _Counts] = {}
+
+    def _at(self, tenant: str, model: str) -> _Counts:
+        key = (tenant, model)
+        counts = self._counts.get(key)
+        if counts is None:
+            counts = self._counts[key] = _Counts()
+        return counts
+
+    def record(self, tenant: str, model: str, *, prompt_tokens: int = 0, completion_tokens: int = 0,
+               error: bool = False) -> None:
+        c = self._at(tenant, model)
+        c.requests += 1
+        c.errors += int(error)
+        c.prompt_tokens += prompt_tokens
+        c.completion_tokens += completion_tokens
+
+    def rate_limited(self, tenant: str, model: str) -> None:
+        self._at(tenant, model).rate_limited += 1
+
+    def snapshot(self) -> dict[str, Any]:
+        """``{tenant: {requests, errors, rate_limited, *_tokens, models: {model: {...}}}}``."""
+        out: dict[str, Any] = {}
+        for (tenant, model), counts in sorted(self._counts.items()):
+            entry = out.setdefault(tenant, {"total": _Counts(), "models": {}})
+            entry["total"].add(counts)
+            entry["models"][model] = counts.as_dict()
+        return {tenant: {**v["total"].as_dict(), "models": v["models"]} for tenant, v in out.items()}

@@ -1,0 +1,184 @@
+"""What every engine shares: requests, outputs, the engine protocol, stop sequences, chat prompts.
+
+An engine turns a prompt into a stream of :class:`EngineOutput` deltas. Everything above it
+(stop sequences, usage counts, OpenAI formatting) is engine-independent and lives in
+:class:`~shoal.llm.LLMServer` and the gateway.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+__all__ = [
+    "AdapterNotFoundError",
+    "ContextLengthError",
+    "Engine",
+    "EngineOutput",
+    "GenerationChunk",
+    "GenerationRequest",
+    "SamplingParams",
+    "StopMatcher",
+    "fallback_chat_prompt",
+]
+
+
+class ContextLengthError(ValueError):
+    """The prompt plus ``max_tokens`` does not fit the model's context window."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class AdapterNotFoundError(LookupError):
+    """A LoRA adapter was asked for that does not exist (or the engine cannot load adapters)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to sample. ``temperature == 0`` means greedy decoding."""
+
+    max_tokens: int | None = None
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    #: Keep generating past the end-of-sequence token (vLLM's name; for benchmarks and tests).
+    ignore_eos: bool = False
+    #: Passed to engines that implement them (vLLM); the transformers engine ignores them.
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0.0
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One generation: a raw ``prompt``, or chat ``messages`` the server renders with the model's template."""
+
+    request_id: str
+    prompt: str | None = None
+    messages: tuple[Mapping[str, str], ...] | None = None
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+
+
+@dataclass(frozen=True)
+class GenerationChunk:
+    """A piece of generated text, as :meth:`LLMServer.generate` streams it.
+
+    ``prompt_tokens`` and ``completion_tokens`` are running totals; ``finish_reason`` is set
+    on the last chunk (``"stop"``: end of sequence or a stop sequence, ``"length"``: ``max_tokens``).
+    """
+
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str | None = None
+
+
+@dataclass(frozen=True)
+class EngineOutput:
+    """A delta from an engine: new text, how many tokens it took, the running totals."""
+
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str | None = None
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """What :class:`~shoal.llm.LLMServer` needs from an engine.
+
+    ``generate`` must stop producing (and free what it holds) when its iterator is closed
+    or cancelled: that is how a client disconnect stops generation.
+    """
+
+    name: str
+
+    def load(self) -> None:
+        """Load the model (blocking; called once, from the deployment's constructor)."""
+
+    def render_chat(self, messages: Sequence[Mapping[str, str]]) -> str:
+        """The prompt for chat ``messages``: the tokenizer's chat template, else :func:`fallback_chat_prompt`."""
+
+    def generate(self, prompt: str, params: SamplingParams, request_id: str, adapter: Any = None,
+                 *, from_chat: bool = False) -> AsyncGenerator[EngineOutput, None]:
+        """Stream the completion of ``prompt`` (``from_chat``: it came from :meth:`render_chat`,
+        so it already holds the special tokens it needs). The last output has ``finish_reason`` set."""
+
+    @property
+    def supports_adapters(self) -> bool: ...
+
+    async def load_adapter(self, name: str, path: str) -> Any: ...
+
+    def stats(self) -> dict[str, Any]: ...
+
+    def shutdown(self) -> None:
+        """Free the engine's resources (threads, GPU memory)."""
+
+
+def fallback_chat_prompt(messages: Sequence[Mapping[str, str]]) -> str:
+    """The prompt for models whose tokenizer has no chat template: one labelled block per message.
+
+    ::
+
+        System: You are terse.
+        User: Hi!
+        Assistant:
+    """
+    lines = [f"{m.get('role', 'user').capitalize()}: {m.get('content', '')}" for m in messages]
+    lines.append("Assistant:")
+    return "\n".join(lines)
+
+
+class StopMatcher:
+    """Cuts streamed text at the first stop sequence, holding back what could be the start of one.
+
+    Feed it deltas; it returns the text that is safe to emit and whether a stop was hit.
+    At the end, :meth:`flush` returns what was held back.
+
+    Example::
+
+        m = StopMatcher(["\\n\\n"])
+        m.feed("Hello\\n")      # -> ("Hello", False): "\\n" may start a stop sequence
+        m.feed("\\nmore")       # -> ("", True): stopped; nothing after it is emitted
+    """
+
+    def __init__(self, stop: Sequence[str]) -> None:
+        self._stops = [s for s in stop if s]
+        self._held = ""
+        self.stopped = False
+
+    def feed(self, delta: str) -> tuple[str, bool]:
+        if self.stopped:
+            return "", True
+        if not self._stops:
+            return delta, False
+        text = self._held + delta
+        cut = min((i for i in (text.find(s) for s in self._stops) if i >= 0), default=-1)
+        if cut >= 0:
+            self._held = ""
+            self.stopped = True
+            return text[:cut], True
+        # Hold back the longest suffix of text that is a proper prefix of some stop sequence.
+        keep = 0
+        for s in self._stops:
+            for n in range(min(len(s) - 1, len(text)), keep, -1):
+                if text.endswith(s[:n]):
+                    keep = n
+                    break
+        self._held = text[len(text) - keep:] if keep else ""
+        return text[: len(text) - keep], False
+
+    def flush(self) -> str:
+        held, self._held = self._held, ""
+        return "" if self.stopped else held

@@ -1,0 +1,382 @@
+"""The transformers engine: ``AutoModelForCausalLM.generate`` in a worker thread, streamed token by token.
+
+Runs on the CPU, and on CUDA (or Apple's MPS) when ``device`` is ``auto`` and one is visible
+to the replica (give the deployment ``ray_actor_options: {num_gpus: 1}``). torch and
+transformers are imported when the engine loads, never when shoal is imported.
+
+Engine kwargs:
+
+* ``device``: ``auto`` (default), ``cpu``, ``cuda``, ``cuda:1``, ``mps``;
+* ``dtype``: ``auto`` (bfloat16 or float16 on CUDA, float32 elsewhere), ``float32``, ``float16``, ``bfloat16``;
+* ``max_concurrency``: generations run at once (default 1; the others wait their turn);
+* ``default_max_tokens``: ``max_tokens`` when a request gives none (default 256, capped by the context);
+* ``torch_threads``: torch's CPU threads (``LLMServer`` defaults it to the replica's ``num_cpus``, 1 unless set);
+* ``trust_remote_code``, ``tokenizer_source``, ``model_kwargs`` (passed to ``from_pretrained``).
+
+Generation stops within one token when its stream is closed (client disconnect, stop
+sequence): a stopping criterion reads a per-request event that closing sets.
+LoRA adapters load through ``peft`` when it is installed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import logging
+import threading
+from collections.abc import AsyncGenerator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from shoal.llm.engines._base import (
+    AdapterNotFoundError,
+    ContextLengthError,
+    EngineOutput,
+    SamplingParams,
+    fallback_chat_prompt,
+)
+
+__all__ = ["TransformersEngine", "pick_device"]
+
+logger = logging.getLogger("shoal.llm")
+
+_END = object()
+
+
+def pick_device(device: str) -> str:
+    """``auto`` -> ``cuda`` when torch sees a GPU, else ``mps`` when available, else ``cpu``."""
+    import torch
+
+    if device != "auto":
+        return device
+    if torch.cuda.is_available():
+        return "cuda"
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def _pick_dtype(dtype: str, device: str) -> Any:
+    import torch
+
+    if dtype != "auto":
+        value = getattr(torch, dtype, None)
+        if not isinstance(value, torch.dtype):
+            raise ValueError(f"unknown dtype {dtype!r}; use auto, float32, float16 or bfloat16")
+        return value
+    if device.startswith("cuda"):
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+class _Counter:
+    """A thread-safe running total (the generation threads add, the loop reads)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.value = 0
+
+    def add(self, n: int = 1) -> None:
+        with self._lock:
+            self.value += n
+
+
+class _QueueStreamer:
+    """transformers' streamer interface, handing each new token to an asyncio queue.
+
+    ``generate`` first puts the prompt (skipped here), then one token per step, then calls ``end``.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[Any], generated: _Counter) -> None:
+        self._loop = loop
+        self._queue = queue
+        self._generated = generated
+        self._prompt_seen = False
+
+    def _send(self, item: Any) -> None:
+        try:
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+        except RuntimeError:  # the loop is closed: the replica is going away
+            pass
+
+    def put(self, value: Any) -> None:
+        if not self._prompt_seen:
+            self._prompt_seen = True
+            return
+        ids = [int(t) for t in value.reshape(-1).tolist()]
+        self._generated.add(len(ids))
+        self._send(ids)
+
+    def end(self) -> None:
+        self._send(_END)
+
+
+class TransformersEngine:
+    """Hugging Face transformers on CPU or GPU; see the module docstring for its kwargs."""
+
+    name = "transformers"
+
+    def __init__(self, model_source: str, *, device: str = "auto", dtype: str = "auto", max_concurrency: int = 1,
+                 default_max_tokens: int = 256, trust_remote_code: bool = False, torch_threads: int | None = None,
+                 tokenizer_source: str | None = None, model_kwargs: dict[str, Any] | None = None) -> None:
+        if max_concurrency < 1:
+            raise ValueError("max_concurrency must be at least 1")
+        self.model_source = model_source
+        self.device_setting = device
+        self.dtype_setting = dtype
+        self.max_concurrency = max_concurrency
+        self.default_max_tokens = default_max_tokens
+        self.trust_remote_code = trust_remote_code
+        self.torch_threads = torch_threads
+        self.tokenizer_source = tokenizer_source or model_source
+        self.model_kwargs = dict(model_kwargs or {})
+        self.device = "cpu"
+        self.model: Any = None
+        self.tokenizer: Any = None
+        self.max_context: int | None = None
+        self._eos_ids: set[int] = set()
+        self._pad_id: int | None = None
+        self._pool: ThreadPoolExecutor | None = None
+        self._slots: asyncio.Semaphore | None = None
+        # peft switches adapters on the shared model, so generations must not overlap once one is loaded.
+        self._adapter_lock = threading.Lock()
+        self._adapters: set[str] = set()
+        self._unload: set[str] = set()
+        self._active: set[threading.Event] = set()
+        self._generated = _Counter()
+        self._requests = 0
+        self._running = 0
+        self._cancelled = 0
+
+    # -- loading
+    def load(self) -> None:
+        import torch
+        import transformers
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        if self.torch_threads:
+            torch.set_num_threads(int(self.torch_threads))
+        self.device = pick_device(self.device_setting)
+        dtype = _pick_dtype(self.dtype_setting, self.device)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_source, trust_remote_code=self.trust_remote_code)
+        # transformers 5 names the argument `dtype`; 4.x calls it `torch_dtype`.
+        dtype_arg = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
+        kwargs = {dtype_arg: dtype, "trust_remote_code": self.trust_remote_code, **self.model_kwargs}
+        model: Any = AutoModelForCausalLM.from_pretrained(self.model_source, **kwargs)
+        self.model = model.to(self.device).eval()
+        config = self.model.config
+        self.max_context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+        gen_config = getattr(self.model, "generation_config", None)
+        eos = getattr(gen_config, "eos_token_id", None)
+        if eos is None:
+            eos = self.tokenizer.eos_token_id
+        self._eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        pad = self.tokenizer.pad_token_id
+        self._pad_id = pad if pad is not None else (min(self._eos_ids) if self._eos_ids else None)
+        self._pool = ThreadPoolExecutor(max_workers=self.max_concurrency, thread_name_prefix="shoal-llm-generate")
+        logger.info("loaded %s on %s (%s), context %s", self.model_source, self.device, dtype, self.max_context)
+
+    # -- prompts
+    def render_chat(self, messages: Sequence[Mapping[str, str]]) -> str:
+        if getattr(self.tokenizer, "chat_template", None):
+            text = self.tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+            return str(text)
+        return fallback_chat_prompt(messages)
+
+    # -- adapters
+    @property
+    def supports_adapters(self) -> bool:
+        return importlib.util.find_spec("peft") is not None
+
+    async def load_adapter(self, name: str, path: str) -> Any:
+        if not self.supports_adapters:
+            raise AdapterNotFoundError(
+                f"LoRA adapter {name!r} cannot be served: the transformers engine loads adapters with peft, "
+                "which is not installed (pip install peft)"
+            )
+        return await asyncio.get_running_loop().run_in_executor(self._pool, self._load_adapter, name, path)
+
+    def _load_adapter(self, name: str, path: str) -> _Adapter:
+        from peft import PeftModel
+
+        with self._adapter_lock:
+            self._drop_unloaded()
+            if isinstance(self.model, PeftModel):
+                self.model.load_adapter(path, adapter_name=name)
+            else:
+                self.model = PeftModel.from_pretrained(self.model, path, adapter_name=name).eval()
+            self._adapters.add(name)
+        return _Adapter(self, name)
+
+    def _release_adapter(self, name: str) -> None:
+        # Called when the multiplexing cache evicts the adapter; the next generation deletes it.
+        self._unload.add(name)
+
+    def _drop_unloaded(self) -> None:
+        for name in list(self._unload):
+            self._unload.discard(name)
+            if name in self._adapters and hasattr(self.model, "delete_adapter"):
+                self.model.delete_adapter(name)
+                self._adapters.discard(name)
+
+    # -- generation
+    def _run(self, kwargs: dict[str, Any], seed: int | None, adapter: str | None) -> None:
+        import torch
+
+        with torch.inference_mode(), self._adapter_context(adapter):
+            if seed is not None:
+                torch.manual_seed(seed)
+            self.model.generate(**kwargs)
+
+    def _adapter_context(self, adapter: str | None) -> Any:
+        import contextlib
+
+        if not self._adapters and adapter is None:
+            return contextlib.nullcontext()
+        engine = self
+
+        @contextlib.contextmanager
+        def switched() -> Any:
+            with engine._adapter_lock:
+                engine._drop_unloaded()
+                if adapter is None:
+                    with engine.model.disable_adapter():
+                        yield
+                else:
+                    engine.model.set_adapter(adapter)
+                    yield
+
+        return switched()
+
+    def _generate_kwargs(self, input_ids: Any, attention_mask: Any, params: SamplingParams, max_new: int,
+                         streamer: _QueueStreamer, stop_event: threading.Event) -> dict[str, Any]:
+        from transformers import StoppingCriteria, StoppingCriteriaList
+
+        class Cancelled(StoppingCriteria):
+            def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+                import torch
+
+                return torch.full((input_ids.shape[0],), stop_event.is_set(), dtype=torch.bool,
+                                  device=input_ids.device)
+
+        kwargs: dict[str, Any] = {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "max_new_tokens": max_new,
+            "streamer": streamer,
+            "stopping_criteria": StoppingCriteriaList([Cancelled()]),
+            "pad_token_id": self._pad_id,
+        }
+        if params.greedy:
+            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        else:
+            kwargs.update(do_sample=True, temperature=params.temperature, top_p=params.top_p, top_k=0)
+        if params.ignore_eos:
+            kwargs["min_new_tokens"] = max_new  # suppresses end-of-sequence until max_new tokens
+        return kwargs
+
+    async def generate(self, prompt: str, params: SamplingParams, request_id: str, adapter: Any = None,
+                       *, from_chat: bool = False) -> AsyncGenerator[EngineOutput, None]:
+        if self.model is None or self._pool is None:
+            raise RuntimeError("the engine is not loaded; call load() first")
+        enc = self.tokenizer(prompt, return_tensors="pt", add_special_tokens=not from_chat)
+        input_ids = enc["input_ids"].to(self.device)
+        attention_mask = enc["attention_mask"].to(self.device) if "attention_mask" in enc else None
+        prompt_tokens = int(input_ids.shape[1])
+        room = self.max_context - prompt_tokens if self.max_context else None
+        if params.max_tokens is not None:
+            max_new = params.max_tokens
+        else:
+            max_new = self.default_max_tokens if room is None else max(1, min(self.default_max_tokens, room))
+        if room is not None and max_new > room:
+            raise ContextLengthError(
+                f"This model's maximum context length is {self.max_context} tokens. However, you requested "
+                f"{prompt_tokens + max_new} tokens ({prompt_tokens} in the prompt, {max_new} for the completion). "
+                "Please reduce the prompt or max_tokens."
+            )
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+        stop_event = threading.Event()
+        streamer = _QueueStreamer(loop, queue, self._generated)
+        kwargs = self._generate_kwargs(input_ids, attention_mask, params, max_new, streamer, stop_event)
+        adapter_name = adapter.name if isinstance(adapter, _Adapter) else None
+
+        if self._slots is None:
+            self._slots = asyncio.Semaphore(self.max_concurrency)
+        slots = self._slots
+        await slots.acquire()
+        # The slot is released when the thread ends, not when this generator does: a cancelled
+        # request's thread finishes its current step before the next request may start.
+        try:
+            job = loop.run_in_executor(self._pool, self._run, kwargs, params.seed, adapter_name)
+        except BaseException:
+            slots.release()
+            raise
+        job.add_done_callback(lambda _: slots.release())
+        self._requests += 1
+        self._running += 1
+        self._active.add(stop_event)
+        ids: list[int] = []
+        emitted = ""
+        finished = False
+        try:
+            while True:
+                item = await queue.get()
+                if item is _END:
+                    break
+                ids.extend(item)
+                text = self.tokenizer.decode(ids, skip_special_tokens=True)
+                if text.endswith("\ufffd"):
+                    continue  # an incomplete multi-byte character: wait for the next token
+                delta = text[len(emitted):] if text.startswith(emitted) else ""
+                emitted = text
+                if delta:
+                    yield EngineOutput(delta, prompt_tokens, len(ids))
+            await job  # re-raise an error of the generation thread
+            if ids and ids[-1] in self._eos_ids and not params.ignore_eos:
+                reason = "stop"
+            else:
+                reason = "length" if len(ids) >= max_new else "stop"
+            finished = True
+            yield EngineOutput("", prompt_tokens, len(ids), reason)
+        finally:
+            stop_event.set()
+            self._active.discard(stop_event)
+            self._running -= 1
+            if not finished:
+                self._cancelled += 1
+                job.add_done_callback(_log_thread_error)
+
+    def stats(self) -> dict[str, Any]:
+        out = {"engine": self.name, "device": self.device, "requests": self._requests, "running": self._running,
+               "generated_tokens": self._generated.value, "cancelled": self._cancelled,
+               "adapters_loaded": sorted(self._adapters)}
+        if self.device.startswith("cuda"):
+            import torch
+
+            out["cuda_device_name"] = torch.cuda.get_device_name(self.model.device)
+            out["cuda_memory_allocated"] = int(torch.cuda.memory_allocated(self.model.device))
+        return out
+
+    def shutdown(self) -> None:
+        for event in list(self._active):  # generation threads stop within a token
+            event.set()
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+class _Adapter:
+    """A loaded LoRA adapter; dropping the last reference (multiplexing eviction) unloads it."""
+
+    def __init__(self, engine: TransformersEngine, name: str) -> None:
+        self._engine = engine
+        self.name = name
+
+    def __del__(self) -> None:
+        self._engine._release_adapter(self.name)
+
+
+def _log_thread_error(job: asyncio.Future[Any]) -> None:
+    if not job.cancelled() and job.exception() is not None:
+        logger.warning("generation thread of a cancelled request failed: %r", job.exception())
