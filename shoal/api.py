@@ -15,6 +15,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from shoal import tracing as _tracing
 from shoal.config import HTTPOptions
 from shoal.deployment import Application, build_app_spec, format_validation_error
 from shoal.exceptions import RayServeException
@@ -23,7 +24,9 @@ from shoal.runtime import backend as _backend
 from shoal.runtime.backend import LoopThread
 from shoal.runtime.client import ControllerClient
 from shoal.runtime.controller import Controller, Settings
+from shoal.runtime.httpguard import exposure_warning
 from shoal.runtime.local import LocalBackend
+from shoal.runtime.rundir import private_dir
 from shoal.runtime.wire import new_secret
 from shoal.status import ServeStatus
 
@@ -78,8 +81,7 @@ def default_run_dir() -> str:
     explicit = os.environ.get("SHOAL_RUN_DIR")
     if explicit:
         return explicit
-    root = instances_root()
-    os.makedirs(root, mode=0o700, exist_ok=True)
+    root = private_dir(instances_root())
     default = os.path.join(root, "default")
     if not _is_live(default):
         return default
@@ -120,11 +122,12 @@ def start(
                 logger.warning("shoal is already running with other http_options; keeping the running ones")
             return
         _ensure_logging()
+        _tracing.setup_from_env("shoal-driver")  # $SHOAL_TRACING: handle calls from here start traces
         run_dir = _run_dir or default_run_dir()
         settings = Settings(run_dir=run_dir, http=opts, start_proxy=proxy and opts.location != "NoServer"
                             and opts.location != "Disabled", num_gpus=num_gpus, strict_cpus=strict_cpus)
         secret = new_secret()
-        os.makedirs(run_dir, mode=0o700, exist_ok=True)
+        private_dir(run_dir)
         _write_secret(run_dir, secret)
         loop = LoopThread().start()
         controller: Controller | None = None
@@ -151,7 +154,10 @@ def start(
         _backend.set_current(client)
         atexit.register(shutdown)
         if settings.start_proxy:
-            logger.info("shoal is serving HTTP on http://%s:%d", opts.host, ctl.http_port)
+            logger.info("shoal is serving HTTP on %s://%s:%d", opts.scheme, opts.host, ctl.http_port)
+            warning = exposure_warning(opts)
+            if warning:
+                logger.warning("%s", warning)
 
 
 def _write_secret(run_dir: str, secret: bytes) -> None:
@@ -172,7 +178,7 @@ def _require() -> _Instance:
 def http_address() -> str:
     """The base URL the proxy listens on (useful with ``port=0``)."""
     inst = _require()
-    return f"http://{inst.settings.http.host}:{inst.controller.http_port}"
+    return f"{inst.settings.http.scheme}://{inst.settings.http.host}:{inst.controller.http_port}"
 
 
 def run(

@@ -33,6 +33,7 @@ import inspect
 import logging
 import math
 import threading
+import time
 import weakref
 from collections import deque
 from collections.abc import AsyncGenerator, Callable, Sequence
@@ -40,6 +41,7 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, NamedTuple, Protocol, TypeVar, overload
 
+from shoal import metrics as _metrics
 from shoal.context import get_request_context
 from shoal.exceptions import RayServeException
 
@@ -417,6 +419,8 @@ class _BatchQueue:
 
     async def _run(self, taken: list[_Item]) -> None:
         released = False
+        waited = self.clock.time() - taken[0].arrival
+        begun = time.perf_counter()
         try:
             groups = _split_by_model(taken)
             if len(groups) == 1:
@@ -427,6 +431,8 @@ class _BatchQueue:
                 deliveries = await asyncio.gather(*(
                     self.loop.create_task(self.batcher.execute(g), context=g[0].context.copy()) for g in groups
                 ))
+            _metrics.PROCESS.batch_done(self.batcher.name, len(taken), self.batcher.max_batch_size, waited,
+                                        time.perf_counter() - begun)
             # Free the slot, and start the next batch if a full one is waiting, *before* waking
             # this batch's callers: the next call then runs while they do their work. A partial
             # batch waits for the deferred poke, so callers that call again at once can join it.

@@ -12,9 +12,10 @@ from typing import Any
 
 import click
 
-from shoal import lifecycle_cli
+from shoal import lifecycle_cli, logs_cli
 from shoal.api import _is_live, instances_root
 from shoal.kubernetes.cli import k8s as k8s_command
+from shoal.kubernetes.pod import replica as replica_command
 
 
 def _console() -> Any:
@@ -55,39 +56,27 @@ def run(target: str, name: str | None, route_prefix: str | None, host: str | Non
     """
     from shoal import api
     from shoal.config import HTTPOptions
-    from shoal.loader import build_application
-    from shoal.schema import ConfigError, ServeApplicationSchema, ServeDeploySchema, load_config_file
+    from shoal.devloop import deploy_with_progress
+    from shoal.schema import ConfigError
 
     console = _console()
     t0 = time.monotonic()
     try:
-        if _is_config_file(target):
-            config = load_config_file(target)
-            http = config.http_options
-            apps = config.applications
-            source = target
-        else:
-            http = HTTPOptions()
-            app_schema: dict[str, Any] = {"import_path": target, "name": name or "default"}
-            if route_prefix is not None:
-                app_schema["route_prefix"] = None if route_prefix.lower() == "none" else route_prefix
-            config = ServeDeploySchema.from_dict({"applications": [app_schema]}, source="command line")
-            apps = config.applications
-            source = "command line"
+        http, built = _load_and_build(target, name, route_prefix)
+        # The baseline is taken before deploying: an edit made while replicas start still counts.
+        watcher = _watcher(target) if reload else None
         overrides = {k: v for k, v in (("host", host), ("port", port)) if v is not None}
         if overrides:
             http = http.model_copy(update=overrides)
             HTTPOptions.model_validate(http.model_dump())
-        built = [(a, build_application(a, source=source, index=i)) for i, a in enumerate(apps)]
-    except (ConfigError, ImportError, AttributeError, ValueError, TypeError) as e:
+    except (ConfigError, ImportError, AttributeError, ValueError, TypeError, SyntaxError) as e:
         console.print(f"[red]error:[/red] {e}")
         raise SystemExit(2) from None
     try:
         api.start(http_options=http, num_gpus=num_gpus, strict_cpus=strict_cpus, _run_dir=address)
-        for app_schema_obj, application in built:
-            assert isinstance(app_schema_obj, ServeApplicationSchema)
-            with console.status(f"deploying application [bold]{app_schema_obj.name}[/bold] ..."):
-                api.run(application, name=app_schema_obj.name, route_prefix=app_schema_obj.route_prefix)
+        for app_name, prefix, application in built:
+            console.print(f"deploying application [bold]{app_name}[/bold]")
+            deploy_with_progress(console, application, app_name, prefix)
     except KeyboardInterrupt:
         api.shutdown()
         raise SystemExit(130) from None
@@ -103,7 +92,8 @@ def run(target: str, name: str | None, route_prefix: str | None, host: str | Non
     console.print("Press Ctrl-C to stop." + (" Watching the app's files for changes." if reload else ""))
     _install_sigterm()
     if reload:
-        _reload_loop(console, target, name, route_prefix)
+        assert watcher is not None
+        _reload_loop(console, target, name, route_prefix, watcher)
         api.shutdown()
     else:
         api.wait_for_shutdown()
@@ -132,7 +122,17 @@ def _load_and_build(target: str, name: str | None, route_prefix: str | None) -> 
     return http, built
 
 
-def _reload_loop(console: Any, target: str, name: str | None, route_prefix: str | None) -> None:
+def _watch_roots(target: str) -> list[str]:
+    return [os.getcwd()] + ([os.path.dirname(os.path.abspath(target))] if _is_config_file(target) else [])
+
+
+def _watcher(target: str) -> Any:
+    from shoal.devloop import SourceWatcher
+
+    return SourceWatcher(_watch_roots(target), [target] if _is_config_file(target) else [])
+
+
+def _reload_loop(console: Any, target: str, name: str | None, route_prefix: str | None, watcher: Any) -> None:
     """Redeploy in place whenever the app's files change, until Ctrl-C / shutdown.
 
     Changed code rolls the affected deployments (new replicas ready before old ones stop);
@@ -141,10 +141,9 @@ def _reload_loop(console: Any, target: str, name: str | None, route_prefix: str 
     import traceback
 
     from shoal import api
-    from shoal.devloop import SourceWatcher, deploy_with_progress, describe_changes, forget_modules
+    from shoal.devloop import deploy_with_progress, describe_changes, forget_modules
 
-    roots = [os.getcwd()] + ([os.path.dirname(os.path.abspath(target))] if _is_config_file(target) else [])
-    watcher = SourceWatcher(roots, [target] if _is_config_file(target) else [])
+    roots = _watch_roots(target)
     inst = api._require()
     try:
         while not inst.controller.shutdown_requested.is_set() and not inst.controller.stopped.is_set():
@@ -301,11 +300,15 @@ def resolve_address(address: str | None) -> str:
 def _admin(address: str, op: str, timeout: float = 30.0, **args: Any) -> Any:
     from shoal.runtime.backend import new_event_loop
     from shoal.runtime.client import ControllerClient, ControllerError
+    from shoal.runtime.rundir import check_private_dir
 
     path = os.path.join(address, "controller.sock")
     try:
+        check_private_dir(address)  # a directory another user made could hold their secret and socket
         with open(os.path.join(address, "secret"), "rb") as f:
             secret = f.read()
+    except PermissionError as e:
+        raise click.ClickException(str(e)) from None
     except OSError as e:
         raise click.ClickException(f"cannot read the instance secret in {address}: {e.strerror}") from None
 
@@ -333,9 +336,24 @@ def _admin(address: str, op: str, timeout: float = 30.0, **args: Any) -> Any:
 @cli.command()
 @click.option("--address", default=None, help="Instance directory (default: the one running instance).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-def status(address: str | None, as_json: bool) -> None:
+@click.option("-w", "--watch", is_flag=True,
+              help="Live view, redrawn every --interval: replicas, req/s, p50/p99, errors, canaries. Ctrl-C exits.")
+@click.option("--interval", type=click.FloatRange(min=0.1), default=1.0, show_default=True,
+              help="Seconds between refreshes of --watch.")
+@click.option("--iterations", type=click.IntRange(min=1), default=None,
+              help="With --watch: stop after this many refreshes (default: until Ctrl-C).")
+def status(address: str | None, as_json: bool, watch: bool, interval: float, iterations: int | None) -> None:
     """Show applications, deployments and replica states of a running instance."""
     addr = resolve_address(address)
+    if watch:
+        from shoal import watch as live_view
+
+        try:
+            live_view.run(lambda: dict(_admin(addr, "status", timeout=5.0).to_dict()), interval=interval,
+                          iterations=iterations, address=addr)
+        except KeyboardInterrupt:
+            pass
+        return
     st = _admin(addr, "status")
     data = st.to_dict()
     if as_json:
@@ -416,7 +434,9 @@ def delete(name: str, address: str | None) -> None:
     click.echo(f"deleted application {name!r}")
 
 
+cli.add_command(replica_command)
 cli.add_command(k8s_command)
+cli.add_command(logs_cli.logs)
 cli.add_command(lifecycle_cli.start)
 cli.add_command(lifecycle_cli.deploy)
 cli.add_command(lifecycle_cli.promote)

@@ -6,6 +6,8 @@ Serve mean the same thing here.
 
 from __future__ import annotations
 
+import os
+import re
 from enum import StrEnum
 from typing import Any, Literal
 
@@ -148,6 +150,47 @@ class DeploymentConfig(_Strict):
     graceful_shutdown_timeout_s: NonNegativeFloat = 20.0
     ray_actor_options: RayActorOptions = Field(default_factory=RayActorOptions)
     logging_config: LoggingConfig | None = None
+    # Gang replicas: each replica is a gang of ranks, one process per bundle (Ray's spelling:
+    # one resource dict per rank, e.g. {"CPU": 1, "GPU": 1}) or ``num_ranks`` processes with
+    # ``ray_actor_options`` each (shoal's spelling). The strategy is accepted; locally every
+    # rank is on this machine.
+    placement_group_bundles: list[dict[str, NonNegativeFloat]] | None = None
+    placement_group_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] | None = None
+    num_ranks: PositiveInt | None = None
+
+    @field_validator("placement_group_bundles")
+    @classmethod
+    def _bundles(cls, v: list[dict[str, float]] | None) -> list[dict[str, float]] | None:
+        if v is not None and not v:
+            raise ValueError("placement_group_bundles needs at least one bundle (one per rank)")
+        return v
+
+    @model_validator(mode="after")
+    def _ranks_match_bundles(self) -> DeploymentConfig:
+        if self.placement_group_bundles is not None and self.num_ranks is not None \
+                and self.num_ranks != len(self.placement_group_bundles):
+            raise ValueError(f"num_ranks ({self.num_ranks}) must equal the number of placement_group_bundles "
+                             f"({len(self.placement_group_bundles)}): one bundle per rank")
+        return self
+
+    @property
+    def world_size(self) -> int:
+        """Processes per replica: 1, or the gang's number of ranks."""
+        if self.placement_group_bundles is not None:
+            return len(self.placement_group_bundles)
+        return self.num_ranks or 1
+
+    def rank_resources(self, rank: int) -> dict[str, Any]:
+        """``ray_actor_options``-shaped resources of one rank (its bundle, if bundles are given)."""
+        if self.placement_group_bundles is None:
+            return self.ray_actor_options.model_dump(exclude_defaults=True)
+        bundle = dict(self.placement_group_bundles[rank])
+        out: dict[str, Any] = {"num_cpus": bundle.pop("CPU", 0.0), "num_gpus": bundle.pop("GPU", 0.0)}
+        if "memory" in bundle:
+            out["memory"] = bundle.pop("memory")
+        if bundle:
+            out["resources"] = bundle
+        return out
 
     @field_validator("max_queued_requests")
     @classmethod
@@ -182,6 +225,9 @@ class DeploymentConfig(_Strict):
 class HTTPOptions(_Strict):
     """Options of the HTTP proxy (Ray Serve's ``http_options``)."""
 
+    # Error messages never repeat what was given: API keys and the key password are secrets.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, hide_input_in_errors=True)
+
     host: str = "127.0.0.1"
     # 0 asks the operating system for a free port; status reports the one chosen.
     port: int = Field(default=8000, ge=0, le=65535)
@@ -193,6 +239,29 @@ class HTTPOptions(_Strict):
     # shoal: ingress replicas accept HTTP connections on the shared port themselves, saving the
     # proxy hop; the proxy process steps aside while every routed app has such a replica.
     ingress_serves_http: bool = True
+    # shoal: a read-only dashboard at /-/dashboard and the JSON it polls, /-/status.json
+    # (off: both answer 404).
+    dashboard: bool = True
+    # shoal: request limits, enforced by every HTTP front before anything reaches a replica.
+    # A larger body gets 413, a larger request head (request line and headers) 431.
+    max_request_body_bytes: PositiveInt = 100 * 1024 * 1024
+    max_header_bytes: int = Field(default=64 * 1024, ge=1024)
+    # shoal: API keys. When any is configured, every request but /-/healthz needs
+    # "Authorization: Bearer <key>" or "x-api-key: <key>" (401 otherwise). Keys may be written
+    # here, or kept out of the config file: a variable of the environment shoal starts in
+    # (comma- or space-separated keys) or a file (one key per line, '#' comments).
+    api_keys: list[str] = Field(default_factory=list, repr=False)
+    api_keys_env: str | None = None
+    api_keys_file: str | None = None
+    # shoal: "module:function" called with each request (a Starlette Request without its body)
+    # after the API keys passed; it returns True to let the request in (see docs/security.md).
+    auth: str | None = None
+    # Ray Serve's TLS options: with a certificate and its key, the port serves HTTPS only.
+    # ssl_ca_certs turns on client certificate verification (mutual TLS) against those CAs.
+    ssl_keyfile: str | None = None
+    ssl_certfile: str | None = None
+    ssl_keyfile_password: str | None = Field(default=None, repr=False)
+    ssl_ca_certs: str | None = None
 
     @field_validator("root_path")
     @classmethod
@@ -200,6 +269,101 @@ class HTTPOptions(_Strict):
         if v and (not v.startswith("/") or v.endswith("/")):
             raise ValueError("root_path must start with '/' and must not end with '/'")
         return v
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _keys(cls, v: Any) -> Any:
+        # Checked here, as a whole, so that no error message repeats a key.
+        if not isinstance(v, list | tuple):
+            raise ValueError("api_keys must be a list of strings")
+        for i, key in enumerate(v):
+            problem = api_key_problem(key)
+            if problem:
+                raise ValueError(f"api_keys[{i}] {problem}")
+        return list(v)
+
+    @field_validator("api_keys_env")
+    @classmethod
+    def _env_name(cls, v: str | None) -> str | None:
+        if v is not None and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", v):
+            raise ValueError("must be the name of an environment variable")
+        return v
+
+    @field_validator("api_keys_file", "ssl_keyfile", "ssl_certfile", "ssl_ca_certs")
+    @classmethod
+    def _file_exists(cls, v: str | None) -> str | None:
+        if v is not None and not os.path.isfile(v):
+            raise ValueError(f"no such file (got {v!r})")
+        return v
+
+    @field_validator("auth")
+    @classmethod
+    def _auth_path(cls, v: str | None) -> str | None:
+        if v is not None and not re.fullmatch(r"[A-Za-z_][\w.]*[:.][A-Za-z_][\w.]*", v):
+            raise ValueError(f"expected an import path 'module:function' (got {v!r})")
+        return v
+
+    @model_validator(mode="after")
+    def _tls_pairs(self) -> HTTPOptions:
+        if (self.ssl_keyfile is None) != (self.ssl_certfile is None):
+            raise ValueError("ssl_keyfile and ssl_certfile must be given together")
+        if self.ssl_certfile is None and (self.ssl_keyfile_password is not None or self.ssl_ca_certs is not None):
+            raise ValueError("ssl_keyfile_password and ssl_ca_certs need ssl_certfile and ssl_keyfile")
+        return self
+
+    @property
+    def scheme(self) -> str:
+        """``https`` when TLS is configured, else ``http``."""
+        return "https" if self.ssl_certfile else "http"
+
+    @property
+    def requires_auth(self) -> bool:
+        """Whether requests must pass API keys or an auth hook."""
+        return bool(self.api_keys or self.api_keys_env or self.api_keys_file or self.auth)
+
+    def resolved_api_keys(self) -> tuple[str, ...]:
+        """Every configured key: ``api_keys``, then those from ``api_keys_env`` and ``api_keys_file``.
+
+        Read when an instance starts (not when the config is loaded), so that the keys need only
+        be present where shoal runs. A named variable or file that holds no key is an error.
+        """
+        keys = list(self.api_keys)
+        sources: list[tuple[str, str]] = []
+        if self.api_keys_env:
+            sources.append((f"http_options.api_keys_env: environment variable {self.api_keys_env}",
+                            os.environ.get(self.api_keys_env, "")))
+        if self.api_keys_file:
+            where = f"http_options.api_keys_file: {self.api_keys_file}"
+            try:
+                with open(self.api_keys_file, encoding="utf-8") as f:
+                    text = "\n".join(line.split("#", 1)[0] for line in f)
+            except (OSError, UnicodeDecodeError) as e:
+                raise ValueError(f"{where}: cannot read: {e}") from None
+            sources.append((where, text))
+        for where, text in sources:
+            found = text.replace(",", " ").split()
+            if not found:
+                raise ValueError(f"{where} holds no API key")
+            for key in found:
+                problem = api_key_problem(key)
+                if problem:
+                    raise ValueError(f"{where}: a key {problem}")
+            keys.extend(found)
+        return tuple(dict.fromkeys(keys))
+
+
+MIN_API_KEY_LENGTH = 16
+
+
+def api_key_problem(key: Any) -> str:
+    """What is wrong with an API key ("" if nothing), without repeating the key."""
+    if not isinstance(key, str):
+        return f"must be a string, not {type(key).__name__}"
+    if len(key) < MIN_API_KEY_LENGTH:
+        return f"is too short: API keys need at least {MIN_API_KEY_LENGTH} characters"
+    if not key.isascii() or not key.isprintable() or any(c.isspace() or c == "," for c in key):
+        return "may hold only printable ASCII characters, without spaces or commas"
+    return ""
 
 
 def validate_route_prefix(prefix: str | None) -> str | None:

@@ -27,6 +27,9 @@ class ReplicaContext:
     deployment: str
     replica_tag: str
     servable_object: Any = None
+    # Gang replicas: this process's rank and the gang's size (0 and 1 otherwise).
+    rank: int = 0
+    world_size: int = 1
 
     @property
     def replica_id(self) -> ReplicaID:

@@ -24,7 +24,8 @@ T = TypeVar("T")
 _TRACKER_ID = re.compile(rb"\x8c\x20[0-9a-f]{32}\x94N")
 
 # Options whose change needs new replica processes; the others apply in place.
-_RESTART_FIELDS = ("ray_actor_options", "max_ongoing_requests", "logging_config")
+_RESTART_FIELDS = ("ray_actor_options", "max_ongoing_requests", "logging_config", "placement_group_bundles",
+                   "placement_group_strategy", "num_ranks")
 
 
 class _Unset:
@@ -168,6 +169,9 @@ def deployment(
     graceful_shutdown_wait_loop_s: float = ...,
     graceful_shutdown_timeout_s: float = ...,
     logging_config: dict[str, Any] | Any = ...,
+    placement_group_bundles: list[dict[str, float]] | None = ...,
+    placement_group_strategy: str | None = ...,
+    num_ranks: int | None = ...,
 ) -> Callable[[Callable[..., Any]], Deployment]: ...
 
 
@@ -186,6 +190,9 @@ def deployment(
     graceful_shutdown_wait_loop_s: float = UNSET,
     graceful_shutdown_timeout_s: float = UNSET,
     logging_config: dict[str, Any] | Any = UNSET,
+    placement_group_bundles: list[dict[str, float]] | None = UNSET,
+    placement_group_strategy: str | None = UNSET,
+    num_ranks: int | None = UNSET,
 ) -> Deployment | Callable[[Callable[..., Any]], Deployment]:
     """Turn a class or function into a :class:`Deployment`; usable bare or with options.
 
@@ -211,6 +218,9 @@ def deployment(
         "graceful_shutdown_wait_loop_s": graceful_shutdown_wait_loop_s,
         "graceful_shutdown_timeout_s": graceful_shutdown_timeout_s,
         "logging_config": logging_config,
+        "placement_group_bundles": placement_group_bundles,
+        "placement_group_strategy": placement_group_strategy,
+        "num_ranks": num_ranks,
     }
     given = {k: v for k, v in given.items() if v is not UNSET}
     if given.get("ray_actor_options") is None:

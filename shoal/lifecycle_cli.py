@@ -44,8 +44,9 @@ def _tail(path: str, lines: int = 20) -> str:
 @click.option("--strict-cpus", is_flag=True, help="Refuse to oversubscribe CPUs (num_cpus is enforced).")
 @click.option("--log-file", default=None,
               help="Where the controller writes its log (default <address>/controller.log).")
+@click.option("--no-dashboard", is_flag=True, help="Do not serve /-/dashboard and /-/status.json.")
 def start(address: str | None, host: str, port: int, num_gpus: int | None, strict_cpus: bool,
-          log_file: str | None) -> None:
+          log_file: str | None, no_dashboard: bool) -> None:
     """Start a long-running local instance in the background.
 
     Deploy to it with ``shoal deploy config.yaml``; watch it with ``shoal status``; stop it
@@ -65,9 +66,15 @@ def start(address: str | None, host: str, port: int, num_gpus: int | None, stric
         http = HTTPOptions(host=host, port=port)
     except ValueError as e:
         raise click.UsageError(str(e)) from None
-    os.makedirs(run_dir, mode=0o700, exist_ok=True)
+    from shoal.runtime.rundir import private_dir
+
+    try:
+        private_dir(run_dir)
+    except PermissionError as e:
+        raise click.ClickException(str(e)) from None
     log_path = log_file or os.path.join(run_dir, LOG_FILE)
-    opts = {"run_dir": run_dir, "http": {"host": http.host, "port": http.port}, "num_gpus": num_gpus,
+    opts = {"run_dir": run_dir, "http": {"host": http.host, "port": http.port, "dashboard": not no_dashboard},
+            "num_gpus": num_gpus,
             "strict_cpus": strict_cpus}
     with open(log_path, "ab") as log:
         proc = subprocess.Popen([sys.executable, "-m", "shoal.runtime.daemon", json.dumps(opts)],
@@ -145,7 +152,7 @@ def deploy(config_file: str, address: str | None, canary: float | None, no_wait:
         click.echo(f"{name}: {what}")
     current = _admin(addr, "status")
     http = config.http_options
-    if current.http_address and current.http_address != f"http://{http.host}:{http.port}" \
+    if current.http_address and current.http_address != f"{http.scheme}://{http.host}:{http.port}" \
             and "http_options" in (getattr(config, "model_fields_set", set()) or set()):
         click.echo(f"note: the instance serves {current.http_address}; http_options apply at `shoal start`",
                    err=True)

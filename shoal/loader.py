@@ -14,6 +14,7 @@ import importlib
 import inspect
 import os
 import sys
+import types
 import typing
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -268,6 +269,11 @@ def _args_model(builder: Callable[..., Any], first: inspect.Parameter) -> type[B
     annotation = hints.get(first.name, first.annotation)
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return annotation
+    # `Args | dict[str, Any]`: a builder that also takes plain dicts from Python callers.
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        models = [a for a in typing.get_args(annotation) if isinstance(a, type) and issubclass(a, BaseModel)]
+        if len(models) == 1:
+            return models[0]
     return None
 
 

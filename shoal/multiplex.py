@@ -22,10 +22,12 @@ from __future__ import annotations
 import asyncio
 import functools
 import inspect
+import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from shoal import metrics as _metrics
 from shoal.context import get_request_context
 
 __all__ = ["get_multiplexed_model_id", "multiplexed"]
@@ -49,6 +51,7 @@ class _ModelCache:
         self._loading: dict[str, asyncio.Future[Any]] = {}
 
     async def get(self, model_id: str) -> Any:
+        _metrics.PROCESS.model_requested()
         if model_id in self.models:
             self.models.move_to_end(model_id)
             return self.models[model_id]
@@ -60,7 +63,9 @@ class _ModelCache:
         try:
             while len(self.models) >= self.capacity:
                 self._evict()
+            begun = time.perf_counter()
             model = await self._load(model_id)
+            _metrics.PROCESS.model_loaded(time.perf_counter() - begun)
         except BaseException as e:
             fut.set_exception(e)
             fut.exception()  # retrieved: waiters re-raise it
@@ -74,10 +79,12 @@ class _ModelCache:
             del self._loading[model_id]
 
     def _evict(self) -> None:
+        begun = time.perf_counter()
         _, model = self.models.popitem(last=False)
         self._report()
         # Dropping the last reference runs the model's __del__ (CPython frees it at once).
         del model
+        _metrics.PROCESS.model_unloaded(time.perf_counter() - begun)
 
     def _report(self) -> None:
         if models_changed_hook is not None:

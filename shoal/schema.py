@@ -320,6 +320,9 @@ class DeploymentSchema(_Schema):
     graceful_shutdown_timeout_s: NonNegativeFloat | None = None
     ray_actor_options: RayActorOptions | None = None
     logging_config: LoggingConfig | None = None
+    placement_group_bundles: list[dict[str, NonNegativeFloat]] | None = None
+    placement_group_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] | None = None
+    num_ranks: PositiveInt | None = None
 
     @field_validator("name")
     @classmethod
@@ -500,7 +503,53 @@ class _StrictYAMLLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+# A document's size counted with every alias expanded (a "billion laughs" file is small on disk).
+MAX_CONFIG_NODES = 1_000_000
+
+
+def _check_shape(data: Any, source: str) -> None:
+    """Refuse documents that refer to themselves (recursive aliases) or that expand past
+    :data:`MAX_CONFIG_NODES` values: later steps (validation, JSON, pickling) would loop or blow up."""
+    sizes: dict[int, int] = {}
+    # Iterative post-order walk; a node on the current path seen again is a cycle.
+    stack: list[tuple[Any, bool]] = [(data, False)]
+    on_path: set[int] = set()
+    while stack:
+        node, done = stack.pop()
+        if not isinstance(node, dict | list):
+            continue
+        key = id(node)
+        children = list(node.values()) if isinstance(node, dict) else node
+        if done:
+            on_path.discard(key)
+            sizes[key] = 1 + sum(sizes.get(id(c), 1) for c in children)
+            if sizes[key] > MAX_CONFIG_NODES:
+                raise ConfigError(source, f"the document has over {MAX_CONFIG_NODES} values once its aliases "
+                                  "are expanded")
+            continue
+        if key in sizes:
+            continue
+        if key in on_path:
+            raise ConfigError(source, "the document contains itself (a recursive alias)")
+        on_path.add(key)
+        stack.append((node, True))
+        stack.extend((c, False) for c in children)
+
+
 def _parse(text: str, source: str, as_json: bool) -> Any:
+    try:
+        data = _parse_text(text, source, as_json)
+    except RecursionError:
+        raise ConfigError(source, "the document is nested too deeply") from None
+    except ValueError as e:  # e.g. an integer of more digits than Python converts
+        if isinstance(e, ConfigError):
+            raise
+        raise ConfigError(source, f"invalid {'JSON' if as_json else 'YAML'}: {e}") from None
+    _check_shape(data, source)
+    return data
+
+
+def _parse_text(text: str, source: str, as_json: bool) -> Any:
     if as_json:
         try:
             return json.loads(text)

@@ -56,6 +56,7 @@ PRUNE_KINDS: tuple[tuple[str, str], ...] = (
     ("keda.sh/v1alpha1", "ScaledObject"),
     ("autoscaling/v2", "HorizontalPodAutoscaler"),
     ("policy/v1", "PodDisruptionBudget"),
+    ("leaderworkerset.x-k8s.io/v1", "LeaderWorkerSet"),
     ("apps/v1", "Deployment"),
     ("v1", "Service"),
     ("networking.k8s.io/v1", "NetworkPolicy"),
@@ -145,7 +146,8 @@ def plan_apply(objects: Sequence[Obj], api: ClusterAPI, scopes: Iterable[Scope],
         if scope.canary_of is not None and scope.app is not None:
             stable = (f"{L_PART_OF}={label_value(scope.app)},{L_INSTANCE}={label_value(scope.app)},"
                       f"app.kubernetes.io/managed-by={MANAGED_BY}")
-            deployments = _list(api, "apps/v1", "Deployment", scope.namespace, stable)
+            deployments = (_list(api, "apps/v1", "Deployment", scope.namespace, stable)
+                           + _list(api, "leaderworkerset.x-k8s.io/v1", "LeaderWorkerSet", scope.namespace, stable))
             versions = sorted({(d.get("metadata", {}).get("labels") or {}).get(L_VERSION, "") for d in deployments})
             if scope.canary_of not in versions:
                 plan.warnings.append(
@@ -214,6 +216,7 @@ def _install_hint(kind: str) -> str:
         "ScaledObject": " (install KEDA, or build with --autoscaler hpa)",
         "HTTPRoute": " (install the Gateway API CRDs and a Gateway controller, or build with --ingress-class)",
         "PodMonitor": " (install the Prometheus Operator, or build without --pod-monitor)",
+        "LeaderWorkerSet": " (gang deployments need the LeaderWorkerSet controller: install kubernetes-sigs/lws)",
     }.get(kind, "")
 
 

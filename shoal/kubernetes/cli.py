@@ -103,6 +103,8 @@ def _build_options(f: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--shm-size", default="1Gi", show_default=True, help="Size limit of the /dev/shm emptyDir."),
         click.option("--cluster-domain", default="cluster.local", show_default=True),
         click.option("--pod-monitor", is_flag=True, help="Also emit a Prometheus Operator PodMonitor."),
+        click.option("--grafana", is_flag=True,
+                     help="Also emit the Grafana dashboard, in a ConfigMap labelled grafana_dashboard=1 (sidecar)."),
     ]
     for opt in reversed(opts):
         f = opt(f)

@@ -6,7 +6,8 @@ back from its ConfigMap) and :class:`CompileOptions`, it returns Kubernetes obje
 ready to be written as YAML or applied with server-side apply. Nothing here talks to a
 cluster or reads the clock; the only randomness is the optional generated Secret.
 
-Per shoal deployment it emits a ``Deployment`` running ``shoal replica --deployment NAME``, a
+Per shoal deployment it emits a ``Deployment`` running ``shoal replica --deployment NAME`` (for a
+gang deployment a ``LeaderWorkerSet``, one group of pods per replica: :mod:`shoal.kubernetes.lws`), a
 headless ``Service`` on the RPC port (callers discover pod IPs through its DNS records), a
 ``PodDisruptionBudget``, a ``NetworkPolicy`` admitting exactly its callers, and a KEDA
 ``ScaledObject`` or ``autoscaling/v2`` HPA when it autoscales. Per application: a
@@ -30,9 +31,9 @@ from typing import Any, Literal
 
 import yaml
 
-from shoal.config import AutoscalingConfig, DeploymentConfig
+from shoal.config import AutoscalingConfig, DeploymentConfig, RayActorOptions
 from shoal.deployment import AppSpec, DeploymentSpec
-from shoal.kubernetes import names
+from shoal.kubernetes import lws, names
 
 __all__ = [
     "CACHE_DIR",
@@ -141,6 +142,8 @@ class CompileOptions:
     shm_size: str = "1Gi"
     cluster_domain: str = "cluster.local"
     pod_monitor: bool = False
+    # A ConfigMap holding the Grafana dashboard (shoal.grafana), for Grafana's dashboard sidecar.
+    grafana: bool = False
 
 
 @dataclass
@@ -355,6 +358,17 @@ class _Ctx:
     def workload(self, dep: str) -> str:
         return names.workload_name(self.instance, dep)
 
+    def warn(self, message: str) -> None:
+        if message not in self.warnings:
+            self.warnings.append(message)
+
+    def serving_selector(self, dep: DeploymentSpec) -> dict[str, str]:
+        """The pods that serve a deployment's callers: all of them, or a gang's leaders (rank 0)."""
+        selector = self.selector(dep.name)
+        if dep.config.world_size > 1:
+            selector[names.LWS_LABEL_WORKER_INDEX] = "0"
+        return selector
+
 
 def compile_app(spec: AppSpec, entry: Mapping[str, Any], opts: CompileOptions, *,
                 http_options: Mapping[str, Any] | None = None) -> CompileResult:
@@ -383,13 +397,15 @@ def compile_app(spec: AppSpec, entry: Mapping[str, Any], opts: CompileOptions, *
     objects.extend(_network_policies(ctx))
     for dep in spec.deployments.values():
         objects.append(_headless_service(ctx, dep))
-        objects.append(_deployment(ctx, dep, config_hash))
+        objects.append(_workload(ctx, dep, config_hash))
         objects.append(_pdb(ctx, dep))
         objects.extend(_autoscaler(ctx, dep))
     if spec.route_prefix is not None:
         objects.extend(_http_objects(ctx))
     if opts.pod_monitor:
         objects.append(_pod_monitor(ctx))
+    if opts.grafana:
+        objects.append(_grafana_dashboard(ctx))
     check_collisions(objects)
     return CompileResult(objects=objects, warnings=ctx.warnings)
 
@@ -444,6 +460,17 @@ def _check_names(ctx: _Ctx) -> None:
                     f"application {ctx.app!r}: deployments {dep!r} and {other!r} get the same label value {lv!r}; "
                     "rename one with .options(name=...)"
                 )
+    # A LeaderWorkerSet makes a headless Service of its own name: it must not meet another Service.
+    services = {**by_name, **{k: v for k, v in reserved.items() if ctx.spec.route_prefix is not None}}
+    for dep, spec in ctx.spec.deployments.items():
+        if spec.config.world_size > 1:
+            gang = names.gang_name(ctx.instance, dep)
+            if gang in services:
+                raise CompileError(
+                    f"application {ctx.app!r}: the LeaderWorkerSet of gang deployment {dep!r} is named {gang!r}, "
+                    f"which is also the Service of {services[gang]!r}; rename a deployment"
+                )
+            services[gang] = dep
 
 
 def _serve_config_text(ctx: _Ctx, entry: Mapping[str, Any], http_options: Mapping[str, Any]) -> str:
@@ -510,9 +537,9 @@ def generated_secret(app: str, opts: CompileOptions, labels: Mapping[str, str]) 
 # --- workloads ---------------------------------------------------------------------------------
 
 
-def _resources(ctx: _Ctx, dep: DeploymentSpec) -> tuple[Obj, bool]:
-    """Container resources from ray_actor_options, and whether the pod needs a GPU node."""
-    rao = dep.config.ray_actor_options
+def _resources(ctx: _Ctx, dep: DeploymentSpec, rao: RayActorOptions | None = None) -> tuple[Obj, bool]:
+    """Container resources from ray_actor_options (or one gang rank's), and whether the pod needs a GPU node."""
+    rao = rao if rao is not None else dep.config.ray_actor_options
     requests: dict[str, str] = {}
     limits: dict[str, str] = {}
     cpus = rao.effective_num_cpus
@@ -536,12 +563,12 @@ def _resources(ctx: _Ctx, dep: DeploymentSpec) -> tuple[Obj, bool]:
                 )
             limits[ctx.opts.gpu_resource] = "1"
     if rao.resources:
-        ctx.warnings.append(
+        ctx.warn(
             f"deployment {dep.name!r}: custom resources {sorted(rao.resources)} have no Kubernetes equivalent "
             "and are ignored"
         )
     if rao.accelerator_type:
-        ctx.warnings.append(
+        ctx.warn(
             f"deployment {dep.name!r}: accelerator_type {rao.accelerator_type!r} is not mapped to a node selector; "
             "add one with your own patch"
         )
@@ -553,7 +580,7 @@ def _resources(ctx: _Ctx, dep: DeploymentSpec) -> tuple[Obj, bool]:
     return out, gpu
 
 
-def _env(ctx: _Ctx, dep: DeploymentSpec) -> list[Obj]:
+def _env(ctx: _Ctx, dep: DeploymentSpec, extra: Sequence[Obj] = ()) -> list[Obj]:
     def field_ref(path: str) -> Obj:
         return {"valueFrom": {"fieldRef": {"apiVersion": "v1", "fieldPath": path}}}
 
@@ -572,6 +599,7 @@ def _env(ctx: _Ctx, dep: DeploymentSpec) -> list[Obj]:
         {"name": "HOME", "value": CACHE_DIR},
         {"name": "XDG_CACHE_HOME", "value": CACHE_DIR},
         {"name": "PYTHONUNBUFFERED", "value": "1"},
+        *extra,
     ]
     # runtime_env env_vars (the app's, then the deployment's), then --env: later ones win.
     app_env = ctx.entry.get("runtime_env") or {}
@@ -617,24 +645,29 @@ def _probes(dep: DeploymentSpec, opts: CompileOptions) -> Obj:
     }
 
 
-def _deployment(ctx: _Ctx, dep: DeploymentSpec, config_hash: str) -> Obj:
+def _pod_template(ctx: _Ctx, dep: DeploymentSpec, config_hash: str, *, rank: int | None = None) -> Obj:
+    """The pod template of a deployment's replicas; for a gang, of its leader (``rank=0``) or of
+    its workers (``rank=1``: every rank from 1 to N-1)."""
     opts = ctx.opts
     cfg: DeploymentConfig = dep.config
     component = "ingress" if dep.ingress else "deployment"
-    resources, gpu = _resources(ctx, dep)
+    gang = names.gang_name(ctx.instance, dep.name) if rank is not None else ""
+    resources, gpu = _resources(ctx, dep, None if rank is None else _rank_options(ctx, dep, rank))
     ports: list[Obj] = [
         {"name": "rpc", "containerPort": names.RPC_PORT, "protocol": "TCP"},
         {"name": "admin", "containerPort": names.ADMIN_PORT, "protocol": "TCP"},
     ]
-    if dep.ingress and ctx.spec.route_prefix is not None:
+    if dep.ingress and ctx.spec.route_prefix is not None and not rank:
         ports.append({"name": "http", "containerPort": names.HTTP_PORT, "protocol": "TCP"})
+    if rank == 0:
+        ports.append({"name": "rendezvous", "containerPort": names.RENDEZVOUS_PORT, "protocol": "TCP"})
     container: Obj = {
         "name": CONTAINER_NAME,
         "image": opts.image,
         "imagePullPolicy": opts.image_pull_policy,
         "command": ["shoal", "replica"],
-        "args": ["--deployment", dep.name],
-        "env": _env(ctx, dep),
+        "args": ["--deployment", dep.name] + (["--rank-from-env"] if gang else []),
+        "env": _env(ctx, dep, lws.gang_env(gang) if gang else ()),
         "ports": ports,
         **_probes(dep, opts),
         # Let endpoints and callers' DNS catch up before SIGTERM; the replica then drains its
@@ -662,6 +695,18 @@ def _deployment(ctx: _Ctx, dep: DeploymentSpec, config_hash: str) -> Obj:
     if resources:
         container["resources"] = resources
     selector = ctx.selector(dep.name)
+    # Replicas across nodes; a gang's pods carry LWS's revision label instead of pod-template-hash.
+    spread: list[Obj] = [{
+        "maxSkew": 1,
+        "topologyKey": "kubernetes.io/hostname",
+        "whenUnsatisfiable": "ScheduleAnyway",
+        "labelSelector": {"matchLabels": dict(selector)},
+        "matchLabelKeys": [names.LWS_LABEL_REVISION if gang else "pod-template-hash"],
+    }]
+    affinity: Obj | None = None
+    if gang:
+        affinity, within_group = lws.placement_affinity(cfg.placement_group_strategy)
+        spread.extend(within_group)
     pod_spec: Obj = {
         "serviceAccountName": _sa_name(ctx),
         "automountServiceAccountToken": False,
@@ -675,15 +720,7 @@ def _deployment(ctx: _Ctx, dep: DeploymentSpec, config_hash: str) -> Obj:
         },
         "terminationGracePeriodSeconds": opts.prestop_sleep_s + _seconds(cfg.graceful_shutdown_timeout_s, 0)
         + TERMINATION_MARGIN_S,
-        "topologySpreadConstraints": [
-            {
-                "maxSkew": 1,
-                "topologyKey": "kubernetes.io/hostname",
-                "whenUnsatisfiable": "ScheduleAnyway",
-                "labelSelector": {"matchLabels": dict(selector)},
-                "matchLabelKeys": ["pod-template-hash"],
-            }
-        ],
+        "topologySpreadConstraints": spread,
         "containers": [container],
         "volumes": [
             {"name": "config", "configMap": {"name": names.config_map_name(ctx.instance)}},
@@ -692,6 +729,8 @@ def _deployment(ctx: _Ctx, dep: DeploymentSpec, config_hash: str) -> Obj:
             {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": opts.shm_size}},
         ],
     }
+    if affinity is not None:
+        pod_spec["affinity"] = affinity
     if gpu:
         pod_spec["tolerations"] = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
     if opts.image_pull_secrets:
@@ -705,20 +744,40 @@ def _deployment(ctx: _Ctx, dep: DeploymentSpec, config_hash: str) -> Obj:
         "prometheus.io/path": "/metrics",
         "kubectl.kubernetes.io/default-container": CONTAINER_NAME,
     }
+    return {
+        "metadata": {"labels": ctx.labels(dep=dep.name, component=component), "annotations": pod_annotations},
+        "spec": pod_spec,
+    }
+
+
+def _replicas(cfg: DeploymentConfig) -> int | None:
+    """The replica count to write, or None when an autoscaler owns it (re-applying then never
+    fights the autoscaler; the workload starts with 1)."""
+    if cfg.resolved_autoscaling() is None:
+        return cfg.num_replicas if isinstance(cfg.num_replicas, int) else 1
+    return None
+
+
+def _workload(ctx: _Ctx, dep: DeploymentSpec, config_hash: str) -> Obj:
+    """A Deployment, or for a gang deployment a LeaderWorkerSet."""
+    if dep.config.world_size > 1:
+        return _leader_worker_set(ctx, dep, config_hash)
+    return _deployment(ctx, dep, config_hash)
+
+
+def _deployment(ctx: _Ctx, dep: DeploymentSpec, config_hash: str) -> Obj:
+    opts = ctx.opts
+    component = "ingress" if dep.ingress else "deployment"
     spec: Obj = {}
-    auto = cfg.resolved_autoscaling()
-    if auto is None:
-        spec["replicas"] = cfg.num_replicas if isinstance(cfg.num_replicas, int) else 1
-    # Autoscaled: no replicas field, so re-applying never fights the autoscaler (1 on creation).
+    replicas = _replicas(dep.config)
+    if replicas is not None:
+        spec["replicas"] = replicas
     spec.update({
         "revisionHistoryLimit": 5,
         "progressDeadlineSeconds": max(900, opts.startup_timeout_s + 300),
-        "selector": {"matchLabels": selector},
+        "selector": {"matchLabels": ctx.selector(dep.name)},
         "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": "25%", "maxUnavailable": 0}},
-        "template": {
-            "metadata": {"labels": ctx.labels(dep=dep.name, component=component), "annotations": pod_annotations},
-            "spec": pod_spec,
-        },
+        "template": _pod_template(ctx, dep, config_hash),
     })
     return {
         "apiVersion": "apps/v1",
@@ -726,6 +785,39 @@ def _deployment(ctx: _Ctx, dep: DeploymentSpec, config_hash: str) -> Obj:
         "metadata": ctx.meta(ctx.workload(dep.name), component=component, dep=dep.name),
         "spec": spec,
     }
+
+
+def _rank_options(ctx: _Ctx, dep: DeploymentSpec, rank: int) -> RayActorOptions:
+    """Resources of a gang's leader (rank 0) or of its workers: one template serves ranks 1..N-1,
+    so bundles that differ between them are merged, each resource at its largest."""
+    cfg = dep.config
+    ranks = [0] if rank == 0 else list(range(1, cfg.world_size))
+    bundles = [cfg.rank_resources(r) for r in ranks]
+    merged = dict(bundles[0])
+    for other in bundles[1:]:
+        if other != bundles[0]:
+            ctx.warn(f"deployment {dep.name!r}: ranks 1..{cfg.world_size - 1} share one pod template (the "
+                     "LeaderWorkerSet's workerTemplate), so each asks for the largest of their bundles")
+        for key in ("num_cpus", "num_gpus", "memory"):
+            if key in other:
+                merged[key] = max(float(merged.get(key) or 0.0), float(other[key]))
+        if other.get("resources"):
+            extra = dict(merged.get("resources") or {})
+            for name, amount in other["resources"].items():
+                extra[name] = max(extra.get(name, 0.0), amount)
+            merged["resources"] = extra
+    return RayActorOptions(**merged)
+
+
+def _leader_worker_set(ctx: _Ctx, dep: DeploymentSpec, config_hash: str) -> Obj:
+    component = "ingress" if dep.ingress else "deployment"
+    return lws.leader_worker_set(
+        ctx.meta(names.gang_name(ctx.instance, dep.name), component=component, dep=dep.name),
+        replicas=_replicas(dep.config),
+        size=dep.config.world_size,
+        leader_template=_pod_template(ctx, dep, config_hash, rank=0),
+        worker_template=_pod_template(ctx, dep, config_hash, rank=1),
+    )
 
 
 def _headless_service(ctx: _Ctx, dep: DeploymentSpec) -> Obj:
@@ -738,7 +830,8 @@ def _headless_service(ctx: _Ctx, dep: DeploymentSpec) -> Obj:
             # Headless: DNS returns the ready pods' IPs; the caller's router balances itself.
             "clusterIP": "None",
             "publishNotReadyAddresses": False,
-            "selector": ctx.selector(dep.name),
+            # A gang is called through its leaders only (rank 0 runs each request on every rank).
+            "selector": ctx.serving_selector(dep),
             "ports": [{"name": "rpc", "port": names.RPC_PORT, "targetPort": "rpc", "protocol": "TCP"}],
         },
     }
@@ -792,6 +885,9 @@ def _autoscaler(ctx: _Ctx, dep: DeploymentSpec) -> list[Obj]:
     min_replicas = auto.min_replicas
     comp = "ingress" if dep.ingress else "deployment"
     target = {"apiVersion": "apps/v1", "kind": "Deployment", "name": ctx.workload(dep.name)}
+    if dep.config.world_size > 1:  # LeaderWorkerSets have the scale subresource: one replica is one group
+        target = {"apiVersion": names.LWS_API_VERSION, "kind": lws.LWS_KIND,
+                  "name": names.gang_name(ctx.instance, dep.name)}
     threshold = f"{auto.target_ongoing_requests:g}"
     if ctx.opts.autoscaler == "hpa":
         if min_replicas == 0:
@@ -904,7 +1000,7 @@ def _network_policies(ctx: _Ctx) -> list[Obj]:
         ingress_rules.append({"from": _ns_peer(opts.metrics_from_namespaces),
                               "ports": [{"protocol": "TCP", "port": names.ADMIN_PORT}]})
         spec: Obj = {
-            "podSelector": {"matchLabels": ctx.selector(dep.name)},
+            "podSelector": {"matchLabels": ctx.serving_selector(dep)},
             "policyTypes": ["Ingress", "Egress"],
             "ingress": ingress_rules,
         }
@@ -919,6 +1015,11 @@ def _network_policies(ctx: _Ctx) -> list[Obj]:
             "metadata": ctx.meta(ctx.workload(dep.name), component="network-policy", dep=dep.name),
             "spec": spec,
         })
+        if dep.config.world_size > 1:  # a gang: its ranks among themselves (the policy above is rank 0's)
+            policies.append(lws.gang_network_policy(
+                ctx.meta(names.gang_name(ctx.instance, dep.name), component="network-policy", dep=dep.name),
+                ctx.selector(dep.name), metrics_from=_ns_peer(opts.metrics_from_namespaces),
+                callees=[ctx.selector(c) for c in dep.calls]))
     return policies
 
 
@@ -931,7 +1032,7 @@ def _http_objects(ctx: _Ctx) -> list[Obj]:
     prefix = ctx.spec.route_prefix or "/"
     out: list[Obj] = []
     svc_name = names.ingress_service_name(ctx.instance)
-    out.append(_http_service(ctx, svc_name, ctx.selector(ingress_dep), ingress_dep))
+    out.append(_http_service(ctx, svc_name, ctx.serving_selector(ctx.spec.deployments[ingress_dep]), ingress_dep))
     backends: list[Obj] = [{"name": svc_name, "port": names.HTTP_PORT}]
     if ctx.canary and opts.canary_of is not None:
         old_instance = instance_name(ctx.app, opts.canary_of, True)
@@ -939,6 +1040,8 @@ def _http_objects(ctx: _Ctx) -> list[Obj]:
         # The stable pods of the old version: the plain app instance, pinned to its version label.
         old_selector = {L_PART_OF: label_value(ctx.app), L_INSTANCE: label_value(ctx.app),
                         L_NAME: label_value(ingress_dep), L_VERSION: opts.canary_of}
+        if ctx.spec.deployments[ingress_dep].config.world_size > 1:
+            old_selector[names.LWS_LABEL_WORKER_INDEX] = "0"
         out.append(_http_service(ctx, old_name, old_selector, ingress_dep,
                                  annotations={A_CANARY_OF: opts.canary_of}))
         backends = [
@@ -1031,6 +1134,18 @@ def _pod_monitor(ctx: _Ctx) -> Obj:
             "podMetricsEndpoints": [{"port": "admin", "path": "/metrics", "interval": "15s"}],
         },
     }
+
+
+def _grafana_dashboard(ctx: _Ctx) -> Obj:
+    """The dashboard of shoal.grafana, preset to this application, in a ConfigMap labelled for
+    Grafana's dashboard sidecar (``grafana_dashboard: "1"``)."""
+    from shoal.grafana import dashboard_json
+
+    meta = ctx.meta(names.dns_label(ctx.instance, "grafana"), component="dashboard")
+    meta["labels"]["grafana_dashboard"] = "1"
+    uid = names.dns_label("shoal", ctx.instance, max_len=40)
+    return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": meta,
+            "data": {f"shoal-{names.dns_label(ctx.instance)}.json": dashboard_json(ctx.instance, uid)}}
 
 
 # --------------------------------------------------------------------------------------------

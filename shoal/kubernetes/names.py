@@ -13,6 +13,9 @@ import re
 RPC_PORT = 9000  # framed RPC between deployments (shoal.runtime.wire over TCP)
 HTTP_PORT = 8000  # HTTP on the ingress deployment's pods only
 ADMIN_PORT = 8001  # /-/healthz (liveness), /-/ready (readiness), /metrics on every pod
+# Gang replicas: rank 0 (the LeaderWorkerSet's leader) listens here for torch.distributed's
+# env:// rendezvous (MASTER_PORT); every pod has its own network namespace, so one fixed port.
+RENDEZVOUS_PORT = 29500
 
 # Environment of a replica container.
 ENV_DEPLOYMENT = "SHOAL_DEPLOYMENT"  # the deployment this pod serves
@@ -23,10 +26,27 @@ ENV_POD_NAME = "SHOAL_POD_NAME"  # metadata.name
 ENV_POD_IP = "SHOAL_POD_IP"  # status.podIP; the address the pod listens on
 ENV_SECRET = "SHOAL_RPC_SECRET"  # the internal RPC secret, from a Secret via secretKeyRef
 ENV_CLUSTER_DOMAIN = "SHOAL_CLUSTER_DOMAIN"  # default "cluster.local"
+# Gang replicas: the LeaderWorkerSet's name. LWS names rank i's pod "<leader pod name>-<i>"
+# and gives it that hostname under a headless Service named after the LWS (the DNS name
+# "<pod>.<gang>.<namespace>.svc.<domain>"), which is how rank 0 finds ranks 1..N-1.
+ENV_GANG = "SHOAL_GANG"
 # Test hook for the pod simulation: a JSON file {"dns name": ["ip", ...]} consulted instead of
 # getaddrinfo, rewritten by the simulator as pods come and go (what cluster DNS does for
 # headless Services). Never set by the compiler.
 ENV_RESOLVER_FILE = "SHOAL_RESOLVER_FILE"
+
+# What the LeaderWorkerSet controller gives every pod of a group (leaderworkerset.x-k8s.io/v1):
+# environment variables, prepended to each container's own (so "$(LWS_WORKER_INDEX)" expands in
+# them), and labels.
+ENV_LWS_LEADER_ADDRESS = "LWS_LEADER_ADDRESS"  # "<leader pod>.<lws>.<namespace>"
+ENV_LWS_GROUP_SIZE = "LWS_GROUP_SIZE"  # pods per group (= world_size)
+ENV_LWS_WORKER_INDEX = "LWS_WORKER_INDEX"  # 0 for the leader, 1..N-1 for the workers
+LWS_API_VERSION = "leaderworkerset.x-k8s.io/v1"
+LWS_LABEL_NAME = "leaderworkerset.sigs.k8s.io/name"
+LWS_LABEL_GROUP_INDEX = "leaderworkerset.sigs.k8s.io/group-index"
+LWS_LABEL_WORKER_INDEX = "leaderworkerset.sigs.k8s.io/worker-index"
+LWS_LABEL_GROUP_KEY = "leaderworkerset.sigs.k8s.io/group-key"
+LWS_LABEL_REVISION = "leaderworkerset.sigs.k8s.io/template-revision-hash"
 
 CONFIG_MOUNT_DIR = "/etc/shoal"
 CONFIG_FILE_NAME = "serve.yaml"
@@ -64,6 +84,15 @@ def workload_name(app: str, deployment: str) -> str:
     return dns_label(app, deployment)
 
 
+def gang_name(app: str, deployment: str) -> str:
+    """Name of the LeaderWorkerSet of a gang deployment (and of the headless Service LWS makes
+    for it). Not the workload name: that one stays the deployment's own headless Service, which
+    lists ready leaders only, while LWS's lists every rank, ready or not, for the rendezvous.
+    Short enough for LWS's derived names: pods "<gang>-<group>-<rank>", StatefulSets and their
+    revision labels."""
+    return dns_label(app, deployment, "gang", max_len=40)
+
+
 def headless_service_name(app: str, deployment: str) -> str:
     return workload_name(app, deployment)
 
@@ -79,6 +108,12 @@ def secret_name(app: str) -> str:
 
 def config_map_name(app: str) -> str:
     return dns_label(app, "config")
+
+
+def rank_dns(leader_pod: str, rank: int, gang: str, namespace: str, cluster_domain: str = "cluster.local") -> str:
+    """The DNS name of one rank's pod of a gang (rank 0 is the leader pod itself)."""
+    host = leader_pod if rank == 0 else f"{leader_pod}-{rank}"
+    return f"{host}.{gang}.{namespace}.svc.{cluster_domain}"
 
 
 def service_dns(app: str, deployment: str, namespace: str, cluster_domain: str = "cluster.local") -> str:

@@ -9,6 +9,8 @@ known from the CRD's documentation):
 * KEDA ``ScaledObject`` (keda.sh/v1alpha1)
 * Gateway API ``HTTPRoute`` (gateway.networking.k8s.io/v1)
 * Prometheus Operator ``PodMonitor`` (monitoring.coreos.com/v1)
+* ``LeaderWorkerSet`` (leaderworkerset.x-k8s.io/v1), whose two pod templates are then checked
+  against the Kubernetes schema of a ``PodTemplateSpec`` (strict, like a Deployment's)
 
 Both packages come with shoal's ``dev`` extra; ``shoal k8s build --validate`` uses them too.
 :func:`restricted_violations` checks a pod spec against the Pod Security Standards'
@@ -302,10 +304,78 @@ POD_MONITOR = _object("monitoring.coreos.com/v1", "PodMonitor", {
     },
 })
 
+_INT_OR_PERCENT = {"anyOf": [{"type": "integer", "minimum": 0}, {"type": "string", "pattern": r"^[0-9]+%$"}]}
+
+# The fields of the LeaderWorkerSet CRD (api/leaderworkerset/v1 of kubernetes-sigs/lws, v0.6+).
+# Pod templates are objects here; validate_object checks them against Kubernetes' own schema.
+LEADER_WORKER_SET = _object("leaderworkerset.x-k8s.io/v1", "LeaderWorkerSet", {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["leaderWorkerTemplate"],
+    "properties": {
+        "replicas": {"type": "integer", "minimum": 0},
+        "startupPolicy": {"enum": ["LeaderCreated", "LeaderReady"]},
+        "rolloutStrategy": {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["type"],
+            "properties": {
+                "type": {"enum": ["RollingUpdate"]},
+                "rollingUpdateConfiguration": {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "properties": {
+                        "partition": {"type": "integer", "minimum": 0},
+                        "maxUnavailable": _INT_OR_PERCENT,
+                        "maxSurge": _INT_OR_PERCENT,
+                    },
+                    # The controller refuses a rollout that can neither surge nor take a group down.
+                    "not": {"properties": {"maxUnavailable": {"const": 0}, "maxSurge": {"const": 0}},
+                            "required": ["maxUnavailable", "maxSurge"]},
+                },
+            },
+        },
+        "networkConfig": {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["subdomainPolicy"],
+            "properties": {"subdomainPolicy": {"enum": ["Shared", "UniquePerReplica"]}},
+        },
+        "leaderWorkerTemplate": {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["workerTemplate"],
+            "properties": {
+                "leaderTemplate": {"type": "object"},
+                "workerTemplate": {"type": "object"},
+                "size": {"type": "integer", "minimum": 1},
+                "restartPolicy": {"enum": ["RecreateGroupOnPodRestart", "RecreateGroupAfterStart", "None",
+                                           "Default"]},
+                "subGroupPolicy": {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "properties": {
+                        "subGroupPolicyType": {"enum": ["LeaderWorker", "LeaderExcluded"]},
+                        "subGroupSize": {"type": "integer", "minimum": 1},
+                    },
+                },
+                "volumeClaimTemplates": {"type": "array", "items": {"type": "object"}},
+                "persistentVolumeClaimRetentionPolicy": {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "properties": {"whenDeleted": {"enum": ["Retain", "Delete"]},
+                                   "whenScaled": {"enum": ["Retain", "Delete"]}},
+                },
+            },
+        },
+    },
+})
+
 CRD_SCHEMAS: dict[tuple[str, str], Obj] = {
     ("keda.sh/v1alpha1", "ScaledObject"): SCALED_OBJECT,
     ("gateway.networking.k8s.io/v1", "HTTPRoute"): HTTP_ROUTE,
     ("monitoring.coreos.com/v1", "PodMonitor"): POD_MONITOR,
+    ("leaderworkerset.x-k8s.io/v1", "LeaderWorkerSet"): LEADER_WORKER_SET,
 }
 
 
@@ -332,6 +402,8 @@ def validate_object(obj: Obj, version: str = KUBERNETES_VERSION) -> str:
             e = errors[0]
             path = ".".join(str(p) for p in e.absolute_path) or "(root)"
             raise ObjectInvalid(f"{_where(obj)}: {path}: {e.message}")
+        for field, template in _pod_templates(obj):
+            _validate_pod_template(obj, field, template, version)
         return "crd"
     try:
         import kubernetes_validate
@@ -346,6 +418,31 @@ def validate_object(obj: Obj, version: str = KUBERNETES_VERSION) -> str:
         path = ".".join(str(p) for p in getattr(e, "absolute_path", [])) or "(root)"
         raise ObjectInvalid(f"{_where(obj)}: {path}: {getattr(e, 'message', e)}") from None
     return "kubernetes " + ".".join(version.split(".")[:2])
+
+
+def _pod_templates(obj: Obj) -> list[tuple[str, Obj]]:
+    """The pod templates inside a custom resource, by field path (a LeaderWorkerSet's two)."""
+    if obj.get("kind") != "LeaderWorkerSet":
+        return []
+    lwt = (obj.get("spec") or {}).get("leaderWorkerTemplate") or {}
+    return [(f"spec.leaderWorkerTemplate.{key}", lwt[key]) for key in ("leaderTemplate", "workerTemplate")
+            if key in lwt]
+
+
+def _validate_pod_template(owner: Obj, field: str, template: Obj, version: str) -> None:
+    """A PodTemplateSpec checked as Kubernetes checks a Deployment's: wrapped in a v1 PodTemplate."""
+    try:
+        import kubernetes_validate
+    except ImportError:
+        raise ImportError("validation needs kubernetes-validate: pip install 'shoal[dev]'") from None
+
+    wrapped = {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "template"}, "template": template}
+    try:
+        kubernetes_validate.validate(wrapped, version, strict=True)
+    except kubernetes_validate.ValidationError as e:
+        inner = [str(p) for p in getattr(e, "absolute_path", [])]
+        path = ".".join([field, *inner[1:]] if inner[:1] == ["template"] else [field, *inner])
+        raise ObjectInvalid(f"{_where(owner)}: {path}: {getattr(e, 'message', e)}") from None
 
 
 def validate_objects(objects: Iterable[Obj], version: str = KUBERNETES_VERSION) -> None:
@@ -433,7 +530,11 @@ def check_restricted(objects: Iterable[Obj]) -> None:
     """Raise :class:`ObjectInvalid` for the first pod template that is not "restricted"."""
     for obj in objects:
         template = (obj.get("spec") or {}).get("template")
+        templates = _pod_templates(obj)
         if obj.get("kind") in ("Deployment", "StatefulSet", "DaemonSet", "Job") and template:
-            problems = restricted_violations(template.get("spec") or {})
+            templates = [("spec.template", template)]
+        for field, tmpl in templates:
+            problems = restricted_violations(tmpl.get("spec") or {})
             if problems:
-                raise ObjectInvalid(f"{_where(obj)}: not Pod Security restricted: {'; '.join(problems)}")
+                where = "" if field == "spec.template" else f" ({field})"
+                raise ObjectInvalid(f"{_where(obj)}{where}: not Pod Security restricted: {'; '.join(problems)}")

@@ -101,6 +101,10 @@ class ControllerClient:
                 self._call_in_loop(self._subscribe, key)
         return router
 
+    def routers(self) -> list[tuple[tuple[str, str], Router]]:
+        """This process's routers by (app, deployment) (read for metrics)."""
+        return list(self._routers.items())
+
     def _call_in_loop(self, fn: Callable[..., None], *args: Any) -> None:
         try:
             running = asyncio.get_running_loop()

@@ -27,7 +27,9 @@ from typing import Any
 from shoal.autoscaling import Autoscaler, PolicyLoadError
 from shoal.config import HTTPOptions
 from shoal.deployment import AppSpec, DeploymentSpec
+from shoal.metrics import ControllerMetrics
 from shoal.resources import Ledger, Pending, Request, detect
+from shoal.runtime.gang import RankRecord, free_port, place_gang, rank_env, rank_tag
 from shoal.runtime.processes import AdoptedProcess, Proc, is_shoal_process, spawn
 from shoal.runtime.reconcile import ReplicaView, StartReplica, StopReplica, reconcile
 from shoal.runtime.replica import Bootstrap
@@ -143,6 +145,9 @@ class ReplicaRecord:
     requests: int = 0
     errors: int = 0
     latency_hist: tuple[int, ...] = ()
+    # Gang replicas (rank 0's record): the other ranks, and whether rank 0 itself is ready.
+    ranks: list[RankRecord] = field(default_factory=list)
+    rank0_ready: bool = False
 
 
 @dataclass(eq=False)
@@ -238,13 +243,18 @@ class Controller:
         self.shutdown_requested = asyncio.Event()
         self.store = StateStore(settings.state_path) if settings.state_path else None
         self.fd_path = os.path.join(settings.run_dir, "http-fd.sock") if self.store is not None else ""
+        # Ranks 1..N-1 of gang replicas, by their own tag.
+        self.ranks: dict[str, RankRecord] = {}
         # Canary releases in progress: app name -> percent of its HTTP traffic for the canary
         # (an app record under "<name>#canary").
         self.canaries: dict[str, float] = {}
+        # Prometheus: the replicas' and proxy's multiprocess directory, and this controller's own metrics.
+        self.metrics = ControllerMetrics(settings.run_dir)
 
     # ---- start / stop -----------------------------------------------------------------------
     async def start(self) -> None:
         os.makedirs(self.settings.run_dir, mode=0o700, exist_ok=True)
+        self.metrics.prepare()
         self._server = await serve_unix(self.path, self.secret, self._on_connect)
         if self.store is not None:
             self._restore()
@@ -294,7 +304,7 @@ class Controller:
         boot = ProxyBootstrap(self.path, self.secret, ident, self._listen_sock.fileno(),
                               FrontOptions.of(self.settings.http),
                               os.getpid(), self.settings.die_with_parent, self.settings.log_level, list(sys.path),
-                              fd_path=self.fd_path)
+                              fd_path=self.fd_path, log_dir=os.path.join(self.settings.run_dir, "logs"))
         proc = self._popen("shoal.runtime.proxy", pickle.dumps(boot), pass_fds=(self._listen_sock.fileno(),))
         restarts = self.proxy.restarts + 1 if self.proxy else 0
         if self.proxy is not None and self.store is not None:
@@ -305,7 +315,7 @@ class Controller:
 
     def _popen(self, module: str, stdin_data: bytes, pass_fds: tuple[int, ...] = (),
                env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
-        return spawn([self.settings.python, "-m", module], stdin_data, pass_fds, env)
+        return spawn([self.settings.python, "-m", module], stdin_data, pass_fds, {**self.metrics.env, **(env or {})})
 
     async def shutdown(self) -> None:
         """Stop every replica (gracefully, then by force) and the proxy; close the socket."""
@@ -352,6 +362,7 @@ class Controller:
         if self.store is not None:
             self.store.clear()  # a deliberate shutdown: the next start begins empty
             self.store.close()
+        self.metrics.remove()
         self.stopped.set()
 
     def _stop_process(self, proc: Proc, conn: FramedProtocol | None) -> None:
@@ -415,7 +426,8 @@ class Controller:
                 continue
             info = row.info
             dep = self._dep_record(str(info.get("app")), str(info.get("deployment")))
-            if not alive or dep is None:
+            # Gangs are not adopted (their ranks rendezvous once): they are started afresh.
+            if not alive or dep is None or row.role == "rank" or info.get("gang"):
                 if alive:
                     AdoptedProcess(row.pid).kill()
                 store.delete_process(row.ident)
@@ -628,6 +640,7 @@ class Controller:
         scaler.record(now, queued + ongoing, queued)
         running = [r.tag for r in mine if r.state == ReplicaState.RUNNING]
         new = scaler.decide(now, len(mine), running)
+        self.metrics.autoscale_tick(app, name, queued + ongoing, dep.target, new)
         if new != dep.target:
             logger.info("autoscaling %s/%s from %d to %d replicas", app, name, dep.target, new)
             dep.scaling = "UPSCALING" if new > dep.target else "DOWNSCALING"
@@ -724,6 +737,11 @@ class Controller:
 
     def _reap(self, now: float) -> bool:
         changed = False
+        for member in list(self.ranks.values()):
+            code = member.proc.poll()
+            if code is not None and member.tag in self.ranks:
+                self._gang_member_gone(member, f"exited with code {code}")
+                changed = True
         for ident, spare in list(self.spares.items()):
             if spare.proc.poll() is not None:
                 if not self.stopping:
@@ -757,7 +775,19 @@ class Controller:
         if self.replicas.pop(rec.tag, None) is None:
             return
         self.ledger.release(rec.tag)
+        self.metrics.process_exited(rec.proc.pid)
         rec.adopt_deadline = 0.0
+        for member in rec.ranks:
+            self.ranks.pop(member.tag, None)
+            self.ledger.release(member.tag)
+            self._kill(member.proc)
+            self.metrics.process_exited(member.proc.pid)
+            if self.store is not None:
+                self.store.delete_process(member.tag)
+            try:
+                os.unlink(member.socket_path)
+            except OSError:
+                pass
         if self.store is not None:
             self.store.delete_process(rec.tag)
         owner = self._dep_record(rec.app, rec.deployment)
@@ -812,7 +842,8 @@ class Controller:
         fds = (self._listen_sock.fileno(),) if http and self._listen_sock is not None else ()
         boot = Bootstrap(self.path, self.secret, tag, list(sys.path), os.getcwd(), os.getpid(),
                          self.settings.die_with_parent, self.settings.log_level,
-                         http_fd=fds[0] if fds else -1, http=FrontOptions.of(self.settings.http) if fds else None)
+                         http_fd=fds[0] if fds else -1, http=FrontOptions.of(self.settings.http) if fds else None,
+                         log_dir=os.path.join(self.settings.run_dir, "logs"))
         return boot, fds
 
     def _spawn_spare(self) -> None:
@@ -835,6 +866,9 @@ class Controller:
         app_rec = self.apps.get(app)
         serves_http = (dep.spec.ingress and self._listen_sock is not None and self.settings.http.ingress_serves_http
                        and app_rec is not None and app_rec.spec.route_prefix is not None)
+        if dep.spec.config.world_size > 1:
+            self._start_gang(app, dep, tag, uid, socket_path, serves_http)
+            return
         placement = self.ledger.place(tag, Request.of(dep.spec.config.ray_actor_options))
         if isinstance(placement, Pending):
             # Stays pending, with a status message naming what is missing; retried each tick.
@@ -867,15 +901,76 @@ class Controller:
         rec = ReplicaRecord(tag, app, dep.spec.name, dep.version, socket_path, proc,
                             started_at=time.monotonic(), serves_http=serves_http, gpus=placement.gpus)
         self.replicas[tag] = rec
+        self.metrics.replica_started(app, dep.spec.name)
         if self.store is not None:
             self.store.save_process(tag, "replica", proc.pid, app=app, deployment=dep.spec.name, version=dep.version,
                                     socket_path=socket_path, serves_http=serves_http, gpus=list(placement.gpus))
         if conn is not None:
             self._on_hello(conn, Hello("replica", tag))
 
+    def _start_gang(self, app: str, dep: DeploymentRecord, tag: str, uid: str, socket_path: str,
+                    serves_http: bool) -> None:
+        """Start every rank of one gang replica (all placed, or none and the gang pending)."""
+        cfg = dep.spec.config
+        n = cfg.world_size
+        placements = place_gang(self.ledger, tag, [Request.of(cfg.rank_resources(i)) for i in range(n)])
+        if isinstance(placements, Pending):
+            dep.message = f"replica pending: {placements.reason}"
+            dep.resource_blocked = True
+            if placements.can_never_fit:
+                dep.failures = MAX_START_FAILURES
+                dep.ready_once = False
+            return
+        port = free_port()
+        procs: list[Proc] = []
+        try:
+            for rank, placement in enumerate(placements):
+                env = {**self.ledger.cuda_env(placement), **rank_env(rank, n, port)}
+                ident = tag if rank == 0 else rank_tag(tag, rank)
+                boot, fds = self._replica_bootstrap(ident, serves_http and rank == 0)
+                procs.append(self._popen("shoal.runtime.replica", pickle.dumps(boot), pass_fds=fds, env=env))
+        except OSError as e:
+            for p in procs:
+                self._kill(p)
+            for placement in placements:
+                self.ledger.release(placement.tag)
+            dep.failures += 1
+            dep.message = f"could not start the gang's rank processes: {e}"
+            return
+        rec = ReplicaRecord(tag, app, dep.spec.name, dep.version, socket_path, procs[0],
+                            started_at=time.monotonic(), serves_http=serves_http, gpus=placements[0].gpus)
+        for rank in range(1, n):
+            member = RankRecord(rank_tag(tag, rank), tag, rank,
+                                os.path.join(self.settings.run_dir, f"r-{uid}-{rank}.sock"), procs[rank])
+            rec.ranks.append(member)
+            self.ranks[member.tag] = member
+        self.replicas[tag] = rec
+        if self.store is not None:
+            self.store.save_process(tag, "replica", procs[0].pid, app=app, deployment=dep.spec.name,
+                                    version=dep.version, socket_path=socket_path, serves_http=serves_http,
+                                    gpus=list(placements[0].gpus), gang=True)
+            for member in rec.ranks:
+                self.store.save_process(member.tag, "rank", member.proc.pid, parent=tag)
+
+    def _gang_member_gone(self, member: RankRecord, why: str) -> None:
+        """A rank of a gang died: the whole gang replica goes (and is replaced)."""
+        parent = self.replicas.get(member.parent)
+        if parent is None:
+            return
+        dep = self._dep_record(parent.app, parent.deployment)
+        if dep is not None and parent.state != ReplicaState.STOPPING:
+            dep.message = f"rank {member.rank} of replica {parent.tag} {why}; replacing the whole gang"
+            if parent.state == ReplicaState.STARTING and parent.version == dep.version:
+                parent.failed_reported = True
+                dep.failures += 1
+        self._kill(parent.proc)
+        self._replica_gone(parent, f"lost rank {member.rank} ({why})")
+
     def _stop_replica(self, rec: ReplicaRecord, reason: str, now: float) -> None:
         if rec.state == ReplicaState.STOPPING:
             return
+        for member in rec.ranks:
+            self._stop_process(member.proc, member.conn)
         dep = self._dep_record(rec.app, rec.deployment)
         grace = dep.spec.config.graceful_shutdown_timeout_s if dep else 20.0
         rec.state = ReplicaState.STOPPING
@@ -1016,8 +1111,10 @@ class Controller:
                            MAX_HEALTH_FAILURES, rec.tag, e)
             if rec.health_failures >= MAX_HEALTH_FAILURES and rec.state == ReplicaState.RUNNING:
                 dep.message = f"replica {rec.tag} failed {MAX_HEALTH_FAILURES} health checks ({e}); replacing it"
+                # Out of the membership at once, then a graceful stop: requests it is serving
+                # may still finish (it is killed if it does not stop in time).
                 self._stop_replica(rec, "unhealthy", time.monotonic())
-                self._kill(rec.proc)
+                self._publish(rec.app, rec.deployment, dep)
                 self._kick.set()
         finally:
             rec.health_busy = False
@@ -1049,6 +1146,7 @@ class Controller:
             proxy.restarts += 1
             return
         logger.error("the HTTP proxy exited with code %s; restarting it", proxy.proc.returncode)
+        self.metrics.process_exited(proxy.proc.pid)
         self._spawn_proxy()
 
     # ---- connections ------------------------------------------------------------------------
@@ -1124,6 +1222,9 @@ class Controller:
         if hello.role == "replica" and hello.ident in self.spares:
             self.spares[hello.ident].conn = proto  # booted; waits for a deployment
             return
+        if hello.role == "replica" and hello.ident in self.ranks:
+            self._init_rank(proto, self.ranks[hello.ident])
+            return
         if hello.role == "replica":
             rec = self.replicas.get(hello.ident)
             dep = self._dep_record(rec.app, rec.deployment) if rec is not None else None
@@ -1137,7 +1238,9 @@ class Controller:
             app_rec = self.apps.get(rec.app)
             sys_path, cwd = (app_rec.spec.sys_path, app_rec.spec.cwd) if app_rec is not None else ((), "")
             proto.send(ReplicaInit(rec.app, rec.deployment, rec.tag, spec.serialized(), spec.config,
-                                   spec.is_function, rec.socket_path, rec.serves_http, sys_path, cwd))
+                                   spec.is_function, rec.socket_path, rec.serves_http, sys_path, cwd,
+                                   rank=0, world_size=spec.config.world_size,
+                                   peers=tuple(m.socket_path for m in rec.ranks)))
         elif hello.role == "proxy":
             if self.proxy is not None and self.proxy.ident == hello.ident:
                 self.proxy.conn = proto
@@ -1146,6 +1249,20 @@ class Controller:
                 return
             self.route_subscribers.add(proto)
             proto.send(self._routes())
+
+    def _init_rank(self, proto: FramedProtocol, member: RankRecord) -> None:
+        parent = self.replicas.get(member.parent)
+        dep = self._dep_record(parent.app, parent.deployment) if parent is not None else None
+        if parent is None or dep is None or parent.state == ReplicaState.STOPPING:
+            proto.send(Stop("not wanted"))
+            return
+        member.conn = proto
+        spec = dep.spec
+        app_rec = self.apps.get(parent.app)
+        sys_path, cwd = (app_rec.spec.sys_path, app_rec.spec.cwd) if app_rec is not None else ((), "")
+        proto.send(ReplicaInit(parent.app, parent.deployment, member.tag, spec.serialized(), spec.config,
+                               spec.is_function, member.socket_path, False, sys_path, cwd,
+                               rank=member.rank, world_size=spec.config.world_size))
 
     def _refill_spares(self) -> None:
         # Only when nothing is starting: a spare booting now would compete for the CPU with
@@ -1159,11 +1276,21 @@ class Controller:
                 return
 
     def _on_ready(self, msg: ReplicaReady) -> None:
+        member = self.ranks.get(msg.tag)
+        if member is not None:
+            member.ready = True
+            parent = self.replicas.get(member.parent)
+            if parent is not None and parent.rank0_ready:
+                self._on_ready(ReplicaReady(parent.tag, parent.proc.pid))
+            return
         rec = self.replicas.get(msg.tag)
         if rec is None:
             return
         if rec.state == ReplicaState.STOPPING:
             return
+        rec.rank0_ready = True
+        if not all(m.ready for m in rec.ranks):
+            return  # a gang is ready when every rank is
         rec.state = ReplicaState.RUNNING
         rec.adopt_deadline = 0.0
         dep = self._dep_record(rec.app, rec.deployment)
@@ -1177,6 +1304,17 @@ class Controller:
         self._kick.set()
 
     def _on_failed(self, msg: ReplicaFailed) -> None:
+        member = self.ranks.get(msg.tag)
+        if member is not None:
+            parent = self.replicas.get(member.parent)
+            dep = self._dep_record(parent.app, parent.deployment) if parent is not None else None
+            if parent is not None and dep is not None and parent.version == dep.version:
+                parent.failed_reported = True
+                dep.failures += 1
+                dep.message = f"rank {member.rank} constructor failed: {msg.error.strip()}"
+            logger.error("rank %d of replica %s failed to start", member.rank, member.parent)
+            self._kick.set()
+            return
         rec = self.replicas.get(msg.tag)
         if rec is None:
             return
@@ -1210,6 +1348,12 @@ class Controller:
             elif call.op == "rollback":
                 await self.rollback(str(call.args["name"]))
                 value = None
+            elif call.op == "metrics":  # the controller's part of a local /metrics page
+                value = self.metrics.render(self)
+            elif call.op == "app_graphs":  # the dashboard's call graphs and deployment options
+                from shoal.dashboard import describe_apps
+
+                value = describe_apps(a.spec for a in self.apps.values() if not a.deleting)
             else:
                 raise ValueError(f"unknown operation {call.op!r}")
             reply = Reply(call.id, True, value)
@@ -1221,7 +1365,8 @@ class Controller:
             pass
 
     def status(self) -> ServeStatus:
-        out = ServeStatus(http_address=f"http://{self.settings.http.host}:{self.http_port}" if self.proxy else "",
+        http = self.settings.http
+        out = ServeStatus(http_address=f"{http.scheme}://{http.host}:{self.http_port}" if self.proxy else "",
                           resources=self.ledger.summary())
         if self.proxy is not None:
             alive = self.proxy.proc.poll() is None

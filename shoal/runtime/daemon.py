@@ -20,6 +20,8 @@ from typing import Any
 from shoal.config import HTTPOptions
 from shoal.runtime.backend import new_event_loop
 from shoal.runtime.controller import Controller, Settings
+from shoal.runtime.httpguard import exposure_warning
+from shoal.runtime.rundir import private_dir
 from shoal.runtime.wire import new_secret
 
 logger = logging.getLogger("shoal.daemon")
@@ -55,8 +57,7 @@ def _write_pid(run_dir: str) -> None:
 
 
 async def serve(opts: dict[str, Any]) -> int:
-    run_dir = str(opts["run_dir"])
-    os.makedirs(run_dir, mode=0o700, exist_ok=True)
+    run_dir = private_dir(str(opts["run_dir"]))
     settings = Settings(
         run_dir=run_dir,
         http=HTTPOptions(**opts.get("http", {})),
@@ -77,8 +78,11 @@ async def serve(opts: dict[str, Any]) -> int:
         await controller.shutdown()
         return 1
     _write_pid(run_dir)
-    logger.info("controller pid %d serving %s; HTTP on http://%s:%d", os.getpid(), run_dir, settings.http.host,
-                controller.http_port)
+    logger.info("controller pid %d serving %s; HTTP on %s://%s:%d", os.getpid(), run_dir, settings.http.scheme,
+                settings.http.host, controller.http_port)
+    warning = exposure_warning(settings.http)
+    if warning:
+        logger.warning("%s", warning)
     await controller.shutdown_requested.wait()
     logger.info("shutting down")
     await controller.shutdown()

@@ -19,10 +19,14 @@ import signal
 import socket
 import sys
 import threading
+import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from shoal import dashboard
+from shoal import metrics as _metrics
+from shoal import tracing as _tracing
 from shoal.exceptions import (
     BackPressureError,
     DeploymentUnavailableError,
@@ -32,6 +36,9 @@ from shoal.exceptions import (
 )
 from shoal.runtime import backend
 from shoal.runtime.client import ControllerClient
+from shoal.runtime.httpguard import Authenticator, head_limited_protocol, ssl_config
+from shoal.runtime.logs import Identity, log_access, proxy_log_path
+from shoal.runtime.logs import setup as setup_log_file
 from shoal.runtime.router import Router
 from shoal.runtime.wire import ProxyReady, RequestMeta, Routes, Stop
 
@@ -48,6 +55,7 @@ class LocalIngress(Protocol):
     model_ids: tuple[str, ...]  # multiplexed models loaded here
 
     async def serve(self, scope: Scope, body: bytes, meta: RequestMeta, send: Send) -> None: ...
+
 
 class RouterSource(Protocol):
     """Where a ProxyApp gets its routers: the controller client, or a pod's DNS-based backend."""
@@ -67,10 +75,29 @@ class FrontOptions:
     root_path: str = ""
     request_timeout_s: float | None = None
     keep_alive_timeout_s: float = 5.0
+    # Limits, API keys, auth hook and TLS: see HTTPOptions and shoal.runtime.httpguard.
+    max_request_body_bytes: int = 100 * 1024 * 1024
+    max_header_bytes: int = 64 * 1024
+    api_keys: tuple[str, ...] = field(default=(), repr=False)
+    auth: str = ""
+    ssl_keyfile: str = ""
+    ssl_certfile: str = ""
+    ssl_keyfile_password: str = field(default="", repr=False)
+    ssl_ca_certs: str = ""
+    # /-/dashboard and /-/status.json (shoal.dashboard); off: 404.
+    dashboard: bool = True
 
     @classmethod
     def of(cls, http: Any) -> FrontOptions:
-        return cls(http.root_path, http.request_timeout_s, http.keep_alive_timeout_s)
+        """The front's options; API keys from the environment or a file are read now.
+        Files are made absolute: replicas change to their app's directory."""
+        def path(p: str | None) -> str:
+            return os.path.abspath(p) if p else ""
+
+        return cls(http.root_path, http.request_timeout_s, http.keep_alive_timeout_s,
+                   http.max_request_body_bytes, http.max_header_bytes, http.resolved_api_keys(), http.auth or "",
+                   path(http.ssl_keyfile), path(http.ssl_certfile), http.ssl_keyfile_password or "",
+                   path(http.ssl_ca_certs), dashboard=bool(getattr(http, "dashboard", True)))
 
 
 @dataclass
@@ -87,6 +114,8 @@ class ProxyBootstrap:
     # Detached instance: a Unix socket path where this proxy hands its listening socket to a
     # restarted controller (SCM_RIGHTS), so the port survives a controller crash.
     fd_path: str = ""
+    # The instance's log folder: the proxy logs into proxy.log there (stdout and stderr too).
+    log_dir: str = ""
 
 
 def error_status(exc: BaseException) -> tuple[int, str]:
@@ -115,6 +144,19 @@ async def _send_json(send: Any, status: int, body: dict[str, Any], request_id: s
     await send({"type": "http.response.body", "body": payload, "more_body": False})
 
 
+_REFUSALS = {401: "unauthorized", 403: "forbidden", 413: "request body too large"}
+
+
+async def _refuse(send: Any, status: int, request_id: str) -> None:
+    """Answer a request refused before it reached an application, and close the connection
+    (the client may still be sending a body nobody will read)."""
+    extra = [(b"connection", b"close")]
+    if status == 401:
+        extra.append((b"www-authenticate", b"Bearer"))
+    text = _REFUSALS.get(status, "internal server error" if status >= 500 else "request refused")
+    await _send_json(send, status, {"error": text, "request_id": request_id}, request_id, extra)
+
+
 def canary_share(session: bytes) -> float:
     """A number in [0, 100): a request goes to the canary when it is below the canary's weight.
 
@@ -138,6 +180,15 @@ class ProxyApp:
         self.split: dict[str, tuple[str, str, float]] = {}
         # In an ingress replica that serves HTTP itself: its own app is called in-process.
         self.local = local
+        self.auth = Authenticator.of(options.api_keys, options.auth)  # None: requests need no credentials
+        self.ongoing = 0  # HTTP requests being served (a gauge of shoal.metrics)
+        _metrics.PROCESS.fronts.add(self)
+
+    def _access(self, method: str, path: str, status: int, started: float, request_id: str, route: str = "") -> None:
+        """An access-log line for a request this front answered itself; inside an ingress
+        replica it follows that deployment's ``enable_access_log``."""
+        if self.local is None or getattr(self.local, "access_log", True):
+            log_access(method, path, status, started, request_id, route)
 
     def set_routes(self, routes: Routes) -> None:
         self.routes = sorted(((p, a, d) for p, (a, d) in routes.table.items()), key=lambda r: -len(r[0]))
@@ -176,35 +227,62 @@ class ProxyApp:
             path = path[len(root):] or "/"
         request_id = ""
         model_id = ""
+        session = b""
+        length = b""
         for k, v in scope["headers"]:
             if k == b"x-request-id":
                 request_id = v.decode("latin-1")
             elif k == b"serve_multiplexed_model_id":
                 model_id = v.decode("latin-1")
+            elif k == b"x-session-id":
+                session = v
+            elif k == b"content-length":
+                length = v
         if not request_id:
             request_id = os.urandom(8).hex()
         if path == "/-/healthz":
             await _send_json(send, 200, {"status": "success"}, request_id)
             return
+        if self.auth is not None:
+            denied = await self.auth.check(scope)
+            if denied:
+                await _refuse(send, denied, request_id)
+                return
         if path == "/-/routes":
             await _send_json(send, 200, {p: a for p, a, _ in self.routes}, request_id)
             return
+        if path in dashboard.PATHS:
+            await dashboard.respond(self, path, scope, send, request_id)
+            return
+        if path == "/metrics" and _metrics.PROCESS.page_source is not None:
+            await _metrics.serve_page(send, request_id)  # the whole local instance's metrics
+            return
+        started = time.monotonic()
         route = self.match(path)
         if route is None:
             await _send_json(send, 404, {"error": "not found", "path": path,
                                          "hint": "GET /-/routes lists the route prefixes"}, request_id)
+            self._access(scope["method"], scope["path"], 404, time.monotonic(), request_id)
+            _metrics.PROCESS.http_done("", "", "", scope["method"], 404, started)
             return
         prefix, app, dep = route
         if self.split:
             canary = self.split.get(prefix)
             if canary is not None and canary_share(session) < canary[2]:
                 app, dep = canary[0], canary[1]
+        limit = self.options.max_request_body_bytes
+        if length and (not length.isdigit() or int(length) > limit):
+            await _refuse(send, 413, request_id)
+            return
         body = bytearray()
         while True:
             msg = await receive()
             if msg["type"] == "http.disconnect":
                 return
             body += msg.get("body", b"")
+            if len(body) > limit:
+                await _refuse(send, 413, request_id)
+                return
             if not msg.get("more_body", False):
                 break
         headers = list(scope["headers"])
@@ -226,6 +304,9 @@ class ProxyApp:
             "server": scope.get("server"),
         }
         meta = RequestMeta(request_id, False, True, model_id, prefix)
+        span = None
+        if _tracing.enabled:
+            span, meta = _tracing.start_http(scope, meta, app, dep)
         data = bytes(body)
         local = self.local
         if local is not None and local.key == (app, dep) and not (
@@ -242,11 +323,20 @@ class ProxyApp:
                     for m in messages:
                         await out(m)
 
-        await self._forward(run, meta, receive, send)
+        self.ongoing += 1
+        code = 500
+        try:
+            code = await self._forward(run, meta, receive, send, inner)
+        finally:
+            self.ongoing -= 1
+            _metrics.PROCESS.http_done(app, dep, prefix, scope["method"], code, started)
+            if span is not None:
+                _tracing.end_http(span, code)
 
     async def _forward(self, run: Callable[[Send], Awaitable[None]], meta: RequestMeta,
-                       receive: Any, send: Any) -> None:
+                       receive: Any, send: Any, scope: Scope | None = None) -> int:
         """Stream the replica's ASGI messages to the client; map errors; honour timeouts.
+        Returns the response's status code (499: the client went away).
 
         Timeouts and client disconnects cancel this task (and with it the request upstream).
         The disconnect watcher starts only for requests that take a while, so that fast
@@ -255,7 +345,12 @@ class ProxyApp:
         loop = asyncio.get_running_loop()
         task = asyncio.current_task()
         assert task is not None
+        started_at = time.monotonic()
+        scope = scope or {"method": "", "path": ""}
         started = False
+        complete = False  # the response's last body message went out
+        gone = False  # sending to the client failed: it went away mid-response
+        code = 500
         finished = False
         why = ""
         watcher: asyncio.Task[None] | None = None
@@ -287,13 +382,20 @@ class ProxyApp:
         rid_header = (b"x-request-id", meta.request_id.encode())
 
         async def out(m: dict[str, Any]) -> None:
-            nonlocal started
+            nonlocal started, code, complete, gone
             if m["type"] == "http.response.start":
+                code = m["status"]
                 headers = m.get("headers", ())
                 if not any(k.lower() == b"x-request-id" for k, _ in headers):
                     m = {**m, "headers": [*headers, rid_header]}
                 started = True
-            await send(m)
+            elif not m.get("more_body", False):
+                complete = True
+            try:
+                await send(m)
+            except Exception:
+                gone = True
+                raise
 
         try:
             await run(out)
@@ -301,21 +403,39 @@ class ProxyApp:
             if not why:
                 raise  # the server itself is shutting down
             task.uncancel()
+            code = 408 if why == "timeout" else 499
             if why == "timeout":
                 logger.warning("request %s timed out after %ss", meta.request_id, timeout)
                 if not started:
                     await _send_json(send, 408, {"error": "request timed out", "request_id": meta.request_id},
                                      meta.request_id)
+                    self._access(scope["method"], scope["path"], 408, started_at, meta.request_id, meta.route)
         except Exception as exc:
+            if gone:  # most often the client hung up mid-response (e.g. a pipelining client)
+                logger.warning("request %s: sending the response failed; did the client go away? %r",
+                               meta.request_id, exc)
+                return 499
+            if complete:
+                # E.g. FastAPI's error middleware: it answers 500, then raises. The client has its
+                # whole answer; keep the connection (re-raising would make uvicorn drop it).
+                logger.error("request %s raised after its response was sent", meta.request_id,
+                             exc_info=None if isinstance(exc, RayTaskError) else exc)
+                return code
             if started:
                 logger.error("request %s failed after its response started: %r", meta.request_id, exc)
                 raise
             status, text = error_status(exc)
+            code = status
             if status == 500:
+                # A replica process logged its exception's traceback; one raised here (an app
+                # served in this process, or shoal's own) gets it logged now.
                 logger.error("request %s to %s failed: %s", meta.request_id, meta.route,
-                             str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+                             str(exc).splitlines()[0] if str(exc) else type(exc).__name__,
+                             exc_info=None if isinstance(exc, (RayTaskError, ReplicaDiedError)) else exc)
             extra = [(b"retry-after", b"1")] if status == 503 else []
             await _send_json(send, status, {"error": text, "request_id": meta.request_id}, meta.request_id, extra)
+            if status != 500 or isinstance(exc, ReplicaDiedError):  # answered here: no replica logged it
+                self._access(scope["method"], scope["path"], status, started_at, meta.request_id, meta.route)
         finally:
             finished = True
             if timer is not None:
@@ -323,6 +443,7 @@ class ProxyApp:
             watch_timer.cancel()
             if watcher is not None and not watcher.done():
                 watcher.cancel()
+        return code
 
 
 def _orphan_timeout() -> float:
@@ -390,9 +511,16 @@ def main() -> None:
     sys.path[:] = boot.sys_path
     logging.basicConfig(level=boot.log_level,
                         format=f"%(asctime)s %(levelname)s proxy pid={os.getpid()} %(name)s: %(message)s")
+    if boot.log_dir:  # its own file from now on; WARNING and above also to the terminal
+        try:
+            setup_log_file(Identity("proxy", boot.ident), path=proxy_log_path(boot.log_dir), level=boot.log_level)
+        except OSError as e:
+            logger.warning("cannot write %s (%s); logging to stderr", proxy_log_path(boot.log_dir), e)
+    _tracing.setup_from_env("shoal-proxy")
     loop = backend.new_event_loop()
     asyncio.set_event_loop(loop)
     loop.run_until_complete(_serve(boot))
+    _metrics.process_exit()
     os._exit(0)
 
 
@@ -420,9 +548,10 @@ class HTTPFront:
         # socket(fileno=) detects the address family; uvicorn's fd= option assumes a Unix
         # socket, which would leave TCP_NODELAY off (~40 ms per response to delayed ACKs).
         sock = socket.socket(fileno=os.dup(self.fd))
-        config = uvicorn.Config(self.app, loop="none", http="httptools", lifespan="off", access_log=False,
+        config = uvicorn.Config(self.app, loop="none", http=head_limited_protocol(self.options.max_header_bytes),
+                                lifespan="off", access_log=False,
                                 proxy_headers=False, log_level="warning", server_header=False, date_header=False,
-                                timeout_keep_alive=int(self.options.keep_alive_timeout_s))
+                                timeout_keep_alive=int(self.options.keep_alive_timeout_s), **ssl_config(self.options))
         server = uvicorn.Server(config)
         task = asyncio.get_running_loop().create_task(server.serve(sockets=[sock]))
         while not server.started:
@@ -476,6 +605,8 @@ async def _serve(boot: ProxyBootstrap) -> None:
                               reconnect_s=0.0 if boot.die_with_parent else _orphan_timeout(),
                               on_reconnect=on_reconnect)
     app = ProxyApp(client, boot.http)
+    _metrics.PROCESS.setup(boot.ident, routers=client.routers, page_source=client)
+    _metrics.PROCESS.start_flusher(loop)
     await client.connect()
     client.resumed = True
     if boot.fd_path:

@@ -27,12 +27,16 @@ from typing import Any
 
 import cloudpickle
 
+from shoal import metrics as _metrics
 from shoal import multiplex
-from shoal.context import ReplicaContext, set_process_replica_context
+from shoal import tracing as _tracing
+from shoal.context import ReplicaContext, RequestContext, _request_ctx, set_process_replica_context
 from shoal.exceptions import BackPressureError, RayServeException
 from shoal.runtime import backend
 from shoal.runtime.callable import UserCallable
 from shoal.runtime.client import ControllerClient
+from shoal.runtime.logs import Identity, JSONFormatter, RecordContext, log_access, replica_log_path, safe_name
+from shoal.runtime.logs import setup as setup_log_file
 from shoal.runtime.wire import (
     CANCEL,
     END,
@@ -78,6 +82,9 @@ class Bootstrap:
     # An inherited listening socket: set for ingress replicas that serve HTTP themselves.
     http_fd: int = -1
     http: Any = None  # proxy.FrontOptions
+    # The instance's log folder: the replica logs into its own file there (stdout and stderr
+    # too). "" = log to stderr (a Kubernetes pod).
+    log_dir: str = ""
 
 
 def die_with_parent(parent_pid: int) -> None:
@@ -132,6 +139,7 @@ class ReplicaServer:
                                        on_control=self._on_control, reconnect_s=reconnect,
                                        on_reconnect=self._on_reconnect)
         self.counters = RequestCounters()
+        self.gang: Any = None  # GangPeers on rank 0 of a gang replica
         self.ready_tag = ""
         self.user: UserCallable | None = None
         self.init_msg: asyncio.Future[ReplicaInit] = self.loop.create_future()
@@ -151,6 +159,7 @@ class ReplicaServer:
         self.model_ids: tuple[str, ...] = ()
         self.front: Any = None  # HTTPFront when serving HTTP itself
         self.proxy_app: Any = None
+        self.access_log = True  # logging_config.enable_access_log
 
     async def run(self) -> int:
         spare = self.boot.tag.startswith("spare-")
@@ -188,9 +197,11 @@ class ReplicaServer:
             self.client.app_alias[visible_app] = init.app
         self.max_ongoing = cfg.max_ongoing_requests
         self.graceful_timeout = cfg.graceful_shutdown_timeout_s
-        ctx = ReplicaContext(visible_app, init.deployment, init.tag)
+        ctx = ReplicaContext(visible_app, init.deployment, init.tag, rank=init.rank, world_size=init.world_size)
         set_process_replica_context(ctx)
-        apply_logging_config(cfg.logging_config, ctx)
+        apply_logging_config(cfg.logging_config, ctx, log_dir=self.boot.log_dir, app_key=init.app,
+                             shoal_level=self.boot.log_level)
+        self.access_log = cfg.logging_config is None or cfg.logging_config.enable_access_log
         multiplex.models_changed_hook = lambda ids: self._models_changed(init.tag, ids)
         try:
             target, args, kwargs = cloudpickle.loads(init.blob)
@@ -202,9 +213,17 @@ class ReplicaServer:
             self.client.send(ReplicaFailed(init.tag, f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
             await asyncio.sleep(0.05)  # let the message flush
             return 1
-        set_process_replica_context(ReplicaContext(visible_app, init.deployment, init.tag, self.user.instance))
+        set_process_replica_context(ReplicaContext(visible_app, init.deployment, init.tag, self.user.instance,
+                                                   rank=init.rank, world_size=init.world_size))
+        if init.peers:
+            from shoal.runtime.gang import GangPeers
+
+            self.gang = GangPeers(init.peers, self.boot.secret, cfg.max_ongoing_requests)
         self.key = (init.app, init.deployment)
         self.max_queued = cfg.max_queued_requests
+        _metrics.PROCESS.setup(init.tag, app=init.app, deployment=init.deployment, server=self,
+                               routers=self.client.routers, page_source=self.client)
+        _metrics.PROCESS.start_flusher(self.loop)
         if init.serves_http and self.boot.http_fd >= 0:
             try:
                 await self._start_http()
@@ -280,6 +299,8 @@ class ReplicaServer:
             self.idle.clear()
         started = time.monotonic()
         status = [500]
+        token = _request_ctx.set(RequestContext(meta.request_id, meta.multiplexed_model_id, meta.route))
+        trace = _tracing.start_request(meta, "__call__", *self.key, self.ready_tag) if meta.trace else None
 
         async def watch(message: dict[str, Any]) -> None:
             if message["type"] == "http.response.start":
@@ -287,10 +308,25 @@ class ReplicaServer:
             await send(message)
 
         try:
-            await self.user.http(scope, body, watch, meta)
+            if self.gang is None:
+                await self.user.http(scope, body, watch, meta)
+            else:  # rank 0 of a gang serving HTTP itself: the other ranks run the request too
+                user = self.user
+                await self.gang.run("__call__", (scope, body), {}, meta._replace(http=True),
+                                    lambda: user.http(scope, body, watch, meta))
+        except asyncio.CancelledError:
+            if status[0] == 500:
+                status[0] = 499  # the client went away (or timed out) before a response
+            raise
         finally:
             self.counters.record(started, status[0] >= 500)
+            _metrics.PROCESS.request_done(meta.route, started, status[0] >= 500)
+            if trace is not None:
+                _tracing.end_request(trace, status[0] >= 500)
             self._release_slot()
+            if self.access_log:
+                log_access(scope["method"], scope["path"], status[0], started, meta.request_id, meta.route)
+            _request_ctx.reset(token)
 
     def _release_slot(self) -> None:
         while self.local_waiters:
@@ -311,6 +347,13 @@ class ReplicaServer:
         try:
             await asyncio.wait_for(self.idle.wait(), self.graceful_timeout)
         except TimeoutError:
+            pass
+        await self.finish_drain()
+
+    async def finish_drain(self) -> None:
+        """The end of a drain: cancel what still runs, run the deployment's ``__del__``, close
+        the callers' connections (shared with the pod runtime's drain)."""
+        if not self.idle.is_set():
             logger.warning("graceful shutdown timed out with %d requests in flight; cancelling them", self.ongoing)
             for task in list(self.tasks.values()):
                 task.cancel()
@@ -387,10 +430,12 @@ class ReplicaServer:
             if self.draining or self.ongoing >= self.max_ongoing or self.local_waiters:
                 proto.send((REJECT, rid))
                 return
+            # A malformed request fails here, before it takes a slot it would never give back.
+            handling = self._handle(proto, rid, msg[2], msg[3], msg[4], msg[5])
             self.ongoing += 1
             self.idle.clear()
             key = (id(proto), rid)
-            task = self.loop.create_task(self._handle(proto, rid, msg[2], msg[3], msg[4], msg[5]))
+            task = self.loop.create_task(handling)
             self.tasks[key] = task
             task.add_done_callback(functools.partial(self._done, key))
         elif kind == CANCEL:
@@ -408,26 +453,24 @@ class ReplicaServer:
         assert user is not None
         started = time.monotonic()
         failed = True
+        status: int | str = 500 if meta.http else "ERROR"
+        trace = _tracing.start_request(meta, method, *self.key, self.ready_tag) if meta.trace else None
+        # This task's own context: shoal's log records about the request carry its id too.
+        _request_ctx.set(RequestContext(meta.request_id, meta.multiplexed_model_id, meta.route))
         try:
-            if meta.http:
-                failed = await self._handle_http(proto, rid, args[0], args[1], meta) >= 500
-            elif meta.stream:
-                async for item in user.stream(method, args, kwargs, meta):
-                    proto.send_user((ITEM, rid, item))
-                proto.send((END, rid))
-            else:
-                result = await user.call(method, args, kwargs, meta)
-                try:
-                    proto.send_user((OK, rid, result))
-                except (pickle.PicklingError, TypeError, AttributeError) as e:
-                    raise TypeError(f"the result of {method!r} could not be serialized: {e}") from None
-            if not meta.http:
-                failed = False
+            if self.gang is None:
+                status = await self._execute(proto, rid, method, args, kwargs, meta)
+            else:  # rank 0 of a gang: every rank runs the request, rank 0 answers
+                status = await self.gang.run(method, args, kwargs, meta,
+                                             lambda: self._execute(proto, rid, method, args, kwargs, meta))
+            failed = isinstance(status, int) and status >= 500
         except asyncio.CancelledError:
             failed = False
+            status = 499 if meta.http else "CANCELLED"
             return  # the caller gave up; nobody is waiting for an answer
         except ConnectionError:
             failed = False
+            status = 499 if meta.http else "CANCELLED"
             return
         except Exception as e:
             logger.error("request %s to %s failed:\n%s", meta.request_id, method, traceback.format_exc())
@@ -438,6 +481,33 @@ class ReplicaServer:
                 pass
         finally:
             self.counters.record(started, failed)
+            _metrics.PROCESS.request_done(meta.route, started, failed)
+            if trace is not None:
+                _tracing.end_request(trace, failed)
+            if self.access_log:
+                if meta.http:
+                    log_access(args[0]["method"], args[0]["path"], status, started, meta.request_id, meta.route)
+                else:
+                    log_access("STREAM" if meta.stream else "CALL", method, status, started, meta.request_id)
+
+    async def _execute(self, proto: FramedProtocol, rid: int, method: str, args: tuple[Any, ...],
+                       kwargs: dict[str, Any], meta: RequestMeta) -> int | str:
+        """Run one request and send its answer; the HTTP status, or "OK"."""
+        user = self.user
+        assert user is not None
+        if meta.http:
+            return await self._handle_http(proto, rid, args[0], args[1], meta)
+        if meta.stream:
+            async for item in user.stream(method, args, kwargs, meta):
+                proto.send_user((ITEM, rid, item))
+            proto.send((END, rid))
+            return "OK"
+        result = await user.call(method, args, kwargs, meta)
+        try:
+            proto.send_user((OK, rid, result))
+        except (pickle.PicklingError, TypeError, AttributeError) as e:
+            raise TypeError(f"the result of {method!r} could not be serialized: {e}") from None
+        return "OK"
 
     async def _handle_http(self, proto: FramedProtocol, rid: int, scope: dict[str, Any], body: bytes,
                            meta: RequestMeta) -> int:
@@ -479,37 +549,48 @@ class ReplicaServer:
         return status[0]
 
 
-class JSONFormatter(logging.Formatter):
-    """One JSON object per line, with the replica's identity (``logging_config.encoding: JSON``)."""
+def apply_logging_config(lc: Any, ctx: ReplicaContext, *, log_dir: str = "", app_key: str = "",
+                         shoal_level: str | None = None) -> None:
+    """Apply a deployment's ``logging_config``: level, encoding, where records go.
 
-    def __init__(self, ctx: ReplicaContext) -> None:
-        super().__init__()
-        self._ids = {"application": ctx.app_name, "deployment": ctx.deployment, "replica": ctx.replica_tag}
-
-    def format(self, record: logging.LogRecord) -> str:
-        import json
-
-        out = {"asctime": self.formatTime(record), "levelname": record.levelname, "name": record.name,
-               "message": record.getMessage(), **self._ids}
-        if record.exc_info:
-            out["exc_text"] = self.formatException(record.exc_info)
-        return json.dumps(out)
-
-
-def apply_logging_config(lc: Any, ctx: ReplicaContext) -> None:
-    """Apply a deployment's ``logging_config``: level, encoding, and an optional log file."""
+    With ``log_dir`` (a local instance) the replica writes its own rotating file there,
+    ``<app>/<deployment>/<tag>.log`` (stdout and stderr included; in ``logging_config.logs_dir``
+    instead when set, linked from there), and WARNING and above also to the terminal; see
+    :mod:`shoal.runtime.logs`. Without it (a Kubernetes pod) records keep going to stderr.
+    Either way each record carries the application, deployment, replica and request id.
+    """
+    who = Identity("replica", ctx.replica_tag, ctx.app_name, ctx.deployment)
+    if log_dir:
+        own = replica_log_path(log_dir, app_key or ctx.app_name, ctx.deployment, ctx.replica_tag)
+        path, link = own, ""
+        if lc is not None and lc.logs_dir:
+            name = f"replica_{safe_name(ctx.app_name)}_{safe_name(ctx.deployment)}_{safe_name(ctx.replica_tag)}.log"
+            path, link = os.path.join(lc.logs_dir, name), own
+        try:
+            setup_log_file(who, path=path, link=link, encoding=lc.encoding if lc is not None else "TEXT",
+                           level=lc.log_level if lc is not None else "INFO",
+                           shoal_level=lc.log_level if lc is not None else shoal_level,
+                           extra_attrs=lc.additional_log_standard_attrs if lc is not None else ())
+            return
+        except OSError as e:
+            logger.warning("cannot write the replica's log file %s (%s); logging to stderr", path, e)
+    root = logging.getLogger()
+    context = RecordContext(who)
+    for handler in root.handlers:
+        handler.addFilter(context)
     if lc is None:
         return
-    root = logging.getLogger()
     logging.getLogger("shoal").setLevel(lc.log_level)
     root.setLevel(lc.log_level)
     if lc.logs_dir:
         os.makedirs(lc.logs_dir, exist_ok=True)
-        name = f"replica_{ctx.app_name}_{ctx.deployment}_{ctx.replica_tag}.log"
-        root.addHandler(logging.FileHandler(os.path.join(lc.logs_dir, name)))
+        name = f"replica_{safe_name(ctx.app_name)}_{safe_name(ctx.deployment)}_{safe_name(ctx.replica_tag)}.log"
+        file_handler = logging.FileHandler(os.path.join(lc.logs_dir, name))
+        file_handler.addFilter(context)
+        root.addHandler(file_handler)
     if lc.encoding == "JSON":
         for handler in root.handlers:
-            handler.setFormatter(JSONFormatter(ctx))
+            handler.setFormatter(JSONFormatter(who, extra_attrs=lc.additional_log_standard_attrs))
 
 
 def _setup_logging(boot: Bootstrap, tag: str) -> None:
@@ -535,6 +616,7 @@ def main() -> None:
     except OSError:
         pass
     _setup_logging(boot, boot.tag)
+    _tracing.setup_from_env("shoal-replica")
     # SIGTERM (from the controller or Kubernetes) means: drain, then exit.
     loop = backend.new_event_loop()
     asyncio.set_event_loop(loop)
@@ -550,6 +632,7 @@ def main() -> None:
     except (TimeoutError, ConnectionError, OSError) as e:
         logger.error("replica %s could not reach the controller: %s", boot.tag, e)
         code = 3
+    _metrics.process_exit()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)

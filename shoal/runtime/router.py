@@ -33,7 +33,7 @@ from shoal.runtime.wire import (
     Membership,
     ReplicaAddress,
     RequestMeta,
-    connect_unix,
+    connect_address,
 )
 
 logger = logging.getLogger("shoal.router")
@@ -97,7 +97,7 @@ class ReplicaConnection:
             raise _Unreachable(self.address.tag)
         if self._connecting is None:
             self._connecting = asyncio.ensure_future(
-                connect_unix(self.address.address, self._secret, self._on_message, self._on_close, timeout=5.0)
+                connect_address(self.address.address, self._secret, self._on_message, self._on_close, timeout=5.0)
             )
         try:
             proto = await asyncio.shield(self._connecting)
@@ -232,6 +232,8 @@ class Router:
         self.metrics_interval_s = 0.0
         # Called when a request starts waiting while the deployment has no replica (scale from zero).
         self.on_cold_wait: Callable[[Router], None] | None = None
+        # Called when a replica is dropped because it could not be reached or its connection died.
+        self.on_drop: Callable[[ReplicaAddress], None] | None = None
 
     # -- membership
     def update(self, m: Membership) -> None:
@@ -266,6 +268,8 @@ class Router:
         if self._slots.get(slot.address.tag) is slot:
             del self._slots[slot.address.tag]
             slot.removed = True
+            if self.on_drop is not None:
+                self.on_drop(slot.address)
             self._wake(all_waiters=True)
 
     @property

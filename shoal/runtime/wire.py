@@ -42,6 +42,8 @@ _HEADER = struct.Struct(">I")
 MAX_FRAME = 1 << 31
 _NONCE = 32
 _MAC = 32
+# A TCP peer that has not authenticated within this long is disconnected.
+HANDSHAKE_TIMEOUT_S = 10.0
 
 
 class RequestMeta(NamedTuple):
@@ -51,6 +53,8 @@ class RequestMeta(NamedTuple):
     http: bool = False
     multiplexed_model_id: str = ""
     route: str = ""
+    # W3C traceparent of the caller's span when tracing is on (shoal.tracing); "" when off.
+    trace: str = ""
 
 
 # ---- control plane -------------------------------------------------------------------------
@@ -78,6 +82,11 @@ class ReplicaInit:
     # Where the app's code was deployed from (``shoal deploy``): prepended to sys.path / the cwd.
     sys_path: tuple[str, ...] = ()
     cwd: str = ""
+    # Gang replicas: this process's rank, the gang's size, and (rank 0 only) the sockets of
+    # ranks 1..N-1, to which rank 0 sends every request it gets.
+    rank: int = 0
+    world_size: int = 1
+    peers: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -268,6 +277,10 @@ class FramedProtocol(asyncio.Protocol):
         n = len(buf)
         while n - pos >= 4:
             (size,) = _HEADER.unpack_from(buf, pos)
+            if self._state != 2 and size > _NONCE + _MAC:
+                # Handshake frames are tiny: never buffer a large frame from an unauthenticated peer.
+                self._fail("bad handshake frame")
+                return
             if n - pos - 4 < size:
                 break
             frame = bytes(buf[pos + 4 : pos + 4 + size])
@@ -410,3 +423,78 @@ async def serve_unix(
         os.umask(old)
     os.chmod(path, 0o600)
     return server
+
+
+def split_host_port(address: str) -> tuple[str, int] | None:
+    """``("host", port)`` for a ``host:port`` (or ``[v6]:port``) address; None for a Unix socket path."""
+    if address.startswith("/") or ":" not in address:
+        return None
+    host, _, port = address.rpartition(":")
+    if not port.isdigit() or not host:
+        return None
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    return host, int(port)
+
+
+def join_host_port(host: str, port: int) -> str:
+    """The ``host:port`` form of an address (IPv6 hosts in brackets)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+async def connect_tcp(
+    host: str,
+    port: int,
+    secret: bytes,
+    on_message: Callable[[FramedProtocol, Any], None] | None = None,
+    on_close: Callable[[FramedProtocol, BaseException | None], None] | None = None,
+    timeout: float = 10.0,
+) -> FramedProtocol:
+    """Like :func:`connect_unix`, over TCP (between pods in a cluster)."""
+    loop = asyncio.get_running_loop()
+    _, proto = await asyncio.wait_for(
+        loop.create_connection(lambda: FramedProtocol(secret, False, on_message, on_close), host, port), timeout
+    )
+    await asyncio.wait_for(proto.ready, timeout)
+    return proto
+
+
+async def connect_address(
+    address: str,
+    secret: bytes,
+    on_message: Callable[[FramedProtocol, Any], None] | None = None,
+    on_close: Callable[[FramedProtocol, BaseException | None], None] | None = None,
+    timeout: float = 10.0,
+) -> FramedProtocol:
+    """Connect to a replica address: a Unix socket path, or ``host:port`` over TCP."""
+    hp = split_host_port(address)
+    if hp is None:
+        return await connect_unix(address, secret, on_message, on_close, timeout)
+    return await connect_tcp(hp[0], hp[1], secret, on_message, on_close, timeout)
+
+
+async def serve_tcp(
+    host: str,
+    port: int,
+    secret: bytes,
+    on_connect: Callable[[FramedProtocol], None],
+    handshake_timeout: float = HANDSHAKE_TIMEOUT_S,
+) -> asyncio.AbstractServer:
+    """Listen on ``host:port``; ``on_connect`` runs for each authenticated peer.
+
+    Peers that do not complete the handshake within ``handshake_timeout`` are dropped.
+    """
+    loop = asyncio.get_running_loop()
+
+    def factory() -> FramedProtocol:
+        proto = FramedProtocol(secret, True, on_ready=on_connect)
+        timer = loop.call_later(handshake_timeout, _drop_unauthenticated, proto)
+        proto.ready.add_done_callback(lambda _f: timer.cancel())
+        return proto
+
+    return await loop.create_server(factory, host, port, reuse_address=True)
+
+
+def _drop_unauthenticated(proto: FramedProtocol) -> None:
+    if not proto.ready.done():
+        proto._fail("no handshake in time")

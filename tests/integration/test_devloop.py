@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import textwrap
 from pathlib import Path
 
 import httpx
+import pytest
 from conftest import wait_until
-from test_cli import descendants, free_port, project, reap, start_run  # noqa: F401  (fixture)
+from test_cli import descendants, free_port, reap, start_run
 
 HELLO = textwrap.dedent('''
     from shoal import serve
@@ -22,6 +24,11 @@ HELLO = textwrap.dedent('''
 ''')
 
 
+@pytest.fixture
+def devproject(tmp_path: Path, run_dir: str) -> tuple[Path, dict[str, str]]:
+    return tmp_path, {**os.environ, "SHOAL_RUN_DIR": run_dir, "PYTHONPATH": os.getcwd()}
+
+
 def text(url: str) -> str:
     try:
         return httpx.get(url, timeout=5).text
@@ -29,16 +36,16 @@ def text(url: str) -> str:
         return repr(e)
 
 
-def test_reload_rolls_new_code_and_survives_a_syntax_error(project: tuple[Path, dict[str, str]]) -> None:
-    cwd, env = project
+def test_reload_rolls_new_code_and_survives_a_syntax_error(devproject: tuple[Path, dict[str, str]]) -> None:
+    cwd, env = devproject
     (cwd / "hello.py").write_text(HELLO)
     port = free_port()
     url = f"http://127.0.0.1:{port}/"
     proc = start_run(["hello:app", "-p", str(port), "--reload"], cwd, env)
     try:
-        assert wait_until(lambda: text(url) == "hello v1", 60), "".join(proc.output)  # type: ignore[attr-defined]
+        assert wait_until(lambda: text(url) == "hello v1", 90), "".join(proc.output)  # type: ignore[attr-defined]
         (cwd / "hello.py").write_text(HELLO.replace("hello v1", "hello v2"))
-        assert wait_until(lambda: text(url) == "hello v2", 30), "".join(proc.output)  # type: ignore[attr-defined]
+        assert wait_until(lambda: text(url) == "hello v2", 60), "".join(proc.output)  # type: ignore[attr-defined]
         # A syntax error: the old version keeps serving and the error is shown.
         (cwd / "hello.py").write_text(HELLO.replace("hello v1", "hello v2") + "\ndef broken(:\n")
         assert wait_until(lambda: "reload failed" in "".join(proc.output), 30)  # type: ignore[attr-defined]
@@ -46,7 +53,7 @@ def test_reload_rolls_new_code_and_survives_a_syntax_error(project: tuple[Path, 
         assert text(url) == "hello v2"
         # The fix is picked up although the broken module never imported.
         (cwd / "hello.py").write_text(HELLO.replace("hello v1", "hello v3"))
-        assert wait_until(lambda: text(url) == "hello v3", 30), "".join(proc.output)  # type: ignore[attr-defined]
+        assert wait_until(lambda: text(url) == "hello v3", 60), "".join(proc.output)  # type: ignore[attr-defined]
         out = "".join(proc.output)  # type: ignore[attr-defined]
         assert "changed: hello.py" in out and "rolling update" in out and "reloaded in" in out
         kids = descendants(proc.pid)
@@ -57,8 +64,8 @@ def test_reload_rolls_new_code_and_survives_a_syntax_error(project: tuple[Path, 
         reap(proc)
 
 
-def test_progress_names_the_failing_deployment(project: tuple[Path, dict[str, str]]) -> None:
-    cwd, env = project
+def test_progress_names_the_failing_deployment(devproject: tuple[Path, dict[str, str]]) -> None:
+    cwd, env = devproject
     (cwd / "twodeps.py").write_text(textwrap.dedent('''
         import time
         from shoal import serve

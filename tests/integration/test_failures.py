@@ -174,7 +174,18 @@ def test_failing_health_check_replaces_replica(instance: Instance) -> None:
 
     h = serve.run(Flaky.bind())
     bad = h.break_me.remote().result()
-    assert wait_until(lambda: h.pid.remote().result(timeout_s=10) != bad, 30)
+    served: list[int] = []
+    failed: list[str] = []
+
+    def replaced() -> bool:
+        try:
+            served.append(h.pid.remote().result(timeout_s=10))
+        except Exception as e:
+            failed.append(repr(e))
+        return bool(served) and served[-1] != bad
+
+    assert wait_until(replaced, 30)
+    assert failed == []  # the unhealthy replica leaves the membership before it stops
 
 
 def test_bad_deployment_options_name_the_field() -> None:

@@ -1,0 +1,276 @@
+"""``shoal logs``: print and follow the log files of a local instance's replicas and proxy.
+
+Files live under ``<instance dir>/logs`` (see :mod:`shoal.runtime.logs`): one per replica in
+``<app>/<deployment>/<tag>.log``, and ``proxy.log``; a detached instance's controller writes
+``<instance dir>/controller.log``. Each printed line is prefixed with the replica's tag.
+Following (``-f``) works like ``tail -f`` over every replica of the deployment, picks up
+replicas that start later, and survives rotation.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import sys
+import time
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import IO
+
+import click
+
+from shoal.runtime.logs import is_live, proxy_log_path, safe_name
+
+__all__ = ["Follower", "catalog", "logs", "tail_lines"]
+
+POLL_S = 0.25
+_COLORS = ("cyan", "green", "yellow", "magenta", "blue", "bright_cyan", "bright_green", "bright_magenta")
+
+
+def _tail(f: IO[bytes], n: int | None) -> list[str]:
+    """The last ``n`` complete lines of an open file (all for None), without reading all of a
+    big one; leaves the file positioned after them."""
+    end = f.seek(0, os.SEEK_END)
+    if n is None:
+        f.seek(0)
+        data = f.read(end)
+    elif n <= 0:
+        return []
+    else:
+        size, data = end, b""
+        while size > 0 and data.count(b"\n") <= n:
+            step = min(64 * 1024, size)
+            size -= step
+            f.seek(size)
+            data = f.read(step) + data
+        f.seek(end)
+    lines = data.decode("utf-8", "replace").splitlines()
+    return lines if n is None else lines[-n:]
+
+
+def tail_lines(path: str, n: int | None) -> list[str]:
+    """The last ``n`` lines of a file (all of them for None)."""
+    try:
+        with open(path, "rb") as f:
+            return _tail(f, n)
+    except OSError:
+        return []
+
+
+def catalog(root: str) -> dict[str, list[str]]:
+    """``"app/deployment"`` -> its replicas' log files (oldest first), for every deployment with logs."""
+    out: dict[str, list[str]] = {}
+    for d in sorted(glob.glob(os.path.join(glob.escape(root), "*", "*"))):
+        files = _replica_files(d)
+        if files:
+            out[f"{os.path.basename(os.path.dirname(d))}/{os.path.basename(d)}"] = files
+    return out
+
+
+def _replica_files(directory: str) -> list[str]:
+    files = [p for p in glob.glob(os.path.join(glob.escape(directory), "*.log")) if os.path.exists(p)]
+    return sorted(files, key=lambda p: (os.stat(p).st_mtime, p))
+
+
+def _label(path: str) -> str:
+    name = os.path.basename(path)
+    return name[:-4] if name.endswith(".log") else name
+
+
+@dataclass
+class _Open:
+    path: str
+    f: IO[bytes]
+    ino: int
+    partial: bytes = field(default=b"")
+
+
+class Follower:
+    """New lines of a changing set of files, like ``tail -F`` on each.
+
+    :meth:`backlog` starts with the files there are now; ``list_files`` is asked again on
+    every :meth:`poll`, and files it returns later are read from their start (a replica that
+    started after us). A file replaced under its name (rotated) is read to its end, then the
+    new one from its start.
+    """
+
+    def __init__(self, list_files: Callable[[], list[str]]) -> None:
+        self.list_files = list_files
+        self.files: dict[str, _Open] = {}
+
+    def _open(self, path: str, at_end: bool = False) -> _Open | None:
+        try:
+            f = open(path, "rb")  # noqa: SIM115 - kept open while following; close() closes it
+        except OSError:
+            return None
+        if at_end:
+            f.seek(0, os.SEEK_END)
+        o = self.files[path] = _Open(path, f, os.fstat(f.fileno()).st_ino)
+        return o
+
+    def backlog(self, n: int | None) -> list[tuple[str, str]]:
+        """The last ``n`` lines (all for None) of each file there is now; following goes on
+        exactly from there."""
+        out: list[tuple[str, str]] = []
+        for path in self.list_files():
+            o = self._open(path)
+            if o is not None:
+                out.extend((_label(path), line) for line in _tail(o.f, n))
+        return out
+
+    @staticmethod
+    def _read(o: _Open, final: bool = False) -> list[str]:
+        data = o.partial + o.f.read()
+        lines = data.split(b"\n")
+        o.partial = lines.pop()
+        if final and o.partial:
+            lines.append(o.partial)
+            o.partial = b""
+        return [x.decode("utf-8", "replace") for x in lines]
+
+    def poll(self) -> list[tuple[str, str]]:
+        """``(label, line)`` for every complete line written since the last poll."""
+        out: list[tuple[str, str]] = []
+        for path in self.list_files():
+            if path not in self.files:
+                self._open(path)
+        for path, o in list(self.files.items()):
+            label = _label(path)
+            out.extend((label, line) for line in self._read(o))
+            try:
+                st = os.stat(path)
+            except OSError:
+                continue  # being rotated this very moment, or removed: look again next time
+            if st.st_ino != o.ino:
+                out.extend((label, line) for line in self._read(o, final=True))
+                o.f.close()
+                del self.files[path]
+                new = self._open(path)
+                if new is not None:
+                    out.extend((label, line) for line in self._read(new))
+            elif st.st_size < o.f.tell():  # truncated
+                o.f.seek(0)
+                o.partial = b""
+        return out
+
+    def close(self) -> None:
+        for o in self.files.values():
+            o.f.close()
+        self.files.clear()
+
+
+def _instance_dir(address: str | None) -> str:
+    """The instance whose logs to read: a stopped instance's files can be read too."""
+    from shoal.api import instances_root
+    from shoal.cli import resolve_address
+
+    if address:
+        if not os.path.isdir(address):
+            raise click.ClickException(f"no shoal instance directory at {address}")
+        return address
+    env = os.environ.get("SHOAL_RUN_DIR")
+    if env:
+        return env
+    try:
+        return resolve_address(None)
+    except click.ClickException:
+        default = os.path.join(instances_root(), "default")
+        if os.path.isdir(os.path.join(default, "logs")):
+            return default
+        raise
+
+
+def _print(label: str, line: str, color: bool) -> None:
+    prefix = f"[{label}]"
+    if color:
+        prefix = click.style(prefix, fg=_COLORS[zlib.crc32(label.encode()) % len(_COLORS)])
+    click.echo(f"{prefix} {line}", color=color)
+
+
+def _list(instance: str, root: str) -> None:
+    entries = catalog(root)
+    click.echo(f"logs of the instance at {instance}:")
+    if not entries and not os.path.exists(proxy_log_path(root)):
+        click.echo("  none yet")
+    width = max([len(k) for k in entries] + [10])
+    for key, files in entries.items():
+        replicas = ", ".join(f"{_label(p)} ({'running' if is_live(p) else 'exited'})" for p in reversed(files))
+        click.echo(f"  {key.ljust(width)}  {replicas}")
+    if os.path.exists(proxy_log_path(root)):
+        click.echo(f"  {'proxy'.ljust(width)}  {proxy_log_path(root)}")
+    controller = os.path.join(instance, "controller.log")
+    if os.path.exists(controller):
+        click.echo(f"  {'controller'.ljust(width)}  {controller}")
+    click.echo("Print one with `shoal logs APP/DEPLOYMENT` (or just DEPLOYMENT); -f follows it.")
+
+
+def _files_for(instance: str, root: str, target: str) -> Callable[[], list[str]]:
+    """What TARGET names: a deployment's replica files (a function: replicas come and go),
+    or the proxy's or the controller's file."""
+    if "/" in target:
+        app, dep = target.split("/", 1)
+        dirs = [os.path.join(root, safe_name(app), safe_name(dep))]
+    else:
+        dirs = [d for d in glob.glob(os.path.join(glob.escape(root), "*", glob.escape(safe_name(target))))
+                if os.path.isdir(d)]
+    if len(dirs) > 1:
+        choices = ", ".join(f"{os.path.basename(os.path.dirname(d))}/{target}" for d in sorted(dirs))
+        raise click.ClickException(f"deployment {target!r} exists in several applications; pick one: {choices}")
+    if dirs and os.path.isdir(dirs[0]):
+        directory = dirs[0]
+        return lambda: _replica_files(directory)
+    special = {"proxy": proxy_log_path(root), "controller": os.path.join(instance, "controller.log")}
+    if target in special and os.path.exists(special[target]):
+        path = special[target]
+        return lambda: [path]
+    raise click.ClickException(f"no logs for {target!r} in {root} (`shoal logs` lists what there is)")
+
+
+@click.command()
+@click.argument("target", required=False)
+@click.option("-f", "--follow", is_flag=True,
+              help="Keep printing new lines as they are written, from every replica (also ones that start later).")
+@click.option("--replica", "replica", default=None, metavar="TAG",
+              help="Only this replica (its tag, or the start of it).")
+@click.option("-n", "--tail", "tail", type=click.IntRange(min=0), default=None, metavar="N",
+              help="Start with the last N lines of each file (default: all of them).")
+@click.option("--address", default=None, help="Instance directory (default: the running instance, or the last one).")
+def logs(target: str | None, follow: bool, replica: str | None, tail: int | None, address: str | None) -> None:
+    """Print the logs of TARGET: ``APP/DEPLOYMENT`` (or ``DEPLOYMENT`` when its name is unique),
+    ``proxy`` or ``controller``. Without TARGET, list the logs there are.
+
+    Every replica writes its own file, ``<instance dir>/logs/<app>/<deployment>/<tag>.log``
+    (its log records, access log and stdout/stderr); lines are printed with the replica's tag
+    in front. Files rotate at 50 MB, keeping 3 old ones (``<tag>.log.1`` ...).
+    """
+    instance = _instance_dir(address)
+    root = os.path.join(instance, "logs")
+    if not target:
+        _list(instance, root)
+        return
+    all_files = _files_for(instance, root, target)
+
+    def list_files() -> list[str]:
+        return [p for p in all_files() if not replica or _label(p).startswith(replica)]
+
+    if replica and not list_files():
+        raise click.ClickException(f"no replica of {target!r} has a tag starting with {replica!r}")
+    color = sys.stdout.isatty()
+    if not follow:
+        for path in list_files():
+            for line in tail_lines(path, tail):
+                _print(_label(path), line, color)
+        return
+    follower = Follower(list_files)
+    try:
+        for label, line in follower.backlog(tail):
+            _print(label, line, color)
+        while True:
+            for label, line in follower.poll():
+                _print(label, line, color)
+            time.sleep(POLL_S)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        follower.close()

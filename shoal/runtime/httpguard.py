@@ -1,0 +1,255 @@
+"""What an HTTP front checks before a request reaches an application.
+
+Every front (the proxy process, ingress replicas serving HTTP themselves, a pod's front)
+runs a :class:`~shoal.runtime.proxy.ProxyApp` under :class:`~shoal.runtime.proxy.HTTPFront`;
+this module holds the parts of them that are about trust:
+
+* :func:`head_limited_protocol` — uvicorn's httptools protocol with a bound on the request
+  head (request line and headers): httptools itself buffers headers without limit, so a
+  client could grow a server's memory by sending one endless header. Past the bound the
+  client gets 431 and the connection closes.
+* :class:`Authenticator` — API keys (compared in constant time) and the optional auth hook.
+* :func:`ssl_config` — uvicorn's TLS settings from the front's options.
+* :func:`exposure_warning` — the warning for a public address without authentication.
+
+Nothing here imports pydantic: proxy processes start without it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import importlib
+import inspect
+import ipaddress
+import json
+import logging
+import os
+import ssl
+from collections.abc import Callable, Sequence
+from functools import lru_cache
+from typing import Any
+
+logger = logging.getLogger("shoal.proxy")
+
+Headers = Sequence[tuple[bytes, bytes]]
+
+
+# ---- request head limit --------------------------------------------------------------------
+
+
+def error_bytes(status: int, reason: str, text: str) -> bytes:
+    """A complete HTTP/1.1 error response with a short JSON body and a new request id; the
+    connection closes after it."""
+    request_id = os.urandom(8).hex()
+    body = json.dumps({"error": text, "request_id": request_id}).encode()
+    return (
+        f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n"
+        f"x-request-id: {request_id}\r\nconnection: close\r\n\r\n"
+    ).encode() + body
+
+
+# How long a connection refused for its head lingers, dropping input, before it closes.
+LINGER_S = 2.0
+
+
+class _HeadTooLarge(Exception):
+    pass
+
+
+@lru_cache(maxsize=8)
+def head_limited_protocol(max_header_bytes: int) -> type[Any]:
+    """uvicorn's httptools protocol, answering 431 to a request head over ``max_header_bytes``.
+
+    The bytes received while a request's head is incomplete are counted (O(1) per read, nothing
+    per header). A head still incomplete past the limit is refused at once, so memory per
+    connection stays within the limit plus one socket read; a head that completed within a
+    read that took the count past the limit is measured exactly (only then).
+    """
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+    class HeadLimitedProtocol(HttpToolsProtocol):
+        _head_open = True  # the bytes arriving now belong to a request head
+        _head_bytes = 0
+        _too_large = False  # the head that just completed is over the limit
+        _refused = False  # answered 431; the connection is closing
+
+        def data_received(self, data: bytes) -> None:
+            if self._refused:
+                return  # refused: what still comes is read and dropped until the connection closes
+            counting = self._head_open
+            if counting:
+                self._head_bytes += len(data)
+            super().data_received(data)
+            if counting and self._head_open and self._head_bytes > max_header_bytes:
+                self._refuse_head()
+
+        def _refuse_head(self) -> None:
+            self._head_open = False
+            self._refused = True
+            transport = self.transport
+            if transport is None or transport.is_closing():
+                return
+            logger.warning("request head over %d bytes from %s: answered 431", max_header_bytes,
+                           self.client[0] if self.client else "?")
+            cycle = self.cycle
+            # Mid-response to an earlier pipelined request there is no clean way to answer.
+            if cycle is not None and not cycle.response_complete:
+                transport.close()
+                return
+            transport.write(error_bytes(431, "Request Header Fields Too Large", "request header fields too large"))
+            # Closing while the client still sends would reset the connection and lose the answer
+            # on its way: end our side, drop what the client still sends, close a moment later.
+            if transport.can_write_eof():
+                transport.write_eof()
+                self.loop.call_later(LINGER_S, transport.close)
+            else:
+                transport.close()
+
+        def on_headers_complete(self) -> None:
+            if self._head_bytes > max_header_bytes:
+                size = len(self.url) + sum(len(k) + len(v) + 4 for k, v in self.headers)
+                if size > max_header_bytes:
+                    self._too_large = True
+                    raise _HeadTooLarge  # stops the parser; uvicorn then calls send_400_response
+            self._head_open = False
+            self._head_bytes = 0
+            super().on_headers_complete()
+
+        def on_message_complete(self) -> None:
+            super().on_message_complete()
+            self._head_open = True  # what follows is the next request's head
+
+        def send_400_response(self, msg: str) -> None:
+            if self._too_large:
+                self._refuse_head()
+            else:
+                super().send_400_response(msg)
+
+    return HeadLimitedProtocol
+
+
+# ---- authentication ------------------------------------------------------------------------
+
+
+def _digest(key: bytes) -> bytes:
+    return hashlib.sha256(key).digest()
+
+
+def presented_key(headers: Headers) -> bytes | None:
+    """The key in ``Authorization: Bearer <key>`` or ``x-api-key: <key>``, if any."""
+    for name, value in headers:
+        if name == b"authorization":
+            scheme, _, token = value.partition(b" ")
+            if scheme.lower() == b"bearer" and token.strip():
+                return token.strip()
+        elif name == b"x-api-key" and value.strip():
+            return value.strip()
+    return None
+
+
+def import_hook(path: str) -> Callable[..., Any]:
+    """The function at ``"module:function"`` (or ``"module.function"``)."""
+    module, sep, attr = path.partition(":")
+    if not sep:
+        module, _, attr = path.rpartition(".")
+    obj: Any = importlib.import_module(module)
+    for part in attr.split("."):
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise TypeError(f"auth hook {path!r} is not callable")
+    return obj  # type: ignore[no-any-return]
+
+
+class Authenticator:
+    """Decides whether a request may go on: its API key, then the auth hook.
+
+    Keys are compared as SHA-256 digests with :func:`hmac.compare_digest`, against every
+    configured key, so that the time taken tells nothing about the keys (not even their
+    length). The hook gets a Starlette ``Request`` (headers, URL, client; no body) and returns
+    ``True`` to allow, or an HTTP status from 400 to 499 to deny with it; anything else denies
+    with 401. It may be ``async``.
+    """
+
+    def __init__(self, keys: Sequence[str], hook: Callable[..., Any] | None = None) -> None:
+        self._digests = tuple(_digest(k.encode()) for k in keys)
+        self._hook = hook
+
+    @classmethod
+    def of(cls, api_keys: Sequence[str], auth: str) -> Authenticator | None:
+        """The authenticator for a front's options, or None when requests need none."""
+        if not api_keys and not auth:
+            return None
+        return cls(api_keys, import_hook(auth) if auth else None)
+
+    def key_ok(self, headers: Headers) -> bool:
+        token = presented_key(headers)
+        if token is None:
+            return False
+        given = _digest(token)
+        ok = False
+        for d in self._digests:
+            ok |= hmac.compare_digest(given, d)
+        return ok
+
+    async def check(self, scope: dict[str, Any]) -> int:
+        """0 when the request may go on, else the HTTP status to answer with."""
+        if self._digests and not self.key_ok(scope["headers"]):
+            return 401
+        if self._hook is None:
+            return 0
+        from starlette.requests import Request
+
+        try:
+            verdict = self._hook(Request(scope))
+            if inspect.isawaitable(verdict):
+                verdict = await verdict
+        except Exception:
+            logger.exception("the auth hook failed; the request is refused")
+            return 500
+        if verdict is True:
+            return 0
+        if type(verdict) is int and 400 <= verdict < 500:
+            return verdict
+        return 401
+
+
+# ---- TLS -----------------------------------------------------------------------------------
+
+
+def ssl_config(options: Any) -> dict[str, Any]:
+    """uvicorn's ``Config`` arguments for a front's TLS options (none when TLS is off)."""
+    if not options.ssl_certfile:
+        return {}
+    out: dict[str, Any] = {
+        "ssl_certfile": options.ssl_certfile,
+        "ssl_keyfile": options.ssl_keyfile,
+        "ssl_keyfile_password": options.ssl_keyfile_password or None,
+    }
+    if options.ssl_ca_certs:
+        # Ray documents ssl_ca_certs as the CAs that client certificates are verified against:
+        # with it, a client without such a certificate cannot connect.
+        out["ssl_ca_certs"] = options.ssl_ca_certs
+        out["ssl_cert_reqs"] = ssl.CERT_REQUIRED
+    return out
+
+
+# ---- exposure ------------------------------------------------------------------------------
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def exposure_warning(http: Any) -> str:
+    """A warning when the HTTP port is reachable from other machines without authentication."""
+    if is_loopback(http.host) or http.requires_auth:
+        return ""
+    return (f"http_options.host is {http.host}: the HTTP port is reachable from other machines and "
+            "no authentication is configured; set http_options.api_keys_env (or api_keys, "
+            "api_keys_file, auth), see docs/security.md")
