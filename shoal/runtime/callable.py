@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import dataclasses
 import functools
 import inspect
 import json
@@ -75,7 +76,7 @@ class UserCallable:
         else:
             self._obj = self._in_context(self._target, *self._args, **self._kwargs)
             ctx = self._ctx
-            self._ctx = ReplicaContext(ctx.app_name, ctx.deployment, ctx.replica_tag, self._obj)
+            self._ctx = dataclasses.replace(ctx, servable_object=self._obj)
         asgi = getattr(self._target, "__shoal_asgi_app__", None)
         if asgi is not None:
             self._asgi = bind_asgi_app(asgi, self._target, self._obj) if not self._is_function else asgi

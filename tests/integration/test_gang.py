@@ -151,3 +151,31 @@ def test_gang_options_are_validated() -> None:
     with pytest.raises(ValueError, match="num_ranks"):
         serve.deployment(num_ranks=3, placement_group_bundles=[{"CPU": 1}])(HoldsGPU.func_or_class)
     assert TPLinear.options(num_ranks=4).config.world_size == 4
+
+
+@serve.deployment(num_ranks=3, num_replicas=2)
+class Trio:
+    def __call__(self) -> dict[str, int]:
+        ctx = serve.get_replica_context()
+        return {"rank": ctx.rank, "world_size": ctx.world_size}
+
+
+def test_scaling_adds_and_removes_whole_gangs(instance: Instance) -> None:
+    from shoal import api
+
+    controller = api._require().controller
+    h = serve.run(Trio.bind(), timeout_s=60)
+    assert h.remote().result(timeout_s=30) == {"rank": 0, "world_size": 3}
+
+    def processes() -> tuple[int, int]:
+        async def count() -> tuple[int, int]:
+            return len(controller.replicas), len(controller.ranks)
+
+        return api._require().loop.run(count())
+
+    assert processes() == (2, 4)  # two gangs: two rank-0 replicas, each with ranks 1 and 2
+    serve.run(Trio.options(num_replicas=1).bind(), timeout_s=60)
+    assert wait_until(lambda: processes() == (1, 2), 30)
+    serve.run(Trio.options(num_replicas=3).bind(), timeout_s=60)
+    assert wait_until(lambda: processes() == (3, 6), 30)
+    assert serve.status().applications["default"].deployments["Trio"].replica_states == {"RUNNING": 3}
