@@ -836,8 +836,10 @@ class PodSim:
             raise SimError(f"pod {pod.name}: the container has no command (the image's entrypoint is unknown here)")
         args = [_expand(a, env) for a in container.get("args", [])]
         command = [_expand(c, env) for c in command]
-        command[0] = self.executables.get(command[0], command[0])
         argv = [_remap(a, mounts) for a in command + args]
+        # The executable is this machine's (e.g. the venv's `shoal`), never a path inside a
+        # volume: map it after remapping, so a checkout under /tmp (an emptyDir mount) works.
+        argv[0] = self.executables.get(command[0], argv[0])
         cwd = _remap(container["workingDir"], mounts) if container.get("workingDir") else self.cwd
         log = open(pod.log_path, "ab")  # noqa: SIM115 - handed to the child, closed below
         try:

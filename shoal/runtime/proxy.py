@@ -185,10 +185,10 @@ class ProxyApp:
         _metrics.PROCESS.fronts.add(self)
 
     def _access(self, method: str, path: str, status: int, started: float, request_id: str, route: str = "") -> None:
-        """An access-log line for a request this front answered itself; inside an ingress
-        replica it follows that deployment's ``enable_access_log``."""
-        if self.local is None or getattr(self.local, "access_log", True):
-            log_access(method, path, status, started, request_id, route)
+        """An access-log line for a request this front answered itself (a 404, a timeout...):
+        always logged, also by a front inside an ingress replica whose deployment turned its
+        own access log off -- the request was not that deployment's."""
+        log_access(method, path, status, started, request_id, route)
 
     def set_routes(self, routes: Routes) -> None:
         self.routes = sorted(((p, a, d) for p, (a, d) in routes.table.items()), key=lambda r: -len(r[0]))

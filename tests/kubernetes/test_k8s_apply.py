@@ -241,7 +241,8 @@ def test_missing_kubernetes_package_is_a_clear_error(monkeypatch: pytest.MonkeyP
 
 
 def test_real_client_without_a_cluster(tmp_path: Any) -> None:
-    pytest.importorskip("kubernetes")
+    # "kubernetes.client", not "kubernetes": tests/kubernetes would pass for the package.
+    pytest.importorskip("kubernetes.client")
     with pytest.raises(ka.ClusterUnreachable, match=r"kubeconfig"):
         ka.KubernetesAPI(kubeconfig=str(tmp_path / "missing"))
     config = tmp_path / "config"
