@@ -444,8 +444,9 @@ class ReplicaServer:
                 running.cancel()
 
     def _done(self, key: tuple[int, int], _task: asyncio.Task[None]) -> None:
-        self.tasks.pop(key, None)
-        self._release_slot()
+        # Normally _handle released the slot already; this covers a task cancelled before it ran.
+        if self.tasks.pop(key, None) is not None:
+            self._release_slot()
 
     async def _handle(self, proto: FramedProtocol, rid: int, method: str, args: tuple[Any, ...],
                       kwargs: dict[str, Any], meta: RequestMeta) -> None:
@@ -480,6 +481,10 @@ class ReplicaServer:
             except ConnectionError:
                 pass
         finally:
+            # The answer is sent: free the slot now, before the bookkeeping below, so that the
+            # caller's next request (it may already be on its way) is admitted, not refused.
+            if self.tasks.pop((id(proto), rid), None) is not None:
+                self._release_slot()
             self.counters.record(started, failed)
             _metrics.PROCESS.request_done(meta.route, started, failed)
             if trace is not None:
