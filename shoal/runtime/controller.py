@@ -871,12 +871,7 @@ class Controller:
             return
         placement = self.ledger.place(tag, Request.of(dep.spec.config.ray_actor_options))
         if isinstance(placement, Pending):
-            # Stays pending, with a status message naming what is missing; retried each tick.
-            dep.message = f"replica pending: {placement.reason}"
-            dep.resource_blocked = True
-            if placement.can_never_fit:
-                dep.failures = MAX_START_FAILURES
-                dep.ready_once = False
+            self._pending(dep, placement)
             return
         env = self.ledger.cuda_env(placement)
         spare = None
@@ -908,6 +903,16 @@ class Controller:
         if conn is not None:
             self._on_hello(conn, Hello("replica", tag))
 
+    @staticmethod
+    def _pending(dep: DeploymentRecord, why: Pending) -> None:
+        """A replica (or gang) that does not fit stays pending with a status message naming what
+        is missing, retried each tick; one that can never fit fails the deploy."""
+        dep.message = f"replica pending: {why.reason}"
+        dep.resource_blocked = True
+        if why.can_never_fit:
+            dep.failures = MAX_START_FAILURES
+            dep.ready_once = False
+
     def _start_gang(self, app: str, dep: DeploymentRecord, tag: str, uid: str, socket_path: str,
                     serves_http: bool) -> None:
         """Start every rank of one gang replica (all placed, or none and the gang pending)."""
@@ -915,11 +920,7 @@ class Controller:
         n = cfg.world_size
         placements = place_gang(self.ledger, tag, [Request.of(cfg.rank_resources(i)) for i in range(n)])
         if isinstance(placements, Pending):
-            dep.message = f"replica pending: {placements.reason}"
-            dep.resource_blocked = True
-            if placements.can_never_fit:
-                dep.failures = MAX_START_FAILURES
-                dep.ready_once = False
+            self._pending(dep, placements)
             return
         port = free_port()
         procs: list[Proc] = []

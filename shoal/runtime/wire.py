@@ -396,9 +396,14 @@ async def connect_unix(
     timeout: float = 10.0,
 ) -> FramedProtocol:
     loop = asyncio.get_running_loop()
-    _, proto = await asyncio.wait_for(
-        loop.create_unix_connection(lambda: FramedProtocol(secret, False, on_message, on_close), path), timeout
-    )
+    return await _handshaken(
+        loop.create_unix_connection(lambda: FramedProtocol(secret, False, on_message, on_close), path), timeout)
+
+
+async def _handshaken(connecting: Any, timeout: float) -> FramedProtocol:
+    """Await a connection's creation, then its handshake, each within ``timeout``."""
+    _, proto = await asyncio.wait_for(connecting, timeout)
+    assert isinstance(proto, FramedProtocol)
     await asyncio.wait_for(proto.ready, timeout)
     return proto
 
@@ -452,11 +457,8 @@ async def connect_tcp(
 ) -> FramedProtocol:
     """Like :func:`connect_unix`, over TCP (between pods in a cluster)."""
     loop = asyncio.get_running_loop()
-    _, proto = await asyncio.wait_for(
-        loop.create_connection(lambda: FramedProtocol(secret, False, on_message, on_close), host, port), timeout
-    )
-    await asyncio.wait_for(proto.ready, timeout)
-    return proto
+    return await _handshaken(
+        loop.create_connection(lambda: FramedProtocol(secret, False, on_message, on_close), host, port), timeout)
 
 
 async def connect_address(
