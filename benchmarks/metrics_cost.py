@@ -8,7 +8,7 @@ histogram observation, with the labels shoal uses. Measured, each in a fresh int
 * prometheus-client directly, looking the labelled child up each time (``labels()``) and
   with the child cached, in memory and in multiprocess mode (``PROMETHEUS_MULTIPROC_DIR``:
   every update writes an mmapped file);
-* what shoal does: plain-integer accumulation (``shoal.metrics.ProcessMetrics``) on the
+* what shoal does: plain-integer accumulation (``shoal.observability.metrics.ProcessMetrics``) on the
   request path, plus the once-a-second flush into prometheus-client (multiprocess mode),
   reported per flush.
 """
@@ -30,7 +30,7 @@ NAMES = ("application", "app", "deployment", "replica", "route", "namespace", "p
 def _direct(n: int, cached: bool) -> float:
     from prometheus_client import CollectorRegistry, Counter, Histogram
 
-    from shoal.metrics import LATENCY_BUCKETS_MS
+    from shoal.observability.metrics import LATENCY_BUCKETS_MS
 
     registry = CollectorRegistry()
     counter = Counter("requests", "requests", NAMES, registry=registry)
@@ -49,7 +49,7 @@ def _direct(n: int, cached: bool) -> float:
 
 
 def _shoal(n: int) -> tuple[float, float]:
-    from shoal.metrics import ProcessMetrics
+    from shoal.observability.metrics import ProcessMetrics
 
     class Server:
         ongoing = 0
@@ -101,7 +101,7 @@ def main() -> None:
         result = json.loads(out)
         mode = "multiprocess" if multiprocess else "in memory"
         what = {"labels": "prometheus-client, labels() each time", "cached": "prometheus-client, cached child",
-                "shoal": "shoal.metrics (plain integers)"}[which]
+                "shoal": "shoal.observability.metrics (plain integers)"}[which]
         rows.append((what, mode, result))
         line = f"{what:40s} {mode:12s} {result['per_request_us']:7.2f} µs/request"
         if "per_flush_us" in result:

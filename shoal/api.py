@@ -15,11 +15,11 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from shoal import tracing as _tracing
 from shoal.config import HTTPOptions
 from shoal.deployment import Application, build_app_spec, format_validation_error
 from shoal.exceptions import RayServeException
 from shoal.handle import DeploymentHandle
+from shoal.observability import tracing as _tracing
 from shoal.runtime import backend as _backend
 from shoal.runtime.backend import LoopThread
 from shoal.runtime.client import ControllerClient

@@ -8,9 +8,9 @@ import os
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
-from shoal import tracing as _tracing
 from shoal.context import get_request_context
 from shoal.exceptions import RequestCancelledError
+from shoal.observability import tracing as _tracing
 from shoal.runtime import backend as _backend
 from shoal.runtime.wire import RequestMeta
 
@@ -111,7 +111,7 @@ class DeploymentHandle:
         backend, router = self._get_router()
         parent = get_request_context()
         meta = RequestMeta(parent.request_id or _new_request_id(), self._stream, False, self._model_id)
-        if _tracing.enabled:  # a client span, child of the span current here (see shoal.tracing)
+        if _tracing.enabled:  # a client span, child of the span current here (see shoal.observability.tracing)
             router = _tracing.traced(router, self._app, self._deployment)
         loop = backend.loop
         if self._stream:

@@ -13,7 +13,6 @@ from shoal.api import (
     start,
     status,
 )
-from shoal.batching import batch
 from shoal.config import AutoscalingConfig, HTTPOptions
 from shoal.context import get_replica_context
 from shoal.deployment import Application, Deployment, deployment
@@ -24,7 +23,8 @@ from shoal.exceptions import (
     RequestCancelledError,
 )
 from shoal.handle import DeploymentHandle, DeploymentResponse, DeploymentResponseGenerator
-from shoal.multiplex import get_multiplexed_model_id, multiplexed
+from shoal.serving.batching import batch
+from shoal.serving.multiplex import get_multiplexed_model_id, multiplexed
 
 __all__ = [
     "Application",

@@ -45,7 +45,6 @@ from types import TracebackType
 from typing import Any
 from urllib.parse import urlencode
 
-from shoal.autoscaling import Autoscaler
 from shoal.config import AutoscalingConfig
 from shoal.deployment import Application, Deployment, build_app_spec
 from shoal.exceptions import RayServeException, wrap_remote_exception
@@ -53,6 +52,7 @@ from shoal.handle import DeploymentHandle
 from shoal.runtime.backend import LoopThread
 from shoal.runtime.local import LocalBackend
 from shoal.runtime.wire import RequestMeta
+from shoal.serving.autoscaling import Autoscaler
 
 __all__ = [
     "AutoscalingSimulator",
@@ -592,7 +592,7 @@ class AutoscalingSimulator:
 
     Every ``tick_s`` of fake time it feeds the load (``ongoing``: requests in replicas plus
     those waiting in callers; ``queued``: the part waiting in callers) to the real
-    :class:`~shoal.autoscaling.Autoscaler` (the deployment's policy, default or custom) and
+    :class:`~shoal.serving.autoscaling.Autoscaler` (the deployment's policy, default or custom) and
     applies the decision: new replicas count as starting for ``startup_s``, then running;
     removed replicas go at once. ``decisions`` records every change of target.
 

@@ -142,7 +142,7 @@ class CompileOptions:
     shm_size: str = "1Gi"
     cluster_domain: str = "cluster.local"
     pod_monitor: bool = False
-    # A ConfigMap holding the Grafana dashboard (shoal.grafana), for Grafana's dashboard sidecar.
+    # A ConfigMap holding the Grafana dashboard (shoal.observability.grafana), for Grafana's dashboard sidecar.
     grafana: bool = False
 
 
@@ -1137,9 +1137,9 @@ def _pod_monitor(ctx: _Ctx) -> Obj:
 
 
 def _grafana_dashboard(ctx: _Ctx) -> Obj:
-    """The dashboard of shoal.grafana, preset to this application, in a ConfigMap labelled for
+    """The dashboard of shoal.observability.grafana, preset to this application, in a ConfigMap labelled for
     Grafana's dashboard sidecar (``grafana_dashboard: "1"``)."""
-    from shoal.grafana import dashboard_json
+    from shoal.observability.grafana import dashboard_json
 
     meta = ctx.meta(names.dns_label(ctx.instance, "grafana"), component="dashboard")
     meta["labels"]["grafana_dashboard"] = "1"

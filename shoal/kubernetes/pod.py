@@ -448,7 +448,7 @@ class PodReplica:
         if path == "/metrics":
             from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-            from shoal.metrics import PROCESS  # Ray Serve's metric names (shoal.metrics)
+            from shoal.observability.metrics import PROCESS  # Ray Serve's metric names (shoal.observability.metrics)
 
             return 200, CONTENT_TYPE_LATEST, generate_latest(self.registry) + PROCESS.render()
         return 404, "text/plain", b"not found\n"
@@ -520,11 +520,11 @@ class PodReplica:
         self.admin.handler = self._admin
 
     async def run(self) -> int:
-        from shoal import multiplex
         from shoal.context import ReplicaContext, set_process_replica_context
         from shoal.runtime import backend as backend_mod
         from shoal.runtime.replica import apply_logging_config
         from shoal.runtime.wire import serve_tcp
+        from shoal.serving import multiplex
 
         s = self.settings
         cfg: DeploymentConfig = self.dspec.config
@@ -535,9 +535,9 @@ class PodReplica:
         backend_mod.set_current(self.backend)
         server = PodReplicaServer(self, cfg)
         self.server = server
-        from shoal.metrics import PROCESS
+        from shoal.observability.metrics import PROCESS
 
-        # The autoscaler metrics (names.METRIC_*) come from _collect; shoal.metrics adds the rest.
+        # The autoscaler metrics (names.METRIC_*) come from _collect; shoal.observability.metrics adds the rest.
         PROCESS.setup(s.pod_name, namespace=s.namespace, app=self.spec.name, deployment=self.dspec.name,
                       server=server, routers=self.backend.routers, autoscaler_metrics=False)
         ctx = ReplicaContext(self.spec.name, self.dspec.name, s.pod_name, rank=s.rank, world_size=s.world_size)
@@ -792,7 +792,7 @@ def load_deployment(settings: PodSettings) -> tuple[AppSpec, DeploymentSpec, HTT
 
 def run_pod(settings: PodSettings) -> int:
     """Serve until SIGTERM; the process's exit code (0 after a drain, 1 if the replica failed)."""
-    from shoal import tracing
+    from shoal.observability import tracing
     from shoal.runtime.backend import new_event_loop
 
     logger.info("starting replica of %s/%s (config %s, namespace %s)", settings.app or "(the only app)",

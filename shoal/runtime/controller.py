@@ -24,11 +24,9 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from shoal.autoscaling import Autoscaler, PolicyLoadError
 from shoal.config import HTTPOptions
 from shoal.deployment import AppSpec, DeploymentSpec
-from shoal.metrics import ControllerMetrics
-from shoal.resources import Ledger, Pending, Request, detect
+from shoal.observability.metrics import ControllerMetrics
 from shoal.runtime.gang import RankRecord, free_port, place_gang, rank_env, rank_tag
 from shoal.runtime.processes import AdoptedProcess, Proc, is_shoal_process, spawn
 from shoal.runtime.reconcile import ReplicaView, StartReplica, StopReplica, reconcile
@@ -54,6 +52,8 @@ from shoal.runtime.wire import (
     SubscribeRoutes,
     serve_unix,
 )
+from shoal.serving.autoscaling import Autoscaler, PolicyLoadError
+from shoal.serving.resources import Ledger, Pending, Request, detect
 from shoal.status import (
     ApplicationStatus,
     ApplicationStatusOverview,
@@ -1352,7 +1352,7 @@ class Controller:
             elif call.op == "metrics":  # the controller's part of a local /metrics page
                 value = self.metrics.render(self)
             elif call.op == "app_graphs":  # the dashboard's call graphs and deployment options
-                from shoal.dashboard import describe_apps
+                from shoal.observability.dashboard import describe_apps
 
                 value = describe_apps(a.spec for a in self.apps.values() if not a.deleting)
             else:

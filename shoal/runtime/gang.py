@@ -15,7 +15,7 @@ from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import Any
 
-from shoal.resources import NEVER_FIT_PREFIX, Ledger, Pending, Placement, Request
+from shoal.serving.resources import NEVER_FIT_PREFIX, Ledger, Pending, Placement, Request
 
 
 @dataclass(eq=False)

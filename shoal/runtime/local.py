@@ -12,13 +12,13 @@ import traceback
 from collections.abc import AsyncIterator
 from typing import Any
 
-from shoal.batching import BatchClock, set_loop_clock
 from shoal.context import ReplicaContext
 from shoal.deployment import AppSpec
 from shoal.exceptions import DeploymentUnavailableError, RayServeException, wrap_remote_exception
 from shoal.runtime.callable import UserCallable
 from shoal.runtime.router import resolve_arguments
 from shoal.runtime.wire import RequestMeta
+from shoal.serving.batching import BatchClock, set_loop_clock
 
 
 class LocalRouter:

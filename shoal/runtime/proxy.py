@@ -24,9 +24,6 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from shoal import dashboard
-from shoal import metrics as _metrics
-from shoal import tracing as _tracing
 from shoal.exceptions import (
     BackPressureError,
     DeploymentUnavailableError,
@@ -34,11 +31,14 @@ from shoal.exceptions import (
     ReplicaDiedError,
     RequestCancelledError,
 )
+from shoal.observability import dashboard
+from shoal.observability import metrics as _metrics
+from shoal.observability import tracing as _tracing
+from shoal.observability.logs import Identity, log_access, proxy_log_path
+from shoal.observability.logs import setup as setup_log_file
 from shoal.runtime import backend
 from shoal.runtime.client import ControllerClient
 from shoal.runtime.httpguard import Authenticator, head_limited_protocol, ssl_config
-from shoal.runtime.logs import Identity, log_access, proxy_log_path
-from shoal.runtime.logs import setup as setup_log_file
 from shoal.runtime.router import Router
 from shoal.runtime.wire import ProxyReady, RequestMeta, Routes, Stop
 
@@ -84,7 +84,7 @@ class FrontOptions:
     ssl_certfile: str = ""
     ssl_keyfile_password: str = field(default="", repr=False)
     ssl_ca_certs: str = ""
-    # /-/dashboard and /-/status.json (shoal.dashboard); off: 404.
+    # /-/dashboard and /-/status.json (shoal.observability.dashboard); off: 404.
     dashboard: bool = True
 
     @classmethod
@@ -181,7 +181,7 @@ class ProxyApp:
         # In an ingress replica that serves HTTP itself: its own app is called in-process.
         self.local = local
         self.auth = Authenticator.of(options.api_keys, options.auth)  # None: requests need no credentials
-        self.ongoing = 0  # HTTP requests being served (a gauge of shoal.metrics)
+        self.ongoing = 0  # HTTP requests being served (a gauge of shoal.observability.metrics)
         _metrics.PROCESS.fronts.add(self)
 
     def _access(self, method: str, path: str, status: int, started: float, request_id: str, route: str = "") -> None:

@@ -27,16 +27,15 @@ from typing import Any
 
 import cloudpickle
 
-from shoal import metrics as _metrics
-from shoal import multiplex
-from shoal import tracing as _tracing
 from shoal.context import ReplicaContext, RequestContext, _request_ctx, set_process_replica_context
 from shoal.exceptions import BackPressureError, RayServeException
+from shoal.observability import metrics as _metrics
+from shoal.observability import tracing as _tracing
+from shoal.observability.logs import Identity, JSONFormatter, RecordContext, log_access, replica_log_path, safe_name
+from shoal.observability.logs import setup as setup_log_file
 from shoal.runtime import backend
 from shoal.runtime.callable import UserCallable
 from shoal.runtime.client import ControllerClient
-from shoal.runtime.logs import Identity, JSONFormatter, RecordContext, log_access, replica_log_path, safe_name
-from shoal.runtime.logs import setup as setup_log_file
 from shoal.runtime.wire import (
     CANCEL,
     END,
@@ -60,6 +59,7 @@ from shoal.runtime.wire import (
     SubscribeRoutes,
     serve_unix,
 )
+from shoal.serving import multiplex
 
 logger = logging.getLogger("shoal.replica")
 
@@ -561,7 +561,7 @@ def apply_logging_config(lc: Any, ctx: ReplicaContext, *, log_dir: str = "", app
     With ``log_dir`` (a local instance) the replica writes its own rotating file there,
     ``<app>/<deployment>/<tag>.log`` (stdout and stderr included; in ``logging_config.logs_dir``
     instead when set, linked from there), and WARNING and above also to the terminal; see
-    :mod:`shoal.runtime.logs`. Without it (a Kubernetes pod) records keep going to stderr.
+    :mod:`shoal.observability.logs`. Without it (a Kubernetes pod) records keep going to stderr.
     Either way each record carries the application, deployment, replica and request id.
     """
     who = Identity("replica", ctx.replica_tag, ctx.app_name, ctx.deployment)

@@ -53,7 +53,7 @@ class RequestMeta(NamedTuple):
     http: bool = False
     multiplexed_model_id: str = ""
     route: str = ""
-    # W3C traceparent of the caller's span when tracing is on (shoal.tracing); "" when off.
+    # W3C traceparent of the caller's span when tracing is on (shoal.observability.tracing); "" when off.
     trace: str = ""
 
 

@@ -10,7 +10,7 @@ import pytest
 from conftest import Instance
 
 from shoal import serve
-from shoal.batching import batch
+from shoal.serving.batching import batch
 
 
 @serve.deployment(max_ongoing_requests=64)

@@ -172,7 +172,7 @@ def test_page_handles_canaries_failures_and_hostile_names() -> None:
     import threading
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-    from shoal.dashboard import page
+    from shoal.observability.dashboard import page
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:

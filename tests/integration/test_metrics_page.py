@@ -23,8 +23,9 @@ from conftest import Instance, child_pids, wait_until
 from prometheus_client.parser import text_string_to_metric_families
 from starlette.requests import Request
 
-from shoal import grafana, serve
-from shoal import metrics as m
+from shoal import serve
+from shoal.observability import grafana
+from shoal.observability import metrics as m
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -10,9 +10,9 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from shoal import grafana
 from shoal.kubernetes.cli import k8s
 from shoal.kubernetes.validate import validate_objects
+from shoal.observability import grafana
 
 ROOT = Path(__file__).resolve().parents[2]
 DEMO = "tests.kubernetes.k8s_demo_app:app"

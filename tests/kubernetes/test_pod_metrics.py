@@ -1,4 +1,4 @@
-"""Pods export shoal.metrics (Ray Serve's names, namespace/pod labels) on the admin port beside
+"""Pods export shoal.observability.metrics (Ray Serve's names, namespace/pod labels) on the admin port beside
 the pod runtime's own metrics, in one valid exposition."""
 
 from __future__ import annotations

@@ -9,7 +9,8 @@ from typing import Any
 
 import pytest
 
-from shoal.autoscaling import (
+from shoal.config import AggregationFunction, AutoscalingConfig, DeploymentConfig, auto_autoscaling_config
+from shoal.serving.autoscaling import (
     POLICY_STATE_KEY,
     Autoscaler,
     AutoscalingContext,
@@ -22,7 +23,6 @@ from shoal.autoscaling import (
     load_policy,
     upscaling_factor,
 )
-from shoal.config import AggregationFunction, AutoscalingConfig, DeploymentConfig, auto_autoscaling_config
 
 # --------------------------------------------------------------------------------------------
 # Policies imported by path from this module
@@ -521,7 +521,7 @@ class TestCustomPolicies:
     def test_rays_default_policy_path_means_default(self) -> None:
         assert load_policy("ray.serve.autoscaling_policy:default_autoscaling_policy") is default_policy
         assert load_policy("ray.serve.autoscaling_policy:replica_queue_length_autoscaling_policy") is default_policy
-        a = make(cfg(policy="shoal.autoscaling:default_policy"))
+        a = make(cfg(policy="shoal.serving.autoscaling:default_policy"))
         assert not a.is_custom_policy
 
     @pytest.mark.parametrize(

@@ -13,9 +13,9 @@ from typing import Any
 import cloudpickle
 import pytest
 
-from shoal.batching import BatchConfig, BatchDecision, batch, next_batch
 from shoal.context import RequestContext, _request_ctx
 from shoal.exceptions import RayServeException
+from shoal.serving.batching import BatchConfig, BatchDecision, batch, next_batch
 
 # ---------------------------------------------------------------------------------------------
 # next_batch: pure, explicit clock.

@@ -1,4 +1,4 @@
-"""The dashboard's data and responses (shoal.dashboard), without processes."""
+"""The dashboard's data and responses (shoal.observability.dashboard), without processes."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from shoal import serve
-from shoal.dashboard import describe_apps, page, respond, status_document
 from shoal.deployment import build_app_spec
+from shoal.observability.dashboard import describe_apps, page, respond, status_document
 from shoal.status import (
     ApplicationStatus,
     ApplicationStatusOverview,

@@ -8,8 +8,8 @@ import time
 from pathlib import Path
 
 from shoal import serve
+from shoal.cli.devloop import SourceWatcher, describe_changes, forget_modules
 from shoal.deployment import build_app_spec
-from shoal.devloop import SourceWatcher, describe_changes, forget_modules
 
 
 @serve.deployment

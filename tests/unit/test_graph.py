@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from shoal.cli import cli
+from shoal.cli.main import cli
 from shoal.deployment import build_app_spec
 from shoal.graph import (
     GraphvizNotFoundError,

@@ -1,4 +1,4 @@
-"""Log records and files (shoal.runtime.logs) and reading them back (shoal.logs_cli)."""
+"""Log records and files (shoal.observability.logs) and reading them back (shoal.cli.logs)."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
+from shoal.cli.logs import Follower, catalog, tail_lines
 from shoal.context import RequestContext, _request_ctx
-from shoal.logs_cli import Follower, catalog, tail_lines
-from shoal.runtime.logs import (
+from shoal.observability.logs import (
     Identity,
     JSONFormatter,
     LogFile,
@@ -121,7 +121,7 @@ def test_paths_are_one_component_per_name(tmp_path: Path) -> None:
 
 CAPTURE = textwrap.dedent('''
     import logging, os, sys, time
-    from shoal.runtime import logs
+    from shoal.observability import logs
     path = sys.argv[1]
     logs.setup(logs.Identity("replica", "D-1", "app", "D"), path=path, level="INFO")
     log = logging.getLogger("user")
@@ -168,7 +168,7 @@ def test_first_lines_are_in_the_oldest_kept_generation(tmp_path: Path) -> None:
 
 FAST = textwrap.dedent('''
     import logging, sys, time
-    from shoal.runtime import logs
+    from shoal.observability import logs
     path, encoding = sys.argv[1], sys.argv[2]
     logs.setup(logs.Identity("replica", "D-1", "app", "D"), path=path, encoding=encoding)
     assert logs._fast is not None
@@ -271,7 +271,7 @@ def test_catalog_lists_deployments_with_files(tmp_path: Path) -> None:
 def test_shoal_logs_targets(tmp_path: Path) -> None:
     from click.testing import CliRunner
 
-    from shoal.cli import cli
+    from shoal.cli.main import cli
 
     logs = tmp_path / "logs"
     for app in ("shop", "blog"):
@@ -303,7 +303,7 @@ def test_shoal_logs_targets(tmp_path: Path) -> None:
 def test_cli_help_documents_the_new_options() -> None:
     from click.testing import CliRunner
 
-    from shoal.cli import cli
+    from shoal.cli.main import cli
 
     runner = CliRunner()
     status = runner.invoke(cli, ["status", "--help"]).output

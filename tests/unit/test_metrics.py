@@ -1,4 +1,4 @@
-"""shoal.metrics without processes: accumulation, flushing, the controller's part, the docs table,
+"""shoal.observability.metrics without processes: accumulation, flushing, the controller's part, the docs table,
 and the Grafana dashboard (its queries only use metric names shoal exposes)."""
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from shoal import grafana
-from shoal import metrics as m
 from shoal.kubernetes import names
+from shoal.observability import grafana
+from shoal.observability import metrics as m
 from shoal.status import ApplicationStatus, DeploymentStatus, ReplicaState
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -217,7 +217,8 @@ def exposed_base(name: str) -> str:
 def test_dashboard_file_is_the_generated_one_and_uses_known_metrics() -> None:
     path = ROOT / "deploy" / "grafana" / "shoal-dashboard.json"
     text = path.read_text()
-    assert text == grafana.dashboard_json(), "regenerate: python -m shoal.grafana > deploy/grafana/shoal-dashboard.json"
+    regen = "regenerate: python -m shoal.observability.grafana > deploy/grafana/shoal-dashboard.json"
+    assert text == grafana.dashboard_json(), regen
     board = json.loads(text)
     assert board["panels"] and all(p["targets"] for p in board["panels"])
     used = dashboard_metric_names(board)

@@ -7,7 +7,7 @@ import subprocess
 import pytest
 
 from shoal.config import RayActorOptions
-from shoal.resources import (
+from shoal.serving.resources import (
     GPU,
     NVIDIA_SMI_QUERY,
     Ledger,

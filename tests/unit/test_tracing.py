@@ -1,4 +1,4 @@
-"""shoal.tracing in one process, with the OpenTelemetry SDK's in-memory exporter: the HTTP front's
+"""shoal.observability.tracing in one process, with the OpenTelemetry SDK's in-memory exporter: the HTTP front's
 span honours an incoming traceparent, a replica's span is its child and current while the request
 runs, and a handle call made there gets a client span whose context travels in RequestMeta."""
 
@@ -17,7 +17,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
 
-from shoal import tracing
+from shoal.observability import tracing
 from shoal.runtime.wire import RequestMeta
 
 INCOMING_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"

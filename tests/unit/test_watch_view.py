@@ -1,4 +1,4 @@
-"""The live status view (shoal.watch), rendered without an instance."""
+"""The live status view (shoal.observability.watch), rendered without an instance."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Any
 
 from rich.console import Console
 
-from shoal.watch import Rates, run, view
+from shoal.observability.watch import Rates, run, view
 
 
 def status(requests: int, *, canary: bool = False) -> dict[str, Any]:

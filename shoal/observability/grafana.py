@@ -1,7 +1,7 @@
-"""A Grafana dashboard for shoal's metrics (:mod:`shoal.metrics`).
+"""A Grafana dashboard for shoal's metrics (:mod:`shoal.observability.metrics`).
 
 ``deploy/grafana/shoal-dashboard.json`` in the repository is :func:`dashboard` written out
-(``python -m shoal.grafana > deploy/grafana/shoal-dashboard.json``; a test keeps the two the
+(``python -m shoal.observability.grafana > deploy/grafana/shoal-dashboard.json``; a test keeps the two the
 same), for importing by hand; ``shoal k8s build --grafana`` emits one per application as a
 ConfigMap that Grafana's dashboard sidecar picks up (label ``grafana_dashboard: "1"``).
 
@@ -16,7 +16,7 @@ import json
 import sys
 from typing import Any
 
-from shoal import metrics as m
+from shoal.observability import metrics as m
 
 __all__ = ["dashboard", "dashboard_json", "queries"]
 

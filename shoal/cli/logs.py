@@ -1,6 +1,6 @@
 """``shoal logs``: print and follow the log files of a local instance's replicas and proxy.
 
-Files live under ``<instance dir>/logs`` (see :mod:`shoal.runtime.logs`): one per replica in
+Files live under ``<instance dir>/logs`` (see :mod:`shoal.observability.logs`): one per replica in
 ``<app>/<deployment>/<tag>.log``, and ``proxy.log``; a detached instance's controller writes
 ``<instance dir>/controller.log``. Each printed line is prefixed with the replica's tag.
 Following (``-f``) works like ``tail -f`` over every replica of the deployment, picks up
@@ -20,7 +20,7 @@ from typing import IO
 
 import click
 
-from shoal.runtime.logs import is_live, proxy_log_path, safe_name
+from shoal.observability.logs import is_live, proxy_log_path, safe_name
 
 __all__ = ["Follower", "catalog", "logs", "tail_lines"]
 
@@ -163,7 +163,7 @@ class Follower:
 def _instance_dir(address: str | None) -> str:
     """The instance whose logs to read: a stopped instance's files can be read too."""
     from shoal.api import instances_root
-    from shoal.cli import resolve_address
+    from shoal.cli.common import resolve_address
 
     if address:
         if not os.path.isdir(address):

@@ -49,7 +49,7 @@ from typing import Any
 
 from shoal.kubernetes import names
 
-logger = logging.getLogger("shoal.metrics")
+logger = logging.getLogger("shoal.observability.metrics")
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 LOCAL_NAMESPACE = "local"
@@ -500,7 +500,7 @@ def process_exit() -> None:
         PROCESS.flush()
     except Exception:
         logger.exception("flushing metrics at exit failed")
-    from shoal import tracing
+    from shoal.observability import tracing
 
     tracing.shutdown()
 

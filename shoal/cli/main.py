@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import glob
 import json
 import os
 import sys
@@ -12,8 +10,10 @@ from typing import Any
 
 import click
 
-from shoal import lifecycle_cli, logs_cli
-from shoal.api import _is_live, instances_root
+import shoal.cli.lifecycle as lifecycle_cli
+import shoal.cli.logs as logs_cli
+from shoal.api import _is_live
+from shoal.cli.common import _admin, resolve_address
 from shoal.kubernetes.cli import k8s as k8s_command
 from shoal.kubernetes.pod import replica as replica_command
 
@@ -55,8 +55,8 @@ def run(target: str, name: str | None, route_prefix: str | None, host: str | Non
     (``module:app``, ``package.module:build``) or a serve config file (``serve.yaml``).
     """
     from shoal import api
+    from shoal.cli.devloop import deploy_with_progress
     from shoal.config import HTTPOptions
-    from shoal.devloop import deploy_with_progress
     from shoal.schema import ConfigError
 
     console = _console()
@@ -127,7 +127,7 @@ def _watch_roots(target: str) -> list[str]:
 
 
 def _watcher(target: str) -> Any:
-    from shoal.devloop import SourceWatcher
+    from shoal.cli.devloop import SourceWatcher
 
     return SourceWatcher(_watch_roots(target), [target] if _is_config_file(target) else [])
 
@@ -141,7 +141,7 @@ def _reload_loop(console: Any, target: str, name: str | None, route_prefix: str 
     import traceback
 
     from shoal import api
-    from shoal.devloop import deploy_with_progress, describe_changes, forget_modules
+    from shoal.cli.devloop import deploy_with_progress, describe_changes, forget_modules
 
     roots = _watch_roots(target)
     inst = api._require()
@@ -274,65 +274,6 @@ def _install_sigterm() -> None:
     signal.signal(signal.SIGTERM, on_term)
 
 
-def resolve_address(address: str | None) -> str:
-    """The run directory of the instance to talk to, or a clear error."""
-    if address:
-        if not _is_live(address):
-            raise click.ClickException(f"no running shoal instance at {address}")
-        return address
-    env = os.environ.get("SHOAL_RUN_DIR")
-    if env:
-        if not _is_live(env):
-            raise click.ClickException(f"no running shoal instance at SHOAL_RUN_DIR={env}")
-        return env
-    root = instances_root()
-    default = os.path.join(root, "default")
-    if _is_live(default):
-        return default
-    live = sorted(d for d in glob.glob(os.path.join(root, "*")) if _is_live(d))
-    if len(live) == 1:
-        return live[0]
-    if not live:
-        raise click.ClickException("no running shoal instance found (start one with `shoal run`)")
-    raise click.ClickException("several shoal instances are running; pick one with --address:\n  " + "\n  ".join(live))
-
-
-def _admin(address: str, op: str, timeout: float = 30.0, **args: Any) -> Any:
-    from shoal.runtime.backend import new_event_loop
-    from shoal.runtime.client import ControllerClient, ControllerError
-    from shoal.runtime.rundir import check_private_dir
-
-    path = os.path.join(address, "controller.sock")
-    try:
-        check_private_dir(address)  # a directory another user made could hold their secret and socket
-        with open(os.path.join(address, "secret"), "rb") as f:
-            secret = f.read()
-    except PermissionError as e:
-        raise click.ClickException(str(e)) from None
-    except OSError as e:
-        raise click.ClickException(f"cannot read the instance secret in {address}: {e.strerror}") from None
-
-    async def go() -> Any:
-        client = ControllerClient(path, secret, "client", f"cli-{os.getpid()}", asyncio.get_running_loop())
-        try:
-            await client.connect(timeout=5)
-            return await client.call(op, timeout, **args)
-        finally:
-            client.close()
-
-    loop = new_event_loop()
-    try:
-        return loop.run_until_complete(go())
-    except ControllerError as e:
-        raise click.ClickException(str(e)) from None
-    except TimeoutError:
-        raise click.ClickException(f"the shoal instance at {address} did not answer within {timeout:.0f}s") from None
-    except (ConnectionError, OSError) as e:
-        raise click.ClickException(f"cannot reach the shoal instance at {address}: {e}") from None
-    finally:
-        loop.close()
-
-
 @cli.command()
 @click.option("--address", default=None, help="Instance directory (default: the one running instance).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
@@ -346,7 +287,7 @@ def status(address: str | None, as_json: bool, watch: bool, interval: float, ite
     """Show applications, deployments and replica states of a running instance."""
     addr = resolve_address(address)
     if watch:
-        from shoal import watch as live_view
+        from shoal.observability import watch as live_view
 
         try:
             live_view.run(lambda: dict(_admin(addr, "status", timeout=5.0).to_dict()), interval=interval,

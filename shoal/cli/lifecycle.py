@@ -89,7 +89,7 @@ def start(address: str | None, host: str, port: int, num_gpus: int | None, stric
         time.sleep(0.05)
     else:
         raise click.ClickException(f"the controller did not start within {WAIT_START_S:.0f}s; see {log_path}")
-    from shoal.cli import _admin
+    from shoal.cli.common import _admin
 
     st = _admin(run_dir, "status")
     apps = [a for a in st.applications]
@@ -138,7 +138,7 @@ def deploy(config_file: str, address: str | None, canary: float | None, no_wait:
     The file is a serve config (``shoal build`` writes one); its code is imported here, from
     the current directory, and replicas import it from the same place.
     """
-    from shoal.cli import _admin, resolve_address
+    from shoal.cli.common import _admin, resolve_address
 
     if not config_file.endswith((".yaml", ".yml", ".json")):
         raise click.UsageError(f"{config_file} is not a config file (.yaml/.yml/.json); "
@@ -161,7 +161,7 @@ def deploy(config_file: str, address: str | None, canary: float | None, no_wait:
     live = [n for n, what in results.items() if what != "deleted"]
     from rich.console import Console
 
-    from shoal.devloop import show_progress
+    from shoal.cli.devloop import show_progress
 
     console = Console(stderr=True)
     try:
@@ -191,7 +191,7 @@ def deploy(config_file: str, address: str | None, canary: float | None, no_wait:
 def promote(name: str, address: str | None, timeout: float) -> None:
     """Finish application NAME's canary release: roll the app to the canary's version
     (zero downtime), then remove the canary."""
-    from shoal.cli import _admin, resolve_address
+    from shoal.cli.common import _admin, resolve_address
 
     addr = resolve_address(address)
     _admin(addr, "promote", timeout=timeout, name=name)
@@ -204,7 +204,7 @@ def promote(name: str, address: str | None, timeout: float) -> None:
 def rollback(name: str, address: str | None) -> None:
     """Undo application NAME's canary release: all traffic goes back to the current version
     and the canary's replicas drain and stop."""
-    from shoal.cli import _admin, resolve_address
+    from shoal.cli.common import _admin, resolve_address
 
     addr = resolve_address(address)
     _admin(addr, "rollback", timeout=120.0, name=name)

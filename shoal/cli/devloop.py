@@ -23,7 +23,7 @@ SLOW_AFTER_S = 15.0
 
 
 # shoal itself is never reloaded, also when it is installed from a checkout under the project.
-_SHOAL_DIR = os.path.dirname(os.path.abspath(__file__))
+_SHOAL_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _project_file(path: str | None, roots: tuple[str, ...]) -> bool:

@@ -37,7 +37,7 @@ from shoal.runtime.wire import RequestMeta
 
 __all__ = ["ENV", "enabled", "install", "setup", "setup_from_env", "shutdown", "traced", "traceparent", "uninstall"]
 
-logger = logging.getLogger("shoal.tracing")
+logger = logging.getLogger("shoal.observability.tracing")
 
 ENV = "SHOAL_TRACING"
 

@@ -41,13 +41,13 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, NamedTuple, Protocol, TypeVar, overload
 
-from shoal import metrics as _metrics
 from shoal.context import get_request_context
 from shoal.exceptions import RayServeException
+from shoal.observability import metrics as _metrics
 
 __all__ = ["BatchClock", "BatchConfig", "BatchDecision", "batch", "next_batch", "set_loop_clock"]
 
-logger = logging.getLogger("shoal.batching")
+logger = logging.getLogger("shoal.serving.batching")
 
 F = TypeVar("F", bound=Callable[..., Any])
 

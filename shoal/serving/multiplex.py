@@ -27,8 +27,8 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from shoal import metrics as _metrics
 from shoal.context import get_request_context
+from shoal.observability import metrics as _metrics
 
 __all__ = ["get_multiplexed_model_id", "multiplexed"]
 
