@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test lint typecheck unit clean bench docs
+.PHONY: install run test lint typecheck unit clean bench bench-baseline docs
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -56,6 +56,15 @@ $(BENCH_STAMP): pyproject.toml
 bench: $(BENCH_STAMP)
 	command -v wrk >/dev/null || apt-get install -y wrk || (apt-get update && apt-get install -y wrk)
 	$(BENCH_PY) benchmarks/run.py $(BENCH_ARGS)
+
+## The same suite for the working tree's shoal next to shoal at BASELINE (a git ref; default: the commit
+## before the architecture refactor), workload by workload, with new/old ratios in RESULTS.md.
+## E.g. `make bench-baseline BASELINE=HEAD~1 BENCH_ARGS="--quick --only echo,handle"`.
+## Writes benchmarks/vs-baseline/ (RESULTS.md, results.json), leaving the Ray comparison in benchmarks/ alone.
+BASELINE ?= 1d00e29
+bench-baseline: $(BENCH_STAMP)
+	command -v wrk >/dev/null || apt-get install -y wrk || (apt-get update && apt-get install -y wrk)
+	$(BENCH_PY) benchmarks/run.py --baseline $(BASELINE) --framework shoal --out-dir benchmarks/vs-baseline $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache

@@ -1,6 +1,6 @@
 """Start one benchmark app under shoal or Ray Serve, the same way for both, and serve until SIGTERM.
 
-    BENCH_FRAMEWORK=shoal|ray python benchmarks/launcher.py APP --port PORT [--bench handle|batch ...]
+    BENCH_FRAMEWORK=shoal|ray [BENCH_ROOT=TREE] python benchmarks/launcher.py APP --port PORT [--bench handle|batch ...]
 
 The launcher is the driver process: it calls ``serve.start(http_options=...)`` and
 ``serve.run(app)`` from the app module (``benchmarks/apps/APP.py``), prints ``READY`` and then
@@ -8,6 +8,10 @@ either blocks until SIGTERM/SIGINT, or, with ``--bench``, drives the app through
 ``serve.run`` returned and writes the measurements as JSON to ``--out``. Either way it ends with
 ``serve.shutdown()`` (and ``ray.shutdown()`` for Ray). The runner starts it in a new session
 and cleans up any process of that session that outlives it.
+
+``BENCH_ROOT`` names the tree whose ``benchmarks.apps`` (and with them ``shoal``) are imported:
+this checkout by default, or a worktree of an earlier commit (``run.py --baseline REF``). The
+launcher prints the file ``shoal`` came from, which the runner checks against that tree.
 """
 
 from __future__ import annotations
@@ -24,7 +28,9 @@ import threading
 import time
 from typing import Any
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.environ.get("BENCH_ROOT") or os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Read by run.py (benchmarks/baseline.py SHOAL_FILE_MARK): proof of which tree's shoal is measured.
+SHOAL_FILE_MARK = "BENCH shoal imported from "
 
 
 def percentile(xs: list[float], p: float) -> float:
@@ -138,6 +144,8 @@ def main() -> None:
         # with more logical CPUs where an app has more replicas than the machine has cores.
         ray.init(num_cpus=args.ray_num_cpus)
     module = importlib.import_module(f"benchmarks.apps.{args.app}")
+    if framework == "shoal":
+        print(f"{SHOAL_FILE_MARK}{sys.modules['shoal'].__file__}", flush=True)
     serve = module.serve
     result: dict[str, Any] | None = None
     try:

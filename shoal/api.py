@@ -5,8 +5,6 @@ from __future__ import annotations
 import atexit
 import logging
 import os
-import socket
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -26,7 +24,7 @@ from shoal.runtime.client import ControllerClient
 from shoal.runtime.controller import Controller, Settings
 from shoal.runtime.httpguard import exposure_warning
 from shoal.runtime.local import LocalBackend
-from shoal.runtime.rundir import private_dir
+from shoal.runtime.rundir import RunDir
 from shoal.runtime.wire import new_secret
 from shoal.status import ServeStatus
 
@@ -56,36 +54,6 @@ def _ensure_logging() -> None:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
-
-
-def _is_live(run_dir: str) -> bool:
-    path = os.path.join(run_dir, "controller.sock")
-    if not os.path.exists(path):
-        return False
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        s.connect(path)
-        return True
-    except OSError:
-        return False
-    finally:
-        s.close()
-
-
-def instances_root() -> str:
-    return os.path.join(tempfile.gettempdir(), f"shoal-{os.getuid()}")
-
-
-def default_run_dir() -> str:
-    """``$SHOAL_RUN_DIR``, else ``/tmp/shoal-<uid>/default`` unless another instance holds it."""
-    explicit = os.environ.get("SHOAL_RUN_DIR")
-    if explicit:
-        return explicit
-    root = private_dir(instances_root())
-    default = os.path.join(root, "default")
-    if not _is_live(default):
-        return default
-    return os.path.join(root, f"i-{os.getpid()}")
 
 
 def _parse_http_options(http_options: HTTPOptions | dict[str, Any] | None) -> HTTPOptions:
@@ -123,12 +91,11 @@ def start(
             return
         _ensure_logging()
         _tracing.setup_from_env("shoal-driver")  # $SHOAL_TRACING: handle calls from here start traces
-        run_dir = _run_dir or default_run_dir()
-        settings = Settings(run_dir=run_dir, http=opts, start_proxy=proxy and opts.location != "NoServer"
+        run_dir = RunDir(_run_dir) if _run_dir else RunDir.for_new_instance()
+        settings = Settings(run_dir=run_dir.path, http=opts, start_proxy=proxy and opts.location != "NoServer"
                             and opts.location != "Disabled", num_gpus=num_gpus, strict_cpus=strict_cpus)
         secret = new_secret()
-        private_dir(run_dir)
-        _write_secret(run_dir, secret)
+        run_dir.create_private().write_secret(secret)
         loop = LoopThread().start()
         controller: Controller | None = None
         try:
@@ -158,15 +125,6 @@ def start(
             warning = exposure_warning(opts)
             if warning:
                 logger.warning("%s", warning)
-
-
-def _write_secret(run_dir: str, secret: bytes) -> None:
-    path = os.path.join(run_dir, "secret")
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, secret)
-    finally:
-        os.close(fd)
 
 
 def _require() -> _Instance:
@@ -257,11 +215,10 @@ def shutdown() -> None:
         except Exception:
             pass
         inst.loop.stop()
-        for name in ("secret",):
-            try:
-                os.unlink(os.path.join(inst.settings.run_dir, name))
-            except OSError:
-                pass
+        try:
+            os.unlink(RunDir(inst.settings.run_dir).secret)
+        except OSError:
+            pass
     if local is not None and loop is not None:
         try:
             loop.run(local.shutdown(), timeout=60)

@@ -15,6 +15,7 @@ remote traceback.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 __all__ = [
@@ -124,3 +125,76 @@ def wrap_remote_exception(exc: BaseException, remote_traceback: str) -> BaseExce
 
 def _rebuild_task_error(cause: BaseException, remote_traceback: str) -> BaseException:
     return wrap_remote_exception(cause, remote_traceback)
+
+
+# --------------------------------------------------------------------------------------------
+# Errors of configuration, compilation and the instance directory (brief D). Each is also an
+# instance of the builtin class it derived from before it moved here, so ``except ValueError``
+# keeps catching them; each old module re-exports its name.
+# --------------------------------------------------------------------------------------------
+
+__all__ += ["CompileError", "ConfigError", "InstanceNotFoundError", "ObjectInvalid", "PolicyLoadError", "SimError"]
+
+
+class ConfigError(RayServeException, ValueError):
+    """A config file (or config dict) is unreadable or invalid.
+
+    ``source`` names the file (or ``"<dict>"``); ``problems`` holds ``(field_path, message)``
+    pairs, the path being empty for problems of the whole file. ``str()`` gives one line per
+    problem, each ``"<source>: <path>: <message>"``.
+    """
+
+    def __init__(self, source: str, problems: str | Sequence[tuple[str, str]]) -> None:
+        if isinstance(problems, str):
+            problems = [("", problems)]
+        self.source = source
+        self.problems: list[tuple[str, str]] = list(problems)
+        super().__init__(self._render())
+
+    def _render(self) -> str:
+        lines = []
+        for path, msg in self.problems:
+            lines.append(f"{self.source}: {path}: {msg}" if path else f"{self.source}: {msg}")
+        return "\n".join(lines) if lines else f"{self.source}: invalid config"
+
+    def __str__(self) -> str:
+        return self._render()
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.source, self.problems))
+
+
+class PolicyLoadError(RayServeException, ValueError):
+    """An autoscaling ``policy`` import path that cannot be used."""
+
+
+class CompileError(RayServeException, ValueError):
+    """The app or the options cannot be compiled to Kubernetes objects; the message names the
+    option or field."""
+
+
+class ObjectInvalid(RayServeException, ValueError):
+    """A Kubernetes object does not match its schema; the message names the object and the field."""
+
+
+class SimError(RayServeException, RuntimeError):
+    """The objects cannot be simulated, or a wait timed out (the message says which pods)."""
+
+
+class InstanceNotFoundError(RayServeException):
+    """No shoal instance directory fits what was asked (none running, several, or none there)."""
+
+
+__all__ += ["PodConfigError"]
+
+
+class PodConfigError(RayServeException):
+    """A Kubernetes pod cannot serve: a bad config file, or no such application or deployment."""
+
+
+__all__ += ["DeployError"]
+
+
+class DeployError(RayServeException, RuntimeError):
+    """An application could not be deployed; the message says which deployment and why.
+    (Also a ``RuntimeError``, which it was before it joined this hierarchy.)"""

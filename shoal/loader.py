@@ -320,75 +320,47 @@ def build_application(app_schema: ServeApplicationSchema, source: str = "<config
     """
     prefix: tuple[int | str, ...] = ("applications", index)
     path_field = format_error_path([*prefix, "import_path"])
-    path = app_schema.import_path
-    target = import_attr(path, field=path_field, source=source)
-
-    if isinstance(target, Application):
-        if app_schema.args:
-            raise ConfigError(
-                source,
-                [
-                    (
-                        format_error_path([*prefix, "args"]),
-                        (
-                            f"{path!r} is an already bound application, so it takes no args; "
-                            "point import_path at an application builder function to pass args"
-                        ),
-                    )
-                ],
-            )
-        app = target
-    elif isinstance(target, Deployment):
-        raise ConfigError(
-            source,
-            [
-                (
-                    path_field,
-                    (
-                        f"{path!r} is the deployment {target.name!r}, not an application; bind it "
-                        f"(app = {target.name}.bind(...)) and point import_path at the result"
-                    ),
-                )
-            ],
-        )
-    elif inspect.isclass(target) or not callable(target):
-        raise ConfigError(
-            source,
-            [
-                (
-                    path_field,
-                    (
-                        f"{path!r} is a {type(target).__name__}; expected a bound application "
-                        "(made with .bind()) or a function that builds one"
-                    ),
-                )
-            ],
-        )
-    else:
-        built = _call_builder(target, app_schema, source, prefix)
-        if not isinstance(built, Application):
-            hint = (
-                f" (call {built.name}.bind(...) in the builder)"
-                if isinstance(built, Deployment)
-                else " (did the builder forget to return .bind(...)?)"
-            )
-            raise ConfigError(
-                source,
-                [
-                    (
-                        path_field,
-                        (
-                            f"the application builder {path!r} returned {type(built).__name__}, "
-                            f"expected an Application{hint}"
-                        ),
-                    )
-                ],
-            )
-        app = built
-
+    target = import_attr(app_schema.import_path, field=path_field, source=source)
+    app = _application_of(target, app_schema, source, prefix)
     return apply_deployment_overrides(
         app, app_schema.deployments, source=source, prefix=prefix, app_name=app_schema.name
     )
+
+
+def _application_of(target: Any, app_schema: ServeApplicationSchema, source: str,
+                    prefix: tuple[int | str, ...]) -> Application:
+    """The application an imported ``target`` stands for: itself, or what the builder returns."""
+    path = app_schema.import_path
+    path_field = format_error_path([*prefix, "import_path"])
+
+    def problem(field: str, message: str) -> ConfigError:
+        return ConfigError(source, [(field, message)])
+
+    if isinstance(target, Application):
+        if app_schema.args:
+            raise problem(format_error_path([*prefix, "args"]),
+                          f"{path!r} is an already bound application, so it takes no args; "
+                          "point import_path at an application builder function to pass args")
+        return target
+    if isinstance(target, Deployment):
+        raise problem(path_field,
+                      f"{path!r} is the deployment {target.name!r}, not an application; bind it "
+                      f"(app = {target.name}.bind(...)) and point import_path at the result")
+    if inspect.isclass(target) or not callable(target):
+        raise problem(path_field,
+                      f"{path!r} is a {type(target).__name__}; expected a bound application "
+                      "(made with .bind()) or a function that builds one")
+    built = _call_builder(target, app_schema, source, prefix)
+    if not isinstance(built, Application):
+        hint = (
+            f" (call {built.name}.bind(...) in the builder)"
+            if isinstance(built, Deployment)
+            else " (did the builder forget to return .bind(...)?)"
+        )
+        raise problem(path_field,
+                      f"the application builder {path!r} returned {type(built).__name__}, "
+                      f"expected an Application{hint}")
+    return built
 
 
 def build_applications(config: ServeDeploySchema, source: str = "<config>") -> list[Application]:

@@ -55,6 +55,7 @@ from shoal.config import (
     RayActorOptions,
     validate_route_prefix,
 )
+from shoal.exceptions import ConfigError
 
 __all__ = [
     "ConfigError",
@@ -70,34 +71,6 @@ __all__ = [
 # --------------------------------------------------------------------------------------------
 # Errors
 # --------------------------------------------------------------------------------------------
-
-
-class ConfigError(ValueError):
-    """A config file (or config dict) is unreadable or invalid.
-
-    ``source`` names the file (or ``"<dict>"``); ``problems`` holds ``(field_path, message)``
-    pairs, the path being empty for problems of the whole file. ``str()`` gives one line per
-    problem, each ``"<source>: <path>: <message>"``.
-    """
-
-    def __init__(self, source: str, problems: str | Sequence[tuple[str, str]]) -> None:
-        if isinstance(problems, str):
-            problems = [("", problems)]
-        self.source = source
-        self.problems: list[tuple[str, str]] = list(problems)
-        super().__init__(self._render())
-
-    def _render(self) -> str:
-        lines = []
-        for path, msg in self.problems:
-            lines.append(f"{self.source}: {path}: {msg}" if path else f"{self.source}: {msg}")
-        return "\n".join(lines) if lines else f"{self.source}: invalid config"
-
-    def __str__(self) -> str:
-        return self._render()
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self), (self.source, self.problems))
 
 
 def format_error_path(parts: Iterable[int | str]) -> str:

@@ -32,24 +32,24 @@ Example::
 from __future__ import annotations
 
 import asyncio
-import heapq
-import itertools
 import json as _json
 import logging
-import os
-import threading
 import traceback
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
 from urllib.parse import urlencode
 
+from shoal._fakeclock import FakeClock, FakeTimer
 from shoal.config import AutoscalingConfig
 from shoal.deployment import Application, Deployment, build_app_spec
 from shoal.exceptions import RayServeException, wrap_remote_exception
 from shoal.handle import DeploymentHandle
 from shoal.runtime.backend import LoopThread
+from shoal.runtime.http.errors import HEALTHY, error_answer, not_found
+from shoal.runtime.http.guard import read_head, with_request_id
+from shoal.runtime.http.routes import RouteTable
 from shoal.runtime.local import LocalBackend
 from shoal.runtime.wire import RequestMeta
 from shoal.serving.autoscaling import Autoscaler
@@ -67,150 +67,6 @@ __all__ = [
 logger = logging.getLogger("shoal.testing")
 
 _NO_JSON: Any = object()
-
-
-def _running_loop() -> asyncio.AbstractEventLoop | None:
-    try:
-        return asyncio.get_running_loop()
-    except RuntimeError:
-        return None
-
-
-# --------------------------------------------------------------------------------------------
-# FakeClock
-
-
-class FakeTimer:
-    """A callback scheduled on a :class:`FakeClock`; ``cancel()`` it to drop it."""
-
-    __slots__ = ("args", "callback", "cancelled", "interval", "loop", "when")
-
-    def __init__(self, when: float, callback: Callable[..., object], args: tuple[Any, ...],
-                 interval: float | None, loop: asyncio.AbstractEventLoop | None) -> None:
-        self.when = when
-        self.callback = callback
-        self.args = args
-        self.interval = interval
-        self.loop = loop
-        self.cancelled = False
-
-    def cancel(self) -> None:
-        self.cancelled = True
-
-    def __repr__(self) -> str:
-        return f"FakeTimer(when={self.when}, callback={getattr(self.callback, '__qualname__', self.callback)!r})"
-
-
-class FakeClock:
-    """Time that moves only when :meth:`advance` is called. Thread-safe.
-
-    ``time()`` (also ``monotonic()``, or calling the clock) reads it. ``call_at``,
-    ``call_later`` and ``call_every`` schedule callbacks; ``advance(seconds)`` moves time
-    forward and runs every callback that falls due, in time order, with the clock reading
-    each callback's own deadline while it runs. A callback scheduled from a running event
-    loop (as ``@serve.batch``'s queues do) runs on that loop's thread, and ``advance``
-    waits for it before going on, so when ``advance`` returns, what was due has happened.
-
-    Example::
-
-        clock = FakeClock()
-        seen = []
-        clock.call_later(5, lambda: seen.append(clock.time()))
-        clock.advance(4.9)
-        assert seen == []
-        clock.advance(0.1)
-        assert seen == [5.0]
-    """
-
-    def __init__(self, start: float = 0.0, *, dispatch_timeout_s: float = 30.0) -> None:
-        self._now = float(start)
-        self._lock = threading.RLock()
-        self._heap: list[tuple[float, int, FakeTimer]] = []
-        self._seq = itertools.count()
-        self._dispatch_timeout_s = dispatch_timeout_s
-
-    def time(self) -> float:
-        """The current fake time, in seconds."""
-        return self._now
-
-    monotonic = time
-
-    def __call__(self) -> float:
-        return self._now
-
-    def call_at(self, when: float, callback: Callable[..., object], *args: Any) -> FakeTimer:
-        """Run ``callback(*args)`` once the clock reaches ``when``."""
-        return self._schedule(FakeTimer(float(when), callback, args, None, _running_loop()))
-
-    def call_later(self, delay: float, callback: Callable[..., object], *args: Any) -> FakeTimer:
-        """Run ``callback(*args)`` ``delay`` seconds from now."""
-        return self.call_at(self._now + delay, callback, *args)
-
-    def call_every(self, interval: float, callback: Callable[..., object], *args: Any) -> FakeTimer:
-        """Run ``callback(*args)`` every ``interval`` seconds, first ``interval`` from now."""
-        if not interval > 0:
-            raise ValueError(f"interval must be positive, got {interval!r}")
-        return self._schedule(FakeTimer(self._now + interval, callback, args, float(interval), _running_loop()))
-
-    def _schedule(self, timer: FakeTimer) -> FakeTimer:
-        with self._lock:
-            heapq.heappush(self._heap, (timer.when, next(self._seq), timer))
-        return timer
-
-    @property
-    def deadlines(self) -> list[float]:
-        """When the scheduled (not cancelled) callbacks are due, earliest first."""
-        with self._lock:
-            return sorted(t.when for _, _, t in self._heap if not t.cancelled)
-
-    def advance(self, seconds: float) -> None:
-        """Move time forward by ``seconds``, running what falls due on the way."""
-        if seconds < 0:
-            raise ValueError(f"time only moves forward; got {seconds!r}")
-        self.advance_to(self._now + seconds)
-
-    def advance_to(self, when: float) -> None:
-        """Move time forward to ``when`` (never back), running what falls due on the way."""
-        while True:
-            with self._lock:
-                while self._heap and self._heap[0][2].cancelled:
-                    heapq.heappop(self._heap)
-                if not self._heap or self._heap[0][0] > when:
-                    self._now = max(self._now, when)
-                    return
-                _, _, timer = heapq.heappop(self._heap)
-                self._now = max(self._now, timer.when)
-                if timer.interval is not None:
-                    # Re-armed before it runs, so that the callback can cancel it.
-                    timer.when += timer.interval
-                    heapq.heappush(self._heap, (timer.when, next(self._seq), timer))
-            self._fire(timer)
-
-    def _fire(self, timer: FakeTimer) -> None:
-        loop = timer.loop
-        if loop is None or loop is _running_loop():
-            timer.callback(*timer.args)
-            return
-        if loop.is_closed():
-            return
-        done = threading.Event()
-
-        def run() -> None:
-            try:
-                if not timer.cancelled:
-                    timer.callback(*timer.args)
-            finally:
-                done.set()
-
-        try:
-            loop.call_soon_threadsafe(run)
-        except RuntimeError:  # closed in the meantime
-            return
-        if not done.wait(self._dispatch_timeout_s):
-            raise RuntimeError(f"the event loop of {timer!r} did not run it within {self._dispatch_timeout_s}s")
-
-    def __repr__(self) -> str:
-        return f"FakeClock(time={self._now}, scheduled={len(self.deadlines)})"
 
 
 # --------------------------------------------------------------------------------------------
@@ -487,31 +343,15 @@ class LocalRuntime:
                                      content=content, data=data)
         return self._loop_thread.run(asyncio.wait_for(self._serve_http(scope, body), timeout_s), timeout=None)
 
-    def _routes(self) -> list[tuple[str, str, str]]:
-        """(route prefix, app, ingress deployment), longest prefix first."""
+    def _route_table(self) -> RouteTable:
+        """The proxy's route table for the applications running now."""
         apps = self._backend.apps.values()
-        routes = [(s.route_prefix, s.name, s.ingress) for s in apps if s.route_prefix is not None]
-        return sorted(routes, key=lambda r: -len(r[0]))
-
-    def _match(self, path: str) -> tuple[str, str, str] | None:
-        for prefix, app, dep in self._routes():
-            if prefix == "/" or path == prefix or path.startswith(prefix + "/"):
-                return prefix, app, dep
-        return None
+        return RouteTable.of_routes((s.route_prefix, s.name, s.ingress) for s in apps if s.route_prefix is not None)
 
     async def _serve_http(self, scope: dict[str, Any], body: bytes) -> HTTPResponse:
-        from shoal.runtime.proxy import error_status
-
-        request_id = ""
-        model_id = ""
-        for k, v in scope["headers"]:
-            if k == b"x-request-id":
-                request_id = v.decode("latin-1")
-            elif k == b"serve_multiplexed_model_id":
-                model_id = v.decode("latin-1")
-        if not request_id:
-            request_id = os.urandom(8).hex()
-            scope["headers"].append((b"x-request-id", request_id.encode()))
+        head = read_head(scope["headers"])
+        request_id = head.request_id
+        scope["headers"] = with_request_id(scope["headers"], head)
 
         def reply(status: int, payload: Any, error: BaseException | None = None) -> HTTPResponse:
             headers = {"content-type": "application/json", "x-request-id": request_id}
@@ -519,50 +359,57 @@ class LocalRuntime:
 
         path: str = scope["path"]
         if path == "/-/healthz":
-            return reply(200, {"status": "success"})
+            return reply(200, HEALTHY)
+        table = self._route_table()
         if path == "/-/routes":
-            return reply(200, {p: a for p, a, _ in self._routes()})
-        route = self._match(path)
+            return reply(200, table.listing())
+        route = table.match(path)
         if route is None:
-            return reply(404, {"error": "not found", "path": path,
-                               "hint": "GET /-/routes lists the route prefixes"})
+            return reply(404, not_found(path))
         prefix, app, dep = route
         scope["root_path"] = prefix if prefix != "/" else ""
-        meta = RequestMeta(request_id, False, True, model_id, prefix)
-        inst = self._backend.instances[(app, dep)]
-        start: dict[str, Any] | None = None
-        chunks: list[bytes] = []
-
-        async def send(message: dict[str, Any]) -> None:
-            nonlocal start
-            if message["type"] == "http.response.start":
-                start = message
-            elif message["type"] == "http.response.body" and message.get("body"):
-                chunks.append(bytes(message["body"]))
-
+        meta = RequestMeta(request_id=request_id, http=True, multiplexed_model_id=head.model_id, route=prefix)
+        collected = _Collected()
         try:
-            await inst.http(scope, body, send, meta)
+            await self._backend.instances[(app, dep)].http(scope, body, collected.send, meta)
         except Exception as e:
-            if start is not None:
+            if collected.start is not None:
                 raise  # the response had begun: there is no status left to change
             wrapped = e if isinstance(e, RayServeException) else wrap_remote_exception(
                 e, "".join(traceback.format_exception(e)))
-            status, text = error_status(wrapped)
+            status, payload, extra = error_answer(wrapped, request_id)
             if status == 500:
                 logger.error("request %s to %s failed:\n%s", request_id, prefix, "".join(traceback.format_exception(e)))
-            response = reply(status, {"error": text, "request_id": request_id}, wrapped)
-            if status == 503:
-                response.headers["retry-after"] = "1"
+            response = reply(status, payload, wrapped)
+            response.headers.update((k.decode("latin-1"), v.decode("latin-1")) for k, v in extra)
             return response
-        if start is None:
+        if collected.start is None:
             raise RuntimeError(f"the application at {prefix!r} sent no response")
+        return collected.response(request_id)
+
+
+class _Collected:
+    """An application's ASGI response, collected for :class:`HTTPResponse`."""
+
+    def __init__(self) -> None:
+        self.start: dict[str, Any] | None = None
+        self.chunks: list[bytes] = []
+
+    async def send(self, message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            self.start = message
+        elif message["type"] == "http.response.body" and message.get("body"):
+            self.chunks.append(bytes(message["body"]))
+
+    def response(self, request_id: str) -> HTTPResponse:
+        assert self.start is not None
         headers: dict[str, str] = {}
-        for k, v in start.get("headers", ()):
+        for k, v in self.start.get("headers", ()):
             key, value = bytes(k).decode("latin-1").lower(), bytes(v).decode("latin-1")
             # A header sent several times reads as one comma-separated value, as in HTTP.
             headers[key] = f"{headers[key]}, {value}" if key in headers else value
         headers.setdefault("x-request-id", request_id)
-        return HTTPResponse(int(start["status"]), headers, chunks)
+        return HTTPResponse(int(self.start["status"]), headers, self.chunks)
 
 
 def run(app: Application, *, name: str = "default", route_prefix: str | None = "/",

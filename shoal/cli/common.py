@@ -3,48 +3,31 @@
 from __future__ import annotations
 
 import asyncio
-import glob
 import os
 from typing import Any
 
 import click
 
-from shoal.api import _is_live, instances_root
+from shoal.runtime.rundir import InstanceNotFoundError, RunDir
 
 
 def resolve_address(address: str | None) -> str:
     """The run directory of the instance to talk to, or a clear error."""
-    if address:
-        if not _is_live(address):
-            raise click.ClickException(f"no running shoal instance at {address}")
-        return address
-    env = os.environ.get("SHOAL_RUN_DIR")
-    if env:
-        if not _is_live(env):
-            raise click.ClickException(f"no running shoal instance at SHOAL_RUN_DIR={env}")
-        return env
-    root = instances_root()
-    default = os.path.join(root, "default")
-    if _is_live(default):
-        return default
-    live = sorted(d for d in glob.glob(os.path.join(root, "*")) if _is_live(d))
-    if len(live) == 1:
-        return live[0]
-    if not live:
-        raise click.ClickException("no running shoal instance found (start one with `shoal run`)")
-    raise click.ClickException("several shoal instances are running; pick one with --address:\n  " + "\n  ".join(live))
+    try:
+        return RunDir.find_running(address).path
+    except InstanceNotFoundError as e:
+        raise click.ClickException(str(e)) from None
 
 
 def _admin(address: str, op: str, timeout: float = 30.0, **args: Any) -> Any:
     from shoal.runtime.backend import new_event_loop
     from shoal.runtime.client import ControllerClient, ControllerError
-    from shoal.runtime.rundir import check_private_dir
 
-    path = os.path.join(address, "controller.sock")
+    run_dir = RunDir(address)
+    path = run_dir.controller_socket
     try:
-        check_private_dir(address)  # a directory another user made could hold their secret and socket
-        with open(os.path.join(address, "secret"), "rb") as f:
-            secret = f.read()
+        run_dir.check_private()  # a directory another user made could hold their secret and socket
+        secret = run_dir.read_secret()
     except PermissionError as e:
         raise click.ClickException(str(e)) from None
     except OSError as e:

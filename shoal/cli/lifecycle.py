@@ -15,17 +15,6 @@ import click
 WAIT_START_S = 30.0
 
 
-def _default_address(address: str | None) -> str:
-    from shoal.api import instances_root
-
-    if address:
-        return address
-    env = os.environ.get("SHOAL_RUN_DIR")
-    if env:
-        return env
-    return os.path.join(instances_root(), "default")
-
-
 def _tail(path: str, lines: int = 20) -> str:
     try:
         with open(path, errors="replace") as f:
@@ -54,25 +43,23 @@ def start(address: str | None, host: str, port: int, num_gpus: int | None, stric
     process dies, the replicas and the proxy keep serving, and running ``shoal start`` again
     on the same address adopts them without dropping traffic.
     """
-    from shoal.api import _is_live
     from shoal.config import HTTPOptions
-    from shoal.runtime.daemon import LOG_FILE
+    from shoal.runtime.rundir import RunDir
 
-    run_dir = _default_address(address)
-    if _is_live(run_dir):
+    rd = RunDir.for_start(address)
+    run_dir = rd.path
+    if rd.is_live():
         raise click.ClickException(f"a shoal instance is already running at {run_dir} "
                                    "(`shoal status` shows it, `shoal shutdown` stops it)")
     try:
         http = HTTPOptions(host=host, port=port)
     except ValueError as e:
         raise click.UsageError(str(e)) from None
-    from shoal.runtime.rundir import private_dir
-
     try:
-        private_dir(run_dir)
+        rd.create_private()
     except PermissionError as e:
         raise click.ClickException(str(e)) from None
-    log_path = log_file or os.path.join(run_dir, LOG_FILE)
+    log_path = log_file or rd.controller_log
     opts = {"run_dir": run_dir, "http": {"host": http.host, "port": http.port, "dashboard": not no_dashboard},
             "num_gpus": num_gpus,
             "strict_cpus": strict_cpus}
@@ -84,7 +71,7 @@ def start(address: str | None, host: str, port: int, num_gpus: int | None, stric
         if proc.poll() is not None:
             raise click.ClickException(f"the controller exited with code {proc.returncode}; "
                                        f"the end of {log_path}:\n{_tail(log_path)}")
-        if _is_live(run_dir) and os.path.exists(os.path.join(run_dir, "controller.pid")):
+        if rd.is_live() and os.path.exists(rd.controller_pid):
             break
         time.sleep(0.05)
     else:

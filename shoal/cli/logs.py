@@ -21,6 +21,7 @@ from typing import IO
 import click
 
 from shoal.observability.logs import is_live, proxy_log_path, safe_name
+from shoal.runtime.rundir import InstanceNotFoundError, RunDir
 
 __all__ = ["Follower", "catalog", "logs", "tail_lines"]
 
@@ -162,23 +163,10 @@ class Follower:
 
 def _instance_dir(address: str | None) -> str:
     """The instance whose logs to read: a stopped instance's files can be read too."""
-    from shoal.api import instances_root
-    from shoal.cli.common import resolve_address
-
-    if address:
-        if not os.path.isdir(address):
-            raise click.ClickException(f"no shoal instance directory at {address}")
-        return address
-    env = os.environ.get("SHOAL_RUN_DIR")
-    if env:
-        return env
     try:
-        return resolve_address(None)
-    except click.ClickException:
-        default = os.path.join(instances_root(), "default")
-        if os.path.isdir(os.path.join(default, "logs")):
-            return default
-        raise
+        return RunDir.find_for_logs(address).path
+    except InstanceNotFoundError as e:
+        raise click.ClickException(str(e)) from None
 
 
 def _print(label: str, line: str, color: bool) -> None:
@@ -199,7 +187,7 @@ def _list(instance: str, root: str) -> None:
         click.echo(f"  {key.ljust(width)}  {replicas}")
     if os.path.exists(proxy_log_path(root)):
         click.echo(f"  {'proxy'.ljust(width)}  {proxy_log_path(root)}")
-    controller = os.path.join(instance, "controller.log")
+    controller = RunDir(instance).controller_log
     if os.path.exists(controller):
         click.echo(f"  {'controller'.ljust(width)}  {controller}")
     click.echo("Print one with `shoal logs APP/DEPLOYMENT` (or just DEPLOYMENT); -f follows it.")
@@ -220,7 +208,7 @@ def _files_for(instance: str, root: str, target: str) -> Callable[[], list[str]]
     if dirs and os.path.isdir(dirs[0]):
         directory = dirs[0]
         return lambda: _replica_files(directory)
-    special = {"proxy": proxy_log_path(root), "controller": os.path.join(instance, "controller.log")}
+    special = {"proxy": proxy_log_path(root), "controller": RunDir(instance).controller_log}
     if target in special and os.path.exists(special[target]):
         path = special[target]
         return lambda: [path]
@@ -245,7 +233,7 @@ def logs(target: str | None, follow: bool, replica: str | None, tail: int | None
     in front. Files rotate at 50 MB, keeping 3 old ones (``<tag>.log.1`` ...).
     """
     instance = _instance_dir(address)
-    root = os.path.join(instance, "logs")
+    root = RunDir(instance).logs_dir
     if not target:
         _list(instance, root)
         return

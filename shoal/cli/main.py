@@ -12,10 +12,10 @@ import click
 
 import shoal.cli.lifecycle as lifecycle_cli
 import shoal.cli.logs as logs_cli
-from shoal.api import _is_live
 from shoal.cli.common import _admin, resolve_address
 from shoal.kubernetes.cli import k8s as k8s_command
 from shoal.kubernetes.pod import replica as replica_command
+from shoal.runtime.rundir import RunDir
 
 
 def _console() -> Any:
@@ -358,9 +358,9 @@ def shutdown(address: str | None, timeout: float) -> None:
     addr = resolve_address(address)
     _admin(addr, "shutdown")
     deadline = time.monotonic() + timeout
-    while _is_live(addr) and time.monotonic() < deadline:
+    while RunDir(addr).is_live() and time.monotonic() < deadline:
         time.sleep(0.1)
-    if _is_live(addr):
+    if RunDir(addr).is_live():
         raise click.ClickException(f"the instance at {addr} is still running after {timeout}s")
     click.echo(f"shut down {addr}")
 

@@ -27,10 +27,12 @@ import logging
 from collections.abc import Mapping
 from typing import Any, Protocol
 
+from shoal.exceptions import RayServeException
 from shoal.kubernetes import names
+from shoal.runtime.gang import GangPeers
 from shoal.runtime.wire import join_host_port
 
-__all__ = ["GangLeader", "Unassembled", "linger", "ranks_from_env"]
+__all__ = ["GangHost", "GangLeader", "Unassembled", "linger", "ranks_from_env"]
 
 logger = logging.getLogger("shoal.pod")
 
@@ -40,6 +42,13 @@ PROBE_TIMEOUT_S = 2.0
 
 class _Resolver(Protocol):
     async def resolve(self, name: str) -> list[str] | None: ...
+
+
+class GangHost(Protocol):
+    """The replica core of rank 0 (or of any rank, for :func:`linger`)."""
+
+    gang: Any  # the fan-out to ranks 1..N-1: GangPeers, or Unassembled
+    conns: set[Any]  # the callers' open connections
 
 
 def ranks_from_env(environ: Mapping[str, str]) -> tuple[int, int, str]:
@@ -65,20 +74,18 @@ class Unassembled:
         self.why = why
 
     async def run(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any], meta: Any, local: Any) -> Any:
-        from shoal.exceptions import RayServeException
-
         raise RayServeException(f"this gang replica is not assembled yet ({self.why})")
 
 
 class GangLeader:
     """Rank 0's watch over ranks 1..N-1: their addresses, their readiness, and the links to them.
 
-    ``server.gang`` (the replica server's fan-out) is an :class:`Unassembled` until every rank
+    ``server.gang`` (the replica core's fan-out) is an :class:`Unassembled` until every rank
     answers ``/-/ready``, then a ``GangPeers`` over their RPC addresses; it is rebuilt if a link
     died and the ranks are ready again.
     """
 
-    def __init__(self, server: Any, *, pod_name: str, gang: str, namespace: str, cluster_domain: str,
+    def __init__(self, server: GangHost, *, pod_name: str, gang: str, namespace: str, cluster_domain: str,
                  world_size: int, resolver: _Resolver, secret: bytes, max_ongoing: int,
                  rpc_port: int = names.RPC_PORT, admin_port: int = names.ADMIN_PORT,
                  interval: float = POLL_INTERVAL_S) -> None:
@@ -130,8 +137,6 @@ class GangLeader:
         gang = self.server.gang
         dead = any(getattr(c, "dead", False) for c in getattr(gang, "conns", ()))
         if isinstance(gang, Unassembled) or dead or tuple(addresses) != self.addresses:
-            from shoal.runtime.gang import GangPeers
-
             self.server.gang = GangPeers(tuple(addresses), self.secret, self.max_ongoing)
             logger.info("gang assembled: ranks 1..%d at %s", len(addresses), ", ".join(addresses))
         self.addresses = tuple(addresses)
@@ -169,7 +174,7 @@ async def probe_ready(host: str, port: int, timeout: float = PROBE_TIMEOUT_S) ->
     return status == b"200", body.decode("latin-1", "replace").strip() or head[:60].decode("latin-1", "replace")
 
 
-async def linger(server: Any, timeout: float) -> None:
+async def linger(server: GangHost, timeout: float) -> None:
     """Ranks 1..N-1 after SIGTERM: keep serving rank 0 until it disconnects (it drains first), at most ``timeout``."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout

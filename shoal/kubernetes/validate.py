@@ -22,6 +22,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
+from shoal.exceptions import ObjectInvalid
+
 __all__ = [
     "CRD_SCHEMAS",
     "KUBERNETES_VERSION",
@@ -35,10 +37,6 @@ __all__ = [
 KUBERNETES_VERSION = "1.30.0"
 
 Obj = dict[str, Any]
-
-
-class ObjectInvalid(ValueError):
-    """An object does not match its schema; the message names the object and the field."""
 
 
 _DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"

@@ -21,7 +21,7 @@ from shoal.config import HTTPOptions
 from shoal.runtime.backend import new_event_loop
 from shoal.runtime.controller import Controller, Settings
 from shoal.runtime.httpguard import exposure_warning
-from shoal.runtime.rundir import private_dir
+from shoal.runtime.rundir import RunDir, private_dir
 from shoal.runtime.wire import new_secret
 
 logger = logging.getLogger("shoal.daemon")
@@ -34,7 +34,7 @@ LOG_FILE = "controller.log"
 def instance_secret(run_dir: str) -> bytes:
     """The instance's secret: kept across controller restarts (adopted replicas and the proxy
     authenticate with it), created on first start. The file is 0600."""
-    path = os.path.join(run_dir, "secret")
+    path = RunDir(run_dir).secret
     try:
         with open(path, "rb") as f:
             secret = f.read()
@@ -52,7 +52,7 @@ def instance_secret(run_dir: str) -> bytes:
 
 
 def _write_pid(run_dir: str) -> None:
-    with open(os.path.join(run_dir, PID_FILE), "w") as f:
+    with open(RunDir(run_dir).controller_pid, "w") as f:
         f.write(f"{os.getpid()}\n")
 
 
@@ -64,7 +64,7 @@ async def serve(opts: dict[str, Any]) -> int:
         num_gpus=opts.get("num_gpus"),
         strict_cpus=bool(opts.get("strict_cpus", False)),
         die_with_parent=False,
-        state_path=os.path.join(run_dir, STATE_FILE),
+        state_path=RunDir(run_dir).state_db,
     )
     controller = Controller(settings, instance_secret(run_dir))
     loop = asyncio.get_running_loop()
@@ -86,9 +86,9 @@ async def serve(opts: dict[str, Any]) -> int:
     await controller.shutdown_requested.wait()
     logger.info("shutting down")
     await controller.shutdown()
-    for name in (PID_FILE, "secret"):
+    for path in (RunDir(run_dir).controller_pid, RunDir(run_dir).secret):
         try:
-            os.unlink(os.path.join(run_dir, name))
+            os.unlink(path)
         except OSError:
             pass
     return 0

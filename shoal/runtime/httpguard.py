@@ -1,8 +1,9 @@
 """What an HTTP front checks before a request reaches an application.
 
 Every front (the proxy process, ingress replicas serving HTTP themselves, a pod's front)
-runs a :class:`~shoal.runtime.proxy.ProxyApp` under :class:`~shoal.runtime.proxy.HTTPFront`;
-this module holds the parts of them that are about trust:
+runs a :class:`~shoal.runtime.http.app.ProxyApp` under :class:`~shoal.runtime.proxy.HTTPFront`;
+this module holds the parts of them that are about trust (the request path's guard step,
+:mod:`shoal.runtime.http.guard`, applies them to each request):
 
 * :func:`head_limited_protocol` — uvicorn's httptools protocol with a bound on the request
   head (request line and headers): httptools itself buffers headers without limit, so a

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from shoal.status import ReplicaState
+from shoal.status import ApplicationStatus, DeploymentStatus, ReplicaState
 
 
 @dataclass(frozen=True)
@@ -65,3 +65,51 @@ def reconcile(target: int, version: str, replicas: list[ReplicaView], can_start:
     retire = sorted(old_running, key=lambda r: r.tag)[:removable]
     actions.extend(StopReplica(r.tag, "replaced by a new version") for r in retire)
     return actions
+
+
+@dataclass(frozen=True)
+class DeploymentFacts:
+    """What the status of one deployment is decided from (counts of its replicas)."""
+
+    target: int
+    ready_once: bool
+    failures: int
+    scaling: str  # "UPSCALING" / "DOWNSCALING" while an autoscaling decision is carried out, else ""
+    running: int  # of the current version, RUNNING
+    current: int  # of the current version, not STOPPING
+    others: int  # of other versions, any state
+
+
+def deployment_status(f: DeploymentFacts, max_start_failures: int) -> DeploymentStatus:
+    """HEALTHY once exactly ``target`` current replicas run and no old one is left."""
+    if not f.ready_once and f.failures >= max_start_failures:
+        return DeploymentStatus.DEPLOY_FAILED
+    if f.running == f.target == f.current and f.others == 0:
+        return DeploymentStatus.HEALTHY
+    if f.scaling and f.ready_once:
+        return DeploymentStatus.UPSCALING if f.scaling == "UPSCALING" else DeploymentStatus.DOWNSCALING
+    if f.ready_once and f.running == 0 and f.target > 0 and f.others == 0:
+        return DeploymentStatus.UNHEALTHY
+    return DeploymentStatus.UPDATING
+
+
+def application_status(current: ApplicationStatus, deployments: set[DeploymentStatus]) -> ApplicationStatus:
+    """An app's status from its deployments'. Autoscaling, or replacing a crashed replica,
+    keeps a running app RUNNING; a (re)deploy that is rolling out shows DEPLOYING."""
+    if DeploymentStatus.DEPLOY_FAILED in deployments:
+        return ApplicationStatus.DEPLOY_FAILED
+    if DeploymentStatus.UNHEALTHY in deployments:
+        return ApplicationStatus.UNHEALTHY
+    if DeploymentStatus.UPDATING in deployments and current != ApplicationStatus.RUNNING:
+        return ApplicationStatus.DEPLOYING
+    return ApplicationStatus.RUNNING
+
+
+def make_room(version: str, replicas: list[ReplicaView]) -> str | None:
+    """The old-version replica to retire when a new version has no room to start while the
+    old one holds the resources (e.g. every GPU): one at a time (none while one is already
+    stopping), a replica that is still starting before one that serves."""
+    old = [r for r in replicas if r.version != version]
+    if not old or any(r.state == ReplicaState.STOPPING for r in old):
+        return None
+    return min(old, key=lambda r: (r.state == ReplicaState.RUNNING, r.tag)).tag

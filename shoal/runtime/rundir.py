@@ -1,4 +1,9 @@
-"""The instance directory: where the control socket, replica sockets and the secret live.
+"""The instance directory: where the control socket, replica sockets, the secret, the state,
+the logs and the metrics of one shoal instance live.
+
+:class:`RunDir` is the one object that knows the directory's layout (a property per file) and
+how the default directory is chosen (class methods, one per situation: a new in-process
+instance, ``shoal start``, a command that talks to a running instance, ``shoal logs``).
 
 It must be private to the user running shoal. Under a shared ``/tmp`` another user could
 create ``/tmp/shoal-<uid>`` (or an instance directory in it) first, with a secret and a socket
@@ -9,10 +14,18 @@ real directory owned by this user (group and other permissions are removed).
 
 from __future__ import annotations
 
+import glob
 import os
+import socket
 import stat
+import tempfile
 
-__all__ = ["check_private_dir", "private_dir"]
+from shoal.exceptions import InstanceNotFoundError
+
+__all__ = ["ENV_VAR", "InstanceNotFoundError", "RunDir", "check_private_dir", "private_dir"]
+
+ENV_VAR = "SHOAL_RUN_DIR"
+DEFAULT_NAME = "default"
 
 
 def check_private_dir(path: str) -> None:
@@ -33,3 +46,196 @@ def private_dir(path: str) -> str:
     os.makedirs(path, mode=0o700, exist_ok=True)
     check_private_dir(path)
     return path
+
+
+def _socket_accepts(path: str) -> bool:
+    if not os.path.exists(path):
+        return False
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.connect(path)
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()
+
+
+class RunDir:
+    """One instance directory. Cheap to build; nothing touches the disk until asked."""
+
+    __slots__ = ("path",)
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __repr__(self) -> str:
+        return f"RunDir({self.path!r})"
+
+    def __str__(self) -> str:
+        return self.path
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, RunDir) and other.path == self.path
+
+    def __hash__(self) -> int:
+        return hash(self.path)
+
+    def _file(self, name: str) -> str:
+        return os.path.join(self.path, name)
+
+    # -- the layout ------------------------------------------------------------------------
+
+    @property
+    def controller_socket(self) -> str:
+        """The controller's admin/membership socket; an instance is live when it accepts."""
+        return self._file("controller.sock")
+
+    @property
+    def secret(self) -> str:
+        """The instance's shared secret (0600): every connection authenticates with it."""
+        return self._file("secret")
+
+    @property
+    def state_db(self) -> str:
+        """The desired state of a detached instance (``shoal start``)."""
+        return self._file("state.db")
+
+    @property
+    def http_fd_socket(self) -> str:
+        """Where the proxy hands its listening socket over to its successor."""
+        return self._file("http-fd.sock")
+
+    @property
+    def controller_log(self) -> str:
+        """The log of a detached instance's controller process."""
+        return self._file("controller.log")
+
+    @property
+    def controller_pid(self) -> str:
+        """The pid file a detached controller writes once it serves."""
+        return self._file("controller.pid")
+
+    @property
+    def logs_dir(self) -> str:
+        """Replica and proxy log files: ``<logs>/<app>/<deployment>/<replica>.log``, ``proxy.log``."""
+        return self._file("logs")
+
+    @property
+    def metrics_dir(self) -> str:
+        """The Prometheus multiprocess directory every replica and proxy writes into."""
+        return self._file("metrics")
+
+    def replica_socket(self, uid: str, rank: int | None = None) -> str:
+        """The socket of replica ``uid`` (of rank ``rank`` of a gang replica)."""
+        return self._file(f"r-{uid}.sock" if rank is None else f"r-{uid}-{rank}.sock")
+
+    # -- the directory itself -------------------------------------------------------------
+
+    def is_live(self) -> bool:
+        """Whether a controller accepts connections on this directory's socket."""
+        return _socket_accepts(self.controller_socket)
+
+    def check_private(self) -> None:
+        """:func:`check_private_dir` on this directory."""
+        check_private_dir(self.path)
+
+    def create_private(self) -> RunDir:
+        """:func:`private_dir` on this directory; returns ``self``."""
+        private_dir(self.path)
+        return self
+
+    def read_secret(self) -> bytes:
+        """The secret's bytes (``OSError`` when it cannot be read)."""
+        with open(self.secret, "rb") as f:
+            return f.read()
+
+    def write_secret(self, secret: bytes) -> None:
+        """Write the secret, readable by this user only."""
+        fd = os.open(self.secret, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, secret)
+        finally:
+            os.close(fd)
+
+    # -- choosing the directory -------------------------------------------------------------
+
+    @staticmethod
+    def instances_root() -> str:
+        """``/tmp/shoal-<uid>``: the parent of every default instance directory."""
+        return os.path.join(tempfile.gettempdir(), f"shoal-{os.getuid()}")
+
+    @classmethod
+    def from_env(cls) -> RunDir | None:
+        """``$SHOAL_RUN_DIR``, when set."""
+        explicit = os.environ.get(ENV_VAR)
+        return cls(explicit) if explicit else None
+
+    @classmethod
+    def default(cls) -> RunDir:
+        """``/tmp/shoal-<uid>/default``."""
+        return cls(os.path.join(cls.instances_root(), DEFAULT_NAME))
+
+    @classmethod
+    def for_new_instance(cls) -> RunDir:
+        """Where ``serve.start()`` puts a new instance: ``$SHOAL_RUN_DIR``, else
+        ``/tmp/shoal-<uid>/default`` unless another instance holds it, else ``i-<pid>`` beside it."""
+        explicit = cls.from_env()
+        if explicit is not None:
+            return explicit
+        root = private_dir(cls.instances_root())
+        default = cls(os.path.join(root, DEFAULT_NAME))
+        if not default.is_live():
+            return default
+        return cls(os.path.join(root, f"i-{os.getpid()}"))
+
+    @classmethod
+    def for_start(cls, address: str | None) -> RunDir:
+        """Where ``shoal start`` puts its instance: ``--address``, ``$SHOAL_RUN_DIR``, the default."""
+        if address:
+            return cls(address)
+        return cls.from_env() or cls.default()
+
+    @classmethod
+    def find_running(cls, address: str | None) -> RunDir:
+        """The live instance a command talks to: ``--address``, ``$SHOAL_RUN_DIR``, the default
+        one, or the only live one under the instances root. Raises :class:`InstanceNotFoundError`."""
+        if address:
+            if not cls(address).is_live():
+                raise InstanceNotFoundError(f"no running shoal instance at {address}")
+            return cls(address)
+        explicit = cls.from_env()
+        if explicit is not None:
+            if not explicit.is_live():
+                raise InstanceNotFoundError(f"no running shoal instance at {ENV_VAR}={explicit.path}")
+            return explicit
+        default = cls.default()
+        if default.is_live():
+            return default
+        root = cls.instances_root()
+        live = sorted(d for d in glob.glob(os.path.join(root, "*")) if cls(d).is_live())
+        if len(live) == 1:
+            return cls(live[0])
+        if not live:
+            raise InstanceNotFoundError("no running shoal instance found (start one with `shoal run`)")
+        raise InstanceNotFoundError("several shoal instances are running; pick one with --address:\n  "
+                                    + "\n  ".join(live))
+
+    @classmethod
+    def find_for_logs(cls, address: str | None) -> RunDir:
+        """The instance whose logs to read: a stopped instance's files can be read too.
+        Raises :class:`InstanceNotFoundError`."""
+        if address:
+            if not os.path.isdir(address):
+                raise InstanceNotFoundError(f"no shoal instance directory at {address}")
+            return cls(address)
+        explicit = cls.from_env()
+        if explicit is not None:
+            return explicit
+        try:
+            return cls.find_running(None)
+        except InstanceNotFoundError:
+            default = cls.default()
+            if os.path.isdir(default.logs_dir):
+                return default
+            raise

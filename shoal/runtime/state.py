@@ -17,7 +17,7 @@ import os
 import pickle
 import sqlite3
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import cloudpickle
 
@@ -47,6 +47,75 @@ class ProcessRow:
     role: str
     pid: int
     info: dict[str, Any]
+
+
+class Store(Protocol):
+    """Where the controller keeps what a later controller needs: :class:`StateStore` (a
+    detached instance's SQLite file) or :class:`MemoryStore` (an embedded instance)."""
+
+    path: str
+
+    def get_meta(self, key: str) -> str | None: ...
+
+    def set_meta(self, key: str, value: str) -> None: ...
+
+    def save_app(self, key: str, spec: AppSpec, deployed_at: float) -> None: ...
+
+    def delete_app(self, key: str) -> None: ...
+
+    def load_apps(self) -> list[tuple[str, AppSpec, float]]: ...
+
+    def save_process(self, ident: str, role: str, pid: int, **info: Any) -> None: ...
+
+    def delete_process(self, ident: str) -> None: ...
+
+    def load_processes(self) -> list[ProcessRow]: ...
+
+    def clear(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class MemoryStore:
+    """The store of an embedded instance: nothing outlives the process, so it only keeps the
+    values in dictionaries (specs are not pickled)."""
+
+    def __init__(self) -> None:
+        self.path = ":memory:"
+        self.meta: dict[str, str] = {}
+        self.apps: dict[str, tuple[AppSpec, float]] = {}
+        self.processes: dict[str, ProcessRow] = {}
+
+    def get_meta(self, key: str) -> str | None:
+        return self.meta.get(key)
+
+    def set_meta(self, key: str, value: str) -> None:
+        self.meta[key] = value
+
+    def save_app(self, key: str, spec: AppSpec, deployed_at: float) -> None:
+        self.apps[key] = (spec, deployed_at)
+
+    def delete_app(self, key: str) -> None:
+        self.apps.pop(key, None)
+
+    def load_apps(self) -> list[tuple[str, AppSpec, float]]:
+        return [(key, spec, at) for key, (spec, at) in self.apps.items()]
+
+    def save_process(self, ident: str, role: str, pid: int, **info: Any) -> None:
+        self.processes[ident] = ProcessRow(ident, role, pid, dict(info))
+
+    def delete_process(self, ident: str) -> None:
+        self.processes.pop(ident, None)
+
+    def load_processes(self) -> list[ProcessRow]:
+        return list(self.processes.values())
+
+    def clear(self) -> None:
+        self.apps.clear()
+        self.processes.clear()
+
+    def close(self) -> None:
+        pass
 
 
 class StateStore:

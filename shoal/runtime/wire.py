@@ -35,6 +35,8 @@ from typing import Any, NamedTuple
 
 import cloudpickle
 
+from shoal.observability.buckets import LATENCY_BUCKETS_MS as _LATENCY_BUCKETS_MS
+
 logger = logging.getLogger("shoal.wire")
 
 REQUEST, OK, ITEM, END, ERR, REJECT, CANCEL = range(7)
@@ -174,8 +176,9 @@ class ReplicaStats:
     latency_hist: tuple[int, ...] = ()
 
 
-# Upper bounds (ms) of the latency histogram replicas report; the last bucket is open.
-LATENCY_BUCKETS_MS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 30000)
+# Upper bounds (ms) of the latency histogram replicas report (the same as the Prometheus
+# histograms'); the last bucket is open. Re-exported here: replicas import it from this module.
+LATENCY_BUCKETS_MS = _LATENCY_BUCKETS_MS
 
 
 @dataclass(frozen=True, slots=True)

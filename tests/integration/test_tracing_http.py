@@ -16,7 +16,8 @@ import pytest
 from conftest import Instance, child_pids, wait_until
 from starlette.requests import Request
 
-from shoal import serve, tracing
+from shoal import serve
+from shoal.observability import tracing
 
 pytest.importorskip("opentelemetry.sdk")
 

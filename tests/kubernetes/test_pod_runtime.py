@@ -181,9 +181,8 @@ def test_cli_errors_and_help(tmp_path: Path) -> None:
         assert word in helped.stdout
 
 
-async def test_pod_backend_follows_dns_with_back_off(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_pod_backend_follows_dns_with_back_off(tmp_path: Path) -> None:
     """In-process: the router's pods come from the resolver file; a failed pod is retried later."""
-    monkeypatch.setattr(pod_mod, "BACKOFF_INITIAL_S", 0.3)
     secret = os.urandom(32)
     ip = f"127.{random.randint(16, 250)}.{random.randint(1, 250)}.{random.randint(2, 250)}"
     with socket.socket() as s:
@@ -200,7 +199,7 @@ async def test_pod_backend_follows_dns_with_back_off(tmp_path: Path, monkeypatch
     resolver.write_text(json.dumps({dns: [ip]}))
     server = await serve_tcp(ip, port, secret, on_connect)
     backend = PodBackend(asyncio.get_running_loop(), secret, "ns", "cluster.local", FileResolver(str(resolver)),
-                         rpc_port=port)
+                         rpc_port=port, backoff_s=(0.3, 10.0))
     router = backend.router("app", "dep")
     try:
         assert await router.call("__call__", ("one",), {}, RequestMeta("1")) == ("echo", "one")

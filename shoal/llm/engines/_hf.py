@@ -276,14 +276,9 @@ class TransformersEngine:
             kwargs["min_new_tokens"] = max_new  # suppresses end-of-sequence until max_new tokens
         return kwargs
 
-    async def generate(self, prompt: str, params: SamplingParams, request_id: str, adapter: Any = None,
-                       *, from_chat: bool = False) -> AsyncGenerator[EngineOutput, None]:
-        if self.model is None or self._pool is None:
-            raise RuntimeError("the engine is not loaded; call load() first")
-        enc = self.tokenizer(prompt, return_tensors="pt", add_special_tokens=not from_chat)
-        input_ids = enc["input_ids"].to(self.device)
-        attention_mask = enc["attention_mask"].to(self.device) if "attention_mask" in enc else None
-        prompt_tokens = int(input_ids.shape[1])
+    def _max_new_tokens(self, prompt_tokens: int, params: SamplingParams) -> int:
+        """Tokens the completion may have: ``max_tokens``, else the default within the context;
+        :class:`ContextLengthError` when the prompt and the completion exceed the context."""
         room = self.max_context - prompt_tokens if self.max_context else None
         if params.max_tokens is not None:
             max_new = params.max_tokens
@@ -295,6 +290,17 @@ class TransformersEngine:
                 f"{prompt_tokens + max_new} tokens ({prompt_tokens} in the prompt, {max_new} for the completion). "
                 "Please reduce the prompt or max_tokens."
             )
+        return max_new
+
+    async def generate(self, prompt: str, params: SamplingParams, request_id: str, adapter: Any = None,
+                       *, from_chat: bool = False) -> AsyncGenerator[EngineOutput, None]:
+        if self.model is None or self._pool is None:
+            raise RuntimeError("the engine is not loaded; call load() first")
+        enc = self.tokenizer(prompt, return_tensors="pt", add_special_tokens=not from_chat)
+        input_ids = enc["input_ids"].to(self.device)
+        attention_mask = enc["attention_mask"].to(self.device) if "attention_mask" in enc else None
+        prompt_tokens = int(input_ids.shape[1])
+        max_new = self._max_new_tokens(prompt_tokens, params)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Any] = asyncio.Queue()
         stop_event = threading.Event()

@@ -33,18 +33,15 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import json
 import socket
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
 
+from shoal.exceptions import SimError
 from shoal.kubernetes import names
-
-if TYPE_CHECKING:
-    from shoal.kubernetes.sim import Pod, PodSim
-
-Obj = dict[str, Any]
+from shoal.kubernetes.sim.objects import Obj, Pod, SimHost
 
 _RECREATE = ("RecreateGroupOnPodRestart", "RecreateGroupAfterStart")
 
@@ -72,8 +69,6 @@ class _LWS:
 
 
 def _revision(lwt: Obj) -> str:
-    import json
-
     return hashlib.sha256(json.dumps(lwt, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 
@@ -86,7 +81,7 @@ def _free_port() -> int:
 class LeaderWorkerSets:
     """The LWS controller of one :class:`PodSim` (every method but the waits runs under its lock)."""
 
-    def __init__(self, sim: PodSim) -> None:
+    def __init__(self, sim: SimHost) -> None:
         self.sim = sim
         self.sets: dict[str, _LWS] = {}
 
@@ -94,8 +89,6 @@ class LeaderWorkerSets:
 
     def load(self, obj: Obj) -> bool:
         """Take a LeaderWorkerSet; True when an existing one's templates changed (a rollout is due)."""
-        from shoal.kubernetes.sim import SimError
-
         spec = obj["spec"]
         if spec.get("startupPolicy", "LeaderCreated") != "LeaderCreated":
             raise SimError(f"LeaderWorkerSet {obj['metadata']['name']}: only startupPolicy LeaderCreated is simulated")
@@ -131,7 +124,7 @@ class LeaderWorkerSets:
                 lws.revision_of.pop(group, None)
                 for p in live:
                     if p.group == group:
-                        self.sim._terminate_pod(p)
+                        self.sim.terminate_pod(p)
             for group in range(lws.replicas):
                 members = [p for p in live if p.group == group]
                 if group in lws.recreating:
@@ -142,8 +135,6 @@ class LeaderWorkerSets:
                     self._create_group(lws, group)
 
     def _create_group(self, lws: _LWS, group: int) -> None:
-        from shoal.kubernetes.sim import Pod
-
         rev = lws.revision_of.setdefault(group, lws.current)
         leader_tmpl, worker_tmpl = lws.templates[rev]
         size = lws.size
@@ -154,7 +145,7 @@ class LeaderWorkerSets:
         for index in range(size):
             template = copy.deepcopy(leader_tmpl if index == 0 else worker_tmpl)
             name = leader_name if index == 0 else f"{leader_name}-{index}"
-            ip = self.sim._allocate_ip()
+            ip = self.sim.allocate_ip()
             leader_ip = leader_ip or ip
             labels = dict(template.get("metadata", {}).get("labels", {}))
             labels.update({
@@ -174,8 +165,8 @@ class LeaderWorkerSets:
             pod = Pod(name=name, deployment=lws.name, template_hash=rev, ip=ip, labels=labels, template=template,
                       dir=self.sim.workdir / "pods" / f"{name}-{time.monotonic_ns()}", group=group,
                       injected_env=injected, env_overrides=overrides)
-            self.sim._add_pod(pod)
-        self.sim._update_endpoints()
+            self.sim.add_pod(pod)
+        self.sim.update_endpoints()
 
     def recreate_group(self, pod: Pod) -> None:
         """A pod of the group was deleted or restarted: the whole group goes, and comes back."""
@@ -183,7 +174,7 @@ class LeaderWorkerSets:
         lws.recreating.add(pod.group)
         for p in self.pods(lws, pod.group):
             if p is not pod:
-                self.sim._terminate_pod(p)
+                self.sim.terminate_pod(p)
 
     def container_exited(self, pod: Pod) -> bool:
         """A container of an LWS pod exited: True when the group is recreated (the pod is deleted)."""
@@ -208,7 +199,7 @@ class LeaderWorkerSets:
 
     def scale(self, name: str, replicas: int) -> None:
         self.sets[name].replicas = replicas
-        self.sim._reconcile()
+        self.sim.reconcile()
 
     def groups_ready(self, lws: _LWS) -> list[int]:
         """Groups whose every pod is ready and of the current revision."""
@@ -222,11 +213,9 @@ class LeaderWorkerSets:
 
     def wait_groups(self, name: str, count: int, timeout: float) -> list[Pod]:
         """Wait until ``count`` groups are ready (and no pods of other groups are live); their pods."""
-        from shoal.kubernetes.sim import SimError
-
         deadline = time.monotonic() + timeout
         while True:
-            with self.sim._lock:
+            with self.sim.lock:
                 lws = self.sets[name]
                 ready = self.groups_ready(lws)
                 live = [p for p in self.pods(lws) if not p.terminating and not p.deleted]
@@ -239,8 +228,8 @@ class LeaderWorkerSets:
     def rollout(self, name: str, timeout: float) -> None:
         """Recreate every group of an old revision from the current templates, one at a time."""
         deadline = time.monotonic() + timeout
-        while not self.sim._closed and time.monotonic() < deadline:
-            with self.sim._lock:
+        while not self.sim.closed and time.monotonic() < deadline:
+            with self.sim.lock:
                 lws = self.sets[name]
                 old = sorted((g for g in range(lws.replicas) if lws.revision_of.get(g, lws.current) != lws.current),
                              reverse=True)
@@ -250,10 +239,10 @@ class LeaderWorkerSets:
                 lws.revision_of[group] = lws.current
                 lws.recreating.add(group)
                 for p in self.pods(lws, group):
-                    self.sim._terminate_pod(p)
-                self.sim._reconcile()
-            while not self.sim._closed and time.monotonic() < deadline:
-                with self.sim._lock:
+                    self.sim.terminate_pod(p)
+                self.sim.reconcile()
+            while not self.sim.closed and time.monotonic() < deadline:
+                with self.sim.lock:
                     if group in self.groups_ready(lws):
                         break
                 time.sleep(self.sim.probe_period_s / 2)

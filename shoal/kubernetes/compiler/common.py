@@ -1,0 +1,340 @@
+"""What every part of the Kubernetes compiler shares: the options, names, labels, small helpers
+and the per-application context."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from shoal.deployment import AppSpec, DeploymentSpec
+from shoal.exceptions import CompileError
+from shoal.kubernetes import names
+
+Obj = dict[str, Any]
+
+MANAGED_BY = "shoal"
+CONTAINER_NAME = "replica"
+RUN_AS_USER = 10001
+# Writable directories of the otherwise read-only root filesystem.
+TMP_DIR = "/tmp"
+CACHE_DIR = "/var/cache/shoal"  # HOME and XDG_CACHE_HOME (so HF_HOME defaults below it)
+SHM_DIR = "/dev/shm"
+# The external metric an HPA reads (--autoscaler hpa). A metrics adapter must serve it as the
+# sum of names.METRIC_ONGOING and names.METRIC_CALLER_QUEUED per app and deployment.
+HPA_EXTERNAL_METRIC = "shoal_deployment_requests"
+STARTUP_PROBE_PERIOD_S = 5
+LIVENESS_PERIOD_S = 10
+TERMINATION_MARGIN_S = 5
+# The longest stabilization window the HPA API accepts.
+MAX_STABILIZATION_S = 3600
+
+# Recommended labels (https://kubernetes.io/docs/concepts/overview/working-with-objects/common-labels/).
+L_NAME = "app.kubernetes.io/name"
+L_INSTANCE = "app.kubernetes.io/instance"
+L_VERSION = "app.kubernetes.io/version"
+L_COMPONENT = "app.kubernetes.io/component"
+L_PART_OF = "app.kubernetes.io/part-of"
+L_MANAGED_BY = "app.kubernetes.io/managed-by"
+RESERVED_LABELS = (L_NAME, L_INSTANCE, L_VERSION, L_COMPONENT, L_PART_OF, L_MANAGED_BY)
+# Annotations keep the exact (unsanitised) shoal names.
+A_APP = "shoal.dev/app"
+A_DEPLOYMENT = "shoal.dev/deployment"
+A_CONFIG_HASH = "shoal.dev/config-hash"
+A_CANARY_OF = "shoal.dev/canary-of"
+
+_LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
+_LABEL_NAME = re.compile(r"^([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]$")
+_DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+_DNS1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+ENV_NAME_PATTERN = re.compile(r"^[-._a-zA-Z][-._a-zA-Z0-9]*$")
+_GW_DURATION = re.compile(r"^([0-9]{1,5}(h|m|s|ms)){1,4}$")
+_QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E|m)?$")
+_HOSTNAME = re.compile(r"^(\*\.)?[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+
+
+@dataclass(frozen=True)
+class CompileOptions:
+    """Everything ``shoal k8s build`` can be told. Field names follow the CLI options."""
+
+    namespace: str = "default"
+    image: str = ""
+    # Version label of every object; default: a hash of the image and the app's config.
+    version: str | None = None
+    autoscaler: Literal["keda", "hpa"] = "keda"
+    # Gateway API: the Gateway the HTTPRoute attaches to (parentRefs).
+    gateway: str | None = None
+    gateway_namespace: str | None = None
+    gateway_section: str | None = None
+    hostnames: tuple[str, ...] = ()
+    # Classic networking.k8s.io/v1 Ingress instead of an HTTPRoute.
+    ingress_class: str | None = None
+    # How long the route lets one request (or stream) run.
+    route_timeout: str = "1h"
+    # Extended resource for fractional num_gpus, e.g. nvidia.com/mig-1g.10gb or nvidia.com/gpu.shared.
+    gpu_resource: str | None = None
+    labels: Mapping[str, str] = field(default_factory=dict)
+    env: Mapping[str, str] = field(default_factory=dict)
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
+    image_pull_secrets: tuple[str, ...] = ()
+    create_secret: bool = False
+    # Canary: this build is version `version` beside the running OLD version, `canary_weight` % of traffic.
+    canary_of: str | None = None
+    canary_weight: int = 10
+    # KEDA's Prometheus trigger.
+    prometheus_url: str = "http://prometheus-operated.monitoring.svc:9090"
+    # The label Prometheus attaches with the pod's namespace ("" leaves the namespace out of queries).
+    prometheus_namespace_label: str = "namespace"
+    # NetworkPolicy peers: namespaces allowed to reach the HTTP port / scrape the admin port (empty: any).
+    http_from_namespaces: tuple[str, ...] = ()
+    metrics_from_namespaces: tuple[str, ...] = ()
+    # DNS egress: "kube-dns" (pods labelled k8s-app=kube-dns in kube-system) or "any" (port 53 anywhere,
+    # needed with NodeLocal DNSCache, whose address is not a pod).
+    dns_egress: Literal["kube-dns", "any"] = "kube-dns"
+    startup_timeout_s: int = 600
+    prestop_sleep_s: int = 5
+    cpu_limits: bool = False
+    shm_size: str = "1Gi"
+    cluster_domain: str = "cluster.local"
+    pod_monitor: bool = False
+    # A ConfigMap holding the Grafana dashboard (shoal.observability.grafana), for Grafana's dashboard sidecar.
+    grafana: bool = False
+
+
+@dataclass
+class CompileResult:
+    objects: list[Obj]
+    warnings: list[str] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------------------------
+# Small helpers
+# --------------------------------------------------------------------------------------------
+
+
+def label_value(value: str) -> str:
+    """``value`` itself when it is a valid label value, else a DNS-label rendering of it."""
+    if len(value) <= 63 and _LABEL_VALUE.match(value):
+        return value
+    return names.dns_label(value)
+
+
+def instance_name(app: str, version: str | None, canary: bool) -> str:
+    """The application name the pods run under: the app itself, or ``<app>-<version>`` for a canary."""
+    if canary and version:
+        return f"{app}-{version}"
+    return app
+
+
+def default_version(image: str, entry: Mapping[str, Any]) -> str:
+    """A version label that changes when the image reference or the app's config does."""
+    h = hashlib.sha256(image.encode())
+    h.update(json.dumps(entry, sort_keys=True, default=str).encode())
+    return h.hexdigest()[:10]
+
+
+def prune_selector(app: str, instance: str | None = None) -> str:
+    """Label selector of the objects ``shoal k8s apply`` owns for ``app`` (one canary ``instance``)."""
+    parts = [f"{L_PART_OF}={label_value(app)}", f"{L_MANAGED_BY}={MANAGED_BY}"]
+    if instance is not None:
+        parts.append(f"{L_INSTANCE}={label_value(instance)}")
+    return ",".join(parts)
+
+
+def cpu_quantity(cpus: float) -> str:
+    if float(cpus).is_integer():
+        return str(int(cpus))
+    return f"{round(cpus * 1000)}m"
+
+
+def memory_quantity(num_bytes: float) -> str:
+    n = round(num_bytes)
+    for suffix, unit in (("Gi", 1 << 30), ("Mi", 1 << 20), ("Ki", 1 << 10)):
+        if n >= unit and n % unit == 0:
+            return f"{n // unit}{suffix}"
+    return str(n)
+
+
+def seconds(value: float, minimum: int = 1) -> int:
+    return max(minimum, math.ceil(value))
+
+
+def promql_string(value: str) -> str:
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def ns_peer(namespaces: Sequence[str]) -> list[Obj]:
+    """NetworkPolicy ``from`` peers for pods in ``namespaces`` (every namespace when empty)."""
+    if not namespaces:
+        return [{"namespaceSelector": {}}]
+    return [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": ns}}} for ns in namespaces]
+
+
+# --------------------------------------------------------------------------------------------
+# Option checks
+# --------------------------------------------------------------------------------------------
+
+
+def check_options(opts: CompileOptions) -> None:
+    """Raise :class:`CompileError` naming the first bad option."""
+    if not _DNS1123_LABEL.match(opts.namespace) or len(opts.namespace) > 63:
+        raise CompileError(f"--namespace {opts.namespace!r} is not a valid namespace name (a DNS-1123 label)")
+    if not opts.image or any(c.isspace() for c in opts.image):
+        raise CompileError("--image is required: the container image that holds shoal and the app's code")
+    if opts.autoscaler not in ("keda", "hpa"):
+        raise CompileError(f"--autoscaler must be 'keda' or 'hpa', got {opts.autoscaler!r}")
+    _check_routing_options(opts)
+    for key, value in opts.labels.items():
+        _check_label(key, value)
+    for key in opts.env:
+        if not ENV_NAME_PATTERN.match(key):
+            raise CompileError(f"--env {key!r} is not a valid environment variable name")
+    if opts.version is not None and (not opts.version or not _LABEL_VALUE.match(opts.version)
+                                     or len(opts.version) > 63):
+        raise CompileError(
+            f"--version {opts.version!r} must be a valid label value (letters, digits, '-', '_', '.'; at most 63)"
+        )
+    _check_canary_options(opts)
+    if opts.gpu_resource is not None and not _qualified_name(opts.gpu_resource):
+        raise CompileError(f"--gpu-resource {opts.gpu_resource!r} is not a resource name like nvidia.com/mig-1g.10gb")
+    if opts.startup_timeout_s < STARTUP_PROBE_PERIOD_S:
+        raise CompileError(f"--startup-timeout must be at least {STARTUP_PROBE_PERIOD_S} seconds")
+    if opts.prestop_sleep_s < 0:
+        raise CompileError("--prestop-sleep must not be negative")
+    if not _QUANTITY.match(opts.shm_size):
+        raise CompileError(f"--shm-size {opts.shm_size!r} is not a quantity like 1Gi")
+    for opt, values in (("--http-from-namespace", opts.http_from_namespaces),
+                        ("--metrics-from-namespace", opts.metrics_from_namespaces)):
+        for ns in values:
+            if not _DNS1123_LABEL.match(ns):
+                raise CompileError(f"{opt} {ns!r} is not a valid namespace name")
+    if opts.prometheus_namespace_label and not re.match(r"^[a-zA-Z_][a-zA-Z0-9_]*$", opts.prometheus_namespace_label):
+        raise CompileError(f"--prometheus-namespace-label {opts.prometheus_namespace_label!r} is not a label name")
+    for secret in opts.image_pull_secrets:
+        if not _DNS1123_SUBDOMAIN.match(secret):
+            raise CompileError(f"--image-pull-secret {secret!r} is not a valid Secret name")
+
+
+def _check_routing_options(opts: CompileOptions) -> None:
+    """The routing options: Gateway or Ingress, hostnames, the route timeout."""
+    if opts.gateway and opts.ingress_class:
+        raise CompileError("--gateway and --ingress-class exclude each other: route with an HTTPRoute or an Ingress")
+    if opts.gateway_namespace and not opts.gateway:
+        raise CompileError("--gateway-namespace needs --gateway")
+    for opt, value in (("--gateway", opts.gateway), ("--gateway-namespace", opts.gateway_namespace),
+                       ("--ingress-class", opts.ingress_class)):
+        if value is not None and not _DNS1123_SUBDOMAIN.match(value):
+            raise CompileError(f"{opt} {value!r} is not a valid Kubernetes name")
+    for host in opts.hostnames:
+        if not _HOSTNAME.match(host):
+            raise CompileError(f"--hostname {host!r} is not a valid DNS name")
+    if not _GW_DURATION.match(opts.route_timeout):
+        raise CompileError(f"--route-timeout {opts.route_timeout!r} must be a duration like 1h, 30m or 90s")
+
+
+def _check_canary_options(opts: CompileOptions) -> None:
+    """A canary build: its version, the old one, the Gateway that splits traffic, the weight."""
+    if opts.canary_of is not None:
+        if not _LABEL_VALUE.match(opts.canary_of) or not opts.canary_of:
+            raise CompileError(f"--canary-of {opts.canary_of!r} must be the old version's label value")
+        if not opts.version:
+            raise CompileError("--canary-of needs --version: the canary's own version names its objects")
+        if opts.version == opts.canary_of:
+            raise CompileError(f"--canary-of {opts.canary_of!r} is the same as --version; give the new version")
+        if not opts.gateway:
+            raise CompileError(
+                "--canary-of needs --gateway: weighted traffic splitting uses a Gateway API HTTPRoute "
+                "(a classic Ingress has no portable weights)"
+            )
+    if not 0 <= opts.canary_weight <= 100:
+        raise CompileError(f"--weight must be between 0 and 100, got {opts.canary_weight}")
+
+
+def _qualified_name(name: str) -> bool:
+    prefix, _, rest = name.rpartition("/")
+    if prefix and not _DNS1123_SUBDOMAIN.match(prefix):
+        return False
+    return bool(rest) and len(rest) <= 63 and bool(_LABEL_NAME.match(rest))
+
+
+def _check_label(key: str, value: str) -> None:
+    if key in RESERVED_LABELS:
+        raise CompileError(f"--label {key}: shoal sets this label itself")
+    if not _qualified_name(key):
+        raise CompileError(f"--label {key!r}: not a valid label key (prefix/name, e.g. team or example.com/team)")
+    if len(value) > 63 or not _LABEL_VALUE.match(value):
+        raise CompileError(f"--label {key}={value!r}: not a valid label value (at most 63 letters, digits, '-_.')")
+
+
+# --------------------------------------------------------------------------------------------
+# The compiler
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class AppContext:
+    """What every builder below needs about one application."""
+
+    spec: AppSpec
+    opts: CompileOptions
+    app: str  # the application's name as users know it (part-of)
+    instance: str  # the name the pods run under (app, or app-version for a canary)
+    version: str
+    canary: bool
+    entry: Mapping[str, Any]
+    warnings: list[str]
+
+    def meta(self, name: str, *, component: str | None = None, dep: str | None = None,
+             annotations: Mapping[str, str] | None = None) -> Obj:
+        labels = self.labels(dep=dep, component=component)
+        meta: Obj = {"name": name, "namespace": self.opts.namespace, "labels": labels}
+        ann = {A_APP: self.instance}
+        if dep is not None:
+            ann[A_DEPLOYMENT] = dep
+        if annotations:
+            ann.update(annotations)
+        meta["annotations"] = ann
+        return meta
+
+    def labels(self, *, dep: str | None = None, component: str | None = None) -> dict[str, str]:
+        out = {
+            L_NAME: label_value(dep if dep is not None else self.app),
+            L_INSTANCE: label_value(self.instance),
+            L_VERSION: self.version,
+            L_COMPONENT: component or "app",
+            L_PART_OF: label_value(self.app),
+            L_MANAGED_BY: MANAGED_BY,
+        }
+        out.update(self.opts.labels)
+        return out
+
+    def selector(self, dep: str) -> dict[str, str]:
+        """Pod selector of one deployment (immutable on a Deployment: no version in it)."""
+        return {
+            L_PART_OF: label_value(self.app),
+            L_INSTANCE: label_value(self.instance),
+            L_NAME: label_value(dep),
+        }
+
+    def app_selector(self) -> dict[str, str]:
+        """Every pod of this application instance."""
+        return {L_PART_OF: label_value(self.app), L_INSTANCE: label_value(self.instance), L_MANAGED_BY: MANAGED_BY}
+
+    def workload(self, dep: str) -> str:
+        return names.workload_name(self.instance, dep)
+
+    def warn(self, message: str) -> None:
+        if message not in self.warnings:
+            self.warnings.append(message)
+
+    def serving_selector(self, dep: DeploymentSpec) -> dict[str, str]:
+        """The pods that serve a deployment's callers: all of them, or a gang's leaders (rank 0)."""
+        selector = self.selector(dep.name)
+        if dep.config.world_size > 1:
+            selector[names.LWS_LABEL_WORKER_INDEX] = "0"
+        return selector
+

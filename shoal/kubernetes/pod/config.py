@@ -1,0 +1,113 @@
+"""What a pod replica is told: its settings (command line and environment) and its deployment,
+loaded from the serve config file mounted from the application's ConfigMap."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from shoal.exceptions import PodConfigError
+from shoal.kubernetes import names
+from shoal.kubernetes.pod.discovery import CalleeConfig
+
+if TYPE_CHECKING:
+    from shoal.config import HTTPOptions
+    from shoal.deployment import AppSpec, DeploymentSpec
+
+__all__ = ["PodConfigError", "PodSettings", "load_deployment", "secret_from_env"]
+
+
+@dataclass(frozen=True)
+class PodSettings:
+    """Everything a pod replica is told by its command line and environment."""
+
+    deployment: str
+    app: str | None  # None: the config file's only application
+    config_path: str
+    secret: bytes
+    host: str = "0.0.0.0"
+    rpc_port: int = names.RPC_PORT
+    http_port: int = names.HTTP_PORT
+    admin_port: int = names.ADMIN_PORT
+    namespace: str = "default"
+    pod_name: str = ""
+    cluster_domain: str = "cluster.local"
+    resolver_file: str | None = None
+    log_level: str = "INFO"
+    # Gang replicas (--rank-from-env): this pod's rank, the gang's size, the LeaderWorkerSet's name.
+    rank: int = 0
+    world_size: int = 1
+    gang: str = ""
+
+
+def load_deployment(settings: PodSettings) -> tuple[AppSpec, DeploymentSpec, HTTPOptions,
+                                                    dict[tuple[str, str], CalleeConfig]]:
+    """Read the config file, build the application and pick this pod's deployment; the
+    limits of every deployment it may call come along (``max_ongoing_requests`` and
+    ``max_queued_requests``, which its routers enforce)."""
+    from shoal.deployment import build_app_spec
+    from shoal.loader import build_application
+    from shoal.schema import ConfigError, load_config_file
+
+    try:
+        config = load_config_file(settings.config_path)
+    except ConfigError as e:
+        raise PodConfigError(str(e)) from None
+    index, app_schema = _pick_app(settings, config.applications)
+    app_name = app_schema.name
+    try:
+        application = build_application(app_schema, source=settings.config_path, index=index)
+        spec = build_app_spec(application, name=app_name, route_prefix=app_schema.route_prefix)
+    except (ConfigError, ImportError, AttributeError, ValueError, TypeError) as e:
+        raise PodConfigError(str(e)) from None
+    if settings.deployment not in spec.deployments:
+        raise PodConfigError(f"application {app_name!r} has no deployment {settings.deployment!r} "
+                             f"(it has: {', '.join(spec.deployments)})")
+    world_size = spec.deployments[settings.deployment].config.world_size
+    if world_size != settings.world_size:
+        raise PodConfigError(
+            f"deployment {settings.deployment!r} has {world_size} rank(s) per replica but this pod was started "
+            f"as one of {settings.world_size}" + (" (a gang runs in a LeaderWorkerSet, with --rank-from-env)"
+                                                  if world_size > 1 and settings.world_size == 1 else "")
+        )
+    return spec, spec.deployments[settings.deployment], config.http_options, _callees(spec, config.applications)
+
+
+def _pick_app(settings: PodSettings, applications: Sequence[Any]) -> tuple[int, Any]:
+    """(index, schema) of the application this pod serves: the one named, or the only one."""
+    apps = {a.name: (i, a) for i, a in enumerate(applications)}
+    if settings.app is None:
+        if len(apps) != 1:
+            raise PodConfigError(f"{settings.config_path} has {len(apps)} applications "
+                                 f"({', '.join(apps)}); say which with {names.ENV_APP} or --app")
+        return next(iter(apps.values()))
+    if settings.app not in apps:
+        raise PodConfigError(f"{settings.config_path} has no application {settings.app!r} "
+                             f"(it has: {', '.join(apps)})")
+    return apps[settings.app]
+
+
+def _callees(spec: AppSpec, applications: Sequence[Any]) -> dict[tuple[str, str], CalleeConfig]:
+    """The limits of every deployment a handle may reach: the app's own, and other apps' entries."""
+    callees: dict[tuple[str, str], CalleeConfig] = {}
+    for d in spec.deployments.values():
+        callees[(spec.name, d.name)] = CalleeConfig(d.config.max_ongoing_requests, d.config.max_queued_requests)
+    for other in applications:  # handles to other apps: what their config entries say
+        if other.name == spec.name:
+            continue
+        for entry in other.deployments:
+            opts = entry.options()
+            callees[(other.name, entry.name)] = CalleeConfig(int(opts.get("max_ongoing_requests", 5)),
+                                                              int(opts.get("max_queued_requests", -1)))
+    return callees
+
+
+def secret_from_env() -> bytes:
+    """The internal RPC secret, ``$SHOAL_RPC_SECRET`` (b"" when unset)."""
+    raw = os.environb.get(names.ENV_SECRET.encode()) if hasattr(os, "environb") else None
+    if raw is None:
+        value = os.environ.get(names.ENV_SECRET)
+        raw = value.encode() if value is not None else None
+    return raw or b""

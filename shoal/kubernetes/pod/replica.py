@@ -1,0 +1,255 @@
+"""The pod replica: a :class:`~shoal.runtime.replica.core.ReplicaCore` composed for a pod.
+
+Its transport is the pod's TCP RPC port, its membership the callees' pods found in cluster
+DNS (:class:`~shoal.kubernetes.pod.discovery.PodBackend`), and it has no control channel:
+there is no controller, the pod's probes and metrics (:mod:`~shoal.kubernetes.pod.admin`,
+:mod:`~shoal.kubernetes.pod.metrics`) tell Kubernetes what it needs to know.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import socket
+import traceback
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from shoal.context import ReplicaContext, set_process_replica_context
+from shoal.kubernetes.gang_pod import GangLeader, linger
+from shoal.kubernetes.pod.admin import AdminServer, needs_loopback
+from shoal.kubernetes.pod.config import PodSettings
+from shoal.kubernetes.pod.discovery import CalleeConfig, DNSResolver, FileResolver, PodBackend
+from shoal.kubernetes.pod.metrics import PodCollector
+from shoal.observability.metrics import PROCESS
+from shoal.runtime import backend as backend_mod
+from shoal.runtime.callable import UserCallable
+from shoal.runtime.replica.core import ReplicaCore
+from shoal.runtime.replica.logconfig import apply_logging_config
+from shoal.runtime.replica.ports import NoControl, TcpTransport
+from shoal.runtime.wire import Routes
+from shoal.serving import multiplex
+
+if TYPE_CHECKING:
+    from shoal.config import DeploymentConfig, HTTPOptions
+    from shoal.deployment import AppSpec, DeploymentSpec
+
+__all__ = ["DRAIN_QUIET_S", "PodReplica"]
+
+logger = logging.getLogger("shoal.pod")
+
+# While draining, once nothing is in flight, keep connections open (refusing requests) until
+# callers have stopped sending for this long, so that a request in transit is refused (and
+# retried elsewhere by its caller) instead of being lost with a closed connection.
+DRAIN_QUIET_S = 1.0
+
+
+class PodReplica:
+    """Builds and runs the replica of one pod (see :mod:`shoal.kubernetes.pod`)."""
+
+    def __init__(self, settings: PodSettings, spec: AppSpec, dspec: DeploymentSpec, http: HTTPOptions,
+                 callees: Mapping[tuple[str, str], CalleeConfig], admin: AdminServer) -> None:
+        self.settings = s = settings
+        self.spec = spec
+        self.dspec = dspec
+        self.http = http
+        self.loop = asyncio.get_running_loop()
+        self.constructed = False
+        self.healthy = False
+        self.health_error = ""
+        self.admin = admin
+        self.resolver = FileResolver(s.resolver_file) if s.resolver_file else DNSResolver()
+        self.backend = PodBackend(self.loop, s.secret, s.namespace, s.cluster_domain, self.resolver, callees,
+                                  rpc_port=s.rpc_port)
+        self.core = ReplicaCore(channel=NoControl(), routers=self.backend, tag=s.pod_name, quiet_s=DRAIN_QUIET_S)
+        self.core.configure(dspec.config, (spec.name, dspec.name))
+        self.http_socks: list[socket.socket] = []
+        self.registry: Any = None
+        self.stop_requested = asyncio.Event()
+        self.gang_leader: GangLeader | None = None  # on rank 0 of a gang
+
+    # -- readiness (PodView for the metrics)
+    @property
+    def key(self) -> tuple[str, str]:
+        return self.core.key
+
+    @property
+    def rank(self) -> int:
+        return self.settings.rank
+
+    @property
+    def draining(self) -> bool:
+        return self.core.draining
+
+    @property
+    def ready(self) -> bool:
+        return (self.constructed and self.healthy and not self.draining and not self.stop_requested.is_set()
+                and (self.gang_leader is None or self.gang_leader.ready))
+
+    def _admin(self, method: str, path: str) -> tuple[int, str, bytes]:
+        if path == "/-/healthz":
+            # Liveness: the event loop answers. Not before the constructor finished (which may
+            # block the loop for minutes loading a model): the startupProbe covers that time.
+            if not self.constructed:
+                return 503, "text/plain", b"starting\n"
+            return 200, "text/plain", b"ok\n"
+        if path == "/-/ready":
+            if self.ready:
+                return 200, "text/plain", b"ready\n"
+            return 503, "text/plain", (self._unready_why() + "\n").encode()
+        if path == "/metrics":
+            from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+            return 200, CONTENT_TYPE_LATEST, generate_latest(self.registry) + PROCESS.render()
+        return 404, "text/plain", b"not found\n"
+
+    def _unready_why(self) -> str:
+        if self.draining or self.stop_requested.is_set():
+            return "draining"
+        if not self.constructed:
+            return "starting"
+        if not self.healthy:
+            return f"unhealthy: {self.health_error}"
+        return f"gang: {self.gang_leader.why}" if self.gang_leader is not None else "not ready"
+
+    # -- lifecycle
+    def _serve_admin(self) -> None:
+        """Take over the admin port: probes from the replica's state, and /metrics."""
+        from prometheus_client import CollectorRegistry
+
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(PodCollector(self))
+        self.admin.handler = self._admin
+
+    def _set_up(self) -> ReplicaContext:
+        """Everything before the deployment's constructor: admin port, routers, metrics, logging."""
+        s = self.settings
+        cfg: DeploymentConfig = self.dspec.config
+        self._serve_admin()
+        backend_mod.set_current(self.backend)
+        # The autoscaler metrics (names.METRIC_*) come from PodCollector; shoal.observability.metrics adds the rest.
+        PROCESS.setup(s.pod_name, namespace=s.namespace, app=self.spec.name, deployment=self.dspec.name,
+                      server=self.core, routers=self.backend.routers, autoscaler_metrics=False)
+        ctx = ReplicaContext(self.spec.name, self.dspec.name, s.pod_name, rank=s.rank, world_size=s.world_size)
+        set_process_replica_context(ctx)
+        apply_logging_config(cfg.logging_config, ctx)
+        multiplex.models_changed_hook = self.core.models_changed
+        for callee in self.dspec.calls:
+            self.backend.router(self.spec.name, callee)  # start finding the callee's pods now
+        return ctx
+
+    async def _construct(self, ctx: ReplicaContext) -> bool:
+        """Construct the deployment and start serving; False if that failed."""
+        s = self.settings
+        cfg: DeploymentConfig = self.dspec.config
+        try:
+            user = UserCallable(self.dspec.func_or_class, self.dspec.init_args, self.dspec.init_kwargs,
+                                is_function=self.dspec.is_function, context=ctx)
+            self.core.user = user
+            await user.initialize(cfg.user_config)
+            set_process_replica_context(ReplicaContext(self.spec.name, self.dspec.name, s.pod_name, user.instance,
+                                                       rank=s.rank, world_size=s.world_size))
+            if s.rank == 0 and s.world_size > 1:
+                self.gang_leader = GangLeader(self.core, pod_name=s.pod_name, gang=s.gang, namespace=s.namespace,
+                                              cluster_domain=s.cluster_domain, world_size=s.world_size,
+                                              resolver=self.resolver, secret=s.secret,
+                                              max_ongoing=cfg.max_ongoing_requests, rpc_port=s.rpc_port,
+                                              admin_port=s.admin_port)
+            await self.core.listen(TcpTransport(s.host, s.rpc_port, s.secret))
+            # A gang's callers reach it through rank 0 only.
+            if self.spec.ingress == self.dspec.name and self.spec.route_prefix is not None and s.rank == 0:
+                await self._start_http()
+        except BaseException:
+            logger.error("replica %s of %s/%s failed to start:\n%s", s.pod_name, self.spec.name, self.dspec.name,
+                         traceback.format_exc())
+            return False
+        return True
+
+    async def run(self) -> int:
+        """Serve until SIGTERM, then drain; the exit code."""
+        s = self.settings
+        cfg: DeploymentConfig = self.dspec.config
+        if not await self._construct(self._set_up()):
+            self.admin.close()
+            return 1
+        self.constructed = True
+        if self.gang_leader is not None:
+            self.gang_leader.start()
+        health = self.loop.create_task(self._health_loop(cfg))
+        logger.info("replica %s of %s/%s constructed; RPC on %s:%d%s", s.pod_name, self.spec.name, self.dspec.name,
+                    s.host, s.rpc_port, f", HTTP on :{s.http_port}" if self.core.fronts else "")
+        await self.stop_requested.wait()
+        if s.rank > 0:  # serve what rank 0 still sends until it is gone (it drains first)
+            await linger(self.core, cfg.graceful_shutdown_timeout_s)
+        logger.info("draining (graceful_shutdown_timeout_s=%s)", cfg.graceful_shutdown_timeout_s)
+        await self.core.drain()
+        for sock in self.http_socks:
+            sock.close()
+        if self.gang_leader is not None:
+            self.gang_leader.close()
+        health.cancel()
+        self.backend.close()
+        self.admin.close()
+        logger.info("drained; exiting")
+        return 0
+
+    async def _start_http(self) -> None:
+        from shoal.runtime.proxy import FrontOptions
+
+        s = self.settings
+        assert self.spec.route_prefix is not None
+        self.http_socks.append(listen_tcp(s.host, s.http_port))
+        if needs_loopback(s.host):
+            try:
+                self.http_socks.append(listen_tcp("127.0.0.1", s.http_port))
+            except OSError as e:
+                logger.warning("cannot also listen on 127.0.0.1:%d: %s", s.http_port, e)
+        routes = Routes({self.spec.route_prefix: (self.spec.name, self.dspec.name)})
+        await self.core.serve_http(FrontOptions.of(self.http), [sock.fileno() for sock in self.http_socks], routes)
+        # uvicorn installs its own SIGTERM/SIGINT handlers while it serves: take them back, so
+        # that a signal drains the whole replica (HTTP and RPC) in order.
+        self.install_signals()
+
+    def install_signals(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self.loop.add_signal_handler(sig, self._on_signal, sig)
+
+    def _on_signal(self, sig: int) -> None:
+        if not self.stop_requested.is_set():
+            logger.info("received %s", signal.Signals(sig).name)
+        self.stop_requested.set()
+
+    async def _health_loop(self, cfg: DeploymentConfig) -> None:
+        first = True
+        while not self.draining:
+            try:
+                await asyncio.wait_for(self.core.check_health(), cfg.health_check_timeout_s)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                why = "timed out" if isinstance(e, TimeoutError) else f"{type(e).__name__}: {e}"
+                if self.healthy or first:
+                    logger.warning("check_health failed: %s", why)
+                self.healthy = False
+                self.health_error = why
+            else:
+                if not self.healthy and not first:
+                    logger.info("check_health passes again")
+                self.healthy = True
+                self.health_error = ""
+            first = False
+            await asyncio.sleep(cfg.health_check_period_s)
+
+
+def listen_tcp(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on ``host:port`` (for the HTTP front)."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(1024)
+    except OSError:
+        sock.close()
+        raise
+    return sock

@@ -1,0 +1,98 @@
+"""The admin RPC (the CLI's and ``serve.*``'s calls on the controller socket) as a table of
+handlers: operation name -> coroutine taking the call's arguments."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, Protocol
+
+from shoal.deployment import AppSpec
+from shoal.runtime.controller.canary import AppKey
+from shoal.runtime.controller.records import AppRecord
+from shoal.runtime.wire import Call, FramedProtocol, Reply
+from shoal.status import ServeStatus
+
+Handler = Callable[[dict[str, Any]], Awaitable[Any]]
+
+
+class UnknownOperation(ValueError):
+    """The call named an operation the table does not have."""
+
+
+async def dispatch(handlers: Mapping[str, Handler], call: Call) -> Reply:
+    """Run the call's handler; any exception becomes a failed :class:`Reply` carrying its text."""
+    try:
+        handler = handlers.get(call.op)
+        if handler is None:
+            raise UnknownOperation(f"unknown operation {call.op!r}")
+        value = await handler(call.args)
+        return Reply(call.id, True, value)
+    except Exception as e:
+        return Reply(call.id, False, error=str(e))
+
+
+async def serve_call(handlers: Mapping[str, Handler], proto: FramedProtocol, call: Call) -> None:
+    """Dispatch ``call`` and send the reply back (the caller may have gone)."""
+    reply = await dispatch(handlers, call)
+    try:
+        proto.send(reply)
+    except ConnectionError:
+        pass
+
+
+class AdminTarget(Protocol):
+    """What the admin operations act on (the controller)."""
+
+    shutdown_requested: asyncio.Event
+    metrics: Any  # ControllerMetrics: render(controller) -> bytes
+
+    @property
+    def apps(self) -> dict[str, AppRecord]: ...
+
+    def status(self) -> ServeStatus: ...
+
+    async def delete(self, name: str, wait: bool = True) -> None: ...
+
+    async def apply(self, specs: list[AppSpec], canary: float | None = None) -> dict[str, str]: ...
+
+    async def promote(self, name: str, timeout: float | None = 600.0) -> None: ...
+
+    async def rollback(self, name: str) -> None: ...
+
+
+def admin_table(ctl: AdminTarget) -> dict[str, Handler]:
+    """The operations of the controller socket's admin RPC."""
+
+    async def status(_: dict[str, Any]) -> Any:
+        return ctl.status()
+
+    async def delete(args: dict[str, Any]) -> None:
+        await ctl.delete(args["name"], wait=bool(args.get("wait", True)))
+
+    async def shutdown(_: dict[str, Any]) -> None:
+        ctl.shutdown_requested.set()
+
+    async def app_info(_: dict[str, Any]) -> Any:
+        return {n: (a.spec.ingress, a.spec.route_prefix) for n, a in ctl.apps.items()
+                if not a.deleting and not AppKey.parse(n).is_canary}
+
+    async def apply(args: dict[str, Any]) -> Any:
+        return await ctl.apply(list(args["specs"]), args.get("canary"))
+
+    async def promote(args: dict[str, Any]) -> None:
+        await ctl.promote(str(args["name"]))
+
+    async def rollback(args: dict[str, Any]) -> None:
+        await ctl.rollback(str(args["name"]))
+
+    async def metrics(_: dict[str, Any]) -> Any:  # the controller's part of a local /metrics page
+        return ctl.metrics.render(ctl)
+
+    async def app_graphs(_: dict[str, Any]) -> Any:  # the dashboard's call graphs and deployment options
+        from shoal.observability.dashboard import describe_apps
+
+        return describe_apps(a.spec for a in ctl.apps.values() if not a.deleting)
+
+    return {"status": status, "delete": delete, "shutdown": shutdown, "app_info": app_info, "apply": apply,
+            "promote": promote, "rollback": rollback, "metrics": metrics, "app_graphs": app_graphs}

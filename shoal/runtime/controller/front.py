@@ -1,0 +1,128 @@
+"""The instance's HTTP front: the listening socket (bound here, inherited by the proxy and by
+ingress replicas) and the proxy process, restarted when it dies."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import sys
+import uuid
+
+from shoal.observability.controller_metrics import ControllerMetrics
+from shoal.runtime.controller.clock import Clock
+from shoal.runtime.controller.records import MAX_PROXY_RESTARTS, ProxyRecord, Settings
+from shoal.runtime.controller.supervisor import Supervisor
+from shoal.runtime.rundir import RunDir
+from shoal.runtime.state import ProcessRow, Store
+
+logger = logging.getLogger("shoal.controller")
+
+
+class Front:
+    """The listening socket and the proxy. ``fd_path`` (a detached instance only) is where a
+    running proxy hands its socket to a restarted controller; "" = never."""
+
+    def __init__(self, settings: Settings, secret: bytes, fd_path: str, supervisor: Supervisor, store: Store,
+                 metrics: ControllerMetrics, clock: Clock) -> None:
+        self.settings = settings
+        self.secret = secret
+        self.fd_path = fd_path
+        self.supervisor = supervisor
+        self.store = store
+        self.metrics = metrics
+        self.clock = clock
+        self.proxy: ProxyRecord | None = None
+        self.listen_sock: socket.socket | None = None
+        self.http_port = 0
+
+    def bind(self) -> None:
+        """Listen on the configured host and port (the port is kept in the store)."""
+        opts = self.settings.http
+        family = socket.AF_INET6 if ":" in opts.host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((opts.host, opts.port))
+        except OSError as e:
+            sock.close()
+            raise RuntimeError(
+                f"cannot listen on http://{opts.host}:{opts.port}: {e.strerror}. "
+                "Is another server using it? Choose another port with http_options.port."
+            ) from None
+        sock.listen(2048)
+        sock.set_inheritable(True)
+        self.listen_sock = sock
+        self.http_port = sock.getsockname()[1]
+        self.store.set_meta("http_port", str(self.http_port))
+
+    def spawn_proxy(self) -> None:
+        """Start a proxy process on the listening socket (a restart counts against the limit)."""
+        assert self.listen_sock is not None
+        from shoal.runtime.http.options import FrontOptions
+        from shoal.runtime.proxy import ProxyBootstrap
+
+        run_dir = RunDir(self.settings.run_dir)
+        ident = f"proxy-{uuid.uuid4().hex[:6]}"
+        boot = ProxyBootstrap(run_dir.controller_socket, self.secret, ident, self.listen_sock.fileno(),
+                              FrontOptions.of(self.settings.http),
+                              os.getpid(), self.settings.die_with_parent, self.settings.log_level, list(sys.path),
+                              fd_path=self.fd_path, log_dir=run_dir.logs_dir)
+        proc = self.supervisor.spawn("shoal.runtime.proxy", boot, pass_fds=(self.listen_sock.fileno(),))
+        restarts = self.proxy.restarts + 1 if self.proxy else 0
+        if self.proxy is not None:
+            self.store.delete_process(self.proxy.ident)
+        self.proxy = ProxyRecord(ident, proc, restarts=restarts)
+        self.store.save_process(ident, "proxy", proc.pid)
+
+    def adopt(self, row: ProcessRow) -> bool:
+        """Take over a running proxy and its listening socket (it hands the socket over on request)."""
+        if not (self.settings.start_proxy and self.proxy is None and self.fd_path):
+            return False
+        from shoal.runtime.proxy import take_listening_fd
+
+        sock = take_listening_fd(self.fd_path)
+        if sock is None:
+            return False
+        sock.set_inheritable(True)
+        self.listen_sock = sock
+        self.http_port = sock.getsockname()[1]
+        self.proxy = ProxyRecord(row.ident, self.supervisor.adopt(row.pid), ready=True)
+        logger.info("adopted the HTTP proxy (pid %d) on port %d", row.pid, self.http_port)
+        return True
+
+    async def wait_ready(self, timeout: float) -> None:
+        """Wait until the proxy serves; raise if it cannot start."""
+        deadline = self.clock.monotonic() + timeout
+        while self.proxy is not None and not self.proxy.ready:
+            if self.clock.monotonic() > deadline or self.proxy.restarts >= MAX_PROXY_RESTARTS:
+                raise RuntimeError("the HTTP proxy failed to start; see its log above")
+            await asyncio.sleep(0.01)
+
+    def watch(self) -> None:
+        """Restart a proxy that exited, up to :data:`MAX_PROXY_RESTARTS` times."""
+        proxy = self.proxy
+        if proxy is None or proxy.proc.poll() is None or proxy.restarts >= MAX_PROXY_RESTARTS:
+            return
+        proxy.ready = False
+        if proxy.restarts + 1 >= MAX_PROXY_RESTARTS:
+            logger.error("the HTTP proxy exited with code %s %d times; giving up", proxy.proc.returncode,
+                         MAX_PROXY_RESTARTS)
+            proxy.restarts += 1
+            return
+        logger.error("the HTTP proxy exited with code %s; restarting it", proxy.proc.returncode)
+        self.metrics.process_exited(proxy.proc.pid)
+        self.spawn_proxy()
+
+    async def stop(self) -> None:
+        """Stop the proxy (gracefully, then by force)."""
+        if self.proxy is not None:
+            proxy = self.proxy
+            self.proxy = None
+            self.supervisor.stop(proxy.proc, proxy.conn)
+            await self.supervisor.wait_exit(proxy.proc, 5.0)
+
+    def close(self) -> None:
+        if self.listen_sock is not None:
+            self.listen_sock.close()

@@ -1,0 +1,189 @@
+"""A replica's life after it started: ready, failed, stopping, gone (its process exited, or a
+rank of its gang died), and what each step means for its deployment's record."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+
+from shoal.observability.controller_metrics import ControllerMetrics
+from shoal.runtime.controller.clock import Clock
+from shoal.runtime.controller.records import DeploymentRecord, ReplicaRecord
+from shoal.runtime.controller.registry import Registry
+from shoal.runtime.controller.supervisor import Supervisor
+from shoal.runtime.gang import RankRecord
+from shoal.runtime.state import Store
+from shoal.runtime.wire import ReplicaFailed, ReplicaReady
+from shoal.serving.resources import Ledger
+from shoal.status import ReplicaState
+
+logger = logging.getLogger("shoal.controller")
+
+Publish = Callable[[str, str, DeploymentRecord], None]
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+class Lifecycle:
+    """Replica state transitions. ``publish`` re-sends a deployment's membership when it
+    changed; ``kick`` wakes the control loop."""
+
+    def __init__(self, registry: Registry, supervisor: Supervisor, ledger: Ledger, store: Store,
+                 metrics: ControllerMetrics, clock: Clock, publish: Publish, kick: Callable[[], None]) -> None:
+        self.registry = registry
+        self.supervisor = supervisor
+        self.ledger = ledger
+        self.store = store
+        self.metrics = metrics
+        self.clock = clock
+        self.publish = publish
+        self.kick = kick
+
+    # -- exits
+    def reap(self, now: float) -> bool:
+        """Notice exited ranks and replicas (and kill the overdue ones); True if any went."""
+        changed = False
+        for member in list(self.registry.ranks.values()):
+            code = member.proc.poll()
+            if code is not None and member.tag in self.registry.ranks:
+                self.rank_gone(member, f"exited with code {code}")
+                changed = True
+        for rec in list(self.registry.replicas.values()):
+            code = self._exit_code(rec, now)
+            if code is not None:
+                self.gone(rec, f"exited with code {code}")
+                changed = True
+        return changed
+
+    def _exit_code(self, rec: ReplicaRecord, now: float) -> int | None:
+        code = rec.proc.poll()
+        if code is None and rec.adopt_deadline and now > rec.adopt_deadline:
+            logger.warning("replica %s (pid %d) did not reconnect after the controller restarted; replacing it",
+                           rec.tag, rec.proc.pid)
+            rec.adopt_deadline = 0.0
+            self.supervisor.kill(rec.proc)
+            code = rec.proc.returncode
+        if code is None and rec.state == ReplicaState.STOPPING and now > rec.stop_deadline:
+            logger.warning("replica %s did not stop in time; killing it", rec.tag)
+            self.supervisor.kill(rec.proc)
+            code = rec.proc.returncode
+        return code
+
+    def _forget_ranks(self, rec: ReplicaRecord) -> None:
+        for member in rec.ranks:
+            self.ledger.release(member.tag)
+            self.supervisor.kill(member.proc)
+            self.metrics.process_exited(member.proc.pid)
+            self.store.delete_process(member.tag)
+            _unlink(member.socket_path)
+
+    def gone(self, rec: ReplicaRecord, why: str) -> None:
+        """The replica is no more: release what it held, account its requests, note why."""
+        if self.registry.remove(rec.tag) is None:
+            return
+        self.ledger.release(rec.tag)
+        self.metrics.process_exited(rec.proc.pid)
+        rec.adopt_deadline = 0.0
+        self._forget_ranks(rec)
+        self.store.delete_process(rec.tag)
+        dep = self.registry.deployment(rec.app, rec.deployment)
+        if dep is not None and dep.version == rec.version and rec.requests:
+            dep.finished.add(rec.requests, rec.errors, rec.latency_hist)  # per version: only the current one
+        if rec.proc.poll() is None:
+            self.supervisor.kill(rec.proc)
+        _unlink(rec.socket_path)
+        if rec.state != ReplicaState.STOPPING:
+            logger.warning("replica %s of %s/%s %s unexpectedly", rec.tag, rec.app, rec.deployment, why)
+            if dep is not None and rec.state == ReplicaState.STARTING and not rec.failed_reported and not rec.adopted:
+                if rec.version == dep.version:
+                    dep.failures += 1
+                    dep.message = f"replica {rec.tag} {why} before it was ready"
+            elif dep is not None:
+                dep.message = f"replica {rec.tag} {why}; starting a replacement"
+        if dep is not None:
+            self.publish(rec.app, rec.deployment, dep)
+
+    def rank_gone(self, member: RankRecord, why: str) -> None:
+        """A rank of a gang died: the whole gang replica goes (and is replaced)."""
+        parent = self.registry.replicas.get(member.parent)
+        if parent is None:
+            return
+        dep = self.registry.deployment(parent.app, parent.deployment)
+        if dep is not None and parent.state != ReplicaState.STOPPING:
+            dep.message = f"rank {member.rank} of replica {parent.tag} {why}; replacing the whole gang"
+            if parent.state == ReplicaState.STARTING and parent.version == dep.version:
+                parent.failed_reported = True
+                dep.failures += 1
+        self.supervisor.kill(parent.proc)
+        self.gone(parent, f"lost rank {member.rank} ({why})")
+
+    # -- stopping
+    def stop(self, rec: ReplicaRecord, reason: str, now: float) -> None:
+        """Ask the replica (and its ranks) to stop gracefully; it is killed if it overstays."""
+        if rec.state == ReplicaState.STOPPING:
+            return
+        for member in rec.ranks:
+            self.supervisor.stop(member.proc, member.conn)
+        dep = self.registry.deployment(rec.app, rec.deployment)
+        grace = dep.spec.config.graceful_shutdown_timeout_s if dep else 20.0
+        rec.state = ReplicaState.STOPPING
+        rec.stop_deadline = now + grace + 5.0
+        logger.debug("stopping replica %s: %s", rec.tag, reason)
+        self.supervisor.stop(rec.proc, rec.conn)
+
+    # -- reports from the replicas
+    def ready(self, msg: ReplicaReady) -> None:
+        """A replica (or one rank of a gang) finished its constructor."""
+        member = self.registry.ranks.get(msg.tag)
+        if member is not None:
+            member.ready = True
+            parent = self.registry.replicas.get(member.parent)
+            if parent is not None and parent.rank0_ready:
+                self.ready(ReplicaReady(parent.tag, parent.proc.pid))
+            return
+        rec = self.registry.replicas.get(msg.tag)
+        if rec is None or rec.state == ReplicaState.STOPPING:
+            return
+        rec.rank0_ready = True
+        if not all(m.ready for m in rec.ranks):
+            return  # a gang is ready when every rank is
+        rec.state = ReplicaState.RUNNING
+        rec.adopt_deadline = 0.0
+        dep = self.registry.deployment(rec.app, rec.deployment)
+        if dep is not None:
+            rec.next_health = self.clock.monotonic() + dep.spec.config.health_check_period_s
+            if rec.version == dep.version:
+                dep.ready_once = True
+                dep.failures = 0
+            self.publish(rec.app, rec.deployment, dep)
+        self.kick()
+
+    def failed(self, msg: ReplicaFailed) -> None:
+        """A replica's (or a rank's) constructor raised."""
+        member = self.registry.ranks.get(msg.tag)
+        if member is not None:
+            parent = self.registry.replicas.get(member.parent)
+            dep = self.registry.deployment(parent.app, parent.deployment) if parent is not None else None
+            if parent is not None and dep is not None and parent.version == dep.version:
+                parent.failed_reported = True
+                dep.failures += 1
+                dep.message = f"rank {member.rank} constructor failed: {msg.error.strip()}"
+            logger.error("rank %d of replica %s failed to start", member.rank, member.parent)
+            self.kick()
+            return
+        rec = self.registry.replicas.get(msg.tag)
+        if rec is None:
+            return
+        rec.failed_reported = True
+        dep = self.registry.deployment(rec.app, rec.deployment)
+        if dep is not None and rec.version == dep.version:
+            dep.failures += 1
+            dep.message = f"replica constructor failed: {msg.error.strip()}"
+        logger.error("replica %s of %s/%s failed to start", rec.tag, rec.app, rec.deployment)
+        self.kick()

@@ -1,0 +1,87 @@
+"""Membership and routing tables, and their publication to the routers and fronts that
+subscribed. The tables are built by pure functions; :class:`Publisher` sends them."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable
+
+from shoal.runtime.controller.canary import AppKey, CanaryTable
+from shoal.runtime.controller.records import AppRecord, DeploymentRecord, ReplicaRecord
+from shoal.runtime.wire import FramedProtocol, Membership, ReplicaAddress, Routes
+from shoal.status import ReplicaState
+
+
+def build_membership(app: str, name: str, dep: DeploymentRecord, replicas: Iterable[ReplicaRecord],
+                     version: int) -> Membership:
+    """The deployment's RUNNING replicas (sorted by tag) and its queueing limits."""
+    cfg = dep.spec.config
+    running = tuple(sorted(
+        (ReplicaAddress(r.tag, r.socket_path, cfg.max_ongoing_requests, r.model_ids)
+         for r in replicas if r.state == ReplicaState.RUNNING),
+        key=lambda a: a.tag,
+    ))
+    auto = cfg.resolved_autoscaling()
+    return Membership(app, name, version, running, cfg.max_queued_requests,
+                      metrics_interval_s=auto.metrics_interval_s if auto else 0.0)
+
+
+def build_routes(apps: dict[str, AppRecord], replicas: Iterable[ReplicaRecord], canaries: CanaryTable) -> Routes:
+    """The route table of every live app with a prefix, the canary splits, and whether the
+    proxy must accept connections too."""
+    routed = [a for a in apps.values() if a.spec.route_prefix is not None and not a.deleting]
+    table = {a.spec.route_prefix: (a.spec.name, a.spec.ingress) for a in routed if a.spec.route_prefix}
+    # The proxy steps aside only while every routed app has an ingress replica serving
+    # HTTP itself; otherwise it accepts too (to hold requests for a cold app, answer 404s).
+    served = {(r.app, r.deployment) for r in replicas if r.serves_http and r.state == ReplicaState.RUNNING}
+    direct = bool(routed) and all((a.spec.name, a.spec.ingress) in served for a in routed)
+    split = {}
+    for name, weight in canaries.items():
+        stable, canary = apps.get(name), apps.get(AppKey.canary(name).key)
+        if stable is not None and canary is not None and stable.spec.route_prefix and not canary.deleting:
+            split[stable.spec.route_prefix] = (canary.spec.name, canary.spec.ingress, weight)
+    return Routes(table, proxy_accepts=not direct, split=split)
+
+
+class Publisher:
+    """Subscribers of memberships (per deployment) and of routes, and the version counter.
+
+    Versions only grow, across controller restarts too (routers ignore older ones): they
+    start at the wall clock in microseconds.
+    """
+
+    def __init__(self, first_version: int) -> None:
+        self.subscribers: dict[tuple[str, str], set[FramedProtocol]] = {}
+        self.route_subscribers: set[FramedProtocol] = set()
+        self._versions = itertools.count(first_version)
+
+    def next_version(self) -> int:
+        return next(self._versions)
+
+    def subscribe(self, app: str, deployment: str, conn: FramedProtocol) -> None:
+        self.subscribers.setdefault((app, deployment), set()).add(conn)
+
+    def forget(self, conn: FramedProtocol) -> None:
+        self.route_subscribers.discard(conn)
+        for subs in self.subscribers.values():
+            subs.discard(conn)
+
+    def gone(self, app: str, name: str, why: str) -> Membership:
+        return Membership(app, name, self.next_version(), (), -1, gone=why)
+
+    def send_membership(self, m: Membership) -> None:
+        for conn in list(self.subscribers.get((m.app, m.deployment), ())):
+            try:
+                conn.send(m)
+            except ConnectionError:
+                pass
+
+    def send_routes(self, routes: Routes) -> None:
+        for conn in list(self.route_subscribers):
+            try:
+                conn.send(routes)
+            except ConnectionError:
+                pass
+
+    def connections(self) -> list[FramedProtocol]:
+        return list(self.route_subscribers) + [c for s in self.subscribers.values() for c in s]

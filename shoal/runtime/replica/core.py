@@ -1,0 +1,321 @@
+"""The replica core: one deployment's callable behind its slots, whatever runtime it runs in.
+
+The local replica process (:mod:`shoal.runtime.replica.process`), a Kubernetes pod
+(:mod:`shoal.kubernetes.pod`) and every rank of a gang compose a :class:`ReplicaCore` with
+their own transport, control channel and membership (:mod:`shoal.runtime.replica.ports`).
+The core owns what must behave the same everywhere:
+
+* the user callable, and the ``max_ongoing_requests`` slots (:class:`Slots`) every request
+  takes: RPC calls and RPC-forwarded HTTP requests are refused when none is free (their router
+  goes elsewhere), HTTP requests from the replica's own front wait for one;
+* the bookkeeping of every request (:class:`Accounts`: counters, metrics, trace span, access log);
+* gang fan-out (rank 0 runs each request on ranks 1..N-1 too), health checks, reconfigure;
+* the drain: refuse new requests, let those in flight finish within the graceful timeout,
+  then cancel the rest and run the deployment's ``__del__``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import pickle
+import time
+import traceback
+from collections import deque
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+from shoal.context import RequestContext, _request_ctx
+from shoal.runtime.callable import UserCallable
+from shoal.runtime.http.admit import RouterSource, Send
+from shoal.runtime.replica.accounting import Accounts, RequestCounters, Sinks, error_payload
+from shoal.runtime.replica.ports import ControlChannel, Transport
+from shoal.runtime.replica.rpc_http import RPCResponse
+from shoal.runtime.replica.slots import Slots
+from shoal.runtime.wire import CANCEL, END, ERR, ITEM, OK, REJECT, REQUEST, FramedProtocol, RequestMeta, Routes
+
+if TYPE_CHECKING:
+    from shoal.config import DeploymentConfig
+    from shoal.runtime.http.options import FrontOptions
+
+__all__ = ["ReplicaCore"]
+
+logger = logging.getLogger("shoal.replica")
+
+# How often a drain that waits for callers to go quiet looks again.
+_QUIET_POLL_S = 0.05
+
+
+class ReplicaCore:
+    """One replica's serving state (see the module docstring).
+
+    ``quiet_s``: once nothing is in flight, a drain keeps the callers' connections open
+    (refusing requests) until they have sent nothing for this long, so that a request in
+    transit is refused and retried elsewhere rather than lost with a closed connection (pods,
+    whose callers learn of a drain only from DNS); 0 closes at once (local replicas, whose
+    callers the controller tells).
+    """
+
+    def __init__(self, *, channel: ControlChannel, routers: RouterSource, tag: str = "",
+                 clock: Callable[[], float] = time.monotonic, sinks: Sinks | None = None,
+                 quiet_s: float = 0.0) -> None:
+        self.channel = channel
+        self.routers = routers  # membership: routers to the deployments this replica calls
+        self.clock = clock
+        self.quiet_s = quiet_s
+        self.slots = Slots()
+        self.accounts = Accounts(sinks, clock)
+        self.accounts.tag = tag
+        self.user: UserCallable | None = None
+        self.gang: Any = None  # GangPeers (or gang_pod.Unassembled) on rank 0 of a gang replica
+        self.graceful_timeout = 20.0
+        self.key: tuple[str, str] = ("", "")  # (app key, deployment) served here
+        self.model_ids: tuple[str, ...] = ()
+        self.rejected = 0  # RPC requests refused (full, or draining)
+        self.last_request = clock()  # when the latest RPC request arrived
+        self.tasks: dict[tuple[int, int], asyncio.Task[None]] = {}
+        self.conns: set[FramedProtocol] = set()
+        self.server: asyncio.AbstractServer | None = None
+        self.fronts: list[Any] = []  # proxy.HTTPFront when serving HTTP itself
+        self.proxy_app: Any = None  # its http.app.ProxyApp
+
+    # -- what metrics and the HTTP front read (LocalIngress)
+    @property
+    def counters(self) -> RequestCounters:
+        return self.accounts.counters
+
+    @property
+    def ongoing(self) -> int:
+        return self.slots.ongoing
+
+    @property
+    def local_waiters(self) -> deque[asyncio.Future[None]]:
+        return self.slots.waiters
+
+    @property
+    def draining(self) -> bool:
+        return self.slots.draining
+
+    # -- set-up
+    def configure(self, cfg: DeploymentConfig, key: tuple[str, str]) -> None:
+        """Take the deployment's limits; ``key`` is (app key, deployment)."""
+        self.slots.limit = cfg.max_ongoing_requests
+        self.slots.max_queued = cfg.max_queued_requests
+        self.graceful_timeout = cfg.graceful_shutdown_timeout_s
+        self.key = self.accounts.key = key
+        self.accounts.access_log = cfg.logging_config is None or cfg.logging_config.enable_access_log
+
+    async def listen(self, transport: Transport) -> None:
+        """Accept callers' connections (the user callable is installed first)."""
+        self.server = await transport.listen(self.on_connect)
+
+    async def serve_http(self, options: FrontOptions, fds: Sequence[int], routes: Routes | None = None) -> None:
+        """Serve HTTP on the listening sockets ``fds`` (an ingress replica), routing other
+        apps' requests through :attr:`routers`."""
+        # Imported here, not at the top: uvicorn costs every replica that never serves HTTP.
+        from shoal.runtime.proxy import HTTPFront, ProxyApp
+
+        self.proxy_app = ProxyApp(self.routers, options, local=self)
+        if routes is not None:
+            self.proxy_app.set_routes(routes)
+        for fd in fds:
+            front = HTTPFront(self.proxy_app, fd, options)
+            self.fronts.append(front)
+            await front.start()
+
+    def models_changed(self, ids: tuple[str, ...]) -> None:
+        """The multiplexed models loaded here changed (``multiplex.models_changed_hook``)."""
+        self.model_ids = ids
+        self.channel.models_changed(ids)
+
+    # -- control operations
+    async def check_health(self) -> None:
+        await self._user().check_health()
+
+    async def control_op(self, op: str, args: dict[str, Any]) -> Any:
+        """A control-plane operation: ``health``, ``reconfigure`` or ``stats``."""
+        user = self._user()
+        if op == "health":
+            await user.check_health()
+            return None
+        if op == "reconfigure":
+            await user.reconfigure(args.get("user_config"))
+            return None
+        if op == "stats":
+            return {"ongoing": self.slots.ongoing}
+        raise ValueError(f"unknown op {op!r}")
+
+    def _user(self) -> UserCallable:
+        if self.user is None:
+            raise RuntimeError("replica is not initialized")
+        return self.user
+
+    async def _on_every_rank(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any], meta: RequestMeta,
+                             local: Callable[[], Awaitable[Any]]) -> Any:
+        """Run ``local()``; on rank 0 of a gang, every other rank runs the request too."""
+        if self.gang is None:
+            return await local()
+        return await self.gang.run(method, args, kwargs, meta, local)
+
+    # -- HTTP served by this replica's own front (LocalIngress for ProxyApp)
+    async def serve(self, scope: dict[str, Any], body: bytes, meta: RequestMeta, send: Send) -> None:
+        """Serve one HTTP request from this process's front: wait for a slot, run, account."""
+        user = self._user()
+        await self.slots.admit()
+        ticket = self.accounts.open(meta, "__call__")
+        status = 500
+        token = _request_ctx.set(RequestContext(meta.request_id, meta.multiplexed_model_id, meta.route))
+
+        async def watch(message: dict[str, Any]) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self._on_every_rank("__call__", (scope, body), {}, meta._replace(http=True),
+                                      lambda: user.http(scope, body, watch, meta))
+        except asyncio.CancelledError:
+            if status == 500:
+                status = 499  # the client went away (or timed out) before a response
+            raise
+        finally:
+            self.slots.release()
+            self.accounts.close(ticket, status >= 500, status, scope["method"], scope["path"], meta.route)
+            _request_ctx.reset(token)
+
+    # -- RPC: calls, streams and forwarded HTTP requests from routers
+    def on_connect(self, proto: FramedProtocol) -> None:
+        self.conns.add(proto)
+        proto.on_message = self._on_message
+        proto.on_close = self._on_conn_close
+
+    def _on_conn_close(self, proto: FramedProtocol, exc: BaseException | None) -> None:
+        self.conns.discard(proto)
+        key = id(proto)
+        for (pid, _rid), task in list(self.tasks.items()):
+            if pid == key:
+                task.cancel()
+
+    def _on_message(self, proto: FramedProtocol, msg: Any) -> None:
+        kind = msg[0]
+        if kind == REQUEST:
+            rid = msg[1]
+            self.last_request = self.clock()
+            if self.slots.refuses():
+                self.rejected += 1
+                proto.send((REJECT, rid))
+                return
+            # A malformed request fails here, before it takes a slot it would never give back.
+            handling = self._handle(proto, rid, msg[2], msg[3], msg[4], msg[5])
+            self.slots.take()
+            key = (id(proto), rid)
+            task = asyncio.get_running_loop().create_task(handling)
+            self.tasks[key] = task
+            task.add_done_callback(functools.partial(self._done, key))
+        elif kind == CANCEL:
+            running = self.tasks.get((id(proto), msg[1]))
+            if running is not None:
+                running.cancel()
+
+    def _done(self, key: tuple[int, int], _task: asyncio.Task[None]) -> None:
+        # Normally _handle released the slot already; this covers a task cancelled before it ran.
+        if self.tasks.pop(key, None) is not None:
+            self.slots.release()
+
+    async def _handle(self, proto: FramedProtocol, rid: int, method: str, args: tuple[Any, ...],
+                      kwargs: dict[str, Any], meta: RequestMeta) -> None:
+        ticket = self.accounts.open(meta, method)
+        failed = True
+        status: int | str = 500 if meta.http else "ERROR"
+        # This task's own context: shoal's log records about the request carry its id too.
+        _request_ctx.set(RequestContext(meta.request_id, meta.multiplexed_model_id, meta.route))
+        try:
+            status = await self._on_every_rank(method, args, kwargs, meta,
+                                               lambda: self._execute(proto, rid, method, args, kwargs, meta))
+            failed = isinstance(status, int) and status >= 500
+        except (asyncio.CancelledError, ConnectionError):
+            failed = False
+            status = 499 if meta.http else "CANCELLED"
+            return  # the caller gave up (or went away); nobody is waiting for an answer
+        except Exception as e:
+            logger.error("request %s to %s failed:\n%s", meta.request_id, method, traceback.format_exc())
+            exc, tb = error_payload(e)
+            try:
+                proto.send_user((ERR, rid, exc, tb))
+            except ConnectionError:
+                pass
+        finally:
+            # The answer is sent: free the slot now, before the bookkeeping below, so that the
+            # caller's next request (it may already be on its way) is admitted, not refused.
+            if self.tasks.pop((id(proto), rid), None) is not None:
+                self.slots.release()
+            if meta.http:
+                self.accounts.close(ticket, failed, status, args[0]["method"], args[0]["path"], meta.route)
+            else:
+                self.accounts.close(ticket, failed, status, "STREAM" if meta.stream else "CALL", method, "")
+
+    async def _execute(self, proto: FramedProtocol, rid: int, method: str, args: tuple[Any, ...],
+                       kwargs: dict[str, Any], meta: RequestMeta) -> int | str:
+        """Run one request and send its answer; the HTTP status, or "OK"."""
+        user = self._user()
+        if meta.http:
+            response = RPCResponse(proto, rid)
+            await user.http(args[0], args[1], response.send, meta)
+            response.finish()
+            return response.status
+        if meta.stream:
+            async for item in user.stream(method, args, kwargs, meta):
+                proto.send_user((ITEM, rid, item))
+            proto.send((END, rid))
+            return "OK"
+        result = await user.call(method, args, kwargs, meta)
+        try:
+            proto.send_user((OK, rid, result))
+        except (pickle.PicklingError, TypeError, AttributeError) as e:
+            raise TypeError(f"the result of {method!r} could not be serialized: {e}") from None
+        return "OK"
+
+    # -- drain
+    async def drain(self) -> None:
+        """Stop taking requests, let those in flight finish (within the graceful timeout), and
+        wind down: see :meth:`finish_drain`."""
+        self.slots.draining = True
+        deadline = self.clock() + self.graceful_timeout
+        if self.server is not None:
+            self.server.close()  # no new connections; open ones get their requests refused
+        http_stop: asyncio.Future[Any] | None = None
+        if self.fronts:
+            http_stop = asyncio.gather(*(f.stop(self.graceful_timeout) for f in self.fronts))
+        try:
+            await asyncio.wait_for(self.slots.idle.wait(), max(0.0, deadline - self.clock()))
+        except TimeoutError:
+            pass
+        # Nothing in flight: wait for callers to notice we are gone (they are refused meanwhile).
+        while (self.quiet_s > 0 and self.conns and self.clock() < deadline
+               and self.clock() - self.last_request < self.quiet_s):
+            await asyncio.sleep(_QUIET_POLL_S)
+        if http_stop is not None:
+            try:
+                await asyncio.wait_for(http_stop, max(0.1, deadline - self.clock()))
+            except TimeoutError:
+                pass
+        await self.finish_drain()
+
+    async def finish_drain(self) -> None:
+        """The end of a drain: cancel what still runs, run the deployment's ``__del__``, close
+        the callers' connections."""
+        if not self.slots.idle.is_set():
+            logger.warning("graceful shutdown timed out with %d requests in flight; cancelling them",
+                           self.slots.ongoing)
+            for task in list(self.tasks.values()):
+                task.cancel()
+            await asyncio.sleep(0)
+        if self.user is not None:
+            try:
+                await asyncio.wait_for(self.user.shutdown(), 10)
+            except Exception:
+                logger.exception("error in the deployment's __del__")
+        for conn in list(self.conns):
+            conn.close()

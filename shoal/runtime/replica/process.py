@@ -1,0 +1,277 @@
+"""The local replica process: a :class:`ReplicaCore` behind a Unix socket, run by the controller.
+
+Started by the controller as ``python -m shoal.runtime.replica`` with a pickled
+:class:`Bootstrap` on stdin (from its trusted parent, never from the network). It connects
+back to the controller (its control channel; the controller also pushes the membership of
+the deployments it calls), receives its deployment, constructs it, listens, and reports
+ready; then it reports its load, answers health checks and ``reconfigure``, and drains on stop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import logging
+import os
+import pickle
+import signal
+import sys
+import traceback
+from dataclasses import dataclass
+from typing import Any
+
+import cloudpickle
+
+from shoal.context import ReplicaContext, set_process_replica_context
+from shoal.observability import metrics as _metrics
+from shoal.observability import tracing as _tracing
+from shoal.runtime import backend
+from shoal.runtime.callable import UserCallable
+from shoal.runtime.client import ControllerClient
+from shoal.runtime.lifeline import ORPHAN_TIMEOUT_S, die_with_parent
+from shoal.runtime.replica.core import ReplicaCore
+from shoal.runtime.replica.logconfig import apply_logging_config, setup_process_logging
+from shoal.runtime.replica.ports import UnixTransport
+from shoal.runtime.wire import (
+    Call,
+    ReplicaFailed,
+    ReplicaInit,
+    ReplicaModels,
+    ReplicaReady,
+    ReplicaStats,
+    Reply,
+    Routes,
+    Stop,
+    SubscribeRoutes,
+)
+from shoal.serving import multiplex
+
+__all__ = ["Bootstrap", "ReplicaProcess", "main"]
+
+logger = logging.getLogger("shoal.replica")
+
+
+@dataclass
+class Bootstrap:
+    controller_path: str
+    secret: bytes
+    tag: str
+    sys_path: list[str]
+    cwd: str
+    parent_pid: int
+    # Exit with the parent (embedded mode); a detached instance lets replicas be adopted.
+    die_with_parent: bool = True
+    log_level: str = "INFO"
+    # An inherited listening socket: set for ingress replicas that serve HTTP themselves.
+    http_fd: int = -1
+    http: Any = None  # proxy.FrontOptions
+    # The instance's log folder: the replica logs into its own file there (stdout and stderr too).
+    log_dir: str = ""
+
+
+class ReplicaProcess:
+    """Composes a :class:`ReplicaCore` with the controller: the control channel, and the
+    membership the controller pushes (see the module docstring)."""
+
+    def __init__(self, boot: Bootstrap) -> None:
+        self.boot = boot
+        self.loop = asyncio.get_running_loop()
+        # Replicas of a detached instance outlive a controller crash and wait for the next one;
+        # spares (no deployment yet) just exit.
+        reconnect = 0.0 if boot.die_with_parent or self.spare else ORPHAN_TIMEOUT_S
+        self.client = ControllerClient(boot.controller_path, boot.secret, "replica", boot.tag, self.loop,
+                                       on_control=self._on_control, reconnect_s=reconnect,
+                                       on_reconnect=self._on_reconnect)
+        self.core = ReplicaCore(channel=self, routers=self.client, tag=boot.tag)
+        self.ready_tag = ""
+        self.init_msg: asyncio.Future[ReplicaInit] = self.loop.create_future()
+        self.stop_requested = asyncio.Event()
+
+    @property
+    def spare(self) -> bool:
+        """A process started ahead of need, given its deployment later."""
+        return self.boot.tag.startswith("spare-")
+
+    async def run(self) -> int:
+        """Serve until stopped (or the controller is gone for good); the exit code."""
+        if self.spare:
+            # Do now the imports every replica needs, while nobody is waiting for us.
+            modules = ["shoal.serve"] + (["uvicorn", "shoal.runtime.proxy"] if self.boot.http_fd >= 0 else [])
+            for name in modules:
+                importlib.import_module(name)
+        await self.client.connect()
+        backend.set_current(self.client)
+        if self.spare and not await self._given_deployment():
+            return 0  # stopped (or the controller went away) before being given a deployment
+        init = await asyncio.wait_for(self.init_msg, 60)
+        ctx = self._become(init)
+        if not await self._start(init, ctx):
+            return 1
+        auto = init.config.resolved_autoscaling()
+        self.loop.create_task(self._report_load(init.tag, auto.metrics_interval_s if auto is not None else 0.0))
+        self.ready_tag = init.tag
+        self.client.resumed = True
+        self._send(ReplicaReady(init.tag, os.getpid()))
+        closed = asyncio.ensure_future(self.client.closed.wait())
+        stop = asyncio.ensure_future(self.stop_requested.wait())
+        await asyncio.wait({closed, stop}, return_when=asyncio.FIRST_COMPLETED)
+        await self.core.drain()
+        return 0
+
+    async def _given_deployment(self) -> bool:
+        """A spare waits for its deployment; False when stopped first."""
+        waits: set[asyncio.Future[Any]] = {self.init_msg, asyncio.ensure_future(self.stop_requested.wait()),
+                                           asyncio.ensure_future(self.client.closed.wait())}
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        if not self.init_msg.done():
+            return False
+        setup_process_logging(self.init_msg.result().tag, self.boot.log_level)
+        return True
+
+    def _become(self, init: ReplicaInit) -> ReplicaContext:
+        """Take on the deployment's identity: tag, code location, context, logging, limits."""
+        # A spare given a deployment is that replica from now on, also to a restarted controller.
+        self.client.ident = init.tag
+        self.core.accounts.tag = init.tag
+        if not self.boot.die_with_parent:
+            self.client.reconnect_s = ORPHAN_TIMEOUT_S
+        if init.sys_path:
+            sys.path[:0] = [p for p in init.sys_path if p not in sys.path]
+        if init.cwd:
+            try:
+                os.chdir(init.cwd)
+            except OSError as e:
+                logger.warning("cannot change to the app's directory %s: %s", init.cwd, e)
+        cfg = init.config
+        # A canary's app key is "<app>#canary": user code sees the app's name, and the handles
+        # it makes reach the canary's own deployments.
+        visible_app = init.app.split("#", 1)[0]
+        if visible_app != init.app:
+            self.client.app_alias[visible_app] = init.app
+        self.core.configure(cfg, (init.app, init.deployment))
+        ctx = ReplicaContext(visible_app, init.deployment, init.tag, rank=init.rank, world_size=init.world_size)
+        set_process_replica_context(ctx)
+        apply_logging_config(cfg.logging_config, ctx, log_dir=self.boot.log_dir, app_key=init.app,
+                             shoal_level=self.boot.log_level)
+        multiplex.models_changed_hook = self.core.models_changed
+        return ctx
+
+    async def _start(self, init: ReplicaInit, ctx: ReplicaContext) -> bool:
+        """Construct the deployment and start serving; False (the controller told) if that failed."""
+        cfg = init.config
+        try:
+            target, args, kwargs = cloudpickle.loads(init.blob)
+            user = UserCallable(target, args, kwargs, is_function=init.is_function, context=ctx)
+            self.core.user = user
+            await user.initialize(cfg.user_config)
+            await self.core.listen(UnixTransport(init.socket_path, self.boot.secret))
+        except BaseException as e:  # the constructor's failure is the deployment's status message
+            logger.error("replica %s failed to start:\n%s", init.tag, traceback.format_exc())
+            await self._failed(init.tag, f"{type(e).__name__}: {e}\n{traceback.format_exc()}")
+            return False
+        set_process_replica_context(ReplicaContext(ctx.app_name, init.deployment, init.tag, user.instance,
+                                                   rank=init.rank, world_size=init.world_size))
+        if init.peers:
+            from shoal.runtime.gang import GangPeers
+
+            self.core.gang = GangPeers(init.peers, self.boot.secret, cfg.max_ongoing_requests)
+        _metrics.PROCESS.setup(init.tag, app=init.app, deployment=init.deployment, server=self.core,
+                               routers=self.client.routers, page_source=self.client)
+        _metrics.PROCESS.start_flusher(self.loop)
+        if init.serves_http and self.boot.http_fd >= 0:
+            try:
+                self.client.send(SubscribeRoutes())
+                await self.core.serve_http(self.boot.http, [self.boot.http_fd])
+            except Exception as e:
+                logger.error("replica %s could not serve HTTP:\n%s", init.tag, traceback.format_exc())
+                await self._failed(init.tag, f"could not serve HTTP: {e}")
+                return False
+        return True
+
+    async def _failed(self, tag: str, why: str) -> None:
+        self.client.send(ReplicaFailed(tag, why))
+        await asyncio.sleep(0.05)  # let the message flush
+
+    async def _report_load(self, tag: str, interval: float) -> None:
+        """Report load every ``interval`` (autoscaling deployments), and finished-request
+        counters when they changed, at most once a second."""
+        last: tuple[int, int] = (0, 0)
+        next_counters = 0.0
+        while not self.core.draining:
+            now = self.loop.time()
+            c = self.core.counters
+            counters_due = now >= next_counters and (c.requests, c.errors) != last
+            if interval > 0 or counters_due:
+                self._send(ReplicaStats(tag, self.core.slots.load, c.requests, c.errors, tuple(c.hist)))
+                last = (c.requests, c.errors)
+                next_counters = now + 1.0
+            await asyncio.sleep(interval if interval > 0 else 1.0)
+
+    # -- the control channel
+    def models_changed(self, ids: tuple[str, ...]) -> None:
+        self._send(ReplicaModels(self.core.accounts.tag, ids))
+
+    def _on_reconnect(self) -> None:
+        """A restarted controller: say again what this replica is and does."""
+        if self.ready_tag:
+            self._send(ReplicaReady(self.ready_tag, os.getpid()))
+            if self.core.model_ids:
+                self._send(ReplicaModels(self.ready_tag, self.core.model_ids))
+        if self.core.proxy_app is not None:
+            self._send(SubscribeRoutes())
+
+    def _send(self, msg: Any) -> None:
+        try:
+            self.client.send(msg)
+        except ConnectionError:
+            pass
+
+    def _on_control(self, msg: Any) -> None:
+        if isinstance(msg, ReplicaInit):
+            if not self.init_msg.done():
+                self.init_msg.set_result(msg)
+        elif isinstance(msg, Call):
+            self.loop.create_task(self._control_call(msg))
+        elif isinstance(msg, Stop):
+            self.stop_requested.set()
+        elif isinstance(msg, Routes) and self.core.proxy_app is not None:
+            self.core.proxy_app.set_routes(msg)
+
+    async def _control_call(self, call: Call) -> None:
+        try:
+            reply = Reply(call.id, True, await self.core.control_op(call.op, call.args))
+        except Exception as e:
+            reply = Reply(call.id, False, error=f"{type(e).__name__}: {e}")
+        self._send(reply)
+
+
+def main() -> None:
+    boot: Bootstrap = pickle.loads(sys.stdin.buffer.read())
+    if boot.die_with_parent:
+        die_with_parent(boot.parent_pid)
+    sys.path[:] = boot.sys_path
+    try:
+        os.chdir(boot.cwd)
+    except OSError:
+        pass
+    setup_process_logging(boot.tag, boot.log_level)
+    _tracing.setup_from_env("shoal-replica")
+    # SIGTERM (from the controller or Kubernetes) means: drain, then exit.
+    loop = backend.new_event_loop()
+    asyncio.set_event_loop(loop)
+
+    async def runner() -> int:
+        process = ReplicaProcess(boot)
+        loop.add_signal_handler(signal.SIGTERM, process.stop_requested.set)
+        loop.add_signal_handler(signal.SIGINT, process.stop_requested.set)
+        return await process.run()
+
+    try:
+        code = loop.run_until_complete(runner())
+    except (TimeoutError, ConnectionError, OSError) as e:
+        logger.error("replica %s could not reach the controller: %s", boot.tag, e)
+        code = 3
+    _metrics.process_exit()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
