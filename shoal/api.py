@@ -25,7 +25,7 @@ from shoal.runtime.controller import Controller, Settings
 from shoal.runtime.httpguard import exposure_warning
 from shoal.runtime.local import LocalBackend
 from shoal.runtime.rundir import RunDir
-from shoal.runtime.wire import new_secret
+from shoal.runtime.wire import Role, new_secret
 from shoal.status import ServeStatus
 
 logger = logging.getLogger("shoal")
@@ -104,7 +104,7 @@ def start(
                 nonlocal controller
                 controller = ctl
                 await ctl.start()
-                client = ControllerClient(ctl.path, secret, "client", f"driver-{os.getpid()}", loop.loop)
+                client = ControllerClient(ctl.path, secret, Role.CLIENT, f"driver-{os.getpid()}", loop.loop)
                 await client.connect()
                 return ctl, client
 

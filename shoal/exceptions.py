@@ -5,12 +5,25 @@
     ├── DeploymentUnavailableError    the deployment is gone or cannot start
     ├── RequestCancelledError         the request was cancelled or timed out
     ├── ReplicaDiedError              the replica serving the request died (alias ActorDiedError)
-    └── RayTaskError                  mixin base of re-raised user exceptions
+    ├── RayTaskError                  mixin base of re-raised user exceptions
+    ├── ConfigError (ValueError)      a config file or dict is unreadable or invalid
+    ├── PolicyLoadError (ValueError)  an autoscaling ``policy`` import path cannot be used
+    ├── CompileError (ValueError)     the app cannot be compiled to Kubernetes objects
+    ├── ObjectInvalid (ValueError)    a Kubernetes object does not match its schema
+    ├── SimError (RuntimeError)       the Kubernetes simulation failed or timed out
+    ├── InstanceNotFoundError         no shoal instance directory fits what was asked
+    ├── PodConfigError                a Kubernetes pod cannot serve (config, app or deployment)
+    ├── DeployError (RuntimeError)    an application could not be deployed
+    └── ControllerError (RuntimeError)  the controller refused or failed an admin call
 
 A user exception raised inside a replica reaches the caller as an instance of a class that
 derives from *both* the user's exception class and :class:`RayTaskError`, so
 ``except ValueError`` still catches a remote ``ValueError`` and the message carries the
 remote traceback.
+
+The classes shown with a builtin base (in parentheses) derived from it before they moved
+here, and still do, so ``except ValueError`` / ``except RuntimeError`` keep catching them;
+the modules they came from re-export their names.
 """
 
 from __future__ import annotations
@@ -21,11 +34,20 @@ from typing import Any
 __all__ = [
     "ActorDiedError",
     "BackPressureError",
+    "CompileError",
+    "ConfigError",
+    "ControllerError",
+    "DeployError",
     "DeploymentUnavailableError",
+    "InstanceNotFoundError",
+    "ObjectInvalid",
+    "PodConfigError",
+    "PolicyLoadError",
     "RayServeException",
     "RayTaskError",
     "ReplicaDiedError",
     "RequestCancelledError",
+    "SimError",
 ]
 
 
@@ -127,15 +149,6 @@ def _rebuild_task_error(cause: BaseException, remote_traceback: str) -> BaseExce
     return wrap_remote_exception(cause, remote_traceback)
 
 
-# --------------------------------------------------------------------------------------------
-# Errors of configuration, compilation and the instance directory (brief D). Each is also an
-# instance of the builtin class it derived from before it moved here, so ``except ValueError``
-# keeps catching them; each old module re-exports its name.
-# --------------------------------------------------------------------------------------------
-
-__all__ += ["CompileError", "ConfigError", "InstanceNotFoundError", "ObjectInvalid", "PolicyLoadError", "SimError"]
-
-
 class ConfigError(RayServeException, ValueError):
     """A config file (or config dict) is unreadable or invalid.
 
@@ -185,16 +198,15 @@ class InstanceNotFoundError(RayServeException):
     """No shoal instance directory fits what was asked (none running, several, or none there)."""
 
 
-__all__ += ["PodConfigError"]
-
-
 class PodConfigError(RayServeException):
     """A Kubernetes pod cannot serve: a bad config file, or no such application or deployment."""
-
-
-__all__ += ["DeployError"]
 
 
 class DeployError(RayServeException, RuntimeError):
     """An application could not be deployed; the message says which deployment and why.
     (Also a ``RuntimeError``, which it was before it joined this hierarchy.)"""
+
+
+class ControllerError(RayServeException, RuntimeError):
+    """An admin call that the controller refused or could not carry out (the CLI prints its
+    message). Also a ``RuntimeError``, which it was before it joined this hierarchy."""

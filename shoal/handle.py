@@ -110,7 +110,8 @@ class DeploymentHandle:
         """Send a request; returns at once with a response to await or ``.result()``."""
         backend, router = self._get_router()
         parent = get_request_context()
-        meta = RequestMeta(parent.request_id or _new_request_id(), self._stream, False, self._model_id)
+        meta = RequestMeta(request_id=parent.request_id or _new_request_id(), stream=self._stream,
+                           multiplexed_model_id=self._model_id)
         if _tracing.enabled:  # a client span, child of the span current here (see shoal.observability.tracing)
             router = _tracing.traced(router, self._app, self._deployment)
         loop = backend.loop

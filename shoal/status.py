@@ -39,7 +39,6 @@ class DeploymentStatus(StrEnum):
 class ReplicaState(StrEnum):
     STARTING = "STARTING"
     UPDATING = "UPDATING"
-    RECOVERING = "RECOVERING"
     RUNNING = "RUNNING"
     STOPPING = "STOPPING"
     PENDING_MIGRATION = "PENDING_MIGRATION"

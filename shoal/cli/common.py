@@ -22,6 +22,7 @@ def resolve_address(address: str | None) -> str:
 def _admin(address: str, op: str, timeout: float = 30.0, **args: Any) -> Any:
     from shoal.runtime.backend import new_event_loop
     from shoal.runtime.client import ControllerClient, ControllerError
+    from shoal.runtime.wire import Role
 
     run_dir = RunDir(address)
     path = run_dir.controller_socket
@@ -34,7 +35,7 @@ def _admin(address: str, op: str, timeout: float = 30.0, **args: Any) -> Any:
         raise click.ClickException(f"cannot read the instance secret in {address}: {e.strerror}") from None
 
     async def go() -> Any:
-        client = ControllerClient(path, secret, "client", f"cli-{os.getpid()}", asyncio.get_running_loop())
+        client = ControllerClient(path, secret, Role.CLIENT, f"cli-{os.getpid()}", asyncio.get_running_loop())
         try:
             await client.connect(timeout=5)
             return await client.call(op, timeout, **args)

@@ -1,8 +1,8 @@
 """``shoal logs``: print and follow the log files of a local instance's replicas and proxy.
 
 Files live under ``<instance dir>/logs`` (see :mod:`shoal.observability.logs`): one per replica in
-``<app>/<deployment>/<tag>.log``, and ``proxy.log``; a detached instance's controller writes
-``<instance dir>/controller.log``. Each printed line is prefixed with the replica's tag.
+``<app>/<deployment>/<replica id>.log``, and ``proxy.log``; a detached instance's controller writes
+``<instance dir>/controller.log``. Each printed line is prefixed with the replica's id.
 Following (``-f``) works like ``tail -f`` over every replica of the deployment, picks up
 replicas that start later, and survives rotation.
 """
@@ -220,7 +220,7 @@ def _files_for(instance: str, root: str, target: str) -> Callable[[], list[str]]
 @click.option("-f", "--follow", is_flag=True,
               help="Keep printing new lines as they are written, from every replica (also ones that start later).")
 @click.option("--replica", "replica", default=None, metavar="TAG",
-              help="Only this replica (its tag, or the start of it).")
+              help="Only this replica (its replica id, or the start of it).")
 @click.option("-n", "--tail", "tail", type=click.IntRange(min=0), default=None, metavar="N",
               help="Start with the last N lines of each file (default: all of them).")
 @click.option("--address", default=None, help="Instance directory (default: the running instance, or the last one).")
@@ -228,9 +228,9 @@ def logs(target: str | None, follow: bool, replica: str | None, tail: int | None
     """Print the logs of TARGET: ``APP/DEPLOYMENT`` (or ``DEPLOYMENT`` when its name is unique),
     ``proxy`` or ``controller``. Without TARGET, list the logs there are.
 
-    Every replica writes its own file, ``<instance dir>/logs/<app>/<deployment>/<tag>.log``
-    (its log records, access log and stdout/stderr); lines are printed with the replica's tag
-    in front. Files rotate at 50 MB, keeping 3 old ones (``<tag>.log.1`` ...).
+    Every replica writes its own file, ``<instance dir>/logs/<app>/<deployment>/<replica id>.log``
+    (its log records, access log and stdout/stderr); lines are printed with the replica's id
+    in front. Files rotate at 50 MB, keeping 3 old ones (``<replica id>.log.1`` ...).
     """
     instance = _instance_dir(address)
     root = RunDir(instance).logs_dir
@@ -243,7 +243,7 @@ def logs(target: str | None, follow: bool, replica: str | None, tail: int | None
         return [p for p in all_files() if not replica or _label(p).startswith(replica)]
 
     if replica and not list_files():
-        raise click.ClickException(f"no replica of {target!r} has a tag starting with {replica!r}")
+        raise click.ClickException(f"no replica of {target!r} has a replica id starting with {replica!r}")
     color = sys.stdout.isatty()
     if not follow:
         for path in list_files():

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Iterator, Mapping
+from typing import Any, Protocol
 
 from shoal.observability.metric_defs import (
     APPLICATION_STATUS,
@@ -27,6 +27,52 @@ from shoal.observability.metric_defs import (
 )
 from shoal.observability.multiproc import db_files, process_alive
 from shoal.runtime.rundir import RunDir
+from shoal.status import ApplicationStatus, DeploymentStatus, ReplicaState
+
+
+class _ReplicaView(Protocol):
+    """What the page reads of a replica (``controller.records.ReplicaRecord``)."""
+
+    @property
+    def replica_id(self) -> str: ...
+    @property
+    def app(self) -> str: ...
+    @property
+    def deployment(self) -> str: ...
+    @property
+    def state(self) -> ReplicaState: ...
+    @property
+    def health_failures(self) -> int: ...
+
+
+class _DeploymentView(Protocol):
+    """What the page reads of a deployment (``controller.records.DeploymentRecord``)."""
+
+    @property
+    def target(self) -> int: ...
+    @property
+    def status(self) -> DeploymentStatus: ...
+    @property
+    def autoscaler(self) -> object | None: ...
+
+
+class _AppView(Protocol):
+    """What the page reads of an application (``controller.records.AppRecord``)."""
+
+    @property
+    def status(self) -> ApplicationStatus: ...
+    @property
+    def deployments(self) -> Mapping[str, _DeploymentView]: ...
+
+
+class ControllerView(Protocol):
+    """What :meth:`ControllerMetrics.render` reads of the controller: its apps (by app key)
+    and its replicas (by replica id)."""
+
+    @property
+    def apps(self) -> Mapping[str, _AppView]: ...
+    @property
+    def replicas(self) -> Mapping[str, _ReplicaView]: ...
 
 
 class ControllerMetrics:
@@ -83,7 +129,7 @@ class ControllerMetrics:
             key = (app, deployment, "up" if new > old else "down")
             self.decisions[key] = self.decisions.get(key, 0) + 1
 
-    def render(self, controller: Any) -> bytes:
+    def render(self, controller: ControllerView) -> bytes:
         """The controller's metrics in the Prometheus text format. ``controller`` is the
         :class:`~shoal.runtime.controller.Controller` (read only)."""
         from prometheus_client import CollectorRegistry, generate_latest
@@ -94,7 +140,7 @@ class ControllerMetrics:
 
 
 class _ControllerCollector:
-    def __init__(self, owner: ControllerMetrics, controller: Any) -> None:
+    def __init__(self, owner: ControllerMetrics, controller: ControllerView) -> None:
         self.owner = owner
         self.controller = controller
 
@@ -118,7 +164,7 @@ class _ControllerCollector:
             by_state = counts.setdefault((r.app, r.deployment), {})
             by_state[state] = by_state.get(state, 0) + 1
             ok = state == "RUNNING" and not r.health_failures
-            healthy.add_metric([r.app, r.app, r.deployment, r.tag, ns, r.tag], 1.0 if ok else 0.0)
+            healthy.add_metric([r.app, r.app, r.deployment, r.replica_id, ns, r.replica_id], 1.0 if ok else 0.0)
         for key, app in list(ctl.apps.items()):
             app_status.add_metric([key, key, ns], float(APPLICATION_STATUS_CODES.get(str(app.status.value), 0)))
             for name, dep in list(app.deployments.items()):

@@ -1,6 +1,6 @@
 """How replica and proxy processes log: one line per event, in a file per process.
 
-A local instance gives every replica its own file, ``<run_dir>/logs/<app>/<deployment>/<tag>.log``,
+A local instance gives every replica its own file, ``<run_dir>/logs/<app>/<deployment>/<replica id>.log``,
 and the proxy ``<run_dir>/logs/proxy.log``. The process's standard output and error are
 redirected into that file too (``print()``, warnings, a crash's traceback), while records of
 level WARNING and above still reach the terminal the process was started from. Files rotate
@@ -68,8 +68,8 @@ def safe_name(name: str) -> str:
     return "_" + name if name in ("", ".", "..") else name
 
 
-def replica_log_path(root: str, app: str, deployment: str, tag: str) -> str:
-    return os.path.join(root, safe_name(app), safe_name(deployment), f"{safe_name(tag)}.log")
+def replica_log_path(root: str, app: str, deployment: str, replica_id: str) -> str:
+    return os.path.join(root, safe_name(app), safe_name(deployment), f"{safe_name(replica_id)}.log")
 
 
 def proxy_log_path(root: str) -> str:
@@ -81,7 +81,7 @@ class Identity:
     """Who writes a process's log records."""
 
     component: str  # "replica" | "proxy"
-    replica: str = ""  # the replica's tag, or the proxy's id
+    replica: str = ""  # the replica's id, or the proxy's id
     application: str = ""
     deployment: str = ""
 

@@ -161,6 +161,6 @@ DEPLOYMENT_STATUS_CODES = {"DEPLOY_FAILED": 1, "UNHEALTHY": 2, "UPDATING": 3, "U
                             "HEALTHY": 6}
 APPLICATION_STATUS_CODES = {"DEPLOY_FAILED": 1, "UNHEALTHY": 2, "NOT_STARTED": 3, "DELETING": 4, "DEPLOYING": 5,
                              "RUNNING": 6}
-REPLICA_STATES = ("STARTING", "UPDATING", "RECOVERING", "RUNNING", "STOPPING", "PENDING_MIGRATION")
+REPLICA_STATES = ("STARTING", "UPDATING", "RUNNING", "STOPPING", "PENDING_MIGRATION")
 # Methods outside this set are counted as OTHER: a client must not be able to mint label values.
 HTTP_METHODS = frozenset({"GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"})

@@ -7,7 +7,7 @@ in docs/observability.md is this list).
 
 Labels, one scheme everywhere:
 
-* ``namespace`` and ``pod``: the process that wrote the series (a replica's tag or the proxy's
+* ``namespace`` and ``pod``: the process that wrote the series (a replica's id or the proxy's
   id locally, with ``namespace="local"``; the pod's name and namespace in Kubernetes), so that
   series join Kubernetes' own;
 * ``application`` (Ray's name) and ``app`` (the same value, the label the Kubernetes

@@ -15,6 +15,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from shoal.exceptions import ControllerError
 from shoal.runtime.router import Router
 from shoal.runtime.wire import (
     Call,
@@ -23,15 +24,14 @@ from shoal.runtime.wire import (
     Hello,
     Membership,
     Reply,
+    Role,
     Subscribe,
     connect_unix,
 )
 
+__all__ = ["ControllerClient", "ControllerError"]  # ControllerError: its old path
+
 logger = logging.getLogger("shoal.client")
-
-
-class ControllerError(RuntimeError):
-    """An admin call that the controller refused or could not carry out."""
 
 
 class ControllerClient:
@@ -39,8 +39,8 @@ class ControllerClient:
         self,
         controller_path: str,
         secret: bytes,
-        role: str,
-        ident: str,
+        role: Role,
+        process_id: str,
         loop: asyncio.AbstractEventLoop,
         on_control: Callable[[Any], None] | None = None,
         *,
@@ -50,7 +50,7 @@ class ControllerClient:
         self.path = controller_path
         self.secret = secret
         self.role = role
-        self.ident = ident
+        self.process_id = process_id
         self.loop = loop
         self.on_control = on_control
         self._proto: FramedProtocol | None = None
@@ -74,7 +74,7 @@ class ControllerClient:
 
     async def connect(self, timeout: float = 10.0) -> None:
         self._proto = await connect_unix(self.path, self.secret, self._on_message, self._on_close, timeout=timeout)
-        self._proto.send(Hello(self.role, self.ident, os.getpid(), self.resumed))
+        self._proto.send(Hello(self.role, self.process_id, os.getpid(), self.resumed))
         for app, dep in list(self._routers):
             self._proto.send(Subscribe(app, dep))
         if self._reporter is None:

@@ -22,8 +22,8 @@ from shoal.serving.resources import NEVER_FIT_PREFIX, Ledger, Pending, Placement
 class RankRecord:
     """A rank 1..N-1 process of a gang replica (rank 0 is the replica's own record)."""
 
-    tag: str
-    parent: str  # the replica's tag (rank 0)
+    replica_id: str  # its own: the replica's id + "-rank<N>"
+    parent: str  # the replica's id (rank 0)
     rank: int
     socket_path: str
     proc: Any  # processes.Proc
@@ -31,8 +31,8 @@ class RankRecord:
     ready: bool = False
 
 
-def rank_tag(replica_tag: str, rank: int) -> str:
-    return f"{replica_tag}-rank{rank}"
+def rank_replica_id(replica_id: str, rank: int) -> str:
+    return f"{replica_id}-rank{rank}"
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -42,8 +42,8 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
-def place_gang(ledger: Ledger, replica_tag: str, requests: list[Request]) -> list[Placement] | Pending:
-    """Place every rank (rank 0 under the replica's tag) or none; a rank that does not fit
+def place_gang(ledger: Ledger, replica_id: str, requests: list[Request]) -> list[Placement] | Pending:
+    """Place every rank (rank 0 under the replica's id) or none; a rank that does not fit
     makes the whole gang pending, with the rank named in the reason."""
     n = len(requests)
     total_gpus = sum(r.num_gpus for r in requests)
@@ -52,11 +52,11 @@ def place_gang(ledger: Ledger, replica_tag: str, requests: list[Request]) -> lis
                        f"but the machine has {ledger.machine.num_gpus} GPU(s)")
     placed: list[Placement] = []
     for rank, request in enumerate(requests):
-        tag = replica_tag if rank == 0 else rank_tag(replica_tag, rank)
-        got = ledger.place(tag, request)
+        rank_id = replica_id if rank == 0 else rank_replica_id(replica_id, rank)
+        got = ledger.place(rank_id, request)
         if isinstance(got, Pending):
             for p in placed:
-                ledger.release(p.tag)
+                ledger.release(p.replica_id)
             prefix = NEVER_FIT_PREFIX if got.can_never_fit else ""
             return Pending(f"{prefix}gang of {n} ranks: rank {rank} {got.reason.removeprefix(NEVER_FIT_PREFIX)}")
         placed.append(got)

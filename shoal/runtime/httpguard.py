@@ -29,7 +29,12 @@ import os
 import ssl
 from collections.abc import Callable, Sequence
 from functools import lru_cache
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # at run time the mixin's base is object; head_limited_protocol adds uvicorn's class
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol as _ProtocolBase
+else:
+    _ProtocolBase = object
 
 logger = logging.getLogger("shoal.proxy")
 
@@ -58,76 +63,82 @@ class _HeadTooLarge(Exception):
     pass
 
 
-@lru_cache(maxsize=8)
-def head_limited_protocol(max_header_bytes: int) -> type[Any]:
-    """uvicorn's httptools protocol, answering 431 to a request head over ``max_header_bytes``.
+class _HeadLimit(_ProtocolBase):
+    """The head limit, mixed in before uvicorn's ``HttpToolsProtocol`` by
+    :func:`head_limited_protocol` (which sets ``max_header_bytes``).
 
     The bytes received while a request's head is incomplete are counted (O(1) per read, nothing
     per header). A head still incomplete past the limit is refused at once, so memory per
     connection stays within the limit plus one socket read; a head that completed within a
     read that took the count past the limit is measured exactly (only then).
     """
+
+    max_header_bytes = 0
+    _head_open = True  # the bytes arriving now belong to a request head
+    _head_bytes = 0
+    _too_large = False  # the head that just completed is over the limit
+    _refused = False  # answered 431; the connection is closing
+
+    def data_received(self, data: bytes) -> None:
+        if self._refused:
+            return  # refused: what still comes is read and dropped until the connection closes
+        counting = self._head_open
+        if counting:
+            self._head_bytes += len(data)
+        super().data_received(data)
+        if counting and self._head_open and self._head_bytes > self.max_header_bytes:
+            self._refuse_head()
+
+    def _refuse_head(self) -> None:
+        self._head_open = False
+        self._refused = True
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        logger.warning("request head over %d bytes from %s: answered 431", self.max_header_bytes,
+                       self.client[0] if self.client else "?")
+        cycle = self.cycle
+        # Mid-response to an earlier pipelined request there is no clean way to answer.
+        if cycle is not None and not cycle.response_complete:
+            transport.close()
+            return
+        transport.write(error_bytes(431, "Request Header Fields Too Large", "request header fields too large"))
+        # Closing while the client still sends would reset the connection and lose the answer
+        # on its way: end our side, drop what the client still sends, close a moment later.
+        if transport.can_write_eof():
+            transport.write_eof()
+            self.loop.call_later(LINGER_S, transport.close)
+        else:
+            transport.close()
+
+    def on_headers_complete(self) -> None:
+        if self._head_bytes > self.max_header_bytes:
+            size = len(self.url) + sum(len(k) + len(v) + 4 for k, v in self.headers)
+            if size > self.max_header_bytes:
+                self._too_large = True
+                raise _HeadTooLarge  # stops the parser; uvicorn then calls send_400_response
+        self._head_open = False
+        self._head_bytes = 0
+        super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        self._head_open = True  # what follows is the next request's head
+
+    def send_400_response(self, msg: str) -> None:
+        if self._too_large:
+            self._refuse_head()
+        else:
+            super().send_400_response(msg)
+
+
+@lru_cache(maxsize=8)
+def head_limited_protocol(max_header_bytes: int) -> type[Any]:
+    """uvicorn's httptools protocol, answering 431 to a request head over ``max_header_bytes``
+    (see :class:`_HeadLimit`). uvicorn is imported only here, when a front starts."""
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-    class HeadLimitedProtocol(HttpToolsProtocol):
-        _head_open = True  # the bytes arriving now belong to a request head
-        _head_bytes = 0
-        _too_large = False  # the head that just completed is over the limit
-        _refused = False  # answered 431; the connection is closing
-
-        def data_received(self, data: bytes) -> None:
-            if self._refused:
-                return  # refused: what still comes is read and dropped until the connection closes
-            counting = self._head_open
-            if counting:
-                self._head_bytes += len(data)
-            super().data_received(data)
-            if counting and self._head_open and self._head_bytes > max_header_bytes:
-                self._refuse_head()
-
-        def _refuse_head(self) -> None:
-            self._head_open = False
-            self._refused = True
-            transport = self.transport
-            if transport is None or transport.is_closing():
-                return
-            logger.warning("request head over %d bytes from %s: answered 431", max_header_bytes,
-                           self.client[0] if self.client else "?")
-            cycle = self.cycle
-            # Mid-response to an earlier pipelined request there is no clean way to answer.
-            if cycle is not None and not cycle.response_complete:
-                transport.close()
-                return
-            transport.write(error_bytes(431, "Request Header Fields Too Large", "request header fields too large"))
-            # Closing while the client still sends would reset the connection and lose the answer
-            # on its way: end our side, drop what the client still sends, close a moment later.
-            if transport.can_write_eof():
-                transport.write_eof()
-                self.loop.call_later(LINGER_S, transport.close)
-            else:
-                transport.close()
-
-        def on_headers_complete(self) -> None:
-            if self._head_bytes > max_header_bytes:
-                size = len(self.url) + sum(len(k) + len(v) + 4 for k, v in self.headers)
-                if size > max_header_bytes:
-                    self._too_large = True
-                    raise _HeadTooLarge  # stops the parser; uvicorn then calls send_400_response
-            self._head_open = False
-            self._head_bytes = 0
-            super().on_headers_complete()
-
-        def on_message_complete(self) -> None:
-            super().on_message_complete()
-            self._head_open = True  # what follows is the next request's head
-
-        def send_400_response(self, msg: str) -> None:
-            if self._too_large:
-                self._refuse_head()
-            else:
-                super().send_400_response(msg)
-
-    return HeadLimitedProtocol
+    return type("HeadLimitedProtocol", (_HeadLimit, HttpToolsProtocol), {"max_header_bytes": max_header_bytes})
 
 
 # ---- authentication ------------------------------------------------------------------------

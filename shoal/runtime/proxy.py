@@ -34,7 +34,7 @@ from shoal.runtime.http.options import FrontOptions
 from shoal.runtime.http.routes import canary_share
 from shoal.runtime.httpguard import head_limited_protocol, ssl_config
 from shoal.runtime.lifeline import ORPHAN_TIMEOUT_S, die_with_parent
-from shoal.runtime.wire import ProxyReady, Routes, Stop
+from shoal.runtime.wire import ProxyReady, Role, Routes, Stop
 
 __all__ = [
     "WATCH_AFTER_S",
@@ -58,7 +58,7 @@ logger = logging.getLogger("shoal.proxy")
 class ProxyBootstrap:
     controller_path: str
     secret: bytes
-    ident: str
+    process_id: str
     fd: int
     http: FrontOptions
     parent_pid: int
@@ -131,7 +131,7 @@ def main() -> None:
                         format=f"%(asctime)s %(levelname)s proxy pid={os.getpid()} %(name)s: %(message)s")
     if boot.log_dir:  # its own file from now on; WARNING and above also to the terminal
         try:
-            setup_log_file(Identity("proxy", boot.ident), path=proxy_log_path(boot.log_dir), level=boot.log_level)
+            setup_log_file(Identity("proxy", boot.process_id), path=proxy_log_path(boot.log_dir), level=boot.log_level)
         except OSError as e:
             logger.warning("cannot write %s (%s); logging to stderr", proxy_log_path(boot.log_dir), e)
     _tracing.setup_from_env("shoal-proxy")
@@ -217,13 +217,13 @@ async def _serve(boot: ProxyBootstrap) -> None:
             stop.set()
 
     def on_reconnect() -> None:
-        client.send(ProxyReady(boot.ident, 0))
+        client.send(ProxyReady(boot.process_id, 0))
 
-    client = ControllerClient(boot.controller_path, boot.secret, "proxy", boot.ident, loop, on_control=on_control,
-                              reconnect_s=0.0 if boot.die_with_parent else ORPHAN_TIMEOUT_S,
+    client = ControllerClient(boot.controller_path, boot.secret, Role.PROXY, boot.process_id, loop,
+                              on_control=on_control, reconnect_s=0.0 if boot.die_with_parent else ORPHAN_TIMEOUT_S,
                               on_reconnect=on_reconnect)
     app = ProxyApp(client, boot.http)
-    _metrics.PROCESS.setup(boot.ident, routers=client.routers, page_source=client)
+    _metrics.PROCESS.setup(boot.process_id, routers=client.routers, page_source=client)
     _metrics.PROCESS.start_flusher(loop)
     await client.connect()
     client.resumed = True
@@ -232,7 +232,7 @@ async def _serve(boot: ProxyBootstrap) -> None:
     backend.set_current(client)
     front = HTTPFront(app, boot.fd, boot.http)
     await front.start()
-    client.send(ProxyReady(boot.ident, 0))
+    client.send(ProxyReady(boot.process_id, 0))
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
 

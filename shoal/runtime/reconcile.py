@@ -13,7 +13,7 @@ from shoal.status import ApplicationStatus, DeploymentStatus, ReplicaState
 
 @dataclass(frozen=True)
 class ReplicaView:
-    tag: str
+    replica_id: str
     version: str
     state: ReplicaState
 
@@ -25,7 +25,7 @@ class StartReplica:
 
 @dataclass(frozen=True)
 class StopReplica:
-    tag: str
+    replica_id: str
     reason: str
 
 
@@ -48,12 +48,12 @@ def reconcile(target: int, version: str, replicas: list[ReplicaView], can_start:
         actions.extend(StartReplica(version) for _ in range(target - len(current)))
     elif len(current) > target:
         # Retire replicas that are still starting first: they serve nobody yet.
-        extra = sorted(current, key=lambda r: (r.state != ReplicaState.STARTING, r.tag))
-        actions.extend(StopReplica(r.tag, "scaling down") for r in extra[: len(current) - target])
+        extra = sorted(current, key=lambda r: (r.state != ReplicaState.STARTING, r.replica_id))
+        actions.extend(StopReplica(r.replica_id, "scaling down") for r in extra[: len(current) - target])
 
     old_starting = [r for r in old if r.state == ReplicaState.STARTING]
     old_running = [r for r in old if r.state == ReplicaState.RUNNING]
-    actions.extend(StopReplica(r.tag, "replaced by a new version") for r in old_starting)
+    actions.extend(StopReplica(r.replica_id, "replaced by a new version") for r in old_starting)
     running_new = sum(1 for r in current if r.state == ReplicaState.RUNNING)
     # Keep at least `target` replicas serving while the new version comes up.
     if target == 0:
@@ -62,8 +62,8 @@ def reconcile(target: int, version: str, replicas: list[ReplicaView], can_start:
         removable = 0  # the new version cannot start: keep the old one serving
     else:
         removable = max(0, running_new + len(old_running) - target)
-    retire = sorted(old_running, key=lambda r: r.tag)[:removable]
-    actions.extend(StopReplica(r.tag, "replaced by a new version") for r in retire)
+    retire = sorted(old_running, key=lambda r: r.replica_id)[:removable]
+    actions.extend(StopReplica(r.replica_id, "replaced by a new version") for r in retire)
     return actions
 
 
@@ -112,4 +112,4 @@ def make_room(version: str, replicas: list[ReplicaView]) -> str | None:
     old = [r for r in replicas if r.version != version]
     if not old or any(r.state == ReplicaState.STOPPING for r in old):
         return None
-    return min(old, key=lambda r: (r.state == ReplicaState.RUNNING, r.tag)).tag
+    return min(old, key=lambda r: (r.state == ReplicaState.RUNNING, r.replica_id)).replica_id

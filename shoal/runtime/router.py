@@ -94,7 +94,7 @@ class ReplicaConnection:
         if self._proto is not None and not self._proto.closed:
             return self._proto
         if self.dead:
-            raise _Unreachable(self.address.tag)
+            raise _Unreachable(self.address.replica_id)
         if self._connecting is None:
             self._connecting = asyncio.ensure_future(
                 connect_address(self.address.address, self._secret, self._on_message, self._on_close, timeout=5.0)
@@ -104,7 +104,7 @@ class ReplicaConnection:
         except (TimeoutError, OSError, ConnectionError) as e:
             self._connecting = None
             self._mark_dead()
-            raise _Unreachable(f"{self.address.tag}: {e}") from None
+            raise _Unreachable(f"{self.address.replica_id}: {e}") from None
         self._proto = proto
         return proto
 
@@ -146,7 +146,8 @@ class ReplicaConnection:
 
     def _on_close(self, proto: FramedProtocol, exc: BaseException | None) -> None:
         self._mark_dead()
-        err = ReplicaDiedError(f"replica {self.address.tag} died or closed its connection while handling the request")
+        err = ReplicaDiedError(f"replica {self.address.replica_id} died or closed its connection "
+                               "while handling the request")
         pending, self._pending = self._pending, {}
         for sink in pending.values():
             if isinstance(sink, asyncio.Future):
@@ -159,7 +160,7 @@ class ReplicaConnection:
               sink: asyncio.Future[Any] | _StreamSink) -> int:
         proto = self._proto
         if proto is None or proto.closed:
-            raise _Unreachable(self.address.tag)
+            raise _Unreachable(self.address.replica_id)
         self._next += 1
         rid = self._next
         self._pending[rid] = sink
@@ -173,7 +174,7 @@ class ReplicaConnection:
                 proto.send_user(msg)
         except ConnectionError:
             self._pending.pop(rid, None)
-            raise _Unreachable(self.address.tag) from None
+            raise _Unreachable(self.address.replica_id) from None
         except BaseException:
             self._pending.pop(rid, None)
             raise
@@ -243,17 +244,17 @@ class Router:
         self._max_queued = m.max_queued_requests
         self._gone = m.gone
         self.metrics_interval_s = m.metrics_interval_s
-        new = {r.tag: r for r in m.replicas}
-        for tag, slot in list(self._slots.items()):
-            if tag not in new:
+        new = {r.replica_id: r for r in m.replicas}
+        for replica_id, slot in list(self._slots.items()):
+            if replica_id not in new:
                 slot.removed = True
-                del self._slots[tag]
+                del self._slots[replica_id]
                 if slot.conn.idle:
                     slot.conn.close()
-        for tag, addr in new.items():
-            existing = self._slots.get(tag)
+        for replica_id, addr in new.items():
+            existing = self._slots.get(replica_id)
             if existing is None or existing.conn.dead:
-                self._slots[tag] = self._new_slot(addr)
+                self._slots[replica_id] = self._new_slot(addr)
             else:
                 existing.address = addr
         self._wake(all_waiters=True)
@@ -265,8 +266,8 @@ class Router:
         return slot
 
     def _drop(self, slot: _Slot) -> None:
-        if self._slots.get(slot.address.tag) is slot:
-            del self._slots[slot.address.tag]
+        if self._slots.get(slot.address.replica_id) is slot:
+            del self._slots[slot.address.replica_id]
             slot.removed = True
             if self.on_drop is not None:
                 self.on_drop(slot.address)

@@ -43,7 +43,7 @@ CREATE TABLE IF NOT EXISTS processes (
 
 @dataclass(frozen=True)
 class ProcessRow:
-    ident: str
+    process_id: str  # a replica id, rank id or proxy id; the column is still named "ident"
     role: str
     pid: int
     info: dict[str, Any]
@@ -65,9 +65,9 @@ class Store(Protocol):
 
     def load_apps(self) -> list[tuple[str, AppSpec, float]]: ...
 
-    def save_process(self, ident: str, role: str, pid: int, **info: Any) -> None: ...
+    def save_process(self, process_id: str, role: str, pid: int, **info: Any) -> None: ...
 
-    def delete_process(self, ident: str) -> None: ...
+    def delete_process(self, process_id: str) -> None: ...
 
     def load_processes(self) -> list[ProcessRow]: ...
 
@@ -101,11 +101,11 @@ class MemoryStore:
     def load_apps(self) -> list[tuple[str, AppSpec, float]]:
         return [(key, spec, at) for key, (spec, at) in self.apps.items()]
 
-    def save_process(self, ident: str, role: str, pid: int, **info: Any) -> None:
-        self.processes[ident] = ProcessRow(ident, role, pid, dict(info))
+    def save_process(self, process_id: str, role: str, pid: int, **info: Any) -> None:
+        self.processes[process_id] = ProcessRow(process_id, role, pid, dict(info))
 
-    def delete_process(self, ident: str) -> None:
-        self.processes.pop(ident, None)
+    def delete_process(self, process_id: str) -> None:
+        self.processes.pop(process_id, None)
 
     def load_processes(self) -> list[ProcessRow]:
         return list(self.processes.values())
@@ -164,13 +164,13 @@ class StateStore:
         return out
 
     # -- processes
-    def save_process(self, ident: str, role: str, pid: int, **info: Any) -> None:
+    def save_process(self, process_id: str, role: str, pid: int, **info: Any) -> None:
         self.db.execute("INSERT INTO processes (ident, role, pid, info) VALUES (?, ?, ?, ?) "
                         "ON CONFLICT(ident) DO UPDATE SET pid = excluded.pid, info = excluded.info",
-                        (ident, role, pid, json.dumps(info)))
+                        (process_id, role, pid, json.dumps(info)))
 
-    def delete_process(self, ident: str) -> None:
-        self.db.execute("DELETE FROM processes WHERE ident = ?", (ident,))
+    def delete_process(self, process_id: str) -> None:
+        self.db.execute("DELETE FROM processes WHERE ident = ?", (process_id,))
 
     def load_processes(self) -> list[ProcessRow]:
         return [ProcessRow(str(i), str(r), int(p), json.loads(info))

@@ -31,6 +31,7 @@ import pickle
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any, NamedTuple
 
 import cloudpickle
@@ -62,10 +63,18 @@ class RequestMeta(NamedTuple):
 # ---- control plane -------------------------------------------------------------------------
 
 
+class Role(StrEnum):
+    """What a process connecting to the controller is (the first field of its ``Hello``)."""
+
+    REPLICA = "replica"  # a replica process, a spare or a rank of a gang
+    PROXY = "proxy"
+    CLIENT = "client"  # a driver (``serve.run``) or the CLI
+
+
 @dataclass(frozen=True, slots=True)
 class Hello:
-    role: str  # "replica" | "proxy" | "client"
-    ident: str  # replica tag, proxy id, or a client name
+    role: Role
+    process_id: str  # replica id, proxy id, or a client name
     pid: int = 0
     # A replica or proxy reconnecting to a restarted controller, already serving (adoption).
     resumed: bool = False
@@ -75,7 +84,7 @@ class Hello:
 class ReplicaInit:
     app: str
     deployment: str
-    tag: str
+    replica_id: str
     blob: bytes
     config: Any  # DeploymentConfig
     is_function: bool
@@ -93,13 +102,13 @@ class ReplicaInit:
 
 @dataclass(frozen=True, slots=True)
 class ReplicaReady:
-    tag: str
+    replica_id: str
     pid: int
 
 
 @dataclass(frozen=True, slots=True)
 class ReplicaFailed:
-    tag: str
+    replica_id: str
     error: str
 
 
@@ -107,7 +116,7 @@ class ReplicaFailed:
 class ReplicaModels:
     """A replica's multiplexed models changed (loaded or evicted)."""
 
-    tag: str
+    replica_id: str
     model_ids: tuple[str, ...]
 
 
@@ -119,7 +128,7 @@ class Subscribe:
 
 @dataclass(frozen=True, slots=True)
 class ReplicaAddress:
-    tag: str
+    replica_id: str
     address: str  # Unix socket path, or host:port in a cluster
     max_ongoing: int
     model_ids: tuple[str, ...] = ()  # multiplexed models the replica holds
@@ -169,7 +178,7 @@ class ReplicaStats:
     started, the requests it finished: count, failures and a latency histogram
     (``LATENCY_BUCKETS_MS``), from which per-version metrics are summed."""
 
-    tag: str
+    replica_id: str
     ongoing: int
     requests: int = 0
     errors: int = 0
@@ -183,7 +192,7 @@ LATENCY_BUCKETS_MS = _LATENCY_BUCKETS_MS
 
 @dataclass(frozen=True, slots=True)
 class ProxyReady:
-    ident: str
+    process_id: str
     port: int
 
 

@@ -265,7 +265,7 @@ class Placement:
     machine without GPUs.
     """
 
-    tag: str
+    replica_id: str
     request: Request
     gpus: tuple[int, ...] = ()
     gpu_fraction: float = 0.0
@@ -305,7 +305,7 @@ class _Allocation:
 
 
 class Ledger:
-    """Allocations per replica tag against one machine's totals. See the module docstring."""
+    """Allocations per replica id against one machine's totals. See the module docstring."""
 
     def __init__(self, machine: MachineResources | None = None, *, strict_cpus: bool = False) -> None:
         self.machine = machine if machine is not None else detect()
@@ -322,15 +322,15 @@ class Ledger:
 
     # -- placing -------------------------------------------------------------------------------
 
-    def place(self, tag: str, request: Request, pin: tuple[int, ...] | None = None) -> Placement | Pending:
-        """Reserve ``request`` for replica ``tag``, or say why not. Nothing is held on Pending.
+    def place(self, replica_id: str, request: Request, pin: tuple[int, ...] | None = None) -> Placement | Pending:
+        """Reserve ``request`` for replica ``replica_id``, or say why not. Nothing is held on Pending.
 
         ``pin`` names the GPU indices to use when they have room (a restarted controller
         adopting a replica that already runs on them); otherwise devices are picked as usual.
-        Raises ``ValueError`` if ``tag`` already holds an allocation (release it first).
+        Raises ``ValueError`` if ``replica_id`` already holds an allocation (release it first).
         """
-        if tag in self._allocations:
-            raise ValueError(f"replica {tag!r} is already placed; release it first")
+        if replica_id in self._allocations:
+            raise ValueError(f"replica {replica_id!r} is already placed; release it first")
         cpus = _exact(request.num_cpus)
         gpus = _exact(request.num_gpus)
         memory = _exact(request.memory_bytes)
@@ -376,8 +376,9 @@ class Ledger:
         for name, amount in custom.items():
             self._custom_used[name] += amount
         self._cpus_used += cpus
-        placement = Placement(tag=tag, request=request, gpus=chosen, gpu_fraction=float(share) if chosen else 0.0)
-        self._allocations[tag] = _Allocation(placement, cpus, share if chosen else Fraction(0), memory, custom)
+        placement = Placement(replica_id=replica_id, request=request, gpus=chosen,
+                              gpu_fraction=float(share) if chosen else 0.0)
+        self._allocations[replica_id] = _Allocation(placement, cpus, share if chosen else Fraction(0), memory, custom)
         return placement
 
     def _never_fits(self, cpus: Fraction, gpus: Fraction, memory: Fraction, custom: dict[str, Fraction]) -> list[str]:
@@ -424,9 +425,9 @@ class Ledger:
 
     # -- releasing and reading -------------------------------------------------------------------
 
-    def release(self, tag: str) -> Placement | None:
-        """Give back what ``tag`` holds; the placement it had, or ``None`` if it held nothing."""
-        alloc = self._allocations.pop(tag, None)
+    def release(self, replica_id: str) -> Placement | None:
+        """Give back what ``replica_id`` holds; the placement it had, or ``None`` if it held nothing."""
+        alloc = self._allocations.pop(replica_id, None)
         if alloc is None:
             return None
         for i in alloc.placement.gpus:
@@ -438,7 +439,7 @@ class Ledger:
         return alloc.placement
 
     def allocations(self) -> dict[str, Placement]:
-        return {tag: a.placement for tag, a in self._allocations.items()}
+        return {replica_id: a.placement for replica_id, a in self._allocations.items()}
 
     def cuda_env(self, placement: Placement) -> dict[str, str]:
         """``{"CUDA_VISIBLE_DEVICES": ...}`` for the replica's environment, or ``{}``.
@@ -482,6 +483,6 @@ class Ledger:
         )
         return "\n".join(lines)
 
-    def tags_on_gpu(self, index: int) -> list[str]:
+    def replica_ids_on_gpu(self, index: int) -> list[str]:
         """The replicas holding a share of GPU ``index``."""
-        return [tag for tag, a in self._allocations.items() if index in a.placement.gpus]
+        return [replica_id for replica_id, a in self._allocations.items() if index in a.placement.gpus]

@@ -202,7 +202,7 @@ class RpcClient:
         from shoal.runtime.wire import REQUEST, RequestMeta
 
         self._next += 1
-        self.proto.send_user((REQUEST, self._next, method, args, {}, RequestMeta(f"t-{self._next}", stream)))
+        self.proto.send_user((REQUEST, self._next, method, args, {}, RequestMeta(f"t-{self._next}", stream=stream)))
         return self._next
 
     async def reply(self, rid: int, timeout: float = 20.0) -> tuple[Any, ...]:

@@ -131,7 +131,7 @@ class World:
         self.adopted: list[str] = []
         self.launcher = Launcher(Settings(run_dir=tmp, num_gpus=0), b"s" * 32, self.ledger, self.supervisor,
                                  self.registry, self.store, self.metrics, self.clock, lambda: None,
-                                 lambda _conn, tag: self.adopted.append(tag))
+                                 lambda _conn, replica_id: self.adopted.append(replica_id))
 
     def factory(self, argv: list[str], stdin_data: bytes, pass_fds: tuple[int, ...] = (),
                 env: dict[str, str] | None = None) -> FakeProc:
@@ -154,13 +154,13 @@ def test_start_ready_fail_and_exit(tmp_path: Any) -> None:
     w.launcher.start_replica("shop", dep, serves_http=False)
     (rec,) = w.registry.of("shop", "Echo")
     assert rec.state == ReplicaState.STARTING and rec.started_at == 50.0 and len(w.started) == 1
-    assert w.store.load_processes()[0].ident == rec.tag
-    w.lifecycle.ready(ReplicaReady(rec.tag, rec.proc.pid))
-    rec = w.registry.replicas[rec.tag]  # (its state changed)
+    assert w.store.load_processes()[0].process_id == rec.replica_id
+    w.lifecycle.ready(ReplicaReady(rec.replica_id, rec.proc.pid))
+    rec = w.registry.replicas[rec.replica_id]  # (its state changed)
     assert rec.state == ReplicaState.RUNNING and dep.ready_once and w.published == ["shop/Echo"]
     assert rec.next_health == 50.0 + dep.spec.config.health_check_period_s
     w.lifecycle.stop(rec, "scaling down", w.now)
-    rec = w.registry.replicas[rec.tag]
+    rec = w.registry.replicas[rec.replica_id]
     proc = w.started[0]
     assert rec.state == ReplicaState.STOPPING and proc.signals == [15]  # no connection: SIGTERM
     w.now = rec.stop_deadline + 1
@@ -173,7 +173,7 @@ def test_constructor_failure_counts_against_the_version(tmp_path: Any) -> None:
     dep = w.deploy(spec())
     w.launcher.start_replica("shop", dep, serves_http=False)
     (rec,) = w.registry.of("shop", "Echo")
-    w.lifecycle.failed(ReplicaFailed(rec.tag, "boom\n"))
+    w.lifecycle.failed(ReplicaFailed(rec.replica_id, "boom\n"))
     assert dep.failures == 1 and dep.message == "replica constructor failed: boom" and w.kicks == 1
     assert isinstance(rec.proc, FakeProc)
     rec.proc.code = 1
@@ -189,18 +189,18 @@ def test_a_connected_spare_becomes_the_replica(tmp_path: Any) -> None:
     dep = w.deploy(spec())
     w.launcher.start_replica("shop", dep, serves_http=False)
     (rec,) = w.registry.of("shop", "Echo")
-    assert rec.proc is spare.proc and not w.launcher.spares and w.adopted == [rec.tag]
+    assert rec.proc is spare.proc and not w.launcher.spares and w.adopted == [rec.replica_id]
     assert len(w.started) == 1  # no new process
 
 
 def test_a_spare_that_has_not_connected_is_aliased(tmp_path: Any) -> None:
     w = World(str(tmp_path))
     w.launcher.spawn_spare()
-    (ident,) = w.launcher.spares
+    (process_id,) = w.launcher.spares
     dep = w.deploy(spec())
     w.launcher.start_replica("shop", dep, serves_http=False)
     (rec,) = w.registry.of("shop", "Echo")
-    assert w.launcher.spare_alias == {ident: rec.tag} and w.adopted == []
+    assert w.launcher.spare_alias == {process_id: rec.replica_id} and w.adopted == []
 
 
 class _OpenConn:
@@ -253,10 +253,10 @@ def test_restore_redeploys_apps_and_adopts_live_replicas() -> None:
                   lambda app, d: plan_deployment(app, d, None), lambda row: False, now=7.0)
     assert got.adopted == 1 and set(registry.apps) == {"shop", "shop#canary"}
     (rec,) = registry.of("shop", "Echo")
-    assert rec.tag == "Echo-1" and rec.adopted and rec.adopt_deadline == 17.0
+    assert rec.replica_id == "Echo-1" and rec.adopted and rec.adopt_deadline == 17.0
     assert dict(canaries.items()) == {"shop": 20.0}
     assert adopter.procs[13].killed and adopter.procs[14].killed
-    assert {r.ident for r in store.load_processes()} == {"Echo-1"}
+    assert {r.process_id for r in store.load_processes()} == {"Echo-1"}
 
 
 # ---- membership and routes ------------------------------------------------------------------
@@ -268,7 +268,7 @@ def test_membership_lists_running_replicas_sorted() -> None:
     reps = [ReplicaRecord(t, "shop", "Echo", "v1", f"/{t}.sock", FakeProc(1), state=st)
             for t, st in (("b", ReplicaState.RUNNING), ("a", ReplicaState.RUNNING), ("c", ReplicaState.STARTING))]
     m = build_membership("shop", "Echo", dep, reps, version=9)
-    assert [r.tag for r in m.replicas] == ["a", "b"] and m.version == 9
+    assert [r.replica_id for r in m.replicas] == ["a", "b"] and m.version == 9
     assert m.max_queued_requests == s.deployments["Echo"].config.max_queued_requests
 
 

@@ -27,8 +27,9 @@ from shoal.status import ApplicationStatus, DeploymentStatus, ReplicaState
 from tests.unit.fixtures.fake_processes import FakeProc
 
 
-def replica(tag: str, app: str = "a", dep: str = "D", state: ReplicaState = ReplicaState.RUNNING) -> ReplicaRecord:
-    return ReplicaRecord(tag, app, dep, "v1", f"/tmp/{tag}.sock", FakeProc(1), state=state)
+def replica(replica_id: str, app: str = "a", dep: str = "D",
+            state: ReplicaState = ReplicaState.RUNNING) -> ReplicaRecord:
+    return ReplicaRecord(replica_id, app, dep, "v1", f"/tmp/{replica_id}.sock", FakeProc(1), state=state)
 
 
 # ---- registry ---------------------------------------------------------------------------
@@ -36,11 +37,11 @@ def test_registry_indexes_replicas_by_deployment_and_app() -> None:
     reg = Registry()
     for rec in (replica("D-1"), replica("E-1", dep="E"), replica("D-2"), replica("X-1", app="b", dep="D")):
         reg.add(rec)
-    assert [r.tag for r in reg.of("a", "D")] == ["D-1", "D-2"]
-    assert [r.tag for r in reg.of("b", "D")] == ["X-1"]
+    assert [r.replica_id for r in reg.of("a", "D")] == ["D-1", "D-2"]
+    assert [r.replica_id for r in reg.of("b", "D")] == ["X-1"]
     assert reg.has_replicas("a") and reg.has_replicas("a", "E") and not reg.has_replicas("c")
     assert reg.remove("D-1") is not None and reg.remove("D-1") is None
-    assert [r.tag for r in reg.of("a", "D")] == ["D-2"]
+    assert [r.replica_id for r in reg.of("a", "D")] == ["D-2"]
     reg.remove("E-1")
     assert not reg.has_replicas("a", "E") and reg.of("a", "E") == []
     reg.remove("D-2")
@@ -153,7 +154,7 @@ def test_memory_store_round_trip() -> None:
     assert store.load_apps() == [("a", spec, 12.5)]
     assert store.get_meta("http_port") == "8000" and store.get_meta("nope") is None
     (row,) = store.load_processes()
-    assert (row.ident, row.role, row.pid, row.info) == ("D-1", "replica", 42, {"app": "a", "deployment": "D"})
+    assert (row.process_id, row.role, row.pid, row.info) == ("D-1", "replica", 42, {"app": "a", "deployment": "D"})
     store.delete_process("D-1")
     store.delete_app("a")
     assert store.load_apps() == [] and store.load_processes() == []

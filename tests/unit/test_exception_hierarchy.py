@@ -62,5 +62,16 @@ def test_moved_classes_keep_their_builtin_bases_and_old_paths() -> None:
     for cls in (ConfigError, PolicyLoadError, CompileError, ObjectInvalid):
         assert issubclass(cls, ValueError) and cls.__module__ == "shoal.exceptions"
     assert issubclass(SimError, RuntimeError)
+    from shoal.runtime.client import ControllerError
+
+    assert issubclass(ControllerError, RuntimeError) and ControllerError.__module__ == "shoal.exceptions"
     err = ConfigError("f.yaml", "broken")
     assert str(err) == "f.yaml: broken" and err.problems == [("", "broken")]
+
+
+def test_module_docstring_and_all_list_every_class() -> None:
+    names = {c.__name__ for c in _classes()}
+    doc = exc_module.__doc__ or ""
+    assert all(f" {name} " in doc or f" {name}\n" in doc for name in names), names
+    assert exc_module.__all__ == sorted(exc_module.__all__)
+    assert names <= set(exc_module.__all__)

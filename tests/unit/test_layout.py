@@ -1,4 +1,5 @@
-"""The shape of the package: no import cycles, no oversized modules, a fixed public surface.
+"""The shape of the package: no import cycles, no oversized modules, no long functions on the
+request path or in the controller, a fixed public surface.
 
 Imports are read with ``ast`` (nothing is imported), module-level and function-level alike
 (also those under ``if TYPE_CHECKING:``): a cycle hidden in a function is still a cycle in the
@@ -16,19 +17,10 @@ import shoal.serve
 ROOT = Path(__file__).resolve().parents[2] / "shoal"
 
 MAX_LINES = 650
-# Modules owned by others that are still being split (issue 14); the lead removes these.
-LINE_ALLOWLIST = frozenset({
-    "shoal/runtime/controller.py",
-    "shoal/runtime/proxy.py",
-    "shoal/runtime/replica.py",
-    "shoal/testing.py",
-    "shoal/kubernetes/pod.py",
-})
-# Known cycles being removed (issue 14): the proxy and the replica imported each other (behind
-# function-level imports). A cycle passes only when all its modules are inside one entry here.
-CYCLE_ALLOWLIST: tuple[frozenset[str], ...] = (
-    frozenset({"shoal.runtime.proxy", "shoal.runtime.replica"}),
-)
+# The request path and the controller: no function (or method) there spans more than this.
+MAX_FUNCTION_LINES = 60
+SHORT_FUNCTIONS = ("runtime/http", "runtime/controller", "runtime/replica", "runtime/proxy.py",
+                   "runtime/router.py", "runtime/httpguard.py")
 
 SERVE_ALL = {
     "Application", "AutoscalingConfig", "BackPressureError", "Deployment", "DeploymentHandle", "DeploymentResponse",
@@ -139,8 +131,8 @@ def test_cycle_finder_finds_a_cycle(tmp_path: Path) -> None:
 
 
 def test_no_import_cycles() -> None:
-    unexpected = [sorted(c) for c in cycles(import_graph(ROOT)) if not any(c <= allowed for allowed in CYCLE_ALLOWLIST)]
-    assert unexpected == [], f"import cycles in shoal/: {unexpected}"
+    found = [sorted(c) for c in cycles(import_graph(ROOT))]
+    assert found == [], f"import cycles in shoal/: {found}"
 
 
 def test_no_oversized_modules() -> None:
@@ -148,9 +140,36 @@ def test_no_oversized_modules() -> None:
     for path in sorted(ROOT.rglob("*.py")):
         rel = path.relative_to(ROOT.parent).as_posix()
         lines = len(path.read_text().splitlines())
-        if lines > MAX_LINES and rel not in LINE_ALLOWLIST:
+        if lines > MAX_LINES:
             too_big[rel] = lines
     assert too_big == {}, f"modules over {MAX_LINES} lines (split them by job): {too_big}"
+
+
+def long_functions(path: Path, limit: int) -> dict[str, int]:
+    """``name:line`` -> length in lines (``def`` to last line, decorators not counted) of every
+    function or method in ``path`` longer than ``limit``, nested ones included."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    return {f"{node.name}:{node.lineno}": node.end_lineno - node.lineno + 1
+            for node in ast.walk(tree)
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+            and node.end_lineno is not None and node.end_lineno - node.lineno + 1 > limit}
+
+
+def test_long_function_finder(tmp_path: Path) -> None:
+    body = "\n".join(f"        x{i} = {i}" for i in range(5))
+    (tmp_path / "m.py").write_text(f"def short():\n    pass\n\n\nclass C:\n    async def long(self):\n{body}\n")
+    assert long_functions(tmp_path / "m.py", 5) == {"long:6": 6}
+
+
+def test_no_long_functions_on_the_request_path_or_in_the_controller() -> None:
+    too_long = {}
+    for entry in SHORT_FUNCTIONS:
+        target = ROOT / entry
+        assert target.exists(), f"{entry} moved: update SHORT_FUNCTIONS"
+        for path in sorted(target.rglob("*.py")) if target.is_dir() else [target]:
+            too_long.update({f"{path.relative_to(ROOT.parent).as_posix()}:{k}": v
+                             for k, v in long_functions(path, MAX_FUNCTION_LINES).items()})
+    assert too_long == {}, f"functions over {MAX_FUNCTION_LINES} lines (split them): {too_long}"
 
 
 def test_serve_exports_exactly_the_public_names() -> None:

@@ -121,7 +121,7 @@ def test_nothing_is_flushed_before_the_process_knows_who_it_is() -> None:
 
 @dataclass
 class _Rec:
-    tag: str
+    replica_id: str
     app: str
     deployment: str
     state: ReplicaState

@@ -6,8 +6,8 @@ from shoal.status import ReplicaState
 R, S, X = ReplicaState.RUNNING, ReplicaState.STARTING, ReplicaState.STOPPING
 
 
-def v(tag: str, version: str, state: ReplicaState) -> ReplicaView:
-    return ReplicaView(tag, version, state)
+def v(replica_id: str, version: str, state: ReplicaState) -> ReplicaView:
+    return ReplicaView(replica_id, version, state)
 
 
 def test_starts_missing_replicas() -> None:
@@ -51,4 +51,4 @@ def test_failed_new_version_keeps_old_serving() -> None:
 def test_delete_stops_everything() -> None:
     state = [v("a", "v1", R), v("b", "v2", S), v("c", "v2", R)]
     actions = reconcile(0, "v2", state)
-    assert {a.tag for a in actions if isinstance(a, StopReplica)} == {"a", "b", "c"}
+    assert {a.replica_id for a in actions if isinstance(a, StopReplica)} == {"a", "b", "c"}

@@ -138,7 +138,7 @@ class Setup:
         self.rec = Recorder()
         self.control = FakeControl()
         self.clock = Clock()
-        self.core = ReplicaCore(channel=self.control, routers=None, tag="r1",  # type: ignore[arg-type]
+        self.core = ReplicaCore(channel=self.control, routers=None, replica_id="r1",  # type: ignore[arg-type]
                                 clock=self.clock, sinks=self.rec.sinks())
         self.core.slots.limit = limit
         self.core.slots.max_queued = max_queued

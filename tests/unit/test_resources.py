@@ -72,7 +72,7 @@ def test_four_quarter_replicas_share_gpu0_and_the_fifth_goes_to_gpu1() -> None:
     assert all(p.gpu_fraction == 0.25 for p in first_four)
     fifth = placed(ledger.place("r4", quarter))
     assert fifth.cuda_visible_devices == "1"
-    assert ledger.tags_on_gpu(0) == ["r0", "r1", "r2", "r3"]
+    assert ledger.replica_ids_on_gpu(0) == ["r0", "r1", "r2", "r3"]
 
 
 def test_fractional_best_fit_prefers_the_fullest_gpu_that_fits() -> None:

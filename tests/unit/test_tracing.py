@@ -64,7 +64,7 @@ def test_off_by_default_and_free() -> None:
 async def test_one_trace_from_the_http_front_to_a_downstream_replica(exporter: InMemorySpanExporter) -> None:
     scope = {"type": "http", "method": "GET", "path": "/api/x",
              "headers": [(b"traceparent", f"00-{INCOMING_TRACE}-{INCOMING_SPAN}-01".encode())]}
-    front, meta = tracing.start_http(scope, RequestMeta("rid-1", False, True, "", "/api"), "app", "Up")
+    front, meta = tracing.start_http(scope, RequestMeta("rid-1", http=True, route="/api"), "app", "Up")
     assert meta.trace.startswith(f"00-{INCOMING_TRACE}-")
     down = Downstream()
 

@@ -134,7 +134,7 @@ def replica(deployment: str, app: str | None, config_path: str, host: str, rpc_p
     Environment (set by `shoal k8s build`):
       SHOAL_RPC_SECRET      the internal RPC secret (required; from the app's Secret)
       SHOAL_NAMESPACE       the pod's namespace, used in callee DNS names (default: default)
-      SHOAL_POD_NAME        the pod's name, the replica's tag in logs (default: the hostname)
+      SHOAL_POD_NAME        the pod's name, the replica's id in logs (default: the hostname)
       SHOAL_CLUSTER_DOMAIN  the cluster's DNS domain (default: cluster.local)
       SHOAL_RESOLVER_FILE   test hook: a JSON file {"dns name": [ip, ...]} used instead of DNS
       RANK, WORLD_SIZE      with --rank-from-env: this rank of a gang replica, and the gang's size

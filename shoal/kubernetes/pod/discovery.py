@@ -124,13 +124,13 @@ class _Watcher:
 
     def dropped(self, address: ReplicaAddress) -> None:
         now = self.backend.loop.time()
-        prev = self.backoff.get(address.tag)
+        prev = self.backoff.get(address.replica_id)
         initial, most = self.backend.backoff_s
         delay = initial if prev is None else min(prev[1] * 2, most)
-        self.backoff[address.tag] = (now + delay, delay)
+        self.backoff[address.replica_id] = (now + delay, delay)
         self.pushed = None  # the router's view changed: push again once the back-off ends
         logger.info("pod %s of %s unreachable or gone; retrying it in %.1fs if DNS still lists it",
-                    address.tag, self.router.deployment, delay)
+                    address.replica_id, self.router.deployment, delay)
         self.wake.set()
 
     async def _run(self) -> None:
@@ -158,13 +158,13 @@ class _Watcher:
                 pass
 
     def _push(self, now: float) -> None:
-        tags = tuple(ip for ip in self.listed if self.backoff.get(ip, (0.0, 0.0))[0] <= now)
-        if tags == self.pushed:
+        replica_ids = tuple(ip for ip in self.listed if self.backoff.get(ip, (0.0, 0.0))[0] <= now)
+        if replica_ids == self.pushed:
             return
-        self.pushed = tags
+        self.pushed = replica_ids
         self.version += 1
         port = self.backend.rpc_port
-        replicas = tuple(ReplicaAddress(ip, join_host_port(ip, port), self.config.max_ongoing) for ip in tags)
+        replicas = tuple(ReplicaAddress(ip, join_host_port(ip, port), self.config.max_ongoing) for ip in replica_ids)
         self.router.update(Membership(self.router.app, self.router.deployment, self.version, replicas,
                                       max_queued_requests=self.config.max_queued))
 

@@ -62,7 +62,7 @@ class PodReplica:
         self.resolver = FileResolver(s.resolver_file) if s.resolver_file else DNSResolver()
         self.backend = PodBackend(self.loop, s.secret, s.namespace, s.cluster_domain, self.resolver, callees,
                                   rpc_port=s.rpc_port)
-        self.core = ReplicaCore(channel=NoControl(), routers=self.backend, tag=s.pod_name, quiet_s=DRAIN_QUIET_S)
+        self.core = ReplicaCore(channel=NoControl(), routers=self.backend, replica_id=s.pod_name, quiet_s=DRAIN_QUIET_S)
         self.core.configure(dspec.config, (spec.name, dspec.name))
         self.http_socks: list[socket.socket] = []
         self.registry: Any = None

@@ -8,8 +8,9 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Protocol
 
 from shoal.deployment import AppSpec
+from shoal.observability.controller_metrics import ControllerMetrics
 from shoal.runtime.controller.canary import AppKey
-from shoal.runtime.controller.records import AppRecord
+from shoal.runtime.controller.records import AppRecord, ReplicaRecord
 from shoal.runtime.wire import Call, FramedProtocol, Reply
 from shoal.status import ServeStatus
 
@@ -45,10 +46,13 @@ class AdminTarget(Protocol):
     """What the admin operations act on (the controller)."""
 
     shutdown_requested: asyncio.Event
-    metrics: Any  # ControllerMetrics: render(controller) -> bytes
+    metrics: ControllerMetrics
 
     @property
     def apps(self) -> dict[str, AppRecord]: ...
+
+    @property
+    def replicas(self) -> dict[str, ReplicaRecord]: ...
 
     def status(self) -> ServeStatus: ...
 

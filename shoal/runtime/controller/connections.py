@@ -26,6 +26,7 @@ from shoal.runtime.wire import (
     ReplicaReady,
     ReplicaStats,
     Reply,
+    Role,
     Routes,
     Stop,
     Subscribe,
@@ -104,8 +105,8 @@ class Connections:
         for stats in ctl.handle_stats.values():
             stats.pop(id(proto), None)
         peer = proto.peer
-        if isinstance(peer, Hello) and peer.role == "replica":
-            rec = ctl.replicas.get(peer.ident)
+        if isinstance(peer, Hello) and peer.role == Role.REPLICA:
+            rec = ctl.replicas.get(peer.process_id)
             if rec is not None and rec.conn is proto:
                 # The process may still be exiting; reaping notices the exit code.
                 rec.conn = None
@@ -131,7 +132,7 @@ class Connections:
         proto.send(self.ctl.routes())
 
     def _on_replica_stats(self, proto: FramedProtocol, msg: ReplicaStats) -> None:
-        rec = self.ctl.replicas.get(msg.tag)
+        rec = self.ctl.replicas.get(msg.replica_id)
         if rec is not None:
             rec.ongoing, rec.stats_at = msg.ongoing, self.ctl.clock.monotonic()
             if msg.latency_hist:
@@ -146,7 +147,7 @@ class Connections:
             self.ctl.kick()  # maybe a scale from zero
 
     def _on_models(self, proto: FramedProtocol, msg: ReplicaModels) -> None:
-        rec = self.ctl.replicas.get(msg.tag)
+        rec = self.ctl.replicas.get(msg.replica_id)
         dep = self.ctl.registry.deployment(rec.app, rec.deployment) if rec is not None else None
         if rec is not None and dep is not None:
             rec.model_ids = msg.model_ids
@@ -154,33 +155,33 @@ class Connections:
 
     def _on_proxy_ready(self, proto: FramedProtocol, msg: ProxyReady) -> None:
         proxy = self.ctl.proxy
-        if proxy is not None and proxy.ident == msg.ident:
+        if proxy is not None and proxy.process_id == msg.process_id:
             proxy.ready = True
 
     # -- hello
-    def on_hello_as(self, proto: FramedProtocol, tag: str) -> None:
-        """A spare that was already connected became replica ``tag``."""
-        self.on_hello(proto, Hello("replica", tag))
+    def on_hello_as(self, proto: FramedProtocol, replica_id: str) -> None:
+        """A spare that was already connected became replica ``replica_id``."""
+        self.on_hello(proto, Hello(Role.REPLICA, replica_id))
 
     def on_hello(self, proto: FramedProtocol, hello: Hello) -> None:
         launcher = self.ctl.launcher
-        if hello.role == "replica" and hello.ident in launcher.spare_alias:
-            hello = Hello("replica", launcher.spare_alias.pop(hello.ident))
+        if hello.role == Role.REPLICA and hello.process_id in launcher.spare_alias:
+            hello = Hello(Role.REPLICA, launcher.spare_alias.pop(hello.process_id))
         proto.peer = hello
-        if hello.role == "replica":
+        if hello.role == Role.REPLICA:
             self._replica_hello(proto, hello)
-        elif hello.role == "proxy":
+        elif hello.role == Role.PROXY:
             self._proxy_hello(proto, hello)
 
     def _replica_hello(self, proto: FramedProtocol, hello: Hello) -> None:
         ctl = self.ctl
-        if hello.ident in ctl.spares:
-            ctl.spares[hello.ident].conn = proto  # booted; waits for a deployment
+        if hello.process_id in ctl.spares:
+            ctl.spares[hello.process_id].conn = proto  # booted; waits for a deployment
             return
-        if hello.ident in ctl.ranks:
-            self._init_rank(proto, ctl.ranks[hello.ident])
+        if hello.process_id in ctl.ranks:
+            self._init_rank(proto, ctl.ranks[hello.process_id])
             return
-        rec = ctl.replicas.get(hello.ident)
+        rec = ctl.replicas.get(hello.process_id)
         dep = ctl.registry.deployment(rec.app, rec.deployment) if rec is not None else None
         if rec is None or dep is None or rec.state == ReplicaState.STOPPING:
             proto.send(Stop("not wanted"))
@@ -190,14 +191,14 @@ class Connections:
             return  # an adopted replica, already serving: its ReplicaReady follows
         spec = dep.spec
         sys_path, cwd = self._app_paths(rec.app)
-        proto.send(ReplicaInit(rec.app, rec.deployment, rec.tag, spec.serialized(), spec.config,
+        proto.send(ReplicaInit(rec.app, rec.deployment, rec.replica_id, spec.serialized(), spec.config,
                                spec.is_function, rec.socket_path, rec.serves_http, sys_path, cwd,
                                rank=0, world_size=spec.config.world_size,
                                peers=tuple(m.socket_path for m in rec.ranks)))
 
     def _proxy_hello(self, proto: FramedProtocol, hello: Hello) -> None:
         ctl = self.ctl
-        if ctl.proxy is not None and ctl.proxy.ident == hello.ident:
+        if ctl.proxy is not None and ctl.proxy.process_id == hello.process_id:
             ctl.proxy.conn = proto
         elif hello.resumed:
             proto.send(Stop("not wanted"))
@@ -219,6 +220,6 @@ class Connections:
         member.conn = proto
         spec = dep.spec
         sys_path, cwd = self._app_paths(parent.app)
-        proto.send(ReplicaInit(parent.app, parent.deployment, member.tag, spec.serialized(), spec.config,
+        proto.send(ReplicaInit(parent.app, parent.deployment, member.replica_id, spec.serialized(), spec.config,
                                spec.is_function, member.socket_path, False, sys_path, cwd,
                                rank=member.rank, world_size=spec.config.world_size))

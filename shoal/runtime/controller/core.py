@@ -369,21 +369,21 @@ class Controller:
     def _reconcile_deployment(self, app: str, dep: DeploymentRecord, now: float) -> bool:
         name = dep.spec.name
         mine = self.registry.of(app, name)
-        views = [ReplicaView(r.tag, r.version, r.state) for r in mine]
+        views = [ReplicaView(r.replica_id, r.version, r.state) for r in mine]
         can_start = dep.ready_once or dep.failures < MAX_START_FAILURES
         actions = reconcile(dep.target, dep.version, views, can_start=can_start and not self.stopping)
-        by_tag = {r.tag: r for r in mine}
+        by_replica_id = {r.replica_id: r for r in mine}
         if dep.resource_blocked:
             dep.resource_blocked = False
             victim = make_room(dep.version, views)
             if victim is not None:
-                self.lifecycle.stop(by_tag[victim], "making room for the new version", now)
+                self.lifecycle.stop(by_replica_id[victim], "making room for the new version", now)
                 self.publish_membership(app, name, dep)
         for action in actions:
             if isinstance(action, StartReplica):
                 self.launcher.start_replica(app, dep, self._serves_http(app, dep))
             elif isinstance(action, StopReplica):
-                self.lifecycle.stop(by_tag[action.tag], action.reason, now)
+                self.lifecycle.stop(by_replica_id[action.replica_id], action.reason, now)
         if actions:
             self.publish_membership(app, name, dep)
         return bool(actions)
@@ -474,9 +474,9 @@ class Controller:
         except Exception as e:
             verdict = health.record(rec, False, self.clock.monotonic(), cfg.health_check_period_s)
             logger.warning("health check %d/%d of replica %s failed: %s", verdict.failures,
-                           MAX_HEALTH_FAILURES, rec.tag, e)
+                           MAX_HEALTH_FAILURES, rec.replica_id, e)
             if verdict.replace:
-                dep.message = f"replica {rec.tag} failed {MAX_HEALTH_FAILURES} health checks ({e}); replacing it"
+                dep.message = f"replica {rec.replica_id} failed {MAX_HEALTH_FAILURES} health checks ({e}); replacing it"
                 # Out of the membership at once, then a graceful stop: requests it is serving
                 # may still finish (it is killed if it does not stop in time).
                 self.lifecycle.stop(rec, "unhealthy", self.clock.monotonic())
@@ -487,7 +487,7 @@ class Controller:
 
     async def replica_call(self, rec: ReplicaRecord, op: str, timeout: float, **args: Any) -> Any:
         if rec.conn is None or rec.conn.closed:
-            raise ConnectionError(f"replica {rec.tag} is not connected")
+            raise ConnectionError(f"replica {rec.replica_id} is not connected")
         cid = next(self._call_ids)
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._calls[cid] = fut
@@ -509,8 +509,8 @@ class Controller:
         if not self.stopping:
             self.front.watch()
 
-    def _adopt_spare_conn(self, conn: FramedProtocol, tag: str) -> None:
-        self.connections.on_hello_as(conn, tag)
+    def _adopt_spare_conn(self, conn: FramedProtocol, replica_id: str) -> None:
+        self.connections.on_hello_as(conn, replica_id)
 
     def kick(self) -> None:
         self._kick.set()

@@ -61,7 +61,7 @@ def autoscale(app: str, dep: DeploymentRecord, replicas: list[ReplicaRecord],
             if r.version == dep.version and r.state in (ReplicaState.STARTING, ReplicaState.RUNNING)]
     ongoing = sum(r.ongoing for r in mine if r.state == ReplicaState.RUNNING and now - r.stats_at <= fresh)
     scaler.record(now, queued + ongoing, queued)
-    running = [r.tag for r in mine if r.state == ReplicaState.RUNNING]
+    running = [r.replica_id for r in mine if r.state == ReplicaState.RUNNING]
     new = scaler.decide(now, len(mine), running)
     metrics.autoscale_tick(app, name, queued + ongoing, dep.target, new)
     if new != dep.target:

@@ -64,17 +64,17 @@ class Front:
         from shoal.runtime.proxy import ProxyBootstrap
 
         run_dir = RunDir(self.settings.run_dir)
-        ident = f"proxy-{uuid.uuid4().hex[:6]}"
-        boot = ProxyBootstrap(run_dir.controller_socket, self.secret, ident, self.listen_sock.fileno(),
+        process_id = f"proxy-{uuid.uuid4().hex[:6]}"
+        boot = ProxyBootstrap(run_dir.controller_socket, self.secret, process_id, self.listen_sock.fileno(),
                               FrontOptions.of(self.settings.http),
                               os.getpid(), self.settings.die_with_parent, self.settings.log_level, list(sys.path),
                               fd_path=self.fd_path, log_dir=run_dir.logs_dir)
         proc = self.supervisor.spawn("shoal.runtime.proxy", boot, pass_fds=(self.listen_sock.fileno(),))
         restarts = self.proxy.restarts + 1 if self.proxy else 0
         if self.proxy is not None:
-            self.store.delete_process(self.proxy.ident)
-        self.proxy = ProxyRecord(ident, proc, restarts=restarts)
-        self.store.save_process(ident, "proxy", proc.pid)
+            self.store.delete_process(self.proxy.process_id)
+        self.proxy = ProxyRecord(process_id, proc, restarts=restarts)
+        self.store.save_process(process_id, "proxy", proc.pid)
 
     def adopt(self, row: ProcessRow) -> bool:
         """Take over a running proxy and its listening socket (it hands the socket over on request)."""
@@ -88,7 +88,7 @@ class Front:
         sock.set_inheritable(True)
         self.listen_sock = sock
         self.http_port = sock.getsockname()[1]
-        self.proxy = ProxyRecord(row.ident, self.supervisor.adopt(row.pid), ready=True)
+        self.proxy = ProxyRecord(row.process_id, self.supervisor.adopt(row.pid), ready=True)
         logger.info("adopted the HTTP proxy (pid %d) on port %d", row.pid, self.http_port)
         return True
 

@@ -51,7 +51,7 @@ class Lifecycle:
         changed = False
         for member in list(self.registry.ranks.values()):
             code = member.proc.poll()
-            if code is not None and member.tag in self.registry.ranks:
+            if code is not None and member.replica_id in self.registry.ranks:
                 self.rank_gone(member, f"exited with code {code}")
                 changed = True
         for rec in list(self.registry.replicas.values()):
@@ -65,33 +65,33 @@ class Lifecycle:
         code = rec.proc.poll()
         if code is None and rec.adopt_deadline and now > rec.adopt_deadline:
             logger.warning("replica %s (pid %d) did not reconnect after the controller restarted; replacing it",
-                           rec.tag, rec.proc.pid)
+                           rec.replica_id, rec.proc.pid)
             rec.adopt_deadline = 0.0
             self.supervisor.kill(rec.proc)
             code = rec.proc.returncode
         if code is None and rec.state == ReplicaState.STOPPING and now > rec.stop_deadline:
-            logger.warning("replica %s did not stop in time; killing it", rec.tag)
+            logger.warning("replica %s did not stop in time; killing it", rec.replica_id)
             self.supervisor.kill(rec.proc)
             code = rec.proc.returncode
         return code
 
     def _forget_ranks(self, rec: ReplicaRecord) -> None:
         for member in rec.ranks:
-            self.ledger.release(member.tag)
+            self.ledger.release(member.replica_id)
             self.supervisor.kill(member.proc)
             self.metrics.process_exited(member.proc.pid)
-            self.store.delete_process(member.tag)
+            self.store.delete_process(member.replica_id)
             _unlink(member.socket_path)
 
     def gone(self, rec: ReplicaRecord, why: str) -> None:
         """The replica is no more: release what it held, account its requests, note why."""
-        if self.registry.remove(rec.tag) is None:
+        if self.registry.remove(rec.replica_id) is None:
             return
-        self.ledger.release(rec.tag)
+        self.ledger.release(rec.replica_id)
         self.metrics.process_exited(rec.proc.pid)
         rec.adopt_deadline = 0.0
         self._forget_ranks(rec)
-        self.store.delete_process(rec.tag)
+        self.store.delete_process(rec.replica_id)
         dep = self.registry.deployment(rec.app, rec.deployment)
         if dep is not None and dep.version == rec.version and rec.requests:
             dep.finished.add(rec.requests, rec.errors, rec.latency_hist)  # per version: only the current one
@@ -99,13 +99,13 @@ class Lifecycle:
             self.supervisor.kill(rec.proc)
         _unlink(rec.socket_path)
         if rec.state != ReplicaState.STOPPING:
-            logger.warning("replica %s of %s/%s %s unexpectedly", rec.tag, rec.app, rec.deployment, why)
+            logger.warning("replica %s of %s/%s %s unexpectedly", rec.replica_id, rec.app, rec.deployment, why)
             if dep is not None and rec.state == ReplicaState.STARTING and not rec.failed_reported and not rec.adopted:
                 if rec.version == dep.version:
                     dep.failures += 1
-                    dep.message = f"replica {rec.tag} {why} before it was ready"
+                    dep.message = f"replica {rec.replica_id} {why} before it was ready"
             elif dep is not None:
-                dep.message = f"replica {rec.tag} {why}; starting a replacement"
+                dep.message = f"replica {rec.replica_id} {why}; starting a replacement"
         if dep is not None:
             self.publish(rec.app, rec.deployment, dep)
 
@@ -116,7 +116,7 @@ class Lifecycle:
             return
         dep = self.registry.deployment(parent.app, parent.deployment)
         if dep is not None and parent.state != ReplicaState.STOPPING:
-            dep.message = f"rank {member.rank} of replica {parent.tag} {why}; replacing the whole gang"
+            dep.message = f"rank {member.rank} of replica {parent.replica_id} {why}; replacing the whole gang"
             if parent.state == ReplicaState.STARTING and parent.version == dep.version:
                 parent.failed_reported = True
                 dep.failures += 1
@@ -134,20 +134,20 @@ class Lifecycle:
         grace = dep.spec.config.graceful_shutdown_timeout_s if dep else 20.0
         rec.state = ReplicaState.STOPPING
         rec.stop_deadline = now + grace + 5.0
-        logger.debug("stopping replica %s: %s", rec.tag, reason)
+        logger.debug("stopping replica %s: %s", rec.replica_id, reason)
         self.supervisor.stop(rec.proc, rec.conn)
 
     # -- reports from the replicas
     def ready(self, msg: ReplicaReady) -> None:
         """A replica (or one rank of a gang) finished its constructor."""
-        member = self.registry.ranks.get(msg.tag)
+        member = self.registry.ranks.get(msg.replica_id)
         if member is not None:
             member.ready = True
             parent = self.registry.replicas.get(member.parent)
             if parent is not None and parent.rank0_ready:
-                self.ready(ReplicaReady(parent.tag, parent.proc.pid))
+                self.ready(ReplicaReady(parent.replica_id, parent.proc.pid))
             return
-        rec = self.registry.replicas.get(msg.tag)
+        rec = self.registry.replicas.get(msg.replica_id)
         if rec is None or rec.state == ReplicaState.STOPPING:
             return
         rec.rank0_ready = True
@@ -166,7 +166,7 @@ class Lifecycle:
 
     def failed(self, msg: ReplicaFailed) -> None:
         """A replica's (or a rank's) constructor raised."""
-        member = self.registry.ranks.get(msg.tag)
+        member = self.registry.ranks.get(msg.replica_id)
         if member is not None:
             parent = self.registry.replicas.get(member.parent)
             dep = self.registry.deployment(parent.app, parent.deployment) if parent is not None else None
@@ -177,7 +177,7 @@ class Lifecycle:
             logger.error("rank %d of replica %s failed to start", member.rank, member.parent)
             self.kick()
             return
-        rec = self.registry.replicas.get(msg.tag)
+        rec = self.registry.replicas.get(msg.replica_id)
         if rec is None:
             return
         rec.failed_reported = True
@@ -185,5 +185,5 @@ class Lifecycle:
         if dep is not None and rec.version == dep.version:
             dep.failures += 1
             dep.message = f"replica constructor failed: {msg.error.strip()}"
-        logger.error("replica %s of %s/%s failed to start", rec.tag, rec.app, rec.deployment)
+        logger.error("replica %s of %s/%s failed to start", rec.replica_id, rec.app, rec.deployment)
         self.kick()

@@ -14,12 +14,12 @@ from shoal.status import ReplicaState
 
 def build_membership(app: str, name: str, dep: DeploymentRecord, replicas: Iterable[ReplicaRecord],
                      version: int) -> Membership:
-    """The deployment's RUNNING replicas (sorted by tag) and its queueing limits."""
+    """The deployment's RUNNING replicas (sorted by replica id) and its queueing limits."""
     cfg = dep.spec.config
     running = tuple(sorted(
-        (ReplicaAddress(r.tag, r.socket_path, cfg.max_ongoing_requests, r.model_ids)
+        (ReplicaAddress(r.replica_id, r.socket_path, cfg.max_ongoing_requests, r.model_ids)
          for r in replicas if r.state == ReplicaState.RUNNING),
-        key=lambda a: a.tag,
+        key=lambda a: a.replica_id,
     ))
     auto = cfg.resolved_autoscaling()
     return Membership(app, name, version, running, cfg.max_queued_requests,

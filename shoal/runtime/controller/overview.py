@@ -22,7 +22,7 @@ def serve_status(registry: Registry, canaries: CanaryTable, proxy: ProxyRecord |
                       resources=resources)
     if proxy is not None:
         alive = proxy.proc.poll() is None
-        out.proxies[proxy.ident] = (ProxyStatus.HEALTHY if proxy.ready and alive
+        out.proxies[proxy.process_id] = (ProxyStatus.HEALTHY if proxy.ready and alive
                                     else ProxyStatus.STARTING if alive else ProxyStatus.UNHEALTHY)
     for name, app in registry.apps.items():
         if AppKey.parse(name).is_canary:

@@ -21,7 +21,7 @@ from shoal.runtime.controller.records import (
 )
 from shoal.runtime.controller.registry import Registry
 from shoal.runtime.controller.supervisor import Supervisor
-from shoal.runtime.gang import RankRecord, free_port, place_gang, rank_env, rank_tag
+from shoal.runtime.gang import RankRecord, free_port, place_gang, rank_env, rank_replica_id
 from shoal.runtime.processes import Proc
 from shoal.runtime.replica import Bootstrap
 from shoal.runtime.rundir import RunDir
@@ -68,20 +68,20 @@ class Launcher:
         self.listen_sock = listen_sock
         self.adopt_conn = adopt_conn
         self.spares: dict[str, SpareRecord] = {}
-        # A spare handed a deployment before it connected: spare ident -> replica tag.
+        # A spare handed a deployment before it connected: spare's process id -> replica id.
         self.spare_alias: dict[str, str] = {}
         # Spares have no GPU: on a GPU machine they start with CUDA_VISIBLE_DEVICES="".
         self.spare_env = {"CUDA_VISIBLE_DEVICES": ""} if ledger.machine.num_gpus else {}
         self.stopping = False
 
-    def bootstrap(self, tag: str, http: bool) -> tuple[Bootstrap, tuple[int, ...]]:
+    def bootstrap(self, process_id: str, http: bool) -> tuple[Bootstrap, tuple[int, ...]]:
         """A replica process's bootstrap, and the fds it inherits (the HTTP socket if it serves HTTP)."""
         from shoal.runtime.http.options import FrontOptions
 
         sock = self.listen_sock()
         fds = (sock.fileno(),) if http and sock is not None else ()
-        boot = Bootstrap(self.run_dir.controller_socket, self.secret, tag, list(sys.path), os.getcwd(), os.getpid(),
-                         self.settings.die_with_parent, self.settings.log_level,
+        boot = Bootstrap(self.run_dir.controller_socket, self.secret, process_id, list(sys.path), os.getcwd(),
+                         os.getpid(), self.settings.die_with_parent, self.settings.log_level,
                          http_fd=fds[0] if fds else -1, http=FrontOptions.of(self.settings.http) if fds else None,
                          log_dir=self.run_dir.logs_dir)
         return boot, fds
@@ -90,15 +90,15 @@ class Launcher:
     def spawn_spare(self) -> None:
         if self.stopping:
             return
-        ident = f"spare-{uuid.uuid4().hex[:8]}"
+        process_id = f"spare-{uuid.uuid4().hex[:8]}"
         # Spares inherit the HTTP socket, so that any of them can become an ingress replica.
-        boot, fds = self.bootstrap(ident, self.settings.http.ingress_serves_http)
+        boot, fds = self.bootstrap(process_id, self.settings.http.ingress_serves_http)
         try:
             proc = self.supervisor.spawn(REPLICA_MODULE, boot, pass_fds=fds, env=self.spare_env)
         except OSError as e:
             logger.warning("could not start a spare replica process: %s", e)
             return
-        self.spares[ident] = SpareRecord(ident, proc)
+        self.spares[process_id] = SpareRecord(process_id, proc)
 
     def refill_spares(self) -> None:
         # Only when nothing is starting: a spare booting now would compete for the CPU with
@@ -112,66 +112,66 @@ class Launcher:
                 return
 
     def reap_spares(self) -> None:
-        for ident, spare in list(self.spares.items()):
+        for process_id, spare in list(self.spares.items()):
             if spare.proc.poll() is not None:
                 if not self.stopping:
-                    logger.warning("spare replica process %s exited with code %s", ident, spare.proc.returncode)
-                del self.spares[ident]
+                    logger.warning("spare replica process %s exited with code %s", process_id, spare.proc.returncode)
+                del self.spares[process_id]
 
-    def _take_spare(self, tag: str) -> tuple[Proc, FramedProtocol | None] | None:
+    def _take_spare(self, replica_id: str) -> tuple[Proc, FramedProtocol | None] | None:
         spare = next((s for s in self.spares.values() if s.proc.poll() is None), None)
         if spare is None:
             return None
-        del self.spares[spare.ident]
+        del self.spares[spare.process_id]
         conn = spare.conn if spare.conn is not None and not spare.conn.closed else None
         if conn is None:
-            self.spare_alias[spare.ident] = tag  # it will say hello under its spare name
+            self.spare_alias[spare.process_id] = replica_id  # it will say hello under its spare name
         return spare.proc, conn
 
     # -- replicas
     def start_replica(self, app: str, dep: DeploymentRecord, serves_http: bool) -> None:
         """Place and start one replica of ``dep`` (or a gang); a failure is noted on ``dep``."""
         uid = uuid.uuid4().hex[:8]
-        tag = f"{dep.spec.name}-{uid}"
+        replica_id = f"{dep.spec.name}-{uid}"
         socket_path = self.run_dir.replica_socket(uid)
         if dep.spec.config.world_size > 1:
-            self.start_gang(app, dep, tag, uid, serves_http)
+            self.start_gang(app, dep, replica_id, uid, serves_http)
             return
-        placement = self.ledger.place(tag, Request.of(dep.spec.config.ray_actor_options))
+        placement = self.ledger.place(replica_id, Request.of(dep.spec.config.ray_actor_options))
         if isinstance(placement, Pending):
             mark_pending(dep, placement)
             return
-        taken = None if placement.gpus else self._take_spare(tag)
+        taken = None if placement.gpus else self._take_spare(replica_id)
         conn: FramedProtocol | None = None
         if taken is not None:
             proc, conn = taken
         else:
-            boot, fds = self.bootstrap(tag, serves_http)
+            boot, fds = self.bootstrap(replica_id, serves_http)
             try:
                 proc = self.supervisor.spawn(REPLICA_MODULE, boot, pass_fds=fds,
                                              env=self.ledger.cuda_env(placement))
             except OSError as e:
-                self.ledger.release(tag)
+                self.ledger.release(replica_id)
                 dep.failures += 1
                 dep.message = f"could not start a replica process: {e}"
                 return
-        rec = ReplicaRecord(tag, app, dep.spec.name, dep.version, socket_path, proc,
+        rec = ReplicaRecord(replica_id, app, dep.spec.name, dep.version, socket_path, proc,
                             started_at=self.clock.monotonic(), serves_http=serves_http, gpus=placement.gpus)
         self.registry.add(rec)
         self.metrics.replica_started(app, dep.spec.name)
-        self.store.save_process(tag, "replica", proc.pid, app=app, deployment=dep.spec.name, version=dep.version,
+        self.store.save_process(replica_id, "replica", proc.pid, app=app, deployment=dep.spec.name, version=dep.version,
                                 socket_path=socket_path, serves_http=serves_http, gpus=list(placement.gpus))
         if conn is not None:
-            self.adopt_conn(conn, tag)
+            self.adopt_conn(conn, replica_id)
 
-    def _spawn_ranks(self, tag: str, placements: list[Placement], port: int, serves_http: bool) -> list[Proc]:
+    def _spawn_ranks(self, replica_id: str, placements: list[Placement], port: int, serves_http: bool) -> list[Proc]:
         n = len(placements)
         procs: list[Proc] = []
         try:
             for rank, placement in enumerate(placements):
                 env = {**self.ledger.cuda_env(placement), **rank_env(rank, n, port)}
-                ident = tag if rank == 0 else rank_tag(tag, rank)
-                boot, fds = self.bootstrap(ident, serves_http and rank == 0)
+                process_id = replica_id if rank == 0 else rank_replica_id(replica_id, rank)
+                boot, fds = self.bootstrap(process_id, serves_http and rank == 0)
                 procs.append(self.supervisor.spawn(REPLICA_MODULE, boot, pass_fds=fds, env=env))
         except OSError:
             for p in procs:
@@ -179,31 +179,31 @@ class Launcher:
             raise
         return procs
 
-    def start_gang(self, app: str, dep: DeploymentRecord, tag: str, uid: str, serves_http: bool) -> None:
+    def start_gang(self, app: str, dep: DeploymentRecord, replica_id: str, uid: str, serves_http: bool) -> None:
         """Start every rank of one gang replica (all placed, or none and the gang pending)."""
         cfg = dep.spec.config
         n = cfg.world_size
-        placements = place_gang(self.ledger, tag, [Request.of(cfg.rank_resources(i)) for i in range(n)])
+        placements = place_gang(self.ledger, replica_id, [Request.of(cfg.rank_resources(i)) for i in range(n)])
         if isinstance(placements, Pending):
             mark_pending(dep, placements)
             return
         try:
-            procs = self._spawn_ranks(tag, placements, free_port(), serves_http)
+            procs = self._spawn_ranks(replica_id, placements, free_port(), serves_http)
         except OSError as e:
             for placement in placements:
-                self.ledger.release(placement.tag)
+                self.ledger.release(placement.replica_id)
             dep.failures += 1
             dep.message = f"could not start the gang's rank processes: {e}"
             return
         socket_path = self.run_dir.replica_socket(uid)
-        rec = ReplicaRecord(tag, app, dep.spec.name, dep.version, socket_path, procs[0],
+        rec = ReplicaRecord(replica_id, app, dep.spec.name, dep.version, socket_path, procs[0],
                             started_at=self.clock.monotonic(), serves_http=serves_http, gpus=placements[0].gpus)
         for rank in range(1, n):
-            rec.ranks.append(RankRecord(rank_tag(tag, rank), tag, rank, self.run_dir.replica_socket(uid, rank),
-                                        procs[rank]))
+            rec.ranks.append(RankRecord(rank_replica_id(replica_id, rank), replica_id, rank,
+                                        self.run_dir.replica_socket(uid, rank), procs[rank]))
         self.registry.add(rec)
-        self.store.save_process(tag, "replica", procs[0].pid, app=app, deployment=dep.spec.name,
+        self.store.save_process(replica_id, "replica", procs[0].pid, app=app, deployment=dep.spec.name,
                                 version=dep.version, socket_path=socket_path, serves_http=serves_http,
                                 gpus=list(placements[0].gpus), gang=True)
         for member in rec.ranks:
-            self.store.save_process(member.tag, "rank", member.proc.pid, parent=tag)
+            self.store.save_process(member.replica_id, "rank", member.proc.pid, parent=replica_id)

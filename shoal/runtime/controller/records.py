@@ -77,7 +77,7 @@ class RequestTotals:
 
 @dataclass(eq=False)
 class ReplicaRecord:
-    tag: str
+    replica_id: str
     app: str
     deployment: str
     version: str
@@ -137,14 +137,14 @@ class AppRecord:
 
 @dataclass(eq=False)
 class SpareRecord:
-    ident: str
+    process_id: str
     proc: Proc
     conn: FramedProtocol | None = None
 
 
 @dataclass(eq=False)
 class ProxyRecord:
-    ident: str
+    process_id: str
     proc: Proc
     conn: FramedProtocol | None = None
     ready: bool = False

@@ -21,7 +21,7 @@ class Registry:
         # Deployments removed from a redeployed app, still stopping: (app, name) -> record.
         self.retiring: dict[DepKey, DeploymentRecord] = {}
         self.replicas: dict[str, ReplicaRecord] = {}
-        # Ranks 1..N-1 of gang replicas, by their own tag.
+        # Ranks 1..N-1 of gang replicas, by their own replica id.
         self.ranks: dict[str, RankRecord] = {}
         self._by_dep: dict[DepKey, dict[str, ReplicaRecord]] = {}
         self._by_app: dict[str, int] = {}
@@ -29,27 +29,27 @@ class Registry:
     # -- replicas
     def add(self, rec: ReplicaRecord) -> None:
         """Register a replica (and its gang ranks)."""
-        self.replicas[rec.tag] = rec
-        self._by_dep.setdefault((rec.app, rec.deployment), {})[rec.tag] = rec
+        self.replicas[rec.replica_id] = rec
+        self._by_dep.setdefault((rec.app, rec.deployment), {})[rec.replica_id] = rec
         self._by_app[rec.app] = self._by_app.get(rec.app, 0) + 1
         for member in rec.ranks:
-            self.ranks[member.tag] = member
+            self.ranks[member.replica_id] = member
 
-    def remove(self, tag: str) -> ReplicaRecord | None:
+    def remove(self, replica_id: str) -> ReplicaRecord | None:
         """Forget a replica and its ranks; None if it was not registered."""
-        rec = self.replicas.pop(tag, None)
+        rec = self.replicas.pop(replica_id, None)
         if rec is None:
             return None
         key = (rec.app, rec.deployment)
         mine = self._by_dep[key]
-        del mine[tag]
+        del mine[replica_id]
         if not mine:
             del self._by_dep[key]
         self._by_app[rec.app] -= 1
         if not self._by_app[rec.app]:
             del self._by_app[rec.app]
         for member in rec.ranks:
-            self.ranks.pop(member.tag, None)
+            self.ranks.pop(member.replica_id, None)
         return rec
 
     def of(self, app: str, deployment: str) -> list[ReplicaRecord]:

@@ -43,7 +43,7 @@ def restore(store: Store, registry: Registry, canaries: CanaryTable, supervisor:
                 continue
             if alive:  # it holds the port but would not hand it over: replace it
                 supervisor.adopt(row.pid).kill()
-            store.delete_process(row.ident)
+            store.delete_process(row.process_id)
             continue
         if _adopt_replica(row, alive, store, registry, supervisor, ledger, now):
             out.adopted += 1
@@ -59,14 +59,14 @@ def _adopt_replica(row: ProcessRow, alive: bool, store: Store, registry: Registr
     if not alive or dep is None or row.role == "rank" or info.get("gang"):
         if alive:
             supervisor.adopt(row.pid).kill()
-        store.delete_process(row.ident)
+        store.delete_process(row.process_id)
         return False
     gpus = tuple(int(g) for g in info.get("gpus", ()))
-    placement = ledger.place(row.ident, Request.of(dep.spec.config.ray_actor_options), pin=gpus)
+    placement = ledger.place(row.process_id, Request.of(dep.spec.config.ray_actor_options), pin=gpus)
     if isinstance(placement, Pending):
-        logger.warning("adopted replica %s does not fit the resources any more: %s", row.ident, placement.reason)
+        logger.warning("adopted replica %s does not fit the resources any more: %s", row.process_id, placement.reason)
     registry.add(ReplicaRecord(
-        row.ident, str(info["app"]), str(info["deployment"]), str(info["version"]), str(info["socket_path"]),
+        row.process_id, str(info["app"]), str(info["deployment"]), str(info["version"]), str(info["socket_path"]),
         supervisor.adopt(row.pid), started_at=now, serves_http=bool(info.get("serves_http")), gpus=gpus,
         adopted=True, adopt_deadline=now + ADOPT_WAIT_S))
     return True

@@ -61,7 +61,7 @@ class Sinks:
     """Where finished requests are reported beyond the replica's counters; shoal's metrics,
     tracing and access log by default (a test passes its own)."""
 
-    # (meta, method, app, deployment, replica tag) -> a span handle, or None
+    # (meta, method, app, deployment, replica id) -> a span handle, or None
     start_span: Callable[[RequestMeta, str, str, str, str], Any] = _tracing.start_request
     end_span: Callable[[Any, bool], None] = _tracing.end_request
     # (route, started, failed)
@@ -88,10 +88,10 @@ class Accounts:
         self.counters = RequestCounters(clock)
         self.access_log = True  # logging_config.enable_access_log
         self.key: tuple[str, str] = ("", "")  # (app, deployment), for trace spans
-        self.tag = ""  # the replica's tag, for trace spans
+        self.replica_id = ""  # the replica's id, for trace spans
 
     def open(self, meta: RequestMeta, method: str) -> Ticket:
-        span = self.sinks.start_span(meta, method, *self.key, self.tag) if meta.trace else None
+        span = self.sinks.start_span(meta, method, *self.key, self.replica_id) if meta.trace else None
         return Ticket(meta, self.clock(), span)
 
     def close(self, ticket: Ticket, failed: bool, status: int | str, verb: str, target: str, route: str) -> None:

@@ -57,7 +57,7 @@ class ReplicaCore:
     callers the controller tells).
     """
 
-    def __init__(self, *, channel: ControlChannel, routers: RouterSource, tag: str = "",
+    def __init__(self, *, channel: ControlChannel, routers: RouterSource, replica_id: str = "",
                  clock: Callable[[], float] = time.monotonic, sinks: Sinks | None = None,
                  quiet_s: float = 0.0) -> None:
         self.channel = channel
@@ -66,7 +66,7 @@ class ReplicaCore:
         self.quiet_s = quiet_s
         self.slots = Slots()
         self.accounts = Accounts(sinks, clock)
-        self.accounts.tag = tag
+        self.accounts.replica_id = replica_id
         self.user: UserCallable | None = None
         self.gang: Any = None  # GangPeers (or gang_pod.Unassembled) on rank 0 of a gang replica
         self.graceful_timeout = 20.0

@@ -21,7 +21,7 @@ def apply_logging_config(lc: Any, ctx: ReplicaContext, *, log_dir: str = "", app
     """Apply a deployment's ``logging_config``: level, encoding, where records go.
 
     With ``log_dir`` (a local instance) the replica writes its own rotating file there,
-    ``<app>/<deployment>/<tag>.log`` (stdout and stderr included; in ``logging_config.logs_dir``
+    ``<app>/<deployment>/<replica id>.log`` (stdout and stderr included; in ``logging_config.logs_dir``
     instead when set, linked from there), and WARNING and above also to the terminal; see
     :mod:`shoal.observability.logs`. Without it (a Kubernetes pod) records keep going to stderr.
     Either way each record carries the application, deployment, replica and request id.
@@ -60,11 +60,11 @@ def apply_logging_config(lc: Any, ctx: ReplicaContext, *, log_dir: str = "", app
             handler.setFormatter(JSONFormatter(who, extra_attrs=lc.additional_log_standard_attrs))
 
 
-def setup_process_logging(tag: str, level: str) -> None:
+def setup_process_logging(process_id: str, level: str) -> None:
     """Log to stderr, naming the replica in every line (until the deployment's config says more)."""
     # Third-party libraries log at WARNING (as in a plain Python program); shoal's own
     # loggers at the instance's level.
-    fmt = f"%(asctime)s %(levelname)s replica {tag} pid={os.getpid()} %(name)s: %(message)s"
+    fmt = f"%(asctime)s %(levelname)s replica {process_id} pid={os.getpid()} %(name)s: %(message)s"
     root = logging.getLogger()
     if root.handlers:  # a spare that just became a replica: name it in its log lines
         for handler in root.handlers:

@@ -40,6 +40,7 @@ from shoal.runtime.wire import (
     ReplicaReady,
     ReplicaStats,
     Reply,
+    Role,
     Routes,
     Stop,
     SubscribeRoutes,
@@ -55,7 +56,7 @@ logger = logging.getLogger("shoal.replica")
 class Bootstrap:
     controller_path: str
     secret: bytes
-    tag: str
+    process_id: str  # a replica id, or "spare-<hex>" for a spare
     sys_path: list[str]
     cwd: str
     parent_pid: int
@@ -79,18 +80,18 @@ class ReplicaProcess:
         # Replicas of a detached instance outlive a controller crash and wait for the next one;
         # spares (no deployment yet) just exit.
         reconnect = 0.0 if boot.die_with_parent or self.spare else ORPHAN_TIMEOUT_S
-        self.client = ControllerClient(boot.controller_path, boot.secret, "replica", boot.tag, self.loop,
+        self.client = ControllerClient(boot.controller_path, boot.secret, Role.REPLICA, boot.process_id, self.loop,
                                        on_control=self._on_control, reconnect_s=reconnect,
                                        on_reconnect=self._on_reconnect)
-        self.core = ReplicaCore(channel=self, routers=self.client, tag=boot.tag)
-        self.ready_tag = ""
+        self.core = ReplicaCore(channel=self, routers=self.client, replica_id=boot.process_id)
+        self.ready_replica_id = ""
         self.init_msg: asyncio.Future[ReplicaInit] = self.loop.create_future()
         self.stop_requested = asyncio.Event()
 
     @property
     def spare(self) -> bool:
         """A process started ahead of need, given its deployment later."""
-        return self.boot.tag.startswith("spare-")
+        return self.boot.process_id.startswith("spare-")
 
     async def run(self) -> int:
         """Serve until stopped (or the controller is gone for good); the exit code."""
@@ -108,10 +109,10 @@ class ReplicaProcess:
         if not await self._start(init, ctx):
             return 1
         auto = init.config.resolved_autoscaling()
-        self.loop.create_task(self._report_load(init.tag, auto.metrics_interval_s if auto is not None else 0.0))
-        self.ready_tag = init.tag
+        self.loop.create_task(self._report_load(init.replica_id, auto.metrics_interval_s if auto is not None else 0.0))
+        self.ready_replica_id = init.replica_id
         self.client.resumed = True
-        self._send(ReplicaReady(init.tag, os.getpid()))
+        self._send(ReplicaReady(init.replica_id, os.getpid()))
         closed = asyncio.ensure_future(self.client.closed.wait())
         stop = asyncio.ensure_future(self.stop_requested.wait())
         await asyncio.wait({closed, stop}, return_when=asyncio.FIRST_COMPLETED)
@@ -125,14 +126,14 @@ class ReplicaProcess:
         await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
         if not self.init_msg.done():
             return False
-        setup_process_logging(self.init_msg.result().tag, self.boot.log_level)
+        setup_process_logging(self.init_msg.result().replica_id, self.boot.log_level)
         return True
 
     def _become(self, init: ReplicaInit) -> ReplicaContext:
-        """Take on the deployment's identity: tag, code location, context, logging, limits."""
+        """Take on the deployment's identity: replica id, code location, context, logging, limits."""
         # A spare given a deployment is that replica from now on, also to a restarted controller.
-        self.client.ident = init.tag
-        self.core.accounts.tag = init.tag
+        self.client.process_id = init.replica_id
+        self.core.accounts.replica_id = init.replica_id
         if not self.boot.die_with_parent:
             self.client.reconnect_s = ORPHAN_TIMEOUT_S
         if init.sys_path:
@@ -149,7 +150,7 @@ class ReplicaProcess:
         if visible_app != init.app:
             self.client.app_alias[visible_app] = init.app
         self.core.configure(cfg, (init.app, init.deployment))
-        ctx = ReplicaContext(visible_app, init.deployment, init.tag, rank=init.rank, world_size=init.world_size)
+        ctx = ReplicaContext(visible_app, init.deployment, init.replica_id, rank=init.rank, world_size=init.world_size)
         set_process_replica_context(ctx)
         apply_logging_config(cfg.logging_config, ctx, log_dir=self.boot.log_dir, app_key=init.app,
                              shoal_level=self.boot.log_level)
@@ -166,16 +167,16 @@ class ReplicaProcess:
             await user.initialize(cfg.user_config)
             await self.core.listen(UnixTransport(init.socket_path, self.boot.secret))
         except BaseException as e:  # the constructor's failure is the deployment's status message
-            logger.error("replica %s failed to start:\n%s", init.tag, traceback.format_exc())
-            await self._failed(init.tag, f"{type(e).__name__}: {e}\n{traceback.format_exc()}")
+            logger.error("replica %s failed to start:\n%s", init.replica_id, traceback.format_exc())
+            await self._failed(init.replica_id, f"{type(e).__name__}: {e}\n{traceback.format_exc()}")
             return False
-        set_process_replica_context(ReplicaContext(ctx.app_name, init.deployment, init.tag, user.instance,
+        set_process_replica_context(ReplicaContext(ctx.app_name, init.deployment, init.replica_id, user.instance,
                                                    rank=init.rank, world_size=init.world_size))
         if init.peers:
             from shoal.runtime.gang import GangPeers
 
             self.core.gang = GangPeers(init.peers, self.boot.secret, cfg.max_ongoing_requests)
-        _metrics.PROCESS.setup(init.tag, app=init.app, deployment=init.deployment, server=self.core,
+        _metrics.PROCESS.setup(init.replica_id, app=init.app, deployment=init.deployment, server=self.core,
                                routers=self.client.routers, page_source=self.client)
         _metrics.PROCESS.start_flusher(self.loop)
         if init.serves_http and self.boot.http_fd >= 0:
@@ -183,16 +184,16 @@ class ReplicaProcess:
                 self.client.send(SubscribeRoutes())
                 await self.core.serve_http(self.boot.http, [self.boot.http_fd])
             except Exception as e:
-                logger.error("replica %s could not serve HTTP:\n%s", init.tag, traceback.format_exc())
-                await self._failed(init.tag, f"could not serve HTTP: {e}")
+                logger.error("replica %s could not serve HTTP:\n%s", init.replica_id, traceback.format_exc())
+                await self._failed(init.replica_id, f"could not serve HTTP: {e}")
                 return False
         return True
 
-    async def _failed(self, tag: str, why: str) -> None:
-        self.client.send(ReplicaFailed(tag, why))
+    async def _failed(self, replica_id: str, why: str) -> None:
+        self.client.send(ReplicaFailed(replica_id, why))
         await asyncio.sleep(0.05)  # let the message flush
 
-    async def _report_load(self, tag: str, interval: float) -> None:
+    async def _report_load(self, replica_id: str, interval: float) -> None:
         """Report load every ``interval`` (autoscaling deployments), and finished-request
         counters when they changed, at most once a second."""
         last: tuple[int, int] = (0, 0)
@@ -202,21 +203,21 @@ class ReplicaProcess:
             c = self.core.counters
             counters_due = now >= next_counters and (c.requests, c.errors) != last
             if interval > 0 or counters_due:
-                self._send(ReplicaStats(tag, self.core.slots.load, c.requests, c.errors, tuple(c.hist)))
+                self._send(ReplicaStats(replica_id, self.core.slots.load, c.requests, c.errors, tuple(c.hist)))
                 last = (c.requests, c.errors)
                 next_counters = now + 1.0
             await asyncio.sleep(interval if interval > 0 else 1.0)
 
     # -- the control channel
     def models_changed(self, ids: tuple[str, ...]) -> None:
-        self._send(ReplicaModels(self.core.accounts.tag, ids))
+        self._send(ReplicaModels(self.core.accounts.replica_id, ids))
 
     def _on_reconnect(self) -> None:
         """A restarted controller: say again what this replica is and does."""
-        if self.ready_tag:
-            self._send(ReplicaReady(self.ready_tag, os.getpid()))
+        if self.ready_replica_id:
+            self._send(ReplicaReady(self.ready_replica_id, os.getpid()))
             if self.core.model_ids:
-                self._send(ReplicaModels(self.ready_tag, self.core.model_ids))
+                self._send(ReplicaModels(self.ready_replica_id, self.core.model_ids))
         if self.core.proxy_app is not None:
             self._send(SubscribeRoutes())
 
@@ -254,7 +255,7 @@ def main() -> None:
         os.chdir(boot.cwd)
     except OSError:
         pass
-    setup_process_logging(boot.tag, boot.log_level)
+    setup_process_logging(boot.process_id, boot.log_level)
     _tracing.setup_from_env("shoal-replica")
     # SIGTERM (from the controller or Kubernetes) means: drain, then exit.
     loop = backend.new_event_loop()
@@ -269,7 +270,7 @@ def main() -> None:
     try:
         code = loop.run_until_complete(runner())
     except (TimeoutError, ConnectionError, OSError) as e:
-        logger.error("replica %s could not reach the controller: %s", boot.tag, e)
+        logger.error("replica %s could not reach the controller: %s", boot.process_id, e)
         code = 3
     _metrics.process_exit()
     sys.stdout.flush()
