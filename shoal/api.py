@@ -28,6 +28,20 @@ from shoal.runtime.rundir import RunDir
 from shoal.runtime.wire import Role, new_secret
 from shoal.status import ServeStatus
 
+__all__ = [
+    "DEFAULT_APP_NAME",
+    "delete",
+    "get_app_handle",
+    "get_deployment_handle",
+    "http_address",
+    "ingress",
+    "run",
+    "shutdown",
+    "start",
+    "status",
+    "wait_for_shutdown",
+]
+
 logger = logging.getLogger("shoal")
 
 DEFAULT_APP_NAME = "default"

@@ -85,9 +85,9 @@ class GangPeers:
         import asyncio
 
         from shoal.runtime.router import ReplicaConnection
-        from shoal.runtime.wire import ReplicaAddress
+        from shoal.runtime.wire import ReplicaEndpoint
 
-        self.conns = [ReplicaConnection(ReplicaAddress(f"rank{i + 1}", path, max_ongoing), secret)
+        self.conns = [ReplicaConnection(ReplicaEndpoint(f"rank{i + 1}", path, max_ongoing), secret)
                       for i, path in enumerate(paths)]
         self.lock = asyncio.Lock()
 

@@ -31,9 +31,9 @@ from shoal.runtime.wire import (
     REQUEST,
     FramedProtocol,
     Membership,
-    ReplicaAddress,
+    ReplicaEndpoint,
     RequestMeta,
-    connect_address,
+    connect_endpoint,
 )
 
 logger = logging.getLogger("shoal.router")
@@ -79,8 +79,8 @@ class _StreamSink:
 class ReplicaConnection:
     """One authenticated connection to one replica, multiplexing requests by id."""
 
-    def __init__(self, address: ReplicaAddress, secret: bytes) -> None:
-        self.address = address
+    def __init__(self, replica: ReplicaEndpoint, secret: bytes) -> None:
+        self.replica = replica
         self._secret = secret
         self._proto: FramedProtocol | None = None
         self._connecting: asyncio.Task[FramedProtocol] | None = None
@@ -94,17 +94,17 @@ class ReplicaConnection:
         if self._proto is not None and not self._proto.closed:
             return self._proto
         if self.dead:
-            raise _Unreachable(self.address.replica_id)
+            raise _Unreachable(self.replica.replica_id)
         if self._connecting is None:
             self._connecting = asyncio.ensure_future(
-                connect_address(self.address.address, self._secret, self._on_message, self._on_close, timeout=5.0)
+                connect_endpoint(self.replica.endpoint, self._secret, self._on_message, self._on_close, timeout=5.0)
             )
         try:
             proto = await asyncio.shield(self._connecting)
         except (TimeoutError, OSError, ConnectionError) as e:
             self._connecting = None
             self._mark_dead()
-            raise _Unreachable(f"{self.address.replica_id}: {e}") from None
+            raise _Unreachable(f"{self.replica.replica_id}: {e}") from None
         self._proto = proto
         return proto
 
@@ -146,7 +146,7 @@ class ReplicaConnection:
 
     def _on_close(self, proto: FramedProtocol, exc: BaseException | None) -> None:
         self._mark_dead()
-        err = ReplicaDiedError(f"replica {self.address.replica_id} died or closed its connection "
+        err = ReplicaDiedError(f"replica {self.replica.replica_id} died or closed its connection "
                                "while handling the request")
         pending, self._pending = self._pending, {}
         for sink in pending.values():
@@ -160,7 +160,7 @@ class ReplicaConnection:
               sink: asyncio.Future[Any] | _StreamSink) -> int:
         proto = self._proto
         if proto is None or proto.closed:
-            raise _Unreachable(self.address.replica_id)
+            raise _Unreachable(self.replica.replica_id)
         self._next += 1
         rid = self._next
         self._pending[rid] = sink
@@ -174,7 +174,7 @@ class ReplicaConnection:
                 proto.send_user(msg)
         except ConnectionError:
             self._pending.pop(rid, None)
-            raise _Unreachable(self.address.replica_id) from None
+            raise _Unreachable(self.replica.replica_id) from None
         except BaseException:
             self._pending.pop(rid, None)
             raise
@@ -208,7 +208,7 @@ class ReplicaConnection:
 
 @dataclass(eq=False)
 class _Slot:
-    address: ReplicaAddress
+    replica: ReplicaEndpoint
     conn: ReplicaConnection
     in_flight: int = 0
     blocked_until: float = 0.0
@@ -224,7 +224,7 @@ class Router:
         self.deployment = deployment
         self._secret = secret
         self._slots: dict[str, _Slot] = {}
-        self._version = -1
+        self._epoch = -1
         self._max_queued = -1
         self._gone = ""
         self._waiters: deque[list[asyncio.Future[None]]] = deque()
@@ -234,13 +234,13 @@ class Router:
         # Called when a request starts waiting while the deployment has no replica (scale from zero).
         self.on_cold_wait: Callable[[Router], None] | None = None
         # Called when a replica is dropped because it could not be reached or its connection died.
-        self.on_drop: Callable[[ReplicaAddress], None] | None = None
+        self.on_drop: Callable[[ReplicaEndpoint], None] | None = None
 
     # -- membership
     def update(self, m: Membership) -> None:
-        if m.version <= self._version and not m.gone:
+        if m.epoch <= self._epoch and not m.gone:
             return
-        self._version = m.version
+        self._epoch = m.epoch
         self._max_queued = m.max_queued_requests
         self._gone = m.gone
         self.metrics_interval_s = m.metrics_interval_s
@@ -256,21 +256,21 @@ class Router:
             if existing is None or existing.conn.dead:
                 self._slots[replica_id] = self._new_slot(addr)
             else:
-                existing.address = addr
+                existing.replica = addr
         self._wake(all_waiters=True)
 
-    def _new_slot(self, addr: ReplicaAddress) -> _Slot:
+    def _new_slot(self, addr: ReplicaEndpoint) -> _Slot:
         conn = ReplicaConnection(addr, self._secret)
         slot = _Slot(addr, conn)
         conn.on_dead = lambda _c: self._drop(slot)
         return slot
 
     def _drop(self, slot: _Slot) -> None:
-        if self._slots.get(slot.address.replica_id) is slot:
-            del self._slots[slot.address.replica_id]
+        if self._slots.get(slot.replica.replica_id) is slot:
+            del self._slots[slot.replica.replica_id]
             slot.removed = True
             if self.on_drop is not None:
-                self.on_drop(slot.address)
+                self.on_drop(slot.replica)
             self._wake(all_waiters=True)
 
     @property
@@ -283,7 +283,7 @@ class Router:
 
     def holds_model(self, model_id: str) -> bool:
         """Whether some replica reported holding this multiplexed model."""
-        return any(model_id in s.address.model_ids for s in self._slots.values())
+        return any(model_id in s.replica.model_ids for s in self._slots.values())
 
     @property
     def num_in_flight(self) -> int:
@@ -294,17 +294,17 @@ class Router:
         # uvloop's clock has millisecond granularity: a slot whose block ends within the
         # current millisecond counts as free (else a timer set for its end would spin).
         free = [s for s in self._slots.values()
-                if s.in_flight < s.address.max_ongoing and s.blocked_until <= now + CLOCK_SLACK_S]
+                if s.in_flight < s.replica.max_ongoing and s.blocked_until <= now + CLOCK_SLACK_S]
         if not free:
             return None
         if model_id:
             # Prefer replicas that already hold the model; among the rest, those holding fewest.
-            holding = [s for s in free if model_id in s.address.model_ids]
+            holding = [s for s in free if model_id in s.replica.model_ids]
             if holding:
                 free = holding
             else:
-                fewest = min(len(s.address.model_ids) for s in free)
-                free = [s for s in free if len(s.address.model_ids) == fewest]
+                fewest = min(len(s.replica.model_ids) for s in free)
+                free = [s for s in free if len(s.replica.model_ids) == fewest]
         if len(free) == 1:
             return free[0]
         a, b = self._rng.sample(free, 2)

@@ -127,9 +127,9 @@ class Subscribe:
 
 
 @dataclass(frozen=True, slots=True)
-class ReplicaAddress:
+class ReplicaEndpoint:
     replica_id: str
-    address: str  # Unix socket path, or host:port in a cluster
+    endpoint: str  # where it listens: a Unix socket path, or host:port in a cluster
     max_ongoing: int
     model_ids: tuple[str, ...] = ()  # multiplexed models the replica holds
 
@@ -138,8 +138,9 @@ class ReplicaAddress:
 class Membership:
     app: str
     deployment: str
-    version: int
-    replicas: tuple[ReplicaAddress, ...]
+    # Grows with every push, across controller restarts too: a router ignores an older epoch.
+    epoch: int
+    replicas: tuple[ReplicaEndpoint, ...]
     max_queued_requests: int = -1
     # The deployment no longer exists (app deleted or instance shutting down).
     gone: str = ""
@@ -473,17 +474,17 @@ async def connect_tcp(
         loop.create_connection(lambda: FramedProtocol(secret, False, on_message, on_close), host, port), timeout)
 
 
-async def connect_address(
-    address: str,
+async def connect_endpoint(
+    endpoint: str,
     secret: bytes,
     on_message: Callable[[FramedProtocol, Any], None] | None = None,
     on_close: Callable[[FramedProtocol, BaseException | None], None] | None = None,
     timeout: float = 10.0,
 ) -> FramedProtocol:
-    """Connect to a replica address: a Unix socket path, or ``host:port`` over TCP."""
-    hp = split_host_port(address)
+    """Connect to a replica's endpoint: a Unix socket path, or ``host:port`` over TCP."""
+    hp = split_host_port(endpoint)
     if hp is None:
-        return await connect_unix(address, secret, on_message, on_close, timeout)
+        return await connect_unix(endpoint, secret, on_message, on_close, timeout)
     return await connect_tcp(hp[0], hp[1], secret, on_message, on_close, timeout)
 
 

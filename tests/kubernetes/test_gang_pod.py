@@ -78,7 +78,7 @@ async def test_rank_0_is_ready_once_every_rank_is_and_refuses_requests_before() 
         assert leader.ready and leader.why == ""
         peers: Any = server.gang
         assert isinstance(peers, GangPeers)
-        assert [c.address.address for c in peers.conns] == ["127.0.0.1:9000"]
+        assert [c.replica.endpoint for c in peers.conns] == ["127.0.0.1:9000"]
         await leader.check()
         assert server.gang is peers  # unchanged while the ranks are
 

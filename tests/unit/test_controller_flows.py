@@ -267,8 +267,8 @@ def test_membership_lists_running_replicas_sorted() -> None:
     dep = DeploymentRecord(s.deployments["Echo"], "v1", 2)
     reps = [ReplicaRecord(t, "shop", "Echo", "v1", f"/{t}.sock", FakeProc(1), state=st)
             for t, st in (("b", ReplicaState.RUNNING), ("a", ReplicaState.RUNNING), ("c", ReplicaState.STARTING))]
-    m = build_membership("shop", "Echo", dep, reps, version=9)
-    assert [r.replica_id for r in m.replicas] == ["a", "b"] and m.version == 9
+    m = build_membership("shop", "Echo", dep, reps, epoch=9)
+    assert [r.replica_id for r in m.replicas] == ["a", "b"] and m.epoch == 9
     assert m.max_queued_requests == s.deployments["Echo"].config.max_queued_requests
 
 

@@ -177,3 +177,25 @@ def test_serve_exports_exactly_the_public_names() -> None:
     assert len(shoal.serve.__all__) == len(SERVE_ALL)
     for name in SERVE_ALL:
         assert getattr(shoal.serve, name) is not None
+
+
+def test_public_top_level_modules_declare_what_they_export() -> None:
+    """The modules right under ``shoal/`` are what users import (Ray Serve's module names):
+    each declares ``__all__``, and every name it lists exists. Private ones start with ``_``."""
+    import importlib
+
+    missing, dangling = [], {}
+    for path in sorted(ROOT.glob("*.py")):
+        if path.stem.startswith("_") and path.stem != "__init__":
+            continue
+        name = "shoal" if path.stem == "__init__" else f"shoal.{path.stem}"
+        module = importlib.import_module(name)
+        exported = getattr(module, "__all__", None)
+        if exported is None:
+            missing.append(name)
+            continue
+        absent = [n for n in exported if not hasattr(module, n)]
+        if absent:
+            dangling[name] = absent
+    assert missing == [], f"public modules without __all__: {missing}"
+    assert dangling == {}, f"names in __all__ that the module does not define: {dangling}"

@@ -7,12 +7,12 @@ import pytest
 
 from shoal.exceptions import BackPressureError, DeploymentUnavailableError
 from shoal.runtime.router import Router
-from shoal.runtime.wire import Membership, ReplicaAddress, RequestMeta
+from shoal.runtime.wire import Membership, ReplicaEndpoint, RequestMeta
 
 
-def membership(n: int, version: int, max_ongoing: int = 2, max_queued: int = -1, gone: str = "") -> Membership:
-    reps = tuple(ReplicaAddress(f"r{i}", f"/nonexistent/r{i}.sock", max_ongoing) for i in range(n))
-    return Membership("app", "dep", version, reps, max_queued, gone)
+def membership(n: int, epoch: int, max_ongoing: int = 2, max_queued: int = -1, gone: str = "") -> Membership:
+    reps = tuple(ReplicaEndpoint(f"r{i}", f"/nonexistent/r{i}.sock", max_ongoing) for i in range(n))
+    return Membership("app", "dep", epoch, reps, max_queued, gone)
 
 
 async def test_power_of_two_choices_prefers_less_loaded() -> None:

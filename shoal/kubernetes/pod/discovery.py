@@ -21,7 +21,7 @@ from typing import Any, Protocol
 
 from shoal.kubernetes import names
 from shoal.runtime.router import Router
-from shoal.runtime.wire import Membership, ReplicaAddress, join_host_port
+from shoal.runtime.wire import Membership, ReplicaEndpoint, join_host_port
 
 __all__ = ["CalleeConfig", "DNSResolver", "FileResolver", "PodBackend", "Resolver"]
 
@@ -108,7 +108,7 @@ class _Watcher:
         self.router = router
         self.dns_name = dns_name
         self.config = config
-        self.version = 0
+        self.epoch = 0
         self.listed: list[str] = []
         self.pushed: tuple[str, ...] | None = None
         # ip -> (left out until, current delay)
@@ -122,15 +122,15 @@ class _Watcher:
     def kick(self) -> None:
         self.wake.set()
 
-    def dropped(self, address: ReplicaAddress) -> None:
+    def dropped(self, replica: ReplicaEndpoint) -> None:
         now = self.backend.loop.time()
-        prev = self.backoff.get(address.replica_id)
+        prev = self.backoff.get(replica.replica_id)
         initial, most = self.backend.backoff_s
         delay = initial if prev is None else min(prev[1] * 2, most)
-        self.backoff[address.replica_id] = (now + delay, delay)
+        self.backoff[replica.replica_id] = (now + delay, delay)
         self.pushed = None  # the router's view changed: push again once the back-off ends
         logger.info("pod %s of %s unreachable or gone; retrying it in %.1fs if DNS still lists it",
-                    address.replica_id, self.router.deployment, delay)
+                    replica.replica_id, self.router.deployment, delay)
         self.wake.set()
 
     async def _run(self) -> None:
@@ -162,10 +162,10 @@ class _Watcher:
         if replica_ids == self.pushed:
             return
         self.pushed = replica_ids
-        self.version += 1
+        self.epoch += 1
         port = self.backend.rpc_port
-        replicas = tuple(ReplicaAddress(ip, join_host_port(ip, port), self.config.max_ongoing) for ip in replica_ids)
-        self.router.update(Membership(self.router.app, self.router.deployment, self.version, replicas,
+        replicas = tuple(ReplicaEndpoint(ip, join_host_port(ip, port), self.config.max_ongoing) for ip in replica_ids)
+        self.router.update(Membership(self.router.app, self.router.deployment, self.epoch, replicas,
                                       max_queued_requests=self.config.max_queued))
 
 

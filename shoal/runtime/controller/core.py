@@ -426,7 +426,7 @@ class Controller:
 
     # ---- membership and routes --------------------------------------------------------------
     def membership(self, app: str, name: str, dep: DeploymentRecord) -> Membership:
-        return build_membership(app, name, dep, self.registry.of(app, name), self.publisher.next_version())
+        return build_membership(app, name, dep, self.registry.of(app, name), self.publisher.next_epoch())
 
     def settled(self, app: str, name: str) -> bool:
         """False while adopted replicas of the deployment have not reconnected yet: until then

@@ -8,21 +8,21 @@ from collections.abc import Iterable
 
 from shoal.runtime.controller.canary import AppKey, CanaryTable
 from shoal.runtime.controller.records import AppRecord, DeploymentRecord, ReplicaRecord
-from shoal.runtime.wire import FramedProtocol, Membership, ReplicaAddress, Routes
+from shoal.runtime.wire import FramedProtocol, Membership, ReplicaEndpoint, Routes
 from shoal.status import ReplicaState
 
 
 def build_membership(app: str, name: str, dep: DeploymentRecord, replicas: Iterable[ReplicaRecord],
-                     version: int) -> Membership:
+                     epoch: int) -> Membership:
     """The deployment's RUNNING replicas (sorted by replica id) and its queueing limits."""
     cfg = dep.spec.config
     running = tuple(sorted(
-        (ReplicaAddress(r.replica_id, r.socket_path, cfg.max_ongoing_requests, r.model_ids)
+        (ReplicaEndpoint(r.replica_id, r.socket_path, cfg.max_ongoing_requests, r.model_ids)
          for r in replicas if r.state == ReplicaState.RUNNING),
         key=lambda a: a.replica_id,
     ))
     auto = cfg.resolved_autoscaling()
-    return Membership(app, name, version, running, cfg.max_queued_requests,
+    return Membership(app, name, epoch, running, cfg.max_queued_requests,
                       metrics_interval_s=auto.metrics_interval_s if auto else 0.0)
 
 
@@ -44,19 +44,19 @@ def build_routes(apps: dict[str, AppRecord], replicas: Iterable[ReplicaRecord], 
 
 
 class Publisher:
-    """Subscribers of memberships (per deployment) and of routes, and the version counter.
+    """Subscribers of memberships (per deployment) and of routes, and the epoch counter.
 
     Versions only grow, across controller restarts too (routers ignore older ones): they
     start at the wall clock in microseconds.
     """
 
-    def __init__(self, first_version: int) -> None:
+    def __init__(self, first_epoch: int) -> None:
         self.subscribers: dict[tuple[str, str], set[FramedProtocol]] = {}
         self.route_subscribers: set[FramedProtocol] = set()
-        self._versions = itertools.count(first_version)
+        self._epochs = itertools.count(first_epoch)
 
-    def next_version(self) -> int:
-        return next(self._versions)
+    def next_epoch(self) -> int:
+        return next(self._epochs)
 
     def subscribe(self, app: str, deployment: str, conn: FramedProtocol) -> None:
         self.subscribers.setdefault((app, deployment), set()).add(conn)
@@ -67,7 +67,7 @@ class Publisher:
             subs.discard(conn)
 
     def gone(self, app: str, name: str, why: str) -> Membership:
-        return Membership(app, name, self.next_version(), (), -1, gone=why)
+        return Membership(app, name, self.next_epoch(), (), -1, gone=why)
 
     def send_membership(self, m: Membership) -> None:
         for conn in list(self.subscribers.get((m.app, m.deployment), ())):
