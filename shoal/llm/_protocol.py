@@ -56,6 +56,10 @@ def _rebuild_error(status: int, message: str, type: str, code: str | None, param
     return OpenAIError(status, message, type=type, code=code, param=param, headers=headers)
 
 
+#: ``seed`` is an int64 (OpenAI's and vLLM's type; torch's ``manual_seed`` rejects larger values).
+SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
+
+
 class _Request(BaseModel):
     # Clients send fields this gateway does not know (e.g. `user`, `metadata`): ignore them.
     model_config = ConfigDict(extra="ignore", protected_namespaces=())
@@ -93,7 +97,7 @@ class _Sampling(_Request):
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     #: vLLM's extension: keep generating past the end-of-sequence token.

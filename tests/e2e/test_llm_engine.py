@@ -89,6 +89,33 @@ def test_context_length(engine: TransformersEngine) -> None:
         generate(engine, "a", max_tokens=5000)
 
 
+def test_an_error_in_the_generation_thread_reaches_the_caller(engine: TransformersEngine) -> None:
+    """torch rejects a seed outside its range inside the generation thread, before any token:
+    the caller gets that error (once it hung, waiting for a token that never came)."""
+    async def run(seed: int) -> list[EngineOutput]:
+        async def collect() -> list[EngineOutput]:
+            return [o async for o in engine.generate("a", SamplingParams(seed=seed, max_tokens=4), "e")]
+
+        return await asyncio.wait_for(collect(), 60)  # bounded: a hang fails the test instead
+
+    with pytest.raises((ValueError, RuntimeError), match=r"[Oo]verflow"):
+        asyncio.run(run(2**70))
+    # The slot came back: the engine still serves, and a seed in range works.
+    assert asyncio.run(run(2**63 - 1))[-1].finish_reason is not None
+    assert engine.stats()["running"] == 0
+
+
+def test_llm_server_hands_a_generation_error_to_the_handle(model_dir: Path) -> None:
+    cfg = LLMConfig(model_loading_config={"model_id": "tiny", "model_source": str(model_dir)},
+                    llm_engine="transformers")
+    with testing.run(build_llm_deployment(cfg)) as rt:
+        request = GenerationRequest("s", prompt="the", sampling=SamplingParams(seed=2**70, max_tokens=4))
+        with pytest.raises(Exception, match=r"[Oo]verflow"):
+            list(rt.handle.options(stream=True).generate.remote(request))
+        ok = GenerationRequest("t", prompt="the", sampling=SamplingParams(temperature=0, max_tokens=4))
+        assert list(rt.handle.options(stream=True).generate.remote(ok))[-1].finish_reason is not None
+
+
 def test_chat_template_and_fallback(engine: TransformersEngine) -> None:
     messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello"}]
     assert engine.render_chat(messages) == "<|system|>be brief<|end|><|user|>hello<|end|><|assistant|>"

@@ -42,6 +42,9 @@ logger = logging.getLogger("shoal.llm")
 
 _END = object()
 
+#: How long the reader waits for the next token before it checks that the generation thread still runs.
+_POLL_S = 1.0
+
 
 def pick_device(device: str) -> str:
     """``auto`` -> ``cuda`` when torch sees a GPU, else ``mps`` when available, else ``cpu``."""
@@ -320,6 +323,8 @@ class TransformersEngine:
             slots.release()
             raise
         job.add_done_callback(lambda _: slots.release())
+        # A thread that dies before its streamer ends (e.g. torch rejects the seed) still wakes the reader.
+        job.add_done_callback(lambda _: queue.put_nowait(_END))
         self._requests += 1
         self._running += 1
         self._active.add(stop_event)
@@ -328,7 +333,7 @@ class TransformersEngine:
         finished = False
         try:
             while True:
-                item = await queue.get()
+                item = await next_item(queue, job)
                 if item is _END:
                     break
                 ids.extend(item)
@@ -381,6 +386,23 @@ class _Adapter:
 
     def __del__(self) -> None:
         self._engine._release_adapter(self.name)
+
+
+async def next_item(queue: asyncio.Queue[Any], job: asyncio.Future[Any], poll_s: float = _POLL_S) -> Any:
+    """The next item the generation thread put on ``queue``, or ``_END`` once the thread has ended.
+
+    Every wait is bounded by ``poll_s``; between waits the reader checks that ``job`` (the
+    thread) still runs, so a thread that ends without a last item cannot leave it waiting
+    forever. The caller then awaits ``job``, which re-raises the thread's exception.
+    """
+    if poll_s <= 0:
+        raise ValueError(f"poll_s must be positive, got {poll_s}")
+    while True:
+        try:
+            return await asyncio.wait_for(queue.get(), poll_s)
+        except TimeoutError:
+            if job.done() and queue.empty():
+                return _END
 
 
 def _log_thread_error(job: asyncio.Future[Any]) -> None:
