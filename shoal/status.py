@@ -83,6 +83,8 @@ class ApplicationStatusOverview:
 @dataclass
 class ServeStatus:
     proxies: dict[str, ProxyStatus] = field(default_factory=dict)
+    # shoal: why a proxy is not HEALTHY, e.g. "restarting in 4 s (crashed 3 times)".
+    proxy_messages: dict[str, str] = field(default_factory=dict)
     applications: dict[str, ApplicationStatusOverview] = field(default_factory=dict)
     target_capacity: float | None = None
     http_address: str = ""

@@ -307,6 +307,8 @@ def status(address: str | None, as_json: bool, watch: bool, interval: float, ite
     console.print(f"instance: {addr}   http: {data['http_address'] or '(no proxy)'}")
     if data.get("resources"):
         console.print(data["resources"])
+    for proxy_id, message in (data.get("proxy_messages") or {}).items():
+        console.print(f"proxy {proxy_id}: {data['proxies'].get(proxy_id, '')} {message}")
     if not data["applications"]:
         console.print("no applications deployed")
         return

@@ -238,7 +238,7 @@ def test_make_room_retires_one_old_replica_at_a_time() -> None:
 
 
 # ---- the HTTP front ----------------------------------------------------------------------
-def test_front_gives_up_on_a_proxy_that_keeps_dying(tmp_path: Path) -> None:
+def test_front_start_fails_when_the_proxy_never_serves(tmp_path: Path) -> None:
     from shoal.observability.controller_metrics import ControllerMetrics
     from shoal.runtime.controller.front import Front
     from shoal.runtime.controller.records import MAX_PROXY_RESTARTS, ProxyRecord

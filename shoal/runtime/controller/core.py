@@ -521,4 +521,4 @@ class Controller:
 
     def status(self) -> ServeStatus:
         return serve_status(self.registry, self.canaries, self.proxy, self.settings.http, self.http_port,
-                            self.ledger.summary())
+                            self.ledger.summary(), self.front.restart_message())

@@ -11,6 +11,7 @@ import sys
 import uuid
 
 from shoal.observability.controller_metrics import ControllerMetrics
+from shoal.runtime.controller.backoff import next_delay, streak
 from shoal.runtime.controller.clock import Clock
 from shoal.runtime.controller.records import MAX_PROXY_RESTARTS, ProxyRecord, Settings
 from shoal.runtime.controller.supervisor import Supervisor
@@ -58,7 +59,7 @@ class Front:
         self.store.set_meta("http_port", str(self.http_port))
 
     def spawn_proxy(self) -> None:
-        """Start a proxy process on the listening socket (a restart counts against the limit)."""
+        """Start a proxy process on the listening socket (a restart keeps the crash streak)."""
         assert self.listen_sock is not None
         from shoal.runtime.http.options import FrontOptions
         from shoal.runtime.proxy import ProxyBootstrap
@@ -70,10 +71,10 @@ class Front:
                               os.getpid(), self.settings.die_with_parent, self.settings.log_level, list(sys.path),
                               fd_path=self.fd_path, log_dir=run_dir.logs_dir)
         proc = self.supervisor.spawn("shoal.runtime.proxy", boot, pass_fds=(self.listen_sock.fileno(),))
-        restarts = self.proxy.restarts + 1 if self.proxy else 0
+        restarts = self.proxy.restarts if self.proxy else 0
         if self.proxy is not None:
             self.store.delete_process(self.proxy.process_id)
-        self.proxy = ProxyRecord(process_id, proc, restarts=restarts)
+        self.proxy = ProxyRecord(process_id, proc, restarts=restarts, started_at=self.clock.monotonic())
         self.store.save_process(process_id, "proxy", proc.pid)
 
     def adopt(self, row: ProcessRow) -> bool:
@@ -88,7 +89,8 @@ class Front:
         sock.set_inheritable(True)
         self.listen_sock = sock
         self.http_port = sock.getsockname()[1]
-        self.proxy = ProxyRecord(row.process_id, self.supervisor.adopt(row.pid), ready=True)
+        self.proxy = ProxyRecord(row.process_id, self.supervisor.adopt(row.pid), ready=True,
+                                 started_at=self.clock.monotonic())
         logger.info("adopted the HTTP proxy (pid %d) on port %d", row.pid, self.http_port)
         return True
 
@@ -101,19 +103,33 @@ class Front:
             await asyncio.sleep(0.01)
 
     def watch(self) -> None:
-        """Restart a proxy that exited, up to :data:`MAX_PROXY_RESTARTS` times."""
+        """Restart a proxy that exited, after its CrashLoopBackOff delay (never giving up)."""
         proxy = self.proxy
-        if proxy is None or proxy.proc.poll() is None or proxy.restarts >= MAX_PROXY_RESTARTS:
+        if proxy is None or proxy.proc.poll() is None:
             return
+        now = self.clock.monotonic()
+        if proxy.restart_at is None:
+            self._schedule_restart(proxy, now)
+        if proxy.restart_at is not None and now >= proxy.restart_at:
+            self.spawn_proxy()
+
+    def _schedule_restart(self, proxy: ProxyRecord, now: float) -> None:
+        """A proxy just found dead: count the crash and set when the next one starts."""
+        delay = next_delay(proxy.restarts, proxy.started_at, now)
+        proxy.restarts = streak(proxy.restarts, proxy.started_at, now) + 1
+        proxy.restart_at = now + delay
         proxy.ready = False
-        if proxy.restarts + 1 >= MAX_PROXY_RESTARTS:
-            logger.error("the HTTP proxy exited with code %s %d times; giving up", proxy.proc.returncode,
-                         MAX_PROXY_RESTARTS)
-            proxy.restarts += 1
-            return
-        logger.error("the HTTP proxy exited with code %s; restarting it", proxy.proc.returncode)
         self.metrics.process_exited(proxy.proc.pid)
-        self.spawn_proxy()
+        logger.error("the HTTP proxy exited with code %s (crashed %d times in a row); restarting it in %.0f s",
+                     proxy.proc.returncode, proxy.restarts, delay)
+
+    def restart_message(self) -> str:
+        """'restarting in N s (crashed K times)' while the proxy is down; "" while it runs."""
+        proxy = self.proxy
+        if proxy is None or proxy.restart_at is None:
+            return ""
+        wait = max(0.0, proxy.restart_at - self.clock.monotonic())
+        return f"restarting in {wait:.0f} s (crashed {proxy.restarts} times)"
 
     async def stop(self) -> None:
         """Stop the proxy (gracefully, then by force)."""

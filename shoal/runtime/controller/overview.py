@@ -16,7 +16,7 @@ from shoal.status import (
 
 
 def serve_status(registry: Registry, canaries: CanaryTable, proxy: ProxyRecord | None, http: HTTPOptions,
-                 http_port: int, resources: str) -> ServeStatus:
+                 http_port: int, resources: str, proxy_message: str = "") -> ServeStatus:
     """Every app (its canary nested in it), the proxy, and the resources in use."""
     out = ServeStatus(http_address=f"{http.scheme}://{http.host}:{http_port}" if proxy else "",
                       resources=resources)
@@ -24,6 +24,8 @@ def serve_status(registry: Registry, canaries: CanaryTable, proxy: ProxyRecord |
         alive = proxy.proc.poll() is None
         out.proxies[proxy.process_id] = (ProxyStatus.HEALTHY if proxy.ready and alive
                                     else ProxyStatus.STARTING if alive else ProxyStatus.UNHEALTHY)
+        if proxy_message:
+            out.proxy_messages[proxy.process_id] = proxy_message
     for name, app in registry.apps.items():
         if AppKey.parse(name).is_canary:
             continue

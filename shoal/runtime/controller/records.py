@@ -20,6 +20,8 @@ MAX_START_FAILURES = 3
 # Failed health checks in a row before a replica is replaced.
 MAX_HEALTH_FAILURES = 3
 TICK_S = 0.05
+# Crashes in a row before the proxy first serves after which serve.run/serve.start stop
+# waiting for it (the controller keeps restarting it, see controller/backoff.py).
 MAX_PROXY_RESTARTS = 5
 # A restarted controller waits this long for a still-running replica to reconnect before
 # it gives up on it (and starts a replacement).
@@ -148,4 +150,8 @@ class ProxyRecord:
     proc: Proc
     conn: FramedProtocol | None = None
     ready: bool = False
+    # Crashes in a row (the CrashLoopBackOff streak), when this process started, and when the
+    # next one is due (None while this one runs).
     restarts: int = 0
+    started_at: float = 0.0
+    restart_at: float | None = None
