@@ -83,3 +83,15 @@ def mode(request: pytest.FixtureRequest, run_dir: str) -> Iterator[str]:
 
 def deploy(app: serve.Application, mode: str, **kwargs: object) -> serve.DeploymentHandle:
     return serve.run(app, _local_testing_mode=(mode == "local"), **kwargs)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def proxied(run_dir: str) -> Iterator[Instance]:
+    """An instance whose ingress replicas do not serve HTTP: the proxy process answers everything."""
+    before = child_pids()
+    serve.start(http_options={"port": 0, "ingress_serves_http": False}, _run_dir=run_dir)
+    try:
+        yield Instance(serve.http_address(), run_dir)
+    finally:
+        serve.shutdown()
+    assert wait_until(lambda: not (child_pids() - before), 10), f"left behind: {child_pids() - before}"

@@ -6,11 +6,9 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Iterator
 
 import httpx
-import pytest
-from conftest import Instance, child_pids, wait_until
+from conftest import Instance, wait_until
 
 from shoal import api, serve
 from shoal.runtime.controller.backoff import MAX_DELAY_S
@@ -21,18 +19,6 @@ from shoal.runtime.controller.records import ProxyRecord
 class Echo:
     async def __call__(self, request: object) -> str:
         return "ok"
-
-
-@pytest.fixture
-def proxy_only(run_dir: str) -> Iterator[Instance]:
-    """An instance whose ingress replicas do not accept on the HTTP socket: only the proxy serves."""
-    before = child_pids()
-    serve.start(http_options={"port": 0, "ingress_serves_http": False}, _run_dir=run_dir)
-    try:
-        yield Instance(serve.http_address(), run_dir)
-    finally:
-        serve.shutdown()
-    assert wait_until(lambda: not (child_pids() - before), 10), f"left behind: {child_pids() - before}"
 
 
 def _proxy() -> ProxyRecord:
@@ -56,8 +42,8 @@ def _kill_and_wait_back(url: str, timeout: float) -> None:
         f"the proxy was not back within {timeout} s after crash {old.restarts + 1}")
 
 
-def test_proxy_killed_six_times_keeps_coming_back(proxy_only: Instance) -> None:
-    instance = proxy_only
+def test_proxy_killed_six_times_keeps_coming_back(proxied: Instance) -> None:
+    instance = proxied
     serve.run(Echo.bind())
     assert httpx.get(instance.url + "/", timeout=10).text == "ok"
     for _ in range(6):  # back-offs 0, 1, 2, 4, 8, 16 s: the old limit gave up at the 5th

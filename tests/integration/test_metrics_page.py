@@ -14,11 +14,9 @@ import json
 import os
 import signal
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
-import pytest
 from conftest import Instance, child_pids, wait_until
 from prometheus_client.parser import text_string_to_metric_families
 from starlette.requests import Request
@@ -210,18 +208,6 @@ def _metric_names(expr: str) -> set[str]:
 
     found = set(re.findall(r"([a-zA-Z_:][a-zA-Z0-9_:]*)\s*\{", expr))
     return found | set(re.findall(r"label_values\(([a-zA-Z_:][a-zA-Z0-9_:]*)", expr))
-
-
-@pytest.fixture
-def proxied(run_dir: str) -> Iterator[Instance]:
-    """An instance whose ingress replicas do not serve HTTP: the proxy process answers everything."""
-    before = child_pids()
-    serve.start(http_options={"port": 0, "ingress_serves_http": False}, _run_dir=run_dir)
-    try:
-        yield Instance(serve.http_address(), run_dir)
-    finally:
-        serve.shutdown()
-    assert wait_until(lambda: not (child_pids() - before), 10), f"left behind: {child_pids() - before}"
 
 
 @serve.deployment
