@@ -33,6 +33,10 @@ __all__ = [
     "auto_autoscaling_config",
 ]
 
+# How long a request may wait for a free replica slot, unless the deployment or
+# $SHOAL_MAX_QUEUE_WAIT_S says otherwise (DeploymentConfig.max_queue_wait_s).
+DEFAULT_MAX_QUEUE_WAIT_S = 120.0
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
@@ -157,6 +161,25 @@ class DeploymentConfig(_Strict):
     placement_group_bundles: list[dict[str, NonNegativeFloat]] | None = None
     placement_group_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] | None = None
     num_ranks: PositiveInt | None = None
+    # shoal: seconds a replica's constructor may run before the replica is killed and the start
+    # counts as failed (None: $SHOAL_REPLICA_START_TIMEOUT_S, else 300 s).
+    replica_start_timeout_s: PositiveFloat | None = None
+    # shoal: seconds a request may wait for a free replica slot (in a router's queue, or on an
+    # ingress replica's own front) before it is refused: HTTP 503, BackPressureError for
+    # handles (None: $SHOAL_MAX_QUEUE_WAIT_S, else 120 s). A deployment's first replica is
+    # waited for as long as its start takes (replica_start_timeout_s bounds that).
+    max_queue_wait_s: PositiveFloat | None = None
+
+    def resolved_max_queue_wait_s(self) -> float:
+        """:attr:`max_queue_wait_s`, else ``$SHOAL_MAX_QUEUE_WAIT_S``, else
+        :data:`DEFAULT_MAX_QUEUE_WAIT_S`."""
+        if self.max_queue_wait_s is not None:
+            return float(self.max_queue_wait_s)
+        env = os.environ.get("SHOAL_MAX_QUEUE_WAIT_S", "")
+        try:
+            return float(env) if env and float(env) > 0 else DEFAULT_MAX_QUEUE_WAIT_S
+        except ValueError:
+            return DEFAULT_MAX_QUEUE_WAIT_S
 
     @field_validator("placement_group_bundles")
     @classmethod
@@ -262,6 +285,27 @@ class HTTPOptions(_Strict):
     ssl_certfile: str | None = None
     ssl_keyfile_password: str | None = Field(default=None, repr=False)
     ssl_ca_certs: str | None = None
+    # shoal: connection hygiene, on every HTTP front (see docs/reliability.md). A connection
+    # must deliver a complete request head within request_header_timeout_s of opening (or of
+    # the head's first byte on a kept-alive connection), else it is closed (408 when part of a
+    # head arrived). A request body that brings no bytes for request_body_timeout_s gets 408
+    # and the connection closes. A response that the client does not read for
+    # response_write_timeout_s is cut: the connection is aborted and the request cancelled.
+    request_header_timeout_s: PositiveFloat = 10.0
+    request_body_timeout_s: PositiveFloat = 30.0
+    response_write_timeout_s: PositiveFloat = 30.0
+    # shoal: connections each front holds at once; the effective cap is also at most the
+    # process's soft open-files limit less a reserve. A connection over it gets 503 and closes.
+    max_connections: PositiveInt = 10_000
+    # shoal: a front that drains (an ingress replica stopping, the proxy stepping aside) answers
+    # every request with "Connection: close" from then on and closes idle keep-alive connections
+    # after this grace (None: keep_alive_timeout_s); a connection under a request is never closed.
+    drain_grace_s: NonNegativeFloat | None = None
+    # shoal: request bodies each front holds at once (bytes). A body that does not fit waits
+    # for room at most request_body_budget_wait_s, then gets 503 with Retry-After; a declared
+    # body larger than the whole budget gets 413 (see docs/reliability.md).
+    request_body_budget_bytes: PositiveInt = 512 * 1024 * 1024
+    request_body_budget_wait_s: PositiveFloat = 10.0
 
     @field_validator("root_path")
     @classmethod

@@ -172,6 +172,8 @@ def deployment(
     placement_group_bundles: list[dict[str, float]] | None = ...,
     placement_group_strategy: str | None = ...,
     num_ranks: int | None = ...,
+    replica_start_timeout_s: float | None = ...,
+    max_queue_wait_s: float | None = ...,
 ) -> Callable[[Callable[..., Any]], Deployment]: ...
 
 
@@ -193,6 +195,8 @@ def deployment(
     placement_group_bundles: list[dict[str, float]] | None = UNSET,
     placement_group_strategy: str | None = UNSET,
     num_ranks: int | None = UNSET,
+    replica_start_timeout_s: float | None = UNSET,
+    max_queue_wait_s: float | None = UNSET,
 ) -> Deployment | Callable[[Callable[..., Any]], Deployment]:
     """Turn a class or function into a :class:`Deployment`; usable bare or with options.
 
@@ -221,6 +225,8 @@ def deployment(
         "placement_group_bundles": placement_group_bundles,
         "placement_group_strategy": placement_group_strategy,
         "num_ranks": num_ranks,
+        "replica_start_timeout_s": replica_start_timeout_s,
+        "max_queue_wait_s": max_queue_wait_s,
     }
     given = {k: v for k, v in given.items() if v is not UNSET}
     if given.get("ray_actor_options") is None:

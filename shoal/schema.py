@@ -296,6 +296,8 @@ class DeploymentSchema(_Schema):
     placement_group_bundles: list[dict[str, NonNegativeFloat]] | None = None
     placement_group_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] | None = None
     num_ranks: PositiveInt | None = None
+    replica_start_timeout_s: PositiveFloat | None = None
+    max_queue_wait_s: PositiveFloat | None = None
 
     @field_validator("name")
     @classmethod

@@ -2,10 +2,12 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 
@@ -95,3 +97,11 @@ def proxied(run_dir: str) -> Iterator[Instance]:
     finally:
         serve.shutdown()
     assert wait_until(lambda: not (child_pids() - before), 10), f"left behind: {child_pids() - before}"
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """The fault suite's table (tests/faults/loadgen.py): fault -> ok / failed / hung, recovery."""
+    loadgen = sys.modules.get("loadgen")
+    if loadgen is not None and loadgen.TABLE:
+        terminalreporter.section("fault table")
+        terminalreporter.write_line(loadgen.format_table(loadgen.TABLE))

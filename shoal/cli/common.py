@@ -11,12 +11,34 @@ import click
 from shoal.runtime.rundir import InstanceNotFoundError, RunDir
 
 
-def resolve_address(address: str | None) -> str:
-    """The run directory of the instance to talk to, or a clear error."""
+def resolve_address(address: str | None, *, stop_orphans: bool = False) -> str:
+    """The run directory of the instance to talk to, or a clear error.
+
+    When no controller runs there but processes of the instance still do (their controller
+    died), the error says so; with ``stop_orphans`` (``shoal shutdown``) they are stopped
+    instead and the command ends."""
     try:
         return RunDir.find_running(address).path
     except InstanceNotFoundError as e:
-        raise click.ClickException(str(e)) from None
+        rd = RunDir.for_start(address)
+        orphans = rd.processes() if os.path.isdir(rd.path) else []
+        if not orphans:
+            raise click.ClickException(str(e)) from None
+        pids = ", ".join(map(str, orphans))
+        if not stop_orphans:
+            raise click.ClickException(
+                f"no controller runs at {rd.path}, but {len(orphans)} of its processes still do (pids {pids}): "
+                f"its controller died. `shoal start --address {rd.path}` takes them over (or stops them if its "
+                f"state file is damaged); `shoal shutdown --address {rd.path}` stops them.") from None
+        from shoal.runtime.daemon import stop_orphans as stop
+
+        stopped, left = stop(rd)
+        if left:
+            raise click.ClickException(f"no controller runs at {rd.path}; stopped pids {stopped or '-'} of its "
+                                       f"processes but {', '.join(map(str, left))} would not stop") from None
+        click.echo(f"no controller ran at {rd.path}; stopped the {len(stopped)} process(es) it left behind "
+                   f"(pids {', '.join(map(str, stopped))})")
+        raise SystemExit(0) from None
 
 
 def _admin(address: str, op: str, timeout: float = 30.0, **args: Any) -> Any:

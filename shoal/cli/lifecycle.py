@@ -41,12 +41,14 @@ def start(address: str | None, host: str, port: int, num_gpus: int | None, stric
     Deploy to it with ``shoal deploy config.yaml``; watch it with ``shoal status``; stop it
     with ``shoal shutdown``. Its state lives in ``<address>/state.db``: if the controller
     process dies, the replicas and the proxy keep serving, and running ``shoal start`` again
-    on the same address adopts them without dropping traffic.
+    on the same address adopts them without dropping traffic. A state file that cannot be
+    read is moved aside (``state.db.damaged-<time>``, named in a warning) and the processes
+    nobody can adopt then are stopped before the port is bound.
     """
     from shoal.config import HTTPOptions
     from shoal.runtime.rundir import RunDir
 
-    rd = RunDir.for_start(address)
+    rd = RunDir(os.path.abspath(RunDir.for_start(address).path))
     run_dir = rd.path
     if rd.is_live():
         raise click.ClickException(f"a shoal instance is already running at {run_dir} "
@@ -58,6 +60,13 @@ def start(address: str | None, host: str, port: int, num_gpus: int | None, stric
     try:
         rd.create_private()
     except PermissionError as e:
+        raise click.ClickException(str(e)) from None
+    from shoal.runtime.daemon import prepare_start
+
+    try:  # a damaged state file, processes a dead controller left behind
+        for sentence in prepare_start(rd):
+            click.echo(f"warning: {sentence}", err=True)
+    except (OSError, RuntimeError) as e:
         raise click.ClickException(str(e)) from None
     log_path = log_file or rd.controller_log
     opts = {"run_dir": run_dir, "http": {"host": http.host, "port": http.port, "dashboard": not no_dashboard},
@@ -75,6 +84,9 @@ def start(address: str | None, host: str, port: int, num_gpus: int | None, stric
             break
         time.sleep(0.05)
     else:
+        if rd.is_live():
+            raise click.ClickException(f"the controller (pid {proc.pid}) runs but did not confirm that it serves "
+                                       f"within {WAIT_START_S:.0f}s (is the disk full?); see {log_path}")
         raise click.ClickException(f"the controller did not start within {WAIT_START_S:.0f}s; see {log_path}")
     from shoal.cli.common import _admin
 

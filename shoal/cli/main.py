@@ -301,9 +301,18 @@ def status(address: str | None, as_json: bool, watch: bool, interval: float, ite
         click.echo(json.dumps(data, indent=2))
         return
     from rich.console import Console
+
+    print_status(Console(), addr, data)
+
+
+# A status message is cut to this many characters in the table (the JSON has all of it).
+STATUS_MESSAGE_CHARS = 160
+
+
+def print_status(console: Any, addr: str, data: dict[str, Any]) -> None:
+    """``shoal status`` as text: the proxy, then a table of apps, deployments and messages."""
     from rich.table import Table
 
-    console = Console()
     console.print(f"instance: {addr}   http: {data['http_address'] or '(no proxy)'}")
     if data.get("resources"):
         console.print(data["resources"])
@@ -319,7 +328,7 @@ def status(address: str | None, as_json: bool, watch: bool, interval: float, ite
             replicas = ", ".join(f"{k}: {v}" for k, v in sorted(dep["replica_states"].items())) or "-"
             table.add_row(app_name if first else "", app["status"] if first else "",
                           str(app["route_prefix"]) if first else "", dep_name, dep["status"], replicas,
-                          (dep["message"] or (app["message"] if first else ""))[:80])
+                          (dep["message"] or (app["message"] if first else ""))[:STATUS_MESSAGE_CHARS])
             first = False
     console.print(table)
     _print_versions(console, data["applications"])
@@ -357,7 +366,7 @@ def _print_versions(console: Any, apps: dict[str, Any]) -> None:
 @click.option("--timeout", default=60.0, show_default=True, help="Seconds to wait for it to stop.")
 def shutdown(address: str | None, timeout: float) -> None:
     """Stop a running instance: its replicas, proxy and controller."""
-    addr = resolve_address(address)
+    addr = resolve_address(address, stop_orphans=True)  # no controller: stop what it left running
     _admin(addr, "shutdown")
     deadline = time.monotonic() + timeout
     while RunDir(addr).is_live() and time.monotonic() < deadline:

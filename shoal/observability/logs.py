@@ -16,6 +16,7 @@ so it stays light: no pydantic.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import glob
 import io
@@ -36,6 +37,7 @@ __all__ = [
     "BACKUPS",
     "KEEP_GONE",
     "MAX_BYTES",
+    "DiskFullTolerant",
     "Identity",
     "JSONFormatter",
     "LogFile",
@@ -54,6 +56,9 @@ BACKUPS = 3
 KEEP_GONE = 10
 # How often a file that grows by print() alone (no log record to trigger it) is checked for rotation.
 CHECK_EVERY_S = 5.0
+# A full disk: records that cannot be written are dropped; the terminal hears of it at most this often.
+DROP_WARN_EVERY_S = 60.0
+_DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 
 access_logger = logging.getLogger("shoal.access")
 
@@ -247,6 +252,10 @@ class LogFile(RotatingFileHandler):
         # The size is looked at every this many writes (and every CHECK_EVERY_S by a thread).
         self.check_every = 16
         self._writes = 0
+        # A full disk: records dropped since writing last worked, and when the terminal was told.
+        self.dropped = 0
+        self._failed = False
+        self._warned_at = -DROP_WARN_EVERY_S
         self._claim()
 
     def _claim(self) -> None:
@@ -286,8 +295,53 @@ class LogFile(RotatingFileHandler):
                     return
                 stream.write(line + "\n")
                 stream.flush()
+            except OSError as e:
+                self._dropped(e)
+                return
             except Exception:
+                return
+            self._written()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self._failed = False
+        super().emit(record)
+        if not self._failed:
+            self._written()
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        error = sys.exc_info()[1]
+        if isinstance(error, OSError) and error.errno in _DISK_FULL:
+            self._dropped(error)  # not a traceback per record into a file that cannot grow
+            return
+        super().handleError(record)
+
+    def _dropped(self, error: OSError) -> None:
+        self._failed = True
+        self.dropped += 1
+        now = time.monotonic()
+        if now - self._warned_at < DROP_WARN_EVERY_S:
+            return
+        self._warned_at = now
+        stream = _terminal()
+        if stream is not None:
+            try:
+                stream.write(f"shoal pid={os.getpid()}: log records dropped: cannot write {self.baseFilename} "
+                             f"({error.strerror or error}); {self.dropped} dropped so far\n")
+            except (OSError, ValueError):
                 pass
+
+    def _written(self) -> None:
+        """A write worked: say in the file how many records were dropped before it."""
+        if not self.dropped or self.stream is None:
+            return
+        n, self.dropped = self.dropped, 0
+        self._warned_at = -DROP_WARN_EVERY_S
+        try:
+            self.stream.write(f"{_Stamp()(time.time())} WARNING pid={os.getpid()} shoal.logs: {n} log records "
+                              "dropped while this file could not be written (disk full)\n")
+            self.stream.flush()
+        except (OSError, ValueError):
+            self.dropped += n
 
     def doRollover(self) -> None:
         super().doRollover()
@@ -298,6 +352,33 @@ class LogFile(RotatingFileHandler):
         with self.lock:  # type: ignore[union-attr]
             if self.shouldRollover(None):
                 self.doRollover()
+
+
+class DiskFullTolerant:
+    """This process's stdout or stderr once they point at its log file: a write the disk
+    refuses (full) is dropped instead of raising into the caller (a ``print()`` in a request
+    handler); everything else is the wrapped stream's."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return int(self._stream.write(text))
+        except OSError as e:
+            if e.errno not in _DISK_FULL:
+                raise
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except OSError as e:
+            if e.errno not in _DISK_FULL:
+                raise
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
 
 
 def is_live(path: str) -> bool:
@@ -389,6 +470,10 @@ def setup(who: Identity, *, path: str = "", link: str = "", encoding: str = "TEX
     Without ``path``: records go to stderr in ``encoding``. Idempotent per process.
     """
     global _current, _fast
+    made: LogFile | None = None
+    if path:
+        stream = _terminal()
+        made = LogFile(path, capture=True)  # may raise OSError: then nothing changed
     _fast = None
     root = logging.getLogger()
     for handler in list(root.handlers):
@@ -396,12 +481,9 @@ def setup(who: Identity, *, path: str = "", link: str = "", encoding: str = "TEX
     context = RecordContext(who)
     fmt: logging.Formatter = (JSONFormatter(who, extra_attrs=extra_attrs) if encoding == "JSON"
                               else TextFormatter(who, extra_attrs=extra_attrs))
-    made: LogFile | None = None
-    if path:
-        stream = _terminal()
+    if made is not None:
         if _current is not None:  # reconfigured: write to the new file from now on
             _current.close()
-        made = LogFile(path, capture=True)
         made.setFormatter(fmt)
         made.addFilter(context)
         root.addHandler(made)
@@ -416,9 +498,13 @@ def setup(who: Identity, *, path: str = "", link: str = "", encoding: str = "TEX
             sys.stderr.reconfigure(line_buffering=True)  # type: ignore[union-attr]
         except (AttributeError, ValueError):
             pass
+        if sys.stdout is not None and not isinstance(sys.stdout, DiskFullTolerant):
+            sys.stdout = DiskFullTolerant(sys.stdout)
+        if sys.stderr is not None and not isinstance(sys.stderr, DiskFullTolerant):
+            sys.stderr = DiskFullTolerant(sys.stderr)
         if link and os.path.abspath(link) != os.path.abspath(path):
-            os.makedirs(os.path.dirname(link), mode=0o700, exist_ok=True)
             try:
+                os.makedirs(os.path.dirname(link), mode=0o700, exist_ok=True)
                 os.symlink(os.path.abspath(path), link)
             except FileExistsError:
                 pass

@@ -96,7 +96,7 @@ from shoal.observability.metric_defs import (
     TARGET,
     MetricDef,
 )
-from shoal.observability.multiproc import collect_directory, content_type, drop_dead_gauges
+from shoal.observability.multiproc import Drops, collect_directory, content_type, drop_dead_gauges, install_safe_files
 
 __all__ = [
     "APPLICATION_STATUS",
@@ -154,6 +154,11 @@ __all__ = [
 ]
 
 logger = logging.getLogger("shoal.observability.metrics")
+
+if os.environ.get(MULTIPROC_ENV):
+    # A replica or proxy process: every multiprocess file it creates (its user's own metrics'
+    # too, which may come before the first flush) must have its blocks allocated.
+    install_safe_files()
 
 
 # ---- accumulation on the request path ---------------------------------------------------------
@@ -413,11 +418,17 @@ class ProcessMetrics:
 
 class _Prom:
     """The prometheus-client objects of :data:`METRICS` written by processes (created lazily,
-    at the first flush, so that importing this module never imports prometheus-client)."""
+    at the first flush, so that importing this module never imports prometheus-client).
+
+    A sample that cannot be written (its multiprocess file cannot grow: a full disk) is
+    dropped and counted in :attr:`drops`; serving never notices."""
 
     def __init__(self) -> None:
+        install_safe_files()
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+        self.drops = Drops()
+        self._made: set[tuple[str, tuple[str, ...]]] = set()  # series created in the files
         self.registry = CollectorRegistry(auto_describe=False)
         self.metrics: dict[str, Any] = {}
         for m in METRICS:
@@ -434,16 +445,36 @@ class _Prom:
             else:
                 self.metrics[m.name] = Histogram(m.name, m.help, m.labels, registry=registry, buckets=m.buckets)
 
+    def _child(self, name: str, labels: tuple[str, ...]) -> Any:
+        """The series ``labels`` of ``name``; None when it is new and its file could not grow
+        (a full disk: the sample is dropped)."""
+        try:
+            child = self.metrics[name].labels(*labels)
+        except OSError as e:
+            self.drops.dropped(e)
+            return None
+        key = (name, labels)
+        if key not in self._made:  # a new series was written: the files can grow again
+            self._made.add(key)
+            self.drops.written()
+        return child
+
     def inc(self, name: str, labels: tuple[str, ...], amount: float) -> None:
-        self.metrics[name].labels(*labels).inc(amount)
+        child = self._child(name, labels)
+        if child is not None:
+            child.inc(amount)
 
     def set(self, name: str, labels: tuple[str, ...], value: float) -> None:
-        self.metrics[name].labels(*labels).set(value)
+        child = self._child(name, labels)
+        if child is not None:
+            child.set(value)
 
     def add_hist(self, name: str, labels: tuple[str, ...], h: _Hist) -> None:
         # prometheus-client's Histogram has no "observe many": add the per-bucket counts and the
         # sum to the child's values (stored per bucket, made cumulative when collected).
-        child = self.metrics[name].labels(*labels)
+        child = self._child(name, labels)
+        if child is None:
+            return
         for i, n in enumerate(h.counts):
             if n:
                 child._buckets[i].inc(n)

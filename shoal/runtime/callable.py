@@ -24,6 +24,8 @@ from shoal.context import ReplicaContext, RequestContext, _replica_ctx, _request
 from shoal.runtime.wire import RequestMeta
 
 logger = logging.getLogger("shoal.replica")
+# A cancelled streamed response's generator gets this long to run its cleanup (``finally``).
+CLOSE_BODY_TIMEOUT_S = 5.0
 
 _SYNC, _ASYNC, _GEN, _AGEN = range(4)
 ASGISend = Callable[[dict[str, Any]], Awaitable[None]]
@@ -219,7 +221,23 @@ class UserCallable:
             response: Any = StreamingResponse(self.stream("__call__", (request,), {}, meta))
         else:
             response = to_response(await self.call("__call__", (request,), {}, meta))
-        await response(scope, receive, send)
+        try:
+            await response(scope, receive, send)
+        finally:
+            # A streamed body whose request was cancelled (client gone, timeout): close its
+            # generator now, so that the user's ``finally`` runs at once, not at garbage collection.
+            await _close_body(response)
+
+
+async def _close_body(response: Any) -> None:
+    """Close a streaming response's body iterator (an async generator), bounded in time."""
+    aclose = getattr(getattr(response, "body_iterator", None), "aclose", None)
+    if aclose is None:
+        return
+    try:
+        await asyncio.wait_for(aclose(), CLOSE_BODY_TIMEOUT_S)
+    except (TimeoutError, RuntimeError):
+        logger.warning("a streamed response's generator did not close within %s s", CLOSE_BODY_TIMEOUT_S)
 
 
 def _json_default(o: Any) -> Any:

@@ -5,6 +5,11 @@ its output appended to the instance's log file. The process keeps desired state 
 ``<run_dir>/state.db``; replicas and the proxy do not exit with it, so when it dies (a crash,
 ``kill -9``) they keep serving, and the next ``shoal start`` on the same directory adopts them.
 ``shoal shutdown`` (or SIGTERM) stops everything and forgets the state.
+
+Before a controller starts on a directory, :func:`prepare_start` (run by ``shoal start``, and
+again by the daemon itself) checks the state file: one that cannot be read is moved aside,
+and the instance's processes that the state does not record (all of them, then) are stopped,
+so that none of them holds the HTTP port or serves stale code behind the new controller's back.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from typing import Any
 
 from shoal.config import HTTPOptions
@@ -22,6 +28,7 @@ from shoal.runtime.backend import new_event_loop
 from shoal.runtime.controller import Controller, Settings
 from shoal.runtime.httpguard import exposure_warning
 from shoal.runtime.rundir import RunDir, private_dir
+from shoal.runtime.state import damage, known_pids, set_aside
 from shoal.runtime.wire import new_secret
 
 logger = logging.getLogger("shoal.daemon")
@@ -29,6 +36,96 @@ logger = logging.getLogger("shoal.daemon")
 STATE_FILE = "state.db"
 PID_FILE = "controller.pid"
 LOG_FILE = "controller.log"
+# Stopping the processes a lost controller left behind: SIGTERM, this long to exit, then SIGKILL
+# and this long again.
+ORPHAN_TERM_WAIT_S = 5.0
+ORPHAN_KILL_WAIT_S = 5.0
+_POLL_S = 0.05
+
+
+def _signal(rd: RunDir, pid: int, sig: int) -> bool:
+    """Send ``sig`` to ``pid`` if it is still a process of ``rd``'s instance (through a pidfd
+    where there is one, so a pid reused in between is never hit)."""
+    fd = -1
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return False
+    except (AttributeError, OSError):
+        fd = -1
+    try:
+        if not rd.owns(pid):
+            return False
+        if fd >= 0:
+            signal.pidfd_send_signal(fd, sig)
+        else:
+            os.kill(pid, sig)
+        return True
+    except (ProcessLookupError, PermissionError):
+        return False
+    finally:
+        if fd >= 0:
+            os.close(fd)
+
+
+def _wait_gone(rd: RunDir, pids: list[int], timeout: float) -> list[int]:
+    deadline = time.monotonic() + timeout
+    left = [p for p in pids if rd.owns(p)]
+    while left and time.monotonic() < deadline:
+        time.sleep(_POLL_S)
+        left = [p for p in left if rd.owns(p)]
+    return left
+
+
+def stop_processes(rd: RunDir, pids: list[int], term_wait_s: float = ORPHAN_TERM_WAIT_S,
+                   kill_wait_s: float = ORPHAN_KILL_WAIT_S) -> list[int]:
+    """Stop processes of ``rd``'s instance (SIGTERM, then SIGKILL); the pids still alive after."""
+    for pid in pids:
+        _signal(rd, pid, signal.SIGTERM)
+    left = _wait_gone(rd, pids, term_wait_s)
+    for pid in left:
+        _signal(rd, pid, signal.SIGKILL)
+    return _wait_gone(rd, left, kill_wait_s)
+
+
+def stop_orphans(rd: RunDir) -> tuple[list[int], list[int]]:
+    """Stop every process of the instance at ``rd`` (no controller runs there): (stopped, left)."""
+    found = rd.processes()
+    left = stop_processes(rd, found) if found else []
+    return [p for p in found if p not in left], left
+
+
+def prepare_start(rd: RunDir) -> list[str]:
+    """Make ``rd`` ready for a new controller (none runs there): set a damaged state file
+    aside, stop the instance's processes the state does not record. What was done, as
+    sentences for the user; raises ``RuntimeError`` when a process would not stop."""
+    said: list[str] = []
+    others = rd.controllers()
+    if others:
+        raise RuntimeError(f"a controller process of {rd.path} runs but does not answer (pid "
+                           f"{', '.join(map(str, others))}: starting, or hung); wait, or stop it and start again")
+    state = rd.state_db
+    reason = damage(state)
+    if reason is not None:
+        moved = set_aside(state)
+        said.append(f"the state file {state} is damaged ({reason}); moved it aside to {moved}. "
+                    "The instance starts empty: deploy your applications again.")
+    try:
+        os.unlink(rd.controller_pid)  # a dead controller's
+    except OSError:
+        pass
+    known = known_pids(state) or set()
+    orphans = [p for p in rd.processes() if p not in known]
+    if orphans:
+        left = stop_processes(rd, orphans)
+        stopped = [p for p in orphans if p not in left]
+        if stopped:
+            said.append(f"stopped {len(stopped)} process(es) left running by the previous controller of {rd.path} "
+                        f"that its state does not record (pids {', '.join(map(str, stopped))})")
+        if left:
+            raise RuntimeError(f"processes of the previous controller of {rd.path} would not stop "
+                               f"(pids {', '.join(map(str, left))}); stop them and start again")
+    return said
 
 
 def instance_secret(run_dir: str) -> bytes:
@@ -43,21 +140,23 @@ def instance_secret(run_dir: str) -> bytes:
     except OSError:
         pass
     secret = new_secret()
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, secret)
-    finally:
-        os.close(fd)
+    RunDir(run_dir).write_secret(secret)
     return secret
 
 
 def _write_pid(run_dir: str) -> None:
-    with open(RunDir(run_dir).controller_pid, "w") as f:
-        f.write(f"{os.getpid()}\n")
+    """Write the pid file whole (a temporary file renamed), or raise ``OSError``."""
+    RunDir(run_dir).write_controller_pid(os.getpid())
 
 
 async def serve(opts: dict[str, Any]) -> int:
-    run_dir = private_dir(str(opts["run_dir"]))
+    run_dir = private_dir(os.path.abspath(str(opts["run_dir"])))
+    try:
+        for sentence in prepare_start(RunDir(run_dir)):
+            logger.warning("%s", sentence)
+    except (OSError, RuntimeError) as e:
+        logger.error("could not start: %s", e)
+        return 1
     settings = Settings(
         run_dir=run_dir,
         http=HTTPOptions(**opts.get("http", {})),
@@ -66,7 +165,11 @@ async def serve(opts: dict[str, Any]) -> int:
         die_with_parent=False,
         state_path=RunDir(run_dir).state_db,
     )
-    controller = Controller(settings, instance_secret(run_dir))
+    try:
+        controller = Controller(settings, instance_secret(run_dir))
+    except Exception as e:  # the state file (disk full, unreadable) or the secret
+        logger.error("could not start: %s", e)
+        return 1
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, controller.shutdown_requested.set)
@@ -77,7 +180,10 @@ async def serve(opts: dict[str, Any]) -> int:
         logger.error("could not start: %s", e)
         await controller.shutdown()
         return 1
-    _write_pid(run_dir)
+    try:
+        _write_pid(run_dir)
+    except OSError as e:  # serving matters more: `shoal start` will say it could not confirm
+        logger.error("cannot write %s (%s); serving anyway", RunDir(run_dir).controller_pid, e.strerror or e)
     logger.info("controller pid %d serving %s; HTTP on %s://%s:%d", os.getpid(), run_dir, settings.http.scheme,
                 settings.http.host, controller.http_port)
     warning = exposure_warning(settings.http)

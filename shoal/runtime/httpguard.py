@@ -9,6 +9,8 @@ this module holds the parts of them that are about trust (the request path's gua
   head (request line and headers): httptools itself buffers headers without limit, so a
   client could grow a server's memory by sending one endless header. Past the bound the
   client gets 431 and the connection closes.
+* :func:`guarded_protocol` — the same, plus connection hygiene (request head, body and write
+  timeouts, the connection cap, Envoy-style draining): see :mod:`shoal.runtime.http.connections`.
 * :class:`Authenticator` — API keys (compared in constant time) and the optional auth hook.
 * :func:`ssl_config` — uvicorn's TLS settings from the front's options.
 * :func:`exposure_warning` — the warning for a public address without authentication.
@@ -18,6 +20,7 @@ Nothing here imports pydantic: proxy processes start without it.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import importlib
@@ -30,6 +33,15 @@ import ssl
 from collections.abc import Callable, Sequence
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any
+
+from shoal.runtime.http.connections import (
+    MAX_LINGERING,
+    REFUSED_LINGER_S,
+    ConnLimits,
+    FrontConnections,
+    Pool,
+    StallTimer,
+)
 
 if TYPE_CHECKING:  # at run time the mixin's base is object; head_limited_protocol adds uvicorn's class
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol as _ProtocolBase
@@ -44,14 +56,14 @@ Headers = Sequence[tuple[bytes, bytes]]
 # ---- request head limit --------------------------------------------------------------------
 
 
-def error_bytes(status: int, reason: str, text: str) -> bytes:
+def error_bytes(status: int, reason: str, text: str, extra: str = "") -> bytes:
     """A complete HTTP/1.1 error response with a short JSON body and a new request id; the
-    connection closes after it."""
+    connection closes after it. ``extra``: more header lines, each ending in CRLF."""
     request_id = os.urandom(8).hex()
     body = json.dumps({"error": text, "request_id": request_id}).encode()
     return (
         f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n"
-        f"x-request-id: {request_id}\r\nconnection: close\r\n\r\n"
+        f"x-request-id: {request_id}\r\n{extra}connection: close\r\n\r\n"
     ).encode() + body
 
 
@@ -102,12 +114,20 @@ class _HeadLimit(_ProtocolBase):
         if cycle is not None and not cycle.response_complete:
             transport.close()
             return
-        transport.write(error_bytes(431, "Request Header Fields Too Large", "request header fields too large"))
+        self._answer_and_close(431, "Request Header Fields Too Large", "request header fields too large")
+
+    def _answer_and_close(self, status: int, reason: str, text: str, linger_s: float = LINGER_S,
+                          extra: str = "") -> None:
+        """Write a complete error answer and close the connection, dropping what still comes."""
+        self._refused = True
+        self._head_open = False
+        transport = self.transport
+        transport.write(error_bytes(status, reason, text, extra))
         # Closing while the client still sends would reset the connection and lose the answer
         # on its way: end our side, drop what the client still sends, close a moment later.
         if transport.can_write_eof():
             transport.write_eof()
-            self.loop.call_later(LINGER_S, transport.close)
+            self.loop.call_later(linger_s, transport.close)
         else:
             transport.close()
 
@@ -139,6 +159,224 @@ def head_limited_protocol(max_header_bytes: int) -> type[Any]:
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
     return type("HeadLimitedProtocol", (_HeadLimit, HttpToolsProtocol), {"max_header_bytes": max_header_bytes})
+
+
+# ---- connection hygiene: timeouts, the connection cap, draining ----------------------------
+
+
+class _Guarded(_HeadLimit):
+    """Connection hygiene (see :mod:`shoal.runtime.http.connections`), mixed in before
+    uvicorn's ``HttpToolsProtocol`` by :func:`guarded_protocol`, which sets the class's
+    ``limits``, ``front`` (every connection of the front: the cap) and ``pool`` (the
+    connections of one listening server: the drain).
+
+    Timers: one for the request head (armed when a connection opens, when bytes arrive on an
+    idle kept-alive connection, and at a head's first byte), one for the request body (a
+    :class:`~shoal.runtime.http.connections.StallTimer`: progress costs nothing), one for a
+    write the client does not read (armed while the transport has paused writing).
+    """
+
+    limits = ConnLimits()
+    front: FrontConnections
+    pool: Pool
+    _member = False  # counted in front and pool
+    _lingering = False  # refused over the cap, lingering
+    _head_started = False  # part of a request head arrived
+    _head_timer: asyncio.TimerHandle | None = None
+    _body_timer: StallTimer | None = None
+    _write_timer: asyncio.TimerHandle | None = None
+
+    # -- the connection
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)  # type: ignore[arg-type]
+        front = self.front
+        if len(front.live) >= self.limits.max_connections:
+            self._refuse_connection()
+            return
+        front.live.add(self)
+        self.pool.add(self)
+        self._member = True
+        self._arm_head()
+
+    def _refuse_connection(self) -> None:
+        front = self.front
+        front.refused += 1
+        self._warn("cap", "%d connection(s) over the front's cap of %d answered 503 (latest from %s)",
+                   self.limits.max_connections, self._client())
+        linger = 0.0
+        if front.lingering < MAX_LINGERING:
+            front.lingering += 1
+            self._lingering = True
+            linger = REFUSED_LINGER_S
+        self._answer_and_close(503, "Service Unavailable", "too many connections", linger_s=linger,
+                               extra="retry-after: 1\r\n")
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._stop_timers()
+        if self._member:
+            self._member = False
+            self.front.release(self)
+            self.pool.discard(self)
+        if self._lingering:
+            self._lingering = False
+            self.front.lingering -= 1
+        super().connection_lost(exc)
+
+    def _stop_timers(self) -> None:
+        for handle in (self._head_timer, self._write_timer):
+            if handle is not None:
+                handle.cancel()
+        self._head_timer = self._write_timer = None
+        if self._body_timer is not None:
+            self._body_timer.stop()
+
+    def _in_flight(self) -> bool:
+        cycle = self.cycle
+        return (cycle is not None and not cycle.response_complete) or bool(self.pipeline)
+
+    def _idle(self) -> bool:
+        """No request on the connection, not even part of one."""
+        return not self._in_flight() and not self._head_started
+
+    def _client(self) -> str:
+        return self.client[0] if self.client else "?"
+
+    def _warn(self, kind: str, message: str, *args: object) -> None:
+        """A warning about a cut connection, with how many there were (rate-limited per kind)."""
+        count = self.front.note(kind, self.loop.time())
+        if count:
+            logger.warning(message, count, *args)
+
+    # -- the request head
+    def _arm_head(self) -> None:
+        if self._head_timer is None:
+            self._head_timer = self.loop.call_later(self.limits.header_timeout_s, self._head_timeout)
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        # Bytes on an idle connection (uvicorn's keep-alive timer stops at any byte): a head
+        # must now complete in time, even if the bytes were only blank lines.
+        if not self._refused and self._head_timer is None and not self._in_flight():
+            transport = self.transport
+            if transport is not None and not transport.is_closing():
+                self._arm_head()
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._head_started = True
+        self._arm_head()
+
+    def on_headers_complete(self) -> None:
+        self._head_started = False
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+        super().on_headers_complete()
+        if self.pool.draining and self.cycle is not None:
+            self.cycle.keep_alive = False  # draining: answered with Connection: close
+        if self._body_timer is None:
+            self._body_timer = StallTimer(self.loop, self.limits.body_timeout_s, self._body_timeout)
+        self._body_timer.start()  # stopped at once by on_message_complete when there is no body
+
+    def _head_timeout(self) -> None:
+        self._head_timer = None
+        transport = self.transport
+        if transport is None or transport.is_closing() or self._refused:
+            return
+        if self._in_flight():
+            self._arm_head()  # a pipelined head behind a request: judged once that one is answered
+            return
+        if not self._head_started:
+            transport.close()  # nothing arrived: nobody is owed an answer
+            return
+        self._warn("head", "%d request head(s) incomplete after %ss answered 408 (latest from %s)",
+                   self.limits.header_timeout_s, self._client())
+        self._answer_and_close(408, "Request Timeout", "request head timed out")
+
+    # -- the request body
+    def on_body(self, body: bytes) -> None:
+        if self._body_timer is not None:
+            self._body_timer.progress()
+        super().on_body(body)
+
+    def on_message_complete(self) -> None:
+        if self._body_timer is not None:
+            self._body_timer.stop()
+        super().on_message_complete()
+
+    def _body_timeout(self) -> None:
+        transport = self.transport
+        if transport is None or transport.is_closing() or self._refused:
+            return
+        cycle = self.cycle
+        # Not the client's stall: this side stopped reading (a full buffer, a pipelined request),
+        # or the client waits for "100 Continue", which goes out once the handler reads the body.
+        if self.flow.read_paused or (cycle is not None and cycle.waiting_for_100_continue):
+            assert self._body_timer is not None
+            self._body_timer.start()
+            return
+        self._warn("body", "%d request body(ies) without bytes for %ss answered 408 or closed (latest from %s)",
+                   self.limits.body_timeout_s, self._client())
+        if cycle is not None and not cycle.response_complete:
+            cycle.disconnected = True  # the handler waiting for the body gets http.disconnect
+            cycle.message_event.set()
+        if cycle is None or cycle.response_started:
+            transport.close()  # a response is under way or done: no clean answer is possible
+            return
+        self._answer_and_close(408, "Request Timeout", "request body timed out")
+
+    # -- the response: a client that does not read
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        if self._write_timer is None:
+            self._write_timer = self.loop.call_later(self.limits.write_timeout_s, self._write_timeout)
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if self._write_timer is not None:
+            self._write_timer.cancel()
+            self._write_timer = None
+
+    def _write_timeout(self) -> None:
+        self._write_timer = None
+        transport = self.transport
+        if transport is None:
+            return
+        self._warn("write", "%d client(s) read nothing of a response for %ss: connection aborted, request "
+                   "cancelled (latest %s)", self.limits.write_timeout_s, self._client())
+        # abort(): close() would wait for the unread buffer to be sent. The request sees the
+        # client gone (http.disconnect) and is cancelled upstream.
+        transport.abort()
+
+    # -- draining (Pool)
+    def drain_started(self) -> None:
+        # The newest request received says Connection: close (closing after an older one would
+        # drop the pipelined ones behind it); a response already under way cannot say it.
+        cycle = self.pipeline[0][0] if self.pipeline else self.cycle
+        if cycle is not None and not cycle.response_started:
+            cycle.keep_alive = False
+
+    def grace_over(self) -> None:
+        transport = self.transport
+        if transport is not None and not transport.is_closing() and self._idle():
+            transport.close()
+        # else: its request's answer closes it (Connection: close), or on_response_complete does
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        transport = self.transport
+        if self.pool.grace_done and transport is not None and not transport.is_closing() and self._idle():
+            transport.close()  # a response begun before the drain (no Connection: close) is over
+
+
+def guarded_protocol(max_header_bytes: int, limits: ConnLimits, front: FrontConnections, pool: Pool) -> type[Any]:
+    """uvicorn's httptools protocol with the request head limit (:class:`_HeadLimit`) and
+    connection hygiene (:class:`_Guarded`) for one listening server of a front: ``front``
+    holds every connection of the front (the cap), ``pool`` this server's (the drain)."""
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+    return type("GuardedProtocol", (_Guarded, HttpToolsProtocol),
+                {"max_header_bytes": max_header_bytes, "limits": limits, "front": front, "pool": pool})
 
 
 # ---- authentication ------------------------------------------------------------------------

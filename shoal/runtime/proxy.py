@@ -17,6 +17,7 @@ import signal
 import socket
 import sys
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,13 +27,15 @@ from shoal.observability.logs import Identity, proxy_log_path
 from shoal.observability.logs import setup as setup_log_file
 from shoal.runtime import backend
 from shoal.runtime.client import ControllerClient
+from shoal.runtime.http.acceptor import STANDBY_DELAY_S, Acceptor
 from shoal.runtime.http.admit import LocalIngress, RouterSource
 from shoal.runtime.http.app import ProxyApp
+from shoal.runtime.http.connections import ConnLimits, FrontConnections, Pool
 from shoal.runtime.http.errors import error_status
 from shoal.runtime.http.exchange import WATCH_AFTER_S
 from shoal.runtime.http.options import FrontOptions
 from shoal.runtime.http.routes import canary_share
-from shoal.runtime.httpguard import head_limited_protocol, ssl_config
+from shoal.runtime.httpguard import guarded_protocol, ssl_config
 from shoal.runtime.lifeline import ORPHAN_TIMEOUT_S, die_with_parent
 from shoal.runtime.wire import ProxyReady, Role, Routes, Stop
 
@@ -142,64 +145,155 @@ def main() -> None:
     os._exit(0)
 
 
-class HTTPFront:
-    """uvicorn serving an ASGI app on (a duplicate of) an inherited listening socket.
+@dataclass(eq=False)
+class _Serving:
+    """One uvicorn server of a front, and its connections (draining once it stops accepting)."""
 
-    ``pause()`` stops accepting new connections but lets the open ones (keep-alive clients)
-    go on being served until they close; ``start()`` accepts again; ``stop()`` shuts down,
-    finishing requests in flight and closing idle connections.
+    server: Any
+    task: asyncio.Task[None]
+    pool: Pool
+    acceptor: Acceptor
+
+
+# After a drain (or a stop's graceful timeout), uvicorn's own shutdown has this long to close
+# what is left before it cancels the requests still running.
+FORCE_CLOSE_S = 0.5
+# How long the proxy process, told to stop, drains its connections (the controller kills it
+# 5 s after asking it to stop).
+PROXY_STOP_S = 4.0
+
+
+class HTTPFront:
+    """uvicorn serving an ASGI app on (a duplicate of) an inherited listening socket, with
+    connection hygiene (:mod:`shoal.runtime.http.connections`).
+
+    ``pause()`` stops accepting new connections and drains the open ones as Envoy drains
+    HTTP/1.1: every response from then on carries ``Connection: close``, idle keep-alive
+    connections are closed after the drain grace, and a connection is never closed under a
+    request; ``start()`` accepts again (on a new server; the paused one finishes draining);
+    ``stop()`` drains everything and shuts down once the connections are gone, or after
+    ``timeout`` (then what still runs is cancelled).
     """
 
-    def __init__(self, app: Any, fd: int, options: FrontOptions) -> None:
+    def __init__(self, app: Any, fd: int, options: FrontOptions, accept_limit: Callable[[], int] | None = None) -> None:
         self.app = app
         self.fd = fd
         self.options = options
-        self.server: Any = None  # the accepting uvicorn.Server
-        self.task: asyncio.Task[None] | None = None
-        self.paused: list[tuple[Any, asyncio.Task[None]]] = []  # servers that only finish connections
+        self.limits = ConnLimits.of(options)
+        self.connections = FrontConnections()  # every connection of this front: the cap counts them
+        # An ingress replica's front accepts only while it holds fewer connections than this
+        # (its max_ongoing_requests): see shoal.runtime.http.acceptor.
+        self.accept_limit = accept_limit
+        self.connections.on_release = self._room
+        self.serving: _Serving | None = None  # the accepting server
+        self.paused: list[_Serving] = []  # servers that only finish (drain) their connections
+        self._retiring: set[asyncio.Task[None]] = set()
 
-    async def start(self) -> None:
+    @property
+    def server(self) -> Any:
+        """The accepting uvicorn.Server (None while paused or stopped)."""
+        return self.serving.server if self.serving is not None else None
+
+    @property
+    def draining(self) -> bool:
+        """Whether the front is not accepting (paused or stopped) and drains what is open."""
+        return self.serving is None
+
+    def _admits(self) -> bool:
+        limit = self.accept_limit
+        return limit is None or len(self.connections.live) < limit()
+
+    def _room(self) -> None:
+        """A connection closed: an acceptor held back by the accept limit may accept again."""
+        if self.serving is not None:
+            self.serving.acceptor.start()
+
+    async def start(self, standby: bool = False) -> None:
+        """Accept connections; ``standby``: only those nobody else took within
+        :data:`~shoal.runtime.http.acceptor.STANDBY_DELAY_S` (the proxy, while ingress replicas
+        serve the port)."""
         import uvicorn
 
-        if self.server is not None:
+        if self.serving is not None:
+            self.serving.acceptor.delay_s = STANDBY_DELAY_S if standby else 0.0
             return
         # socket(fileno=) detects the address family; uvicorn's fd= option assumes a Unix
         # socket, which would leave TCP_NODELAY off (~40 ms per response to delayed ACKs).
         sock = socket.socket(fileno=os.dup(self.fd))
-        config = uvicorn.Config(self.app, loop="none", http=head_limited_protocol(self.options.max_header_bytes),
-                                lifespan="off", access_log=False,
+        pool = Pool()
+        protocol = guarded_protocol(self.options.max_header_bytes, self.limits, self.connections, pool)
+        config = uvicorn.Config(self.app, loop="none", http=protocol, lifespan="off", access_log=False,
                                 proxy_headers=False, log_level="warning", server_header=False, date_header=False,
-                                timeout_keep_alive=int(self.options.keep_alive_timeout_s), **ssl_config(self.options))
+                                timeout_keep_alive=self.options.keep_alive_timeout_s,  # type: ignore[arg-type]
+                                **ssl_config(self.options))
         server = uvicorn.Server(config)
-        task = asyncio.get_running_loop().create_task(server.serve(sockets=[sock]))
+        loop = asyncio.get_running_loop()
+        # uvicorn listens on nothing itself: the acceptor decides which connections this front
+        # takes and hands them to uvicorn's protocol.
+        task = loop.create_task(server.serve(sockets=[]))
         while not server.started:
             if task.done():
                 task.result()
                 raise RuntimeError("the HTTP server stopped while starting")
             await asyncio.sleep(0.005)
-        self.server, self.task = server, task
 
-    def pause(self) -> None:
-        if self.server is None or self.task is None:
+        def connection() -> Any:
+            return config.http_protocol_class(config=config, server_state=server.server_state,  # type: ignore[call-arg]
+                                              app_state=server.lifespan.state)
+
+        acceptor = Acceptor(loop, sock, connection, ssl=config.ssl, admit=self._admits,
+                            delay_s=STANDBY_DELAY_S if standby else 0.0)
+        self.serving = _Serving(server, task, pool, acceptor)
+        acceptor.start()
+
+    def pause(self, grace: float | None = None) -> None:
+        """Stop accepting; drain the open connections (see the class docstring), closing idle
+        ones after ``grace`` seconds (default: the configured drain grace)."""
+        serving = self.serving
+        if serving is None:
             return
-        for listener in self.server.servers:
-            listener.close()  # no new connections; open ones are left alone
-        self.paused.append((self.server, self.task))
-        self.server = self.task = None
-        # Forget servers whose connections are all gone.
-        self.paused = [(s, t) for s, t in self.paused if s.server_state.connections and not t.done()]
+        self.serving = None
+        serving.acceptor.close()  # no new connections; the kernel hands them to other processes
+        serving.pool.drain(asyncio.get_running_loop(), self.limits.drain_grace_s if grace is None else grace)
+        self.paused.append(serving)
+        retire = asyncio.get_running_loop().create_task(self._retire(serving))
+        self._retiring.add(retire)
+        retire.add_done_callback(self._retiring.discard)
 
-    async def stop(self, timeout: float = 10.0) -> None:
-        running = self.paused + ([(self.server, self.task)] if self.server is not None and self.task else [])
-        self.server = self.task = None
-        self.paused = []
-        for server, _ in running:
-            server.should_exit = True
-        for _, task in running:
+    async def _retire(self, serving: _Serving) -> None:
+        """Shut a paused server down once its connections are gone."""
+        await serving.pool.empty.wait()
+        if serving in self.paused:
+            self.paused.remove(serving)
+        await self._shut(serving)
+
+    @staticmethod
+    async def _shut(serving: _Serving, timeout: float = FORCE_CLOSE_S + 2.0) -> None:
+        serving.server.config.timeout_graceful_shutdown = FORCE_CLOSE_S
+        serving.server.should_exit = True
+        try:
+            await asyncio.wait_for(asyncio.shield(serving.task), timeout)
+        except (TimeoutError, Exception):
+            pass
+
+    async def stop(self, timeout: float = 10.0, grace: float | None = None) -> None:
+        """Drain every connection, then shut down; after ``timeout`` what is left is closed
+        (requests still running are cancelled). ``grace``: how long idle connections may still
+        send a request (default: the configured drain grace); 0 when nobody else would serve it."""
+        self.pause(grace)
+        running, self.paused = self.paused, []
+        if grace == 0:
+            for serving in running:
+                serving.pool.end_grace()  # those paused earlier too: idle connections close now
+        retiring = list(self._retiring)
+        for task in retiring:
+            task.cancel()
+        if running:
             try:
-                await asyncio.wait_for(task, timeout)
-            except (TimeoutError, Exception):
-                pass
+                await asyncio.wait_for(asyncio.gather(*(s.pool.empty.wait() for s in running)), timeout)
+            except TimeoutError:
+                logger.warning("HTTP connections still open after %ss of draining: closing them", timeout)
+        await asyncio.gather(*(self._shut(s) for s in running))
 
 
 async def _serve(boot: ProxyBootstrap) -> None:
@@ -247,14 +341,19 @@ async def _serve(boot: ProxyBootstrap) -> None:
             if want:
                 await front.start()
             else:
+                # Connections move to the replicas (drained here), and this process stands by
+                # for those the replicas leave: all at their limit, or too busy to accept.
                 front.pause()
+                await front.start(standby=True)
 
     follower = loop.create_task(follow_toggles())
     closed = loop.create_task(client.closed.wait())
     stopping = loop.create_task(stop.wait())
     await asyncio.wait({closed, stopping}, return_when=asyncio.FIRST_COMPLETED)
     follower.cancel()
-    await front.stop()
+    # With no route left (the instance shuts down) nobody would serve an idle connection's
+    # next request: no drain grace then.
+    await front.stop(PROXY_STOP_S, None if app.table.entries else 0.0)
     client.close()
 
 

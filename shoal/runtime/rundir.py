@@ -5,6 +5,10 @@ the logs and the metrics of one shoal instance live.
 how the default directory is chosen (class methods, one per situation: a new in-process
 instance, ``shoal start``, a command that talks to a running instance, ``shoal logs``).
 
+Every replica and proxy process of an instance is started with :data:`PROCESS_MARKER_ENV`
+naming the directory's metrics folder: :meth:`RunDir.processes` finds them by it in ``/proc``
+when no controller knows them any more (the controller died and its state file was lost).
+
 It must be private to the user running shoal. Under a shared ``/tmp`` another user could
 create ``/tmp/shoal-<uid>`` (or an instance directory in it) first, with a secret and a socket
 of their own: a client that trusted it would authenticate to their server and unpickle its
@@ -15,6 +19,7 @@ real directory owned by this user (group and other permissions are removed).
 from __future__ import annotations
 
 import glob
+import json
 import os
 import socket
 import stat
@@ -22,10 +27,22 @@ import tempfile
 
 from shoal.exceptions import InstanceNotFoundError
 
-__all__ = ["ENV_VAR", "InstanceNotFoundError", "RunDir", "check_private_dir", "private_dir"]
+__all__ = ["ENV_VAR", "PROCESS_MARKER_ENV", "InstanceNotFoundError", "RunDir", "check_private_dir", "private_dir",
+           "write_whole"]
 
 ENV_VAR = "SHOAL_RUN_DIR"
 DEFAULT_NAME = "default"
+# The variable every replica and proxy process starts with (prometheus-client's multiprocess
+# directory, ``<run dir>/metrics``): which instance a process belongs to.
+PROCESS_MARKER_ENV = "PROMETHEUS_MULTIPROC_DIR"
+# In the command line of every runtime process (``python -m shoal.runtime.<module>``).
+_RUNTIME_MODULE = b"shoal.runtime."
+_DAEMON_MODULE = b"shoal.runtime.daemon"
+
+
+def _read(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
 
 
 def check_private_dir(path: str) -> None:
@@ -106,6 +123,15 @@ class RunDir:
         """Where the proxy hands its listening socket over to its successor."""
         return self._file("http-fd.sock")
 
+    def replica_fd_socket(self, pid: int) -> str:
+        """Where an ingress replica serving HTTP (process ``pid``) hands the listening socket
+        over: a restarted controller takes it there when the proxy died too."""
+        return self._file(f"http-fd-{pid}.sock")
+
+    def fd_holders(self) -> list[str]:
+        """Every hand-over socket of the listening socket: the proxy's first, then replicas'."""
+        return [self.http_fd_socket, *sorted(glob.glob(self._file("http-fd-*.sock")))]
+
     @property
     def controller_log(self) -> str:
         """The log of a detached instance's controller process."""
@@ -151,12 +177,72 @@ class RunDir:
             return f.read()
 
     def write_secret(self, secret: bytes) -> None:
-        """Write the secret, readable by this user only."""
-        fd = os.open(self.secret, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        """Write the secret, readable by this user only: whole or not at all (``OSError`` on a
+        full disk, leaving any previous secret as it was)."""
+        write_whole(self.secret, secret, 0o600)
+
+    def write_controller_pid(self, pid: int) -> None:
+        """Write the controller's pid file whole, or raise ``OSError``."""
+        write_whole(self.controller_pid, f"{pid}\n".encode(), 0o644)
+
+    # -- the instance's processes -------------------------------------------------------------
+
+    def owns(self, pid: int) -> bool:
+        """Whether ``pid`` is a live (not zombie) replica or proxy process of this instance:
+        it runs a shoal runtime module and its environment names this directory's metrics
+        folder. Never decided by a process's name alone."""
         try:
-            os.write(fd, secret)
-        finally:
-            os.close(fd)
+            stat_line = _read(f"/proc/{pid}/stat")
+            cmdline = _read(f"/proc/{pid}/cmdline")
+            environ = _read(f"/proc/{pid}/environ")
+        except OSError:
+            return False
+        state = stat_line.rsplit(b")", 1)[-1].split()[:1]
+        if state in ([b"Z"], [b"X"]) or _RUNTIME_MODULE not in cmdline or _DAEMON_MODULE in cmdline:
+            return False
+        prefix = PROCESS_MARKER_ENV.encode() + b"="
+        for entry in environ.split(b"\0"):
+            if entry.startswith(prefix):
+                value = os.fsdecode(entry[len(prefix):])
+                return os.path.realpath(value) == os.path.realpath(self.metrics_dir)
+        return False
+
+    def controllers(self) -> list[int]:
+        """Live detached controllers (``shoal.runtime.daemon``) started on this directory,
+        answering or not, other than this process."""
+        try:
+            pids = [int(e) for e in os.listdir("/proc") if e.isdigit()]
+        except OSError:
+            return []
+        found = []
+        for pid in pids:
+            if pid == os.getpid():
+                continue
+            try:
+                argv = _read(f"/proc/{pid}/cmdline").split(b"\0")
+                state = _read(f"/proc/{pid}/stat").rsplit(b")", 1)[-1].split()[:1]
+            except OSError:
+                continue
+            if _DAEMON_MODULE not in argv or state in ([b"Z"], [b"X"]):
+                continue
+            try:
+                opts = json.loads(argv[argv.index(_DAEMON_MODULE) + 1])
+                run_dir = str(opts["run_dir"])
+            except (ValueError, IndexError, KeyError, TypeError):
+                continue
+            if os.path.realpath(run_dir) == os.path.realpath(self.path):
+                found.append(pid)
+        return found
+
+    def processes(self) -> list[int]:
+        """The live replica and proxy processes of this instance (see :meth:`owns`), found in
+        ``/proc``; none where there is no ``/proc``."""
+        try:
+            pids = [int(e) for e in os.listdir("/proc") if e.isdigit()]
+        except OSError:
+            return []
+        me = os.getpid()
+        return sorted(p for p in pids if p != me and self.owns(p))
 
     # -- choosing the directory -------------------------------------------------------------
 
@@ -239,3 +325,26 @@ class RunDir:
             if os.path.isdir(default.logs_dir):
                 return default
             raise
+
+
+def write_whole(path: str, data: bytes, mode: int) -> None:
+    """Write ``path`` whole or not at all: a temporary file beside it, renamed over it.
+    ``OSError`` (e.g. a full disk) leaves any previous file as it was."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.close(fd)
+        fd = -1
+        os.replace(tmp, path)
+    except OSError:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    finally:
+        if fd >= 0:
+            os.close(fd)

@@ -15,6 +15,9 @@ kind and the per-connection request id:
     (ERR, rid, exception, traceback_text)
     (REJECT, rid)                                 replica at max_ongoing_requests; try elsewhere
     (CANCEL, rid)                                 caller gave up; replica cancels the task
+    (CREDIT, rid, nbytes)                         the caller consumed nbytes of a stream's frames
+                                                  (flow control: shoal.runtime.flow)
+    (PING, 0) / (PONG, 0)                         liveness probe from a router; the replica answers
 
 Control-plane messages (controller <-> replicas, proxies, clients, CLI) are the frozen
 dataclasses below, each carrying an id for tracing and request/reply matching.
@@ -41,6 +44,9 @@ from shoal.observability.buckets import LATENCY_BUCKETS_MS as _LATENCY_BUCKETS_M
 logger = logging.getLogger("shoal.wire")
 
 REQUEST, OK, ITEM, END, ERR, REJECT, CANCEL = range(7)
+CREDIT = 7
+# A router's liveness probe and the replica's answer (numbered apart from the request kinds).
+PING, PONG = 16, 17
 _HEADER = struct.Struct(">I")
 MAX_FRAME = 1 << 31
 _NONCE = 32
@@ -146,6 +152,8 @@ class Membership:
     gone: str = ""
     # How often callers report their load for autoscaling (0: the deployment does not autoscale).
     metrics_interval_s: float = 0.0
+    # How long a request may wait for a free replica before BackPressureError (0: no bound).
+    max_queue_wait_s: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -237,6 +245,38 @@ def dumps_user(msg: Any) -> bytes:
     return data
 
 
+# A frame whose first byte is _OOB (never the first byte of a pickle, b"\x80") carries
+# out-of-band buffers: (_OOB, pickle length, buffer count), each buffer's length, the pickle,
+# then the buffers (FramedProtocol.send_oob).
+_OOB = 0
+# Frames from this size on are unpickled in place in the receive buffer (smaller ones are copied).
+_IN_PLACE_BYTES = 64 * 1024
+_OOB_HEAD = struct.Struct(">BII")
+_OOB_LEN = struct.Struct(">Q")
+
+
+def _decode(view: memoryview, start: int, end: int) -> Any:
+    """The message in ``view[start:end]``, a frame's payload."""
+    if view[start] != _OOB:
+        return pickle.loads(view[start:end])
+    _, head_len, count = _OOB_HEAD.unpack_from(view, start)
+    at = start + _OOB_HEAD.size
+    lengths = [_OOB_LEN.unpack_from(view, at + i * _OOB_LEN.size)[0] for i in range(count)]
+    at += count * _OOB_LEN.size
+    head = view[at:at + head_len]
+    at += head_len
+    buffers: list[bytes] = []
+    for length in lengths:
+        buffers.append(bytes(view[at:at + length]))
+        at += length
+    if at != end:
+        raise ValueError("malformed out-of-band frame")
+    try:
+        return pickle.loads(head, buffers=buffers)
+    finally:
+        head.release()
+
+
 def new_secret() -> bytes:
     return os.urandom(32)
 
@@ -276,6 +316,8 @@ class FramedProtocol(asyncio.Protocol):
         self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.closed = False
         self.peer: Any = None  # set by the owner (e.g. the Hello it received)
+        # The size of the frame whose message ``on_message`` is handling (stream flow control).
+        self.frame_size = 0
 
     # -- asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -296,22 +338,29 @@ class FramedProtocol(asyncio.Protocol):
                 return
             if n - pos - 4 < size:
                 break
-            frame = bytes(buf[pos + 4 : pos + 4 + size])
-            pos += 4 + size
+            start = pos + 4
+            pos = start + size
             if self._state == 2:
                 try:
-                    msg = pickle.loads(frame)
+                    if size < _IN_PLACE_BYTES:
+                        frame = buf[start:pos]
+                        msg = pickle.loads(frame) if frame[0] != _OOB else _decode(memoryview(frame), 0, size)
+                    else:
+                        # Decoded in place: a large frame is not copied whole before unpickling.
+                        with memoryview(buf) as view:
+                            msg = _decode(view, start, pos)
                 except Exception:
                     logger.exception("undecodable frame; closing connection")
                     self._abort()
                     return
+                self.frame_size = size
                 if self.on_message is not None:
                     try:
                         self.on_message(self, msg)
                     except Exception:
                         logger.exception("error handling message %r", type(msg))
             else:
-                if not self._handshake(frame):
+                if not self._handshake(bytes(buf[start:pos])):
                     return
             if self.closed:
                 return
@@ -384,6 +433,27 @@ class FramedProtocol(asyncio.Protocol):
         """Send a message that carries user values."""
         self.send_bytes(dumps_user(msg))
 
+    def send_oob(self, msg: Any) -> None:
+        """Send a message of plain data whose ``pickle.PickleBuffer`` values (request bodies)
+        travel after its pickle without being copied into it (see :func:`_decode`)."""
+        buffers: list[pickle.PickleBuffer] = []
+        try:
+            head = pickle.dumps(msg, protocol=5, buffer_callback=buffers.append)
+        except (pickle.PicklingError, TypeError, AttributeError):
+            self.send_bytes(dumps_user(msg))  # buffers in band
+            return
+        if not buffers:
+            self.send_bytes(head)
+            return
+        if self.closed or self.transport is None or self.transport.is_closing():
+            raise ConnectionError("connection is closed")
+        raws = [b.raw() for b in buffers]
+        prefix = _OOB_HEAD.pack(_OOB, len(head), len(raws)) + b"".join(_OOB_LEN.pack(r.nbytes) for r in raws)
+        n = len(prefix) + len(head) + sum(r.nbytes for r in raws)
+        if n >= MAX_FRAME:
+            raise ValueError("message too large for one frame")
+        self.transport.writelines([_HEADER.pack(n) + prefix + head, *raws])
+
     def send_bytes(self, payload: bytes) -> None:
         if self.closed or self.transport is None or self.transport.is_closing():
             raise ConnectionError("connection is closed")
@@ -417,7 +487,13 @@ async def _handshaken(connecting: Any, timeout: float) -> FramedProtocol:
     """Await a connection's creation, then its handshake, each within ``timeout``."""
     _, proto = await asyncio.wait_for(connecting, timeout)
     assert isinstance(proto, FramedProtocol)
-    await asyncio.wait_for(proto.ready, timeout)
+    try:
+        await asyncio.wait_for(proto.ready, timeout)
+    except BaseException:
+        # Close it: a peer that wakes up later must not complete a handshake nobody awaits.
+        proto.on_close = None
+        proto._abort()
+        raise
     return proto
 
 

@@ -20,7 +20,8 @@ Rules, following Ray's single-node semantics:
   four ``0.25`` replicas share GPU 0 before GPU 1 is touched. A whole request (``num_gpus >= 1``,
   an integer) takes that many *entirely free* devices, lowest indices first. Fractions are kept
   exact (:class:`fractions.Fraction`), so ten ``0.1`` replicas fill exactly one GPU.
-* **memory** and **custom resources** are enforced: a replica is placed only if they fit.
+* **memory** and **custom resources** are enforced: a replica is placed only if they fit (and the
+  controller replaces a running replica whose resident memory exceeds its `memory`).
 * **CPUs** are recorded but, by default, not enforced: a 2-core laptop must still run an app
   of four deployments that each reserve one CPU. Oversubscription is reported
   (:attr:`Ledger.cpu_oversubscribed`, :meth:`Ledger.summary`). ``Ledger(strict_cpus=True)``

@@ -4,6 +4,7 @@ slot limit, the bookkeeping of finished requests, and the drain. No processes, n
 from __future__ import annotations
 
 import asyncio
+import pickle
 from typing import Any
 
 import pytest
@@ -71,6 +72,9 @@ class FakeConn:
         self.sent.append(msg)
 
     send_user = send
+
+    def send_bytes(self, payload: bytes) -> None:
+        self.sent.append(pickle.loads(payload))
 
     def close(self) -> None:
         self.closed = True

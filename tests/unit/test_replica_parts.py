@@ -51,6 +51,21 @@ async def test_a_waiter_cancelled_after_being_handed_a_slot_passes_it_on() -> No
     assert slots.ongoing == 0 and slots.idle.is_set()
 
 
+async def test_a_waiter_gives_up_after_max_wait_and_the_queue_moves_on() -> None:
+    slots = Slots(limit=1, max_wait=0.05)
+    slots.take()
+    with pytest.raises(BackPressureError, match=r"free within 0\.05 s"):
+        await slots.admit()
+    assert not slots.waiters and slots.ongoing == 1  # the one that gave up left no trace
+    later = asyncio.ensure_future(slots.admit())
+    await asyncio.sleep(0)
+    slots.release()  # handed to the next waiter, within its wait
+    await later
+    assert slots.ongoing == 1
+    slots.release()
+    assert slots.ongoing == 0 and slots.idle.is_set()
+
+
 def test_counters_use_the_injected_clock() -> None:
     now = [10.0]
     c = RequestCounters(lambda: now[0])

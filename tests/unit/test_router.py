@@ -64,14 +64,16 @@ async def test_stale_membership_is_ignored() -> None:
     assert router.num_replicas == 2
 
 
-async def test_unreachable_replica_is_dropped_and_request_waits() -> None:
+async def test_unreachable_replica_is_kept_and_request_waits() -> None:
     router = Router("app", "dep", b"s")
     router.update(membership(1, 1))
     call = asyncio.ensure_future(router.call("m", (), {}, RequestMeta("r")))
     await asyncio.sleep(0.2)
-    # The socket does not exist: the slot is dropped and the call waits for new membership.
-    assert router.num_replicas == 0 and not call.done()
+    # The socket does not exist: the replica is kept (skipped, reconnected with back-off)
+    # and the call waits for it (tests/unit/test_router_liveness.py covers the rest).
+    assert router.num_replicas == 1 and not router._slots["r0"].health.usable and not call.done()
     call.cancel()
+    router.close()
 
 
 def test_blocked_replica_is_retried_after_its_backoff() -> None:

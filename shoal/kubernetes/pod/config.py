@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from shoal.config import DEFAULT_MAX_QUEUE_WAIT_S
 from shoal.exceptions import PodConfigError
 from shoal.kubernetes import names
 from shoal.kubernetes.pod.discovery import CalleeConfig
@@ -93,14 +94,17 @@ def _callees(spec: AppSpec, applications: Sequence[Any]) -> dict[tuple[str, str]
     """The limits of every deployment a handle may reach: the app's own, and other apps' entries."""
     callees: dict[tuple[str, str], CalleeConfig] = {}
     for d in spec.deployments.values():
-        callees[(spec.name, d.name)] = CalleeConfig(d.config.max_ongoing_requests, d.config.max_queued_requests)
+        callees[(spec.name, d.name)] = CalleeConfig(d.config.max_ongoing_requests, d.config.max_queued_requests,
+                                                    d.config.resolved_max_queue_wait_s())
     for other in applications:  # handles to other apps: what their config entries say
         if other.name == spec.name:
             continue
         for entry in other.deployments:
             opts = entry.options()
+            wait = opts.get("max_queue_wait_s")
             callees[(other.name, entry.name)] = CalleeConfig(int(opts.get("max_ongoing_requests", 5)),
-                                                              int(opts.get("max_queued_requests", -1)))
+                                                              int(opts.get("max_queued_requests", -1)),
+                                                              float(wait) if wait else DEFAULT_MAX_QUEUE_WAIT_S)
     return callees
 
 

@@ -19,6 +19,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from shoal.config import DEFAULT_MAX_QUEUE_WAIT_S
 from shoal.kubernetes import names
 from shoal.runtime.router import Router
 from shoal.runtime.wire import Membership, ReplicaEndpoint, join_host_port
@@ -166,13 +167,15 @@ class _Watcher:
         port = self.backend.rpc_port
         replicas = tuple(ReplicaEndpoint(ip, join_host_port(ip, port), self.config.max_ongoing) for ip in replica_ids)
         self.router.update(Membership(self.router.app, self.router.deployment, self.epoch, replicas,
-                                      max_queued_requests=self.config.max_queued))
+                                      max_queued_requests=self.config.max_queued,
+                                      max_queue_wait_s=self.config.max_queue_wait_s))
 
 
 @dataclass(frozen=True)
 class CalleeConfig:
     max_ongoing: int = 5
     max_queued: int = -1
+    max_queue_wait_s: float = DEFAULT_MAX_QUEUE_WAIT_S
 
 
 class PodBackend:

@@ -22,11 +22,13 @@ from shoal.exceptions import DeployError
 from shoal.observability.controller_metrics import ControllerMetrics
 from shoal.runtime.controller import health
 from shoal.runtime.controller.admin import Handler, admin_table, serve_call
+from shoal.runtime.controller.availability import Supply, progress, status_message, unavailable
 from shoal.runtime.controller.canary import AppKey, CanaryTable
 from shoal.runtime.controller.clock import Clock
 from shoal.runtime.controller.connections import Connections
 from shoal.runtime.controller.deployments import autoscale, plan_deployment
 from shoal.runtime.controller.front import Front
+from shoal.runtime.controller.guard import ReplicaGuard
 from shoal.runtime.controller.lifecycle import Lifecycle
 from shoal.runtime.controller.membership import Publisher, build_membership, build_routes
 from shoal.runtime.controller.overview import serve_status
@@ -105,6 +107,8 @@ class Controller:
                                  self.metrics, self.clock, lambda: self.front.listen_sock, self._adopt_spare_conn)
         self.lifecycle = Lifecycle(self.registry, self.supervisor, self.ledger, self.store, self.metrics,
                                    self.clock, self.publish_membership, self._kick.set)
+        self.guard = ReplicaGuard(self.registry, self.lifecycle)
+        self.front.others_accept = self._replicas_serve_http
         self.releases = Releases(self, self.canaries)
         self.connections = Connections(self)
         self.admin: dict[str, Handler] = admin_table(self)
@@ -148,7 +152,7 @@ class Controller:
         if self.settings.start_proxy and self.proxy is None:
             # The socket listens from here on: connections wait in its backlog until the
             # proxy process (started in parallel with the replicas) accepts them.
-            if self.front.listen_sock is None:
+            if self.front.listen_sock is None and not self.front.take_over():
                 self.front.bind()
             self.front.spawn_proxy()
         for _ in range(self.settings.spare_replicas):
@@ -334,6 +338,7 @@ class Controller:
     def _tick(self) -> bool:
         now = self.clock.monotonic()
         changed = self._guarded("reaping processes", lambda: self.lifecycle.reap(now) | self._reap_spares())
+        changed |= self._guarded("watching replicas", lambda: self.guard.tick(now))
         for app in list(self.apps.values()):
             changed |= self._guarded(f"application {app.spec.name!r}", functools.partial(self._tick_app, app, now))
         for (app_name, name), dep in list(self.registry.retiring.items()):
@@ -341,9 +346,11 @@ class Controller:
                                      functools.partial(self._tick_retiring, app_name, name, dep, now))
         for app in list(self.apps.values()):
             changed |= self._guarded(f"status of {app.spec.name!r}", functools.partial(self._update_app_status, app))
+            self._guarded(f"availability of {app.spec.name!r}", functools.partial(self._publish_app, app))
         self._guarded("health checks", lambda: self._health_checks(now))
         self._guarded("the proxy", self._watch_proxy)
         self._guarded("spares", self.launcher.refill_spares)
+        self._guarded("saving state", self.store.retry)  # writes that failed (a full disk), again
         return changed
 
     def _reap_spares(self) -> bool:
@@ -404,29 +411,46 @@ class Controller:
             for name in app.deployments:
                 self._publish_gone(app.spec.name, name, f"application {app.spec.name!r} was deleted")
             return True
+        now = self.clock.monotonic()
         for dep in app.deployments.values():
-            dep.status = self._deployment_status(app.spec.name, dep)
+            dep.status = self._deployment_status(app.spec.name, dep, now)
         app.status = application_status(app.status, {d.status for d in app.deployments.values()})
-        app.message = "; ".join(f"deployment {d.spec.name!r}: {d.message}" for d in app.deployments.values()
-                                if d.message and d.status != DeploymentStatus.HEALTHY)
+        app.message = "; ".join(f"deployment {d.spec.name!r}: {m}" for d in app.deployments.values()
+                                if d.status != DeploymentStatus.HEALTHY
+                                and (m := status_message(d.message, d.waiting, "", 0.0)))
         return (app.status, app.message) != before
 
-    def _deployment_status(self, app: str, dep: DeploymentRecord) -> DeploymentStatus:
+    def _publish_app(self, app: AppRecord) -> None:
+        """Re-send memberships that changed meanwhile (e.g. the deployment failed: routers refuse)."""
+        if self.apps.get(app.spec.name) is app and not app.deleting:
+            for dep in app.deployments.values():
+                self.publish_membership(app.spec.name, dep.spec.name, dep)
+
+    def _deployment_status(self, app: str, dep: DeploymentRecord, now: float) -> DeploymentStatus:
         mine = self.registry.of(app, dep.spec.name)
         current = [r for r in mine if r.version == dep.version and r.state != ReplicaState.STOPPING]
-        facts = DeploymentFacts(dep.target, dep.ready_once, dep.failures, dep.scaling,
-                                running=sum(1 for r in current if r.state == ReplicaState.RUNNING),
+        running = sum(1 for r in current if r.state == ReplicaState.RUNNING)
+        facts = DeploymentFacts(dep.target, dep.ready_once, dep.failures, dep.scaling, running=running,
                                 current=len(current), others=sum(1 for r in mine if r.version != dep.version))
         status = deployment_status(facts, MAX_START_FAILURES)
+        dep.waiting = progress([r.started_at for r in current if r.state == ReplicaState.STARTING],
+                               running, dep.target, now)
         if status == DeploymentStatus.HEALTHY:
             dep.scaling = ""
+            dep.unhealthy = False
             if dep.autoscaler is None or not dep.autoscaler.last_error:
                 dep.message = ""
+        elif dep.unhealthy and status == DeploymentStatus.UPDATING:
+            status = DeploymentStatus.UNHEALTHY  # a replica was taken out for a fault, until replaced
         return status
 
     # ---- membership and routes --------------------------------------------------------------
     def membership(self, app: str, name: str, dep: DeploymentRecord) -> Membership:
-        return build_membership(app, name, dep, self.registry.of(app, name), self.publisher.next_epoch())
+        mine = self.registry.of(app, name)
+        failed = not dep.ready_once and dep.failures >= MAX_START_FAILURES
+        supply = Supply(tuple(r.state for r in mine), dep.target, failed, dep.message, dep.resource_blocked,
+                        failing=dep.failures >= MAX_START_FAILURES)
+        return build_membership(app, name, dep, mine, self.publisher.next_epoch(), unavailable(app, name, supply))
 
     def settled(self, app: str, name: str) -> bool:
         """False while adopted replicas of the deployment have not reconnected yet: until then
@@ -437,7 +461,7 @@ class Controller:
         if not self.settled(app, name):
             return
         m = self.membership(app, name, dep)
-        key = (m.replicas, m.max_queued_requests, m.metrics_interval_s)
+        key = (m.replicas, m.max_queued_requests, m.metrics_interval_s, m.gone)
         if key == dep.published:
             return
         dep.published = key
@@ -505,6 +529,10 @@ class Controller:
         if fut is not None and not fut.done():
             fut.set_result(msg)
 
+    def _replicas_serve_http(self) -> bool:
+        """Whether a running ingress replica accepts connections on the HTTP socket itself."""
+        return any(r.serves_http and r.state == ReplicaState.RUNNING for r in self.replicas.values())
+
     def _watch_proxy(self) -> None:
         if not self.stopping:
             self.front.watch()
@@ -521,4 +549,4 @@ class Controller:
 
     def status(self) -> ServeStatus:
         return serve_status(self.registry, self.canaries, self.proxy, self.settings.http, self.http_port,
-                            self.ledger.summary(), self.front.restart_message())
+                            self.ledger.summary(), self.front.restart_message(), self.clock.monotonic())

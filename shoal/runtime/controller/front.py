@@ -9,11 +9,13 @@ import os
 import socket
 import sys
 import uuid
+from collections.abc import Callable
 
 from shoal.observability.controller_metrics import ControllerMetrics
 from shoal.runtime.controller.backoff import next_delay, streak
 from shoal.runtime.controller.clock import Clock
 from shoal.runtime.controller.records import MAX_PROXY_RESTARTS, ProxyRecord, Settings
+from shoal.runtime.controller.standin import StandIn
 from shoal.runtime.controller.supervisor import Supervisor
 from shoal.runtime.rundir import RunDir
 from shoal.runtime.state import ProcessRow, Store
@@ -37,6 +39,28 @@ class Front:
         self.proxy: ProxyRecord | None = None
         self.listen_sock: socket.socket | None = None
         self.http_port = 0
+        # Whether something else (an ingress replica serving HTTP) accepts on the socket.
+        self.others_accept: Callable[[], bool] = lambda: False
+        self.standin = StandIn(self._down_message)
+
+    def take_over(self) -> bool:
+        """A detached instance's restarted controller whose proxy is gone: take the listening
+        socket from an ingress replica that still serves it (else the port is held by a
+        process we cannot bind past). False when nobody hands it over."""
+        if not self.fd_path or self.listen_sock is not None:
+            return False
+        from shoal.runtime.proxy import take_listening_fd
+
+        for path in RunDir(self.settings.run_dir).fd_holders():
+            sock = take_listening_fd(path, timeout=1.0)
+            if sock is not None:
+                sock.set_inheritable(True)
+                self.listen_sock = sock
+                self.http_port = sock.getsockname()[1]
+                self.store.set_meta("http_port", str(self.http_port))
+                logger.info("took the HTTP listening socket (port %d) over from %s", self.http_port, path)
+                return True
+        return False
 
     def bind(self) -> None:
         """Listen on the configured host and port (the port is kept in the store)."""
@@ -62,6 +86,8 @@ class Front:
         """Start a proxy process on the listening socket (a restart keeps the crash streak)."""
         assert self.listen_sock is not None
         from shoal.runtime.http.options import FrontOptions
+
+        self.standin.stop()  # the new proxy accepts from here on
         from shoal.runtime.proxy import ProxyBootstrap
 
         run_dir = RunDir(self.settings.run_dir)
@@ -106,12 +132,24 @@ class Front:
         """Restart a proxy that exited, after its CrashLoopBackOff delay (never giving up)."""
         proxy = self.proxy
         if proxy is None or proxy.proc.poll() is None:
+            self.standin.stop()
             return
         now = self.clock.monotonic()
         if proxy.restart_at is None:
             self._schedule_restart(proxy, now)
         if proxy.restart_at is not None and now >= proxy.restart_at:
             self.spawn_proxy()
+            return
+        # Down until restart_at: answer its connections, unless someone else accepts them.
+        if self.listen_sock is None or self.others_accept() or self.settings.http.ssl_certfile:
+            self.standin.stop()
+        else:
+            self.standin.start(self.listen_sock)
+
+    def _down_message(self) -> tuple[float, str]:
+        proxy = self.proxy
+        wait = max(0.0, proxy.restart_at - self.clock.monotonic()) if proxy and proxy.restart_at else 1.0
+        return wait, f"the HTTP proxy crashed and restarts in {wait:.0f} s; retry then"
 
     def _schedule_restart(self, proxy: ProxyRecord, now: float) -> None:
         """A proxy just found dead: count the crash and set when the next one starts."""
@@ -133,6 +171,7 @@ class Front:
 
     async def stop(self) -> None:
         """Stop the proxy (gracefully, then by force)."""
+        self.standin.stop()
         if self.proxy is not None:
             proxy = self.proxy
             self.proxy = None
@@ -140,5 +179,6 @@ class Front:
             await self.supervisor.wait_exit(proxy.proc, 5.0)
 
     def close(self) -> None:
+        self.standin.stop()
         if self.listen_sock is not None:
             self.listen_sock.close()

@@ -104,7 +104,8 @@ class Lifecycle:
                 if rec.version == dep.version:
                     dep.failures += 1
                     dep.message = f"replica {rec.replica_id} {why} before it was ready"
-            elif dep is not None:
+            elif dep is not None and not (rec.state == ReplicaState.STARTING and rec.failed_reported):
+                # (A failed start already said why: its constructor's error is kept.)
                 dep.message = f"replica {rec.replica_id} {why}; starting a replacement"
         if dep is not None:
             self.publish(rec.app, rec.deployment, dep)
@@ -136,6 +137,34 @@ class Lifecycle:
         rec.stop_deadline = now + grace + 5.0
         logger.debug("stopping replica %s: %s", rec.replica_id, reason)
         self.supervisor.stop(rec.proc, rec.conn)
+
+    def evict(self, rec: ReplicaRecord, why: str, now: float) -> None:
+        """Take out a replica that cannot serve (stopped, over its memory, not ready in time):
+        out of the membership at once, then killed (its connections close, so requests in
+        flight there fail at once); reconciling starts a replacement. A replica that was still
+        starting counts as a failed start."""
+        if rec.state == ReplicaState.STOPPING:
+            return
+        dep = self.registry.deployment(rec.app, rec.deployment)
+        logger.warning("%s (pid %d, %s/%s)", why, rec.proc.pid, rec.app, rec.deployment)
+        if dep is not None:
+            if rec.state == ReplicaState.STARTING:
+                if rec.version == dep.version and not rec.failed_reported and not rec.adopted:
+                    dep.failures += 1
+                dep.message = why
+            else:
+                dep.unhealthy = True
+                dep.message = f"{why}; replacing it"
+            dep.fault, dep.fault_at = why, now
+        rec.failed_reported = True
+        rec.state = ReplicaState.STOPPING
+        rec.stop_deadline = now
+        if dep is not None:
+            self.publish(rec.app, rec.deployment, dep)
+        for member in rec.ranks:
+            self.supervisor.kill(member.proc)
+        self.supervisor.kill(rec.proc)  # SIGKILL ends a stopped process too
+        self.kick()
 
     # -- reports from the replicas
     def ready(self, msg: ReplicaReady) -> None:

@@ -13,8 +13,9 @@ from shoal.status import ReplicaState
 
 
 def build_membership(app: str, name: str, dep: DeploymentRecord, replicas: Iterable[ReplicaRecord],
-                     epoch: int) -> Membership:
-    """The deployment's RUNNING replicas (sorted by replica id) and its queueing limits."""
+                     epoch: int, unavailable: str = "") -> Membership:
+    """The deployment's RUNNING replicas (sorted by replica id) and its queueing limits;
+    ``unavailable`` (why it cannot serve, e.g. it failed to deploy) makes routers refuse at once."""
     cfg = dep.spec.config
     running = tuple(sorted(
         (ReplicaEndpoint(r.replica_id, r.socket_path, cfg.max_ongoing_requests, r.model_ids)
@@ -22,8 +23,9 @@ def build_membership(app: str, name: str, dep: DeploymentRecord, replicas: Itera
         key=lambda a: a.replica_id,
     ))
     auto = cfg.resolved_autoscaling()
-    return Membership(app, name, epoch, running, cfg.max_queued_requests,
-                      metrics_interval_s=auto.metrics_interval_s if auto else 0.0)
+    return Membership(app, name, epoch, running, cfg.max_queued_requests, gone=unavailable,
+                      metrics_interval_s=auto.metrics_interval_s if auto else 0.0,
+                      max_queue_wait_s=cfg.resolved_max_queue_wait_s())
 
 
 def build_routes(apps: dict[str, AppRecord], replicas: Iterable[ReplicaRecord], canaries: CanaryTable) -> Routes:

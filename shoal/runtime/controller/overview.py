@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from shoal.config import HTTPOptions
+from shoal.runtime.controller.availability import status_message
 from shoal.runtime.controller.canary import AppKey, CanaryTable
 from shoal.runtime.controller.records import AppRecord, ProxyRecord, RequestTotals, fingerprint
 from shoal.runtime.controller.registry import Registry
@@ -16,7 +17,7 @@ from shoal.status import (
 
 
 def serve_status(registry: Registry, canaries: CanaryTable, proxy: ProxyRecord | None, http: HTTPOptions,
-                 http_port: int, resources: str, proxy_message: str = "") -> ServeStatus:
+                 http_port: int, resources: str, proxy_message: str = "", now: float = 0.0) -> ServeStatus:
     """Every app (its canary nested in it), the proxy, and the resources in use."""
     out = ServeStatus(http_address=f"{http.scheme}://{http.host}:{http_port}" if proxy else "",
                       resources=resources)
@@ -29,10 +30,10 @@ def serve_status(registry: Registry, canaries: CanaryTable, proxy: ProxyRecord |
     for name, app in registry.apps.items():
         if AppKey.parse(name).is_canary:
             continue
-        overview = app_overview(registry, name, app)
+        overview = app_overview(registry, name, app, now)
         canary = registry.apps.get(AppKey.canary(name).key)
         if canary is not None and not canary.deleting:
-            c = app_overview(registry, canary.spec.name, canary)
+            c = app_overview(registry, canary.spec.name, canary, now)
             overview.canary = {"weight": canaries.get(name, 0.0), "status": c.status.value,
                                "message": c.message, "version": c.version, "metrics": c.metrics,
                                "deployments": {k: {"status": d.status.value, "replica_states": d.replica_states,
@@ -41,7 +42,7 @@ def serve_status(registry: Registry, canaries: CanaryTable, proxy: ProxyRecord |
     return out
 
 
-def app_overview(registry: Registry, key: str, app: AppRecord) -> ApplicationStatusOverview:
+def app_overview(registry: Registry, key: str, app: AppRecord, now: float = 0.0) -> ApplicationStatusOverview:
     deps = {}
     for dname, dep in app.deployments.items():
         counts: dict[str, int] = {}
@@ -51,7 +52,8 @@ def app_overview(registry: Registry, key: str, app: AppRecord) -> ApplicationSta
             if r.requests and r.version == dep.version:
                 totals.add(r.requests, r.errors, r.latency_hist)
         deps[dname] = DeploymentStatusOverview(
-            dep.status, counts, dep.message, version=dep.version, target_replicas=dep.target,
+            dep.status, counts, status_message(dep.message, dep.waiting, dep.fault, now - dep.fault_at),
+            version=dep.version, target_replicas=dep.target,
             metrics=summarize_requests(totals.requests, totals.errors, totals.hist))
     ingress = deps.get(app.spec.ingress)
     return ApplicationStatusOverview(

@@ -125,6 +125,13 @@ class DeploymentRecord:
     resource_blocked: bool = False  # the last replica start found no room
     # Requests finished by this version's replicas that are gone (live ones are added on read).
     finished: RequestTotals = field(default_factory=RequestTotals)
+    # A replica was taken out for a fault (stopped, over its memory): UNHEALTHY until the
+    # deployment is HEALTHY again. The last such fault and when (monotonic), kept for status.
+    unhealthy: bool = False
+    fault: str = ""
+    fault_at: float = 0.0
+    # While replicas start: "waiting for 1 replica: constructor running for 12 s".
+    waiting: str = ""
 
 
 @dataclass(eq=False)

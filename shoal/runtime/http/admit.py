@@ -15,7 +15,7 @@ from typing import Any, Protocol
 
 from shoal.observability import metrics as _metrics
 from shoal.observability import tracing as _tracing
-from shoal.runtime.router import Router
+from shoal.runtime.router import Reservation, Router
 from shoal.runtime.wire import RequestMeta
 
 Scope = dict[str, Any]
@@ -48,17 +48,24 @@ def serves_here(local: LocalIngress | None, source: RouterSource, app: str, dep:
 
 
 def runner(local: LocalIngress | None, source: RouterSource, app: str, dep: str,
-           scope: Scope, body: bytes, meta: RequestMeta) -> Runner:
-    """The call that runs the request where it goes (see :func:`serves_here`)."""
+           scope: Scope, body: bytes | bytearray, meta: RequestMeta, reserved: Reservation | None = None) -> Runner:
+    """The call that runs the request where it goes (see :func:`serves_here`); ``reserved``:
+    a replica slot its router reserved for it (:meth:`Router.reserve`)."""
     if local is not None and serves_here(local, source, app, dep, meta.multiplexed_model_id):
+        data = body if isinstance(body, bytes) else bytes(body)
+
         async def run_here(out: Send) -> None:
-            await local.serve(scope, body, meta, out)
+            await local.serve(scope, data, meta, out)
 
         return run_here
     router = source.router(app, dep)
 
     async def run_there(out: Send) -> None:
-        async for messages in router.stream("__call__", (scope, body), {}, meta):
+        # The replica sends the response at most about a window ahead of ``out``: a client
+        # that reads slowly holds back its own replica only (shoal.runtime.flow).
+        stream = router.stream("__call__", (scope, body), {}, meta) if reserved is None else \
+            router.stream("__call__", (scope, body), {}, meta, reserved)
+        async for messages in stream:
             for m in messages:
                 await out(m)
 

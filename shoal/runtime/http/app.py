@@ -9,6 +9,7 @@ tracebacks stay in the logs.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 
@@ -16,10 +17,12 @@ from shoal.observability import dashboard
 from shoal.observability import metrics as _metrics
 from shoal.observability import tracing as _tracing
 from shoal.observability.logs import log_access
-from shoal.runtime.http.admit import Ledger, LocalIngress, RouterSource, runner
-from shoal.runtime.http.errors import HEALTHY, not_found, refuse, send_json
+from shoal.runtime.http.admit import Ledger, LocalIngress, RouterSource, runner, serves_here
+from shoal.runtime.http.budget import BodyBudget
+from shoal.runtime.http.errors import HEALTHY, error_answer, not_found, refuse, send_json
 from shoal.runtime.http.exchange import Exchange
 from shoal.runtime.http.guard import (
+    BUSY,
     TOO_LARGE,
     Guard,
     RequestHead,
@@ -31,9 +34,14 @@ from shoal.runtime.http.guard import (
 from shoal.runtime.http.options import FrontOptions
 from shoal.runtime.http.routes import Route, RouteTable
 from shoal.runtime.httpguard import Authenticator
+from shoal.runtime.router import Reservation
 from shoal.runtime.wire import RequestMeta, Routes
 
 Scope = dict[str, Any]
+
+# Requests with a body this large (or of unknown length) going through a router wait for a
+# replica slot before their body is read (ProxyApp._admits_first).
+ADMIT_FIRST_BYTES = 1024 * 1024
 
 
 async def lifespan(receive: Any, send: Any) -> None:
@@ -58,6 +66,7 @@ class ProxyApp:
         self.local = local
         self.auth = Authenticator.of(options.api_keys, options.auth)  # None: requests need no credentials
         self.guard = Guard(options, self.auth)
+        self.budget = BodyBudget(options.request_body_budget_bytes, options.request_body_budget_wait_s)
         self.ledger = Ledger()
         _metrics.PROCESS.fronts.add(self)
 
@@ -118,12 +127,61 @@ class ProxyApp:
         if self.guard.length_refused(head):
             await refuse(send, 413, head.request_id)
             return
-        body = await self.guard.read_body(receive)
-        if isinstance(body, int):
-            if body == TOO_LARGE:
-                await refuse(send, 413, head.request_id)
-            return  # else the client went away while sending
-        await self._forward(scope, receive, send, head, (route[0], *target), body, started)
+        full = (route[0], *target)
+        reserved = None
+        if self._admits_first(head, *target):
+            reserved = await self._reserve(full, scope, send, head, started)
+            if reserved is None:
+                return  # answered (503, 408, ...)
+        lease = self.budget.lease()
+        try:
+            body = await self.guard.read_body(receive, head.declared, lease)
+            if isinstance(body, int):
+                if body == TOO_LARGE:
+                    await refuse(send, 413, head.request_id)
+                elif body == BUSY:
+                    await self._busy(full, scope, send, head, started)
+                return  # else the client went away while sending
+            await self._forward(scope, receive, send, head, full, body, started, reserved)
+        finally:
+            lease.release()
+            if reserved is not None:
+                reserved.release()  # unless the request took it
+
+    def _admits_first(self, head: RequestHead, app: str, dep: str) -> bool:
+        """Whether a replica slot is taken before the body is read: a large body (or one of
+        unknown length) going to a replica through a router, so that no body is buffered
+        here for a request that would only wait for a replica, or be refused."""
+        if not (head.chunked or head.declared >= ADMIT_FIRST_BYTES):
+            return False
+        if serves_here(self.local, self.client, app, dep, head.model_id):
+            return False
+        # A router that cannot reserve (a stand-in of a test) gets the body read first.
+        return callable(getattr(self.client.router(app, dep), "reserve", None))
+
+    async def _reserve(self, route: Route, scope: Scope, send: Any, head: RequestHead,
+                       started: float) -> Reservation | None:
+        """A slot of the route's router (queueing like any request, bounded by the request
+        timeout), or None once the request was answered with the error."""
+        router = self.client.router(route[1], route[2])
+        try:
+            async with asyncio.timeout(self.options.request_timeout_s):
+                return await router.reserve(head.model_id)
+        except Exception as exc:
+            status, body, extra = error_answer(exc, head.request_id)
+            # The body was not read: the connection cannot carry another request.
+            await send_json(send, status, body, head.request_id, [*extra, (b"connection", b"close")])
+            log_access(scope["method"], scope["path"], status, started, head.request_id, route[0])
+            self.ledger.refused(route, scope["method"], status, started)
+            return None
+
+    async def _busy(self, route: Route, scope: Scope, send: Any, head: RequestHead, started: float) -> None:
+        """The body found no room in the front's budget in time: 503, retry later."""
+        rid = head.request_id
+        await send_json(send, 503, {"error": "service overloaded: too many request bodies in flight",
+                                    "request_id": rid}, rid, [(b"retry-after", b"1"), (b"connection", b"close")])
+        log_access(scope["method"], scope["path"], 503, started, rid, route[0])
+        self.ledger.refused(route, scope["method"], 503, started)
 
     async def _answer_front(self, path: str, scope: Scope, send: Any, request_id: str) -> bool:
         """Answer what the front itself serves after the credentials check (routes, the
@@ -140,7 +198,7 @@ class ProxyApp:
         return False
 
     async def _forward(self, scope: Scope, receive: Any, send: Any, head: RequestHead, route: Route,
-                       body: bytes, started: float) -> None:
+                       body: bytes | bytearray, started: float, reserved: Reservation | None = None) -> None:
         """Send the request to its application and stream the answer back, accounted."""
         prefix, app, dep = route
         inner = forward_scope(scope, with_request_id(scope["headers"], head),
@@ -149,7 +207,7 @@ class ProxyApp:
         span = None
         if _tracing.enabled:
             span, meta = _tracing.start_http(scope, meta, app, dep)
-        run = runner(self.local, self.client, app, dep, inner, body, meta)
+        run = runner(self.local, self.client, app, dep, inner, body, meta, reserved)
         ledger = self.ledger
         ledger.begin()
         code = 500

@@ -46,7 +46,11 @@ def error_answer(exc: BaseException, request_id: str) -> tuple[int, dict[str, An
     before its response started (503s ask the client to retry after a second)."""
     status, text = error_status(exc)
     extra = [(b"retry-after", b"1")] if status == 503 else []
-    return status, {"error": text, "request_id": request_id}, extra
+    body: dict[str, Any] = {"error": text, "request_id": request_id}
+    if isinstance(exc, (DeploymentUnavailableError, BackPressureError)) and str(exc):
+        # why: e.g. the deployment failed to deploy (and its error), or how long it waited
+        body["message"] = str(exc)
+    return status, body, extra
 
 
 def not_found(path: str, hint: bool = True) -> dict[str, Any]:

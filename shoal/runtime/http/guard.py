@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from shoal.runtime.http.budget import BodyLease
 from shoal.runtime.http.options import FrontOptions
 from shoal.runtime.httpguard import Authenticator
 
@@ -23,6 +24,7 @@ Receive = Callable[[], Awaitable[dict[str, Any]]]
 # What read_body answers instead of a body: the status the request ends with.
 TOO_LARGE = 413
 GONE = 499  # the client disconnected while sending
+BUSY = 503  # the front's request-body budget had no room in time (shoal.runtime.http.budget)
 
 
 def new_request_id() -> str:
@@ -38,6 +40,12 @@ class RequestHead:
     session: bytes = b""  # x-session-id (sticky canary decisions)
     length: bytes = b""  # content-length, as sent
     given_id: bool = False  # the client sent x-request-id
+    chunked: bool = False  # a body of unknown length follows (transfer-encoding)
+
+    @property
+    def declared(self) -> int:
+        """The declared body length; -1 when the body's length is unknown (or malformed)."""
+        return int(self.length) if self.length.isdigit() else -1
 
 
 def read_head(headers: Sequence[tuple[bytes, bytes]],
@@ -47,6 +55,7 @@ def read_head(headers: Sequence[tuple[bytes, bytes]],
     model_id = ""
     session = b""
     length = b""
+    chunked = False
     for k, v in headers:
         if k == b"x-request-id":
             request_id = v.decode("latin-1")
@@ -56,8 +65,10 @@ def read_head(headers: Sequence[tuple[bytes, bytes]],
             session = v
         elif k == b"content-length":
             length = v
+        elif k == b"transfer-encoding":
+            chunked = True
     given = bool(request_id)
-    return RequestHead(request_id if given else new_id(), model_id, session, length, given)
+    return RequestHead(request_id if given else new_id(), model_id, session, length, given, chunked)
 
 
 def with_request_id(headers: Sequence[tuple[bytes, bytes]], head: RequestHead) -> list[tuple[bytes, bytes]]:
@@ -97,20 +108,43 @@ class Guard:
         length = head.length
         return bool(length) and (not length.isdigit() or int(length) > self.limit)
 
-    async def read_body(self, receive: Receive) -> bytes | int:
-        """The whole request body, or :data:`TOO_LARGE` past the limit, or :data:`GONE` when
-        the client disconnects first."""
+    async def read_body(self, receive: Receive, declared: int = -1,
+                        lease: BodyLease | None = None) -> bytes | bytearray | int:
+        """The whole request body, or :data:`TOO_LARGE` past the limit, :data:`GONE` when the
+        client disconnects first, :data:`BUSY` when ``lease`` found no room in its budget.
+
+        A body of ``declared`` length (its content-length) is read into a buffer of that size,
+        taken from the budget first; one of unknown length takes its share as it grows. The
+        body comes back as a ``bytearray`` (not copied into ``bytes``; it is only read).
+        """
         limit = self.limit
-        body = bytearray()
+        if lease is not None and declared > 0:
+            if declared > lease.budget.capacity:
+                return TOO_LARGE  # could never fit
+            if not await lease.cover(declared):
+                return BUSY
+        body = bytearray(declared) if declared > 0 else bytearray()
+        got = 0
         while True:
             msg = await receive()
             if msg["type"] == "http.disconnect":
                 return GONE
-            body += msg.get("body", b"")
-            if len(body) > limit:
-                return TOO_LARGE
+            chunk = msg.get("body", b"")
+            if chunk:
+                end = got + len(chunk)
+                if end > limit:
+                    return TOO_LARGE
+                if lease is not None and end > declared:
+                    if end > lease.budget.capacity:
+                        return TOO_LARGE
+                    if not await lease.cover(end, step=True):
+                        return BUSY
+                body[got:end] = chunk  # in place while within the declared length
+                got = end
             if not msg.get("more_body", False):
-                return bytes(body)
+                if got < len(body):
+                    del body[got:]
+                return body  # a bytearray (no copy), read-only from here
 
 
 def forward_scope(scope: Scope, headers: list[tuple[bytes, bytes]], root_path: str) -> Scope:

@@ -27,13 +27,28 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from shoal.context import RequestContext, _request_ctx
+from shoal.runtime import wire
 from shoal.runtime.callable import UserCallable
+from shoal.runtime.flow import STREAM_STALL_TIMEOUT_S, STREAM_WINDOW_BYTES, SendWindow
 from shoal.runtime.http.admit import RouterSource, Send
 from shoal.runtime.replica.accounting import Accounts, RequestCounters, Sinks, error_payload
 from shoal.runtime.replica.ports import ControlChannel, Transport
 from shoal.runtime.replica.rpc_http import RPCResponse
 from shoal.runtime.replica.slots import Slots
-from shoal.runtime.wire import CANCEL, END, ERR, ITEM, OK, REJECT, REQUEST, FramedProtocol, RequestMeta, Routes
+from shoal.runtime.wire import (
+    CANCEL,
+    CREDIT,
+    END,
+    ERR,
+    ITEM,
+    OK,
+    REJECT,
+    REQUEST,
+    FramedProtocol,
+    RequestMeta,
+    Routes,
+    dumps_user,
+)
 
 if TYPE_CHECKING:
     from shoal.config import DeploymentConfig
@@ -45,6 +60,9 @@ logger = logging.getLogger("shoal.replica")
 
 # How often a drain that waits for callers to go quiet looks again.
 _QUIET_POLL_S = 0.05
+# A drain closes its callers' connections once no request came for this long (see drain).
+_CALLERS_QUIET_S = 0.25
+_CALLERS_QUIET_ROUNDS = 8  # at most 2 s
 
 
 class ReplicaCore:
@@ -75,6 +93,10 @@ class ReplicaCore:
         self.rejected = 0  # RPC requests refused (full, or draining)
         self.last_request = clock()  # when the latest RPC request arrived
         self.tasks: dict[tuple[int, int], asyncio.Task[None]] = {}
+        # Streams' credit windows (shoal.runtime.flow), by (connection, request id).
+        self.windows: dict[tuple[int, int], SendWindow] = {}
+        self.stream_window_bytes = STREAM_WINDOW_BYTES
+        self.stream_stall_s = STREAM_STALL_TIMEOUT_S
         self.conns: set[FramedProtocol] = set()
         self.server: asyncio.AbstractServer | None = None
         self.fronts: list[Any] = []  # proxy.HTTPFront when serving HTTP itself
@@ -102,6 +124,7 @@ class ReplicaCore:
         """Take the deployment's limits; ``key`` is (app key, deployment)."""
         self.slots.limit = cfg.max_ongoing_requests
         self.slots.max_queued = cfg.max_queued_requests
+        self.slots.max_wait = cfg.resolved_max_queue_wait_s()
         self.graceful_timeout = cfg.graceful_shutdown_timeout_s
         self.key = self.accounts.key = key
         self.accounts.access_log = cfg.logging_config is None or cfg.logging_config.enable_access_log
@@ -110,9 +133,12 @@ class ReplicaCore:
         """Accept callers' connections (the user callable is installed first)."""
         self.server = await transport.listen(self.on_connect)
 
-    async def serve_http(self, options: FrontOptions, fds: Sequence[int], routes: Routes | None = None) -> None:
+    async def serve_http(self, options: FrontOptions, fds: Sequence[int], routes: Routes | None = None,
+                         share_port: bool = False) -> None:
         """Serve HTTP on the listening sockets ``fds`` (an ingress replica), routing other
-        apps' requests through :attr:`routers`."""
+        apps' requests through :attr:`routers`. ``share_port``: the proxy stands by on the same
+        socket, so this front holds at most ``max_ongoing_requests`` connections and leaves the
+        rest to it (a replica that dies then fails only the requests it was running)."""
         # Imported here, not at the top: uvicorn costs every replica that never serves HTTP.
         from shoal.runtime.proxy import HTTPFront, ProxyApp
 
@@ -120,7 +146,8 @@ class ReplicaCore:
         if routes is not None:
             self.proxy_app.set_routes(routes)
         for fd in fds:
-            front = HTTPFront(self.proxy_app, fd, options)
+            front = HTTPFront(self.proxy_app, fd, options,
+                              accept_limit=(lambda: self.slots.limit) if share_port else None)
             self.fronts.append(front)
             await front.start()
 
@@ -214,10 +241,16 @@ class ReplicaCore:
             task = asyncio.get_running_loop().create_task(handling)
             self.tasks[key] = task
             task.add_done_callback(functools.partial(self._done, key))
+        elif kind == CREDIT:
+            window = self.windows.get((id(proto), msg[1]))
+            if window is not None:
+                window.credit(msg[2])
         elif kind == CANCEL:
             running = self.tasks.get((id(proto), msg[1]))
             if running is not None:
                 running.cancel()
+        elif kind == wire.PING:
+            proto.send((wire.PONG, msg[1]))  # the router's liveness probe: this loop is running
 
     def _done(self, key: tuple[int, int], _task: asyncio.Task[None]) -> None:
         # Normally _handle released the slot already; this covers a task cancelled before it ran.
@@ -260,22 +293,54 @@ class ReplicaCore:
                        kwargs: dict[str, Any], meta: RequestMeta) -> int | str:
         """Run one request and send its answer; the HTTP status, or "OK"."""
         user = self._user()
-        if meta.http:
-            response = RPCResponse(proto, rid)
-            await user.http(args[0], args[1], response.send, meta)
-            response.finish()
-            return response.status
-        if meta.stream:
-            async for item in user.stream(method, args, kwargs, meta):
-                proto.send_user((ITEM, rid, item))
-            proto.send((END, rid))
-            return "OK"
+        if meta.http or meta.stream:
+            return await self._execute_stream(user, proto, rid, method, args, kwargs, meta)
         result = await user.call(method, args, kwargs, meta)
         try:
             proto.send_user((OK, rid, result))
         except (pickle.PicklingError, TypeError, AttributeError) as e:
             raise TypeError(f"the result of {method!r} could not be serialized: {e}") from None
         return "OK"
+
+    async def _execute_stream(self, user: UserCallable, proto: FramedProtocol, rid: int, method: str,
+                              args: tuple[Any, ...], kwargs: dict[str, Any], meta: RequestMeta) -> int | str:
+        """A streamed request (or an HTTP request, whose response may stream): its items go
+        out within the stream's credit window (:mod:`shoal.runtime.flow`); a caller that takes
+        nothing for ``stream_stall_s`` gets the request cancelled here."""
+        key = (id(proto), rid)
+        window = self.windows[key] = SendWindow(self.stream_window_bytes, stall_s=self.stream_stall_s)
+        try:
+            if meta.http:
+                body = args[1] if isinstance(args[1], bytes) else bytes(args[1])
+                response = RPCResponse(proto, rid, window)
+                await user.http(args[0], body, response.send, meta)
+                response.finish()
+                return response.status
+            items = user.stream(method, args, kwargs, meta)
+            try:
+                async for item in items:
+                    payload = dumps_user((ITEM, rid, item))
+                    await window.reserve(len(payload))
+                    proto.send_bytes(payload)
+            finally:
+                aclose = getattr(items, "aclose", None)
+                if aclose is not None:
+                    await aclose()
+            proto.send((END, rid))
+            return "OK"
+        except Exception as e:
+            if not window.stalled:
+                raise
+            logger.warning("request %s to %s cancelled: %s (unacknowledged: %d bytes)", meta.request_id,
+                           method, e, window.unacked)
+            exc, tb = error_payload(TimeoutError(f"stream cancelled by the replica: {e}"))
+            try:
+                proto.send_user((ERR, rid, exc, tb))
+            except ConnectionError:
+                pass
+            return 499 if meta.http else "CANCELLED"
+        finally:
+            self.windows.pop(key, None)
 
     # -- drain
     async def drain(self) -> None:
@@ -287,7 +352,10 @@ class ReplicaCore:
             self.server.close()  # no new connections; open ones get their requests refused
         http_stop: asyncio.Future[Any] | None = None
         if self.fronts:
-            http_stop = asyncio.gather(*(f.stop(self.graceful_timeout) for f in self.fronts))
+            # The front drains as Envoy does: Connection: close on every answer, idle keep-alive
+            # connections closed after a grace, none closed under a request (HTTPFront.stop).
+            grace = None if self._still_routed() else 0.0
+            http_stop = asyncio.gather(*(f.stop(self.graceful_timeout, grace) for f in self.fronts))
         try:
             await asyncio.wait_for(self.slots.idle.wait(), max(0.0, deadline - self.clock()))
         except TimeoutError:
@@ -296,12 +364,28 @@ class ReplicaCore:
         while (self.quiet_s > 0 and self.conns and self.clock() < deadline
                and self.clock() - self.last_request < self.quiet_s):
             await asyncio.sleep(_QUIET_POLL_S)
+        # Callers learn of the drain from the controller, so a request may still be on its way:
+        # it is refused (and retried elsewhere), but one cut off by closing the connection would
+        # fail. Close only once a short while passed without any.
+        seen = -1
+        for _ in range(_CALLERS_QUIET_ROUNDS):  # bounded: a caller that never learns cannot hold us
+            if not self.conns or seen == self.rejected or self.clock() >= deadline:
+                break
+            seen = self.rejected
+            await asyncio.sleep(_CALLERS_QUIET_S)
         if http_stop is not None:
             try:
                 await asyncio.wait_for(http_stop, max(0.1, deadline - self.clock()))
             except TimeoutError:
                 pass
         await self.finish_drain()
+
+    def _still_routed(self) -> bool:
+        """Whether this replica's app is still routed (other replicas take its requests): then
+        the HTTP front's idle connections get the drain grace; when the app is being deleted
+        (or the instance shut down) nobody would serve their next request, so they close now."""
+        app = self.proxy_app
+        return app is not None and self.key in set(app.table.targets())
 
     async def finish_drain(self) -> None:
         """The end of a drain: cancel what still runs, run the deployment's ``__del__``, close

@@ -32,6 +32,7 @@ from shoal.runtime.lifeline import ORPHAN_TIMEOUT_S, die_with_parent
 from shoal.runtime.replica.core import ReplicaCore
 from shoal.runtime.replica.logconfig import apply_logging_config, setup_process_logging
 from shoal.runtime.replica.ports import UnixTransport
+from shoal.runtime.rundir import RunDir
 from shoal.runtime.wire import (
     Call,
     ReplicaFailed,
@@ -89,6 +90,11 @@ class ReplicaProcess:
         self.stop_requested = asyncio.Event()
 
     @property
+    def fd_socket(self) -> str:
+        """Where this replica hands the HTTP listening socket over (a detached instance)."""
+        return RunDir(os.path.dirname(self.boot.controller_path)).replica_fd_socket(os.getpid())
+
+    @property
     def spare(self) -> bool:
         """A process started ahead of need, given its deployment later."""
         return self.boot.process_id.startswith("spare-")
@@ -116,6 +122,10 @@ class ReplicaProcess:
         closed = asyncio.ensure_future(self.client.closed.wait())
         stop = asyncio.ensure_future(self.stop_requested.wait())
         await asyncio.wait({closed, stop}, return_when=asyncio.FIRST_COMPLETED)
+        try:
+            os.unlink(self.fd_socket)  # stop offering the listening socket: this replica leaves
+        except OSError:
+            pass
         await self.core.drain()
         return 0
 
@@ -182,7 +192,13 @@ class ReplicaProcess:
         if init.serves_http and self.boot.http_fd >= 0:
             try:
                 self.client.send(SubscribeRoutes())
-                await self.core.serve_http(self.boot.http, [self.boot.http_fd])
+                await self.core.serve_http(self.boot.http, [self.boot.http_fd], share_port=True)
+                if not self.boot.die_with_parent:
+                    # A detached instance: should the controller and the proxy both die, the
+                    # next controller takes the port from here (the proxy's copy is gone).
+                    from shoal.runtime.proxy import serve_listening_fd
+
+                    serve_listening_fd(self.fd_socket, self.boot.http_fd)
             except Exception as e:
                 logger.error("replica %s could not serve HTTP:\n%s", init.replica_id, traceback.format_exc())
                 await self._failed(init.replica_id, f"could not serve HTTP: {e}")

@@ -3,13 +3,17 @@
 A response whose body comes in one message goes back as one ``OK`` frame holding every
 message; a streamed one as ``ITEM`` frames (each holding the messages since the last) and a
 final ``END``. ASGI messages are plain data: they go as plain pickle (see ``Router._send``).
+With a :class:`~shoal.runtime.flow.SendWindow`, ``send`` waits for the caller's credit before
+an ``ITEM`` that would overrun the stream's window: the application is held back by a slow
+client instead of its response piling up in the front.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from shoal.runtime.wire import END, ITEM, OK, FramedProtocol
+from shoal.runtime.flow import SendWindow
+from shoal.runtime.wire import END, ITEM, OK, FramedProtocol, dumps
 
 __all__ = ["RPCResponse"]
 
@@ -17,11 +21,12 @@ __all__ = ["RPCResponse"]
 class RPCResponse:
     """Collects one request's ASGI messages and sends them to the caller (see the module docstring)."""
 
-    __slots__ = ("done", "pending", "proto", "rid", "status", "streaming")
+    __slots__ = ("done", "pending", "proto", "rid", "status", "streaming", "window")
 
-    def __init__(self, proto: FramedProtocol, rid: int) -> None:
+    def __init__(self, proto: FramedProtocol, rid: int, window: SendWindow | None = None) -> None:
         self.proto = proto
         self.rid = rid
+        self.window = window
         self.pending: list[dict[str, Any]] = []
         self.streaming = False
         self.done = False
@@ -37,16 +42,30 @@ class RPCResponse:
         if message["type"] != "http.response.body":
             return
         more = message.get("more_body", False)
+        messages, self.pending = self.pending, []
         if not self.streaming and not more:
-            self.proto.send((OK, self.rid, list(self.pending)))
+            self.proto.send((OK, self.rid, messages))
             self.done = True
-        else:
-            self.streaming = True
-            self.proto.send((ITEM, self.rid, list(self.pending)))
-            if not more:
-                self.proto.send((END, self.rid))
-                self.done = True
-        self.pending.clear()
+            return
+        self.streaming = True
+        if not more:
+            self.done = True  # nothing the application sends from now on goes out
+        await self._item(messages)
+        if not more:
+            self.proto.send((END, self.rid))
+
+    async def _item(self, messages: list[dict[str, Any]]) -> None:
+        window = self.window
+        if window is None:
+            self.proto.send((ITEM, self.rid, messages))
+            return
+        payload = dumps((ITEM, self.rid, messages))
+        try:
+            await window.reserve(len(payload))
+        except BaseException:
+            self.done = True  # stalled or cancelled: the response ends here
+            raise
+        self.proto.send_bytes(payload)
 
     def finish(self) -> None:
         """The application returned: end the response if it did not."""

@@ -26,11 +26,12 @@ __all__ = ["Slots"]
 class Slots:
     """``limit`` slots, the requests holding them (``ongoing``) and those waiting (``waiters``)."""
 
-    __slots__ = ("draining", "idle", "limit", "max_queued", "ongoing", "waiters")
+    __slots__ = ("draining", "idle", "limit", "max_queued", "max_wait", "ongoing", "waiters")
 
-    def __init__(self, limit: int = 5, max_queued: int = -1) -> None:
+    def __init__(self, limit: int = 5, max_queued: int = -1, max_wait: float = 0.0) -> None:
         self.limit = limit
         self.max_queued = max_queued  # -1: no limit on waiters
+        self.max_wait = max_wait  # seconds a waiter waits at most (0: no bound)
         self.ongoing = 0
         self.waiters: deque[asyncio.Future[None]] = deque()
         # Set while no slot is held: a drain waits for it.
@@ -61,7 +62,8 @@ class Slots:
         self.idle.clear()
 
     async def admit(self) -> None:
-        """Wait in FIFO order for a slot; BackPressureError when too many already wait."""
+        """Wait in FIFO order for a slot; BackPressureError when too many already wait, or when
+        no slot came within ``max_wait`` seconds."""
         if self.ongoing < self.limit and not self.waiters:
             self.take()
             return
@@ -71,12 +73,23 @@ class Slots:
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.waiters.append(fut)
         try:
-            await fut
+            if self.max_wait > 0:
+                await asyncio.wait_for(asyncio.shield(fut), self.max_wait)
+            else:
+                await fut
+        except TimeoutError:
+            if fut.done():
+                return  # handed a slot just as the wait ran out: keep it
+            self.waiters.remove(fut)
+            fut.cancel()
+            raise BackPressureError(len(self.waiters), self.max_queued, message=(
+                f"no slot of this replica was free within {self.max_wait:g} s (max_queue_wait_s)")) from None
         except asyncio.CancelledError:
             if fut.done() and not fut.cancelled():
                 self.release()  # we were handed a slot but no longer want it
             else:
                 self.waiters.remove(fut)
+                fut.cancel()
             raise
 
     def release(self) -> None:
