@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import subprocess
 import threading
 from collections.abc import Callable
@@ -23,7 +24,7 @@ from loadgen import Counts, Load, report, running
 from starlette.requests import Request
 
 from shoal import api, serve
-from shoal.runtime.controller.records import ReplicaState
+from shoal.runtime.controller.records import ReplicaRecord, ReplicaState
 
 WRK = shutil.which("wrk") or "/usr/bin/wrk"
 CLIENTS = 6
@@ -124,18 +125,32 @@ def _wrk_errors(out: str) -> tuple[int, int, int]:
     return requests, int(non2xx.group(1)) if non2xx else 0, sum(map(int, sock.groups())) if sock else 0
 
 
+def _workers() -> list[ReplicaRecord]:
+    assert api._instance is not None
+    return [r for r in api._instance.controller.replicas.values() if r.deployment == "Versioned"]
+
+
+def _served() -> int:
+    """Requests the deployment's replicas finished, as their last stats said (about once a second)."""
+    return sum(r.requests for r in _workers())
+
+
 def test_wrk_through_a_redeploy_and_a_scale_down_sees_no_error(front: Instance,
                                                               request: pytest.FixtureRequest) -> None:
     if not os.access(WRK, os.X_OK):
         pytest.skip("wrk is not installed")
     serve.run(Versioned.options(num_replicas=2).bind("v1"))
     assert wait_until(lambda: httpx.get(front.url + "/", timeout=5).status_code == 200, 20)
-    wrk = subprocess.Popen([WRK, "-t2", f"-c{CLIENTS}", "-d12s", "--latency", front.url + "/"],
+    wrk = subprocess.Popen([WRK, "-t2", f"-c{CLIENTS}", "-d30s", "--latency", front.url + "/"],
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        wait_until(lambda: False, 1.5)  # wrk under way
+        assert wait_until(lambda: _served() >= 200, 15), "wrk's requests did not arrive"
         serve.run(Versioned.options(num_replicas=2).bind("v2"))  # rolling redeploy
         serve.run(Versioned.options(num_replicas=1).bind("v2"))  # scale-down
+        assert wait_until(lambda: len(_workers()) == 1, 20), "the scale-down did not finish"
+        done = _served()
+        assert wait_until(lambda: _served() >= done + 200, 15)  # wrk goes on against what is left
+        wrk.send_signal(signal.SIGINT)  # wrk stops and prints its report
         out, _ = wrk.communicate(timeout=40)
     finally:
         if wrk.poll() is None:

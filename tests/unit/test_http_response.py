@@ -110,7 +110,9 @@ async def test_an_error_before_the_response_is_answered_here() -> None:
     assert await exchange(client, access).run(run) == 503
     assert client.status == 503
     assert (b"retry-after", b"1") in client.sent[0]["headers"]
-    assert client.json == {"error": "service overloaded: too many queued requests", "request_id": "rid"}
+    assert client.json == {"error": "service overloaded: too many queued requests", "request_id": "rid",
+                           "message": "Request dropped due to backpressure (num_queued_requests=3, "
+                                      "max_queued_requests=3)."}
     assert access.lines == [("GET", "/p/x", 503, 7.0, "rid", "/p")]
 
 
