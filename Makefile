@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test lint typecheck unit clean bench bench-baseline docs
+.PHONY: install run test lint typecheck unit clean bench bench-baseline docs compat
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,13 @@ test: $(STAMP)
 	$(PY) -m mypy
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
 	$(PY) -m mkdocs build --strict -q
+
+## Ray Serve's own documentation examples, imports switched to shoal (../shared/ray_doc_code; a
+## few minutes; report in build/ray-doc-examples/RESULTS.md). Not part of `make test`.
+RAY_DOC_CODE ?= ../shared/ray_doc_code
+compat: $(STAMP)
+	$(PY) $(RAY_DOC_CODE)/run.py --setup-extras
+	$(PY) $(RAY_DOC_CODE)/run.py
 
 unit: $(STAMP)
 	$(PY) -m pytest -q tests/unit

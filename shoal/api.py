@@ -256,6 +256,11 @@ def delete(name: str, _blocking: bool = True) -> None:
 def status() -> ServeStatus:
     """Applications → deployments → replica state counts, with Ray Serve's status names."""
     if _instance is None:
+        current = _backend._current
+        if isinstance(current, ControllerClient):
+            # Inside a replica (or the proxy): the instance's status, from its controller.
+            got: ServeStatus = _call_blocking(current, "status")
+            return got
         return ServeStatus()
     inst = _instance
 

@@ -337,12 +337,14 @@ def build_app_spec(
         if id(node) in seen:
             return seen[id(node)]
         dep = node.deployment
-        if dep.name in specs:
-            raise ValueError(
-                f"application {name!r} binds two different deployments named {dep.name!r}; "
-                f"give one of them another name with .options(name=...)"
-            )
-        seen[id(node)] = dep.name
+        # As Ray does: a deployment bound more than once (or two deployments with one name)
+        # gets a unique name for each further binding: Adder, Adder_1, Adder_2, ...
+        unique = dep.name
+        suffix = 0
+        while unique in specs:
+            suffix += 1
+            unique = f"{dep.name}_{suffix}"
+        seen[id(node)] = unique
         calls: list[str] = []
 
         def convert(value: Any) -> Any:
@@ -359,13 +361,13 @@ def build_app_spec(
                 return {k: convert(v) for k, v in value.items()}
             return value
 
-        specs[dep.name] = DeploymentSpec(name=dep.name, app_name=name, config=dep.config,
-                                         func_or_class=dep.func_or_class, init_args=(), init_kwargs={},
-                                         is_function=dep.is_function, ingress=is_ingress, calls=calls)
-        spec = specs[dep.name]
+        specs[unique] = DeploymentSpec(name=unique, app_name=name, config=dep.config,
+                                       func_or_class=dep.func_or_class, init_args=(), init_kwargs={},
+                                       is_function=dep.is_function, ingress=is_ingress, calls=calls)
+        spec = specs[unique]
         spec.init_args = tuple(convert(a) for a in node._args)
         spec.init_kwargs = {k: convert(v) for k, v in node._kwargs.items()}
-        return dep.name
+        return unique
 
     ingress = visit(app, True)
     return AppSpec(name=name, route_prefix=route_prefix, ingress=ingress, deployments=specs)

@@ -80,9 +80,15 @@ class DeploymentHandle:
         stream: bool = _UNSET,
         multiplexed_model_id: str = _UNSET,
         use_new_handle_api: bool = _UNSET,
+        _prefer_local_routing: bool = _UNSET,
+        _by_reference: bool = _UNSET,
         **unsupported: Any,
     ) -> DeploymentHandle:
-        """A copy with per-call options changed."""
+        """A copy with per-call options changed.
+
+        Ray's ``_prefer_local_routing`` and ``_by_reference`` are accepted and change nothing:
+        one machine has no remote node to avoid, and arguments and results always travel by
+        value (there is no object store to pass references through)."""
         if unsupported:
             raise TypeError(f"unsupported handle option(s): {', '.join(sorted(unsupported))}")
         return DeploymentHandle(

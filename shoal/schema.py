@@ -57,11 +57,30 @@ from shoal.config import (
 )
 from shoal.exceptions import ConfigError
 
+# The status models, where Ray Serve's ``ray.serve.schema`` has them.
+from shoal.status import (
+    ApplicationStatus,
+    ApplicationStatusOverview,
+    DeploymentStatus,
+    DeploymentStatusOverview,
+    ProxyStatus,
+    ReplicaState,
+    ServeStatus,
+)
+
 __all__ = [
+    "ApplicationStatus",
+    "ApplicationStatusOverview",
     "ConfigError",
     "DeploymentSchema",
+    "DeploymentStatus",
+    "DeploymentStatusOverview",
+    "LoggingConfig",
+    "ProxyStatus",
+    "ReplicaState",
     "ServeApplicationSchema",
     "ServeDeploySchema",
+    "ServeStatus",
     "format_error_path",
     "load_config_file",
     "validation_error_to_config_error",

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+# As with Ray Serve, importing serve makes ``starlette.requests`` reachable as an attribute of
+# ``starlette`` (``import starlette`` then ``starlette.requests.Request`` in annotations).
+import importlib as _importlib
+
 from shoal.api import (
     delete,
     get_app_handle,
@@ -53,3 +57,5 @@ __all__ = [
     "start",
     "status",
 ]
+
+_importlib.import_module("starlette.requests")

@@ -12,11 +12,16 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import dataclasses
+import datetime
+import decimal
+import enum
 import functools
 import inspect
 import json
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+import pathlib
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -80,6 +85,9 @@ class UserCallable:
             ctx = self._ctx
             self._ctx = dataclasses.replace(ctx, servable_object=self._obj)
         asgi = getattr(self._target, "__shoal_asgi_app__", None)
+        if asgi is not None and is_app_factory(asgi):
+            # @serve.ingress(factory): each replica builds its own app (nothing to pickle).
+            asgi = self._in_context(asgi)
         if asgi is not None:
             self._asgi = bind_asgi_app(asgi, self._target, self._obj) if not self._is_function else asgi
         if user_config is not None:
@@ -214,19 +222,52 @@ class UserCallable:
         from starlette.requests import Request
 
         request = Request(scope, receive)
-        _fn, kind = self._resolve("__call__")
+        fn, kind = self._resolve("__call__")
+        # As Ray does: a handler that takes no argument is called without the request.
+        args: tuple[Any, ...] = (request,) if takes_an_argument(fn) else ()
         if kind in (_GEN, _AGEN):
             from starlette.responses import StreamingResponse
 
-            response: Any = StreamingResponse(self.stream("__call__", (request,), {}, meta))
+            response: Any = StreamingResponse(self.stream("__call__", args, {}, meta))
         else:
-            response = to_response(await self.call("__call__", (request,), {}, meta))
+            response = to_response(await self.call("__call__", args, {}, meta))
         try:
             await response(scope, receive, send)
         finally:
             # A streamed body whose request was cancelled (client gone, timeout): close its
             # generator now, so that the user's ``finally`` runs at once, not at garbage collection.
             await _close_body(response)
+
+
+def is_app_factory(app: Any) -> bool:
+    """Whether ``@serve.ingress`` was given a function that builds the ASGI app (it takes no
+    required argument) rather than the app itself (called with scope, receive, send)."""
+    if not inspect.isfunction(app):
+        return False
+    try:
+        params = inspect.signature(app).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return not any(p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+                   for p in params)
+
+
+@functools.lru_cache(maxsize=256)
+def _takes_an_argument(fn: Callable[..., Any]) -> bool:
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return True  # a callable inspect cannot read: give it the request
+    return any(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.VAR_POSITIONAL) for p in params)
+
+
+def takes_an_argument(fn: Callable[..., Any]) -> bool:
+    """Whether an HTTP handler accepts a positional argument (the request). Bound methods are
+    read without ``self``."""
+    try:
+        return _takes_an_argument(fn)
+    except TypeError:  # unhashable callable
+        return _takes_an_argument.__wrapped__(fn)
 
 
 async def _close_body(response: Any) -> None:
@@ -241,13 +282,46 @@ async def _close_body(response: Any) -> None:
 
 
 def _json_default(o: Any) -> Any:
+    """What ``json.dumps`` cannot encode, encoded the way FastAPI's ``jsonable_encoder`` does
+    (a handler's return value must mean the same on shoal as on Ray Serve); a value with no
+    JSON form is a ``TypeError`` naming its type, never its ``str()``."""
+    if inspect.isawaitable(o):
+        if inspect.iscoroutine(o):
+            o.close()  # never to be awaited: no "was never awaited" warning on top of the error
+        raise TypeError(f"the handler returned an awaitable ({type(o).__name__}) instead of its result: "
+                        "did you forget an 'await'?")
     if hasattr(o, "model_dump"):
         return o.model_dump(mode="json")
+    if dataclasses.is_dataclass(o) and not isinstance(o, type):
+        return dataclasses.asdict(o)
+    if isinstance(o, enum.Enum):
+        return o.value
+    if isinstance(o, (datetime.datetime, datetime.date, datetime.time)):
+        return o.isoformat()
+    if isinstance(o, datetime.timedelta):
+        return o.total_seconds()
+    if isinstance(o, decimal.Decimal):
+        exponent = o.as_tuple().exponent
+        return int(o) if isinstance(exponent, int) and exponent >= 0 else float(o)
+    if isinstance(o, (uuid.UUID, pathlib.PurePath)):
+        return str(o)
+    if isinstance(o, (bytes, bytearray)):
+        return bytes(o).decode()
     if hasattr(o, "tolist"):
         return o.tolist()
-    if isinstance(o, (set, frozenset, tuple)):
+    if isinstance(o, (set, frozenset, tuple)) or inspect.isgenerator(o):
         return list(o)
-    return str(o)
+    if isinstance(o, Mapping):
+        return dict(o)
+    try:
+        return dict(o)
+    except (TypeError, ValueError):
+        pass
+    try:
+        return vars(o)
+    except TypeError:
+        raise TypeError(f"the handler's return value of type {type(o).__name__} cannot be encoded as JSON; "
+                        "return a str, bytes, a JSON-serializable value or a Starlette Response") from None
 
 
 def to_response(result: Any) -> Any:

@@ -102,5 +102,10 @@ def test_no_stand_in_while_ingress_replicas_serve_the_port(instance: Instance,
         assert not front_of().standin.running  # the ingress replica accepts: nothing to stand in for
         assert wait_until(lambda: _proxy() is not old, DOWN_S + 10)
     counts = load.counts()
-    assert counts.hung == 0 and counts.failed == 0, counts
-    report("proxy SIGKILL while ingress replicas serve HTTP", counts, 0.0, "no failures: replicas keep serving")
+    # The proxy stands by on the shared port for connections the replicas leave (at their limit,
+    # or slow to accept on a loaded machine): a request on a connection it held fails with it,
+    # at most one per client; everything else goes on on the replicas.
+    assert counts.hung == 0 and counts.failed <= 2, counts
+    assert set(counts.details) <= {"RemoteProtocolError", "ReadError", "ConnectError"}, counts
+    report("proxy SIGKILL while ingress replicas serve HTTP", counts, 0.0,
+           "replicas keep serving; only a request on a connection the proxy held can fail")

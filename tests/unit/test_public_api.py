@@ -108,8 +108,9 @@ def test_graph_build() -> None:
     top = spec.deployments["Top"]
     handle = top.init_kwargs.get("more", top.init_args[2])["x"][0]
     assert isinstance(handle, serve.DeploymentHandle) and handle.deployment_name == "Leaf"
-    with pytest.raises(ValueError, match="two different deployments named 'Leaf'"):
-        build_app_spec(Mid.bind(Top.bind(Leaf.bind(), Leaf.bind(), {})), "app")
+    # Two bindings of one deployment are two deployments, the second named Leaf_1 (as in Ray).
+    twice = build_app_spec(Mid.bind(Top.bind(Leaf.bind(), Leaf.bind(), {})), "app")
+    assert set(twice.deployments) == {"Mid", "Top", "Leaf", "Leaf_1"}
     with pytest.raises(TypeError, match="bind"):
         build_app_spec(Leaf, "app")  # type: ignore[arg-type]
 
@@ -119,3 +120,30 @@ def test_policy_object_form() -> None:
     assert a.policy == "mod:fn"
     with pytest.raises(ValueError, match="unsupported policy option"):
         AutoscalingConfig(policy={"policy_function": "mod:fn", "policy_kwargs": {}})
+
+
+def test_importing_serve_makes_starlette_requests_reachable() -> None:
+    # Ray's docs annotate handlers with starlette.requests.Request after a bare `import starlette`.
+    import subprocess
+    import sys
+
+    code = "import starlette\nfrom shoal import serve\nprint(starlette.requests.Request.__name__)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == "Request", out.stderr
+
+
+def test_rays_private_handle_options_are_accepted() -> None:
+    handle = serve.DeploymentHandle("D", "app")
+    copy = handle.options(_by_reference=False, _prefer_local_routing=True, method_name="m")
+    assert copy is not handle
+    with pytest.raises(TypeError, match="unsupported handle option"):
+        handle.options(no_such_option=1)
+
+
+def test_status_models_are_importable_where_ray_has_them() -> None:
+    from shoal import schema, status
+
+    for name in ("ServeStatus", "ApplicationStatusOverview", "DeploymentStatusOverview", "ApplicationStatus",
+                 "DeploymentStatus", "ReplicaState", "ProxyStatus"):
+        assert getattr(schema, name) is getattr(status, name)
+    assert schema.LoggingConfig is not None

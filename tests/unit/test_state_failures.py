@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import wait_until
 
 from shoal.deployment import AppSpec
 from shoal.runtime.rundir import PROCESS_MARKER_ENV, RunDir
@@ -140,7 +141,8 @@ def test_the_instance_processes_are_found_by_their_marker_only(tmp_path: Path) -
     theirs = subprocess.Popen(argv, env={**os.environ, PROCESS_MARKER_ENV: other.metrics_dir})
     plain = subprocess.Popen([sys.executable, "-c", sleeper], env={**os.environ, PROCESS_MARKER_ENV: rd.metrics_dir})
     try:
-        assert rd.processes() == [mine.pid]
+        # Until a child has exec'd, /proc shows the parent's command line and environment.
+        assert wait_until(lambda: rd.processes() == [mine.pid], 10), rd.processes()
         assert rd.owns(mine.pid) and not rd.owns(theirs.pid) and not rd.owns(plain.pid)
         from shoal.runtime.daemon import stop_processes
 
@@ -165,7 +167,8 @@ def test_a_controller_that_does_not_answer_blocks_a_new_start(tmp_path: Path) ->
     assert prepare_start(rd) == []
     hung = subprocess.Popen(argv)
     try:
-        assert rd.controllers() == [hung.pid]
+        # Until the child has exec'd, /proc shows the parent's command line.
+        assert wait_until(lambda: rd.controllers() == [hung.pid], 10), rd.controllers()
         with pytest.raises(RuntimeError, match="does not answer"):
             prepare_start(rd)
     finally:
