@@ -63,6 +63,7 @@ class UserCallable:
         self._methods: dict[str, tuple[Callable[..., Any], int]] = {}
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"shoal-user-{context.deployment}")
         self._asgi: Any = None
+        self._call_takes_request: bool | None = None  # whether __call__ gets the HTTP request
 
     @property
     def instance(self) -> Any:
@@ -223,8 +224,11 @@ class UserCallable:
 
         request = Request(scope, receive)
         fn, kind = self._resolve("__call__")
-        # As Ray does: a handler that takes no argument is called without the request.
-        args: tuple[Any, ...] = (request,) if takes_an_argument(fn) else ()
+        # As Ray does: a handler that takes no argument is called without the request
+        # (its signature is read once, not per request).
+        if self._call_takes_request is None:
+            self._call_takes_request = takes_an_argument(fn)
+        args: tuple[Any, ...] = (request,) if self._call_takes_request else ()
         if kind in (_GEN, _AGEN):
             from starlette.responses import StreamingResponse
 
@@ -252,22 +256,14 @@ def is_app_factory(app: Any) -> bool:
                    for p in params)
 
 
-@functools.lru_cache(maxsize=256)
-def _takes_an_argument(fn: Callable[..., Any]) -> bool:
+def takes_an_argument(fn: Callable[..., Any]) -> bool:
+    """Whether an HTTP handler accepts a positional argument (the request). Bound methods are
+    read without ``self``."""
     try:
         params = inspect.signature(fn).parameters.values()
     except (TypeError, ValueError):
         return True  # a callable inspect cannot read: give it the request
     return any(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.VAR_POSITIONAL) for p in params)
-
-
-def takes_an_argument(fn: Callable[..., Any]) -> bool:
-    """Whether an HTTP handler accepts a positional argument (the request). Bound methods are
-    read without ``self``."""
-    try:
-        return _takes_an_argument(fn)
-    except TypeError:  # unhashable callable
-        return _takes_an_argument.__wrapped__(fn)
 
 
 async def _close_body(response: Any) -> None:

@@ -16,8 +16,7 @@ from typing import Any
 import pytest
 
 from shoal.exceptions import ReplicaDiedError
-from shoal.runtime import liveness
-from shoal.runtime import router as router_mod
+from shoal.runtime import liveness, replica_connection
 from shoal.runtime.liveness import Backoff, Probe
 from shoal.runtime.router import Router
 from shoal.runtime.wire import OK, PING, PONG, REQUEST, FramedProtocol, Membership, ReplicaEndpoint, RequestMeta
@@ -182,7 +181,7 @@ def sock_dir() -> Iterator[str]:
 @pytest.fixture
 def fast(monkeypatch: pytest.MonkeyPatch) -> None:
     """Short connect timeout and probe times, so that the tests take a second or two."""
-    monkeypatch.setattr(router_mod, "CONNECT_TIMEOUT_S", 0.3)
+    monkeypatch.setattr(replica_connection, "CONNECT_TIMEOUT_S", 0.3)
     monkeypatch.setattr(liveness, "PROBE_AFTER_S", 0.2)
     monkeypatch.setattr(liveness, "PROBE_DEADLINE_S", 0.2)
     monkeypatch.setattr(liveness, "PROBE_RETRY_FIRST_S", 0.1)
