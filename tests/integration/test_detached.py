@@ -77,16 +77,21 @@ class Detached:
     def controller_pid(self) -> int:
         return int((Path(self.address) / "controller.pid").read_text())
 
+    def recorded_pids(self) -> set[int]:
+        """The processes the controller has recorded in state.db (replicas and proxy)."""
+        db = Path(self.address) / "state.db"
+        if not db.exists():
+            return set()
+        with sqlite3.connect(db) as conn:
+            return {int(p) for (p,) in conn.execute("SELECT pid FROM processes")}
+
     def remember_pids(self) -> None:
         """Note every process of the instance, so teardown can stop whatever survives."""
         try:
             self.pids.add(self.controller_pid())
         except OSError:
             pass
-        db = Path(self.address) / "state.db"
-        if db.exists():
-            with sqlite3.connect(db) as conn:
-                self.pids.update(int(p) for (p,) in conn.execute("SELECT pid FROM processes"))
+        self.pids.update(self.recorded_pids())
 
 
 def _alive_shoal(pid: int) -> bool:
@@ -164,11 +169,14 @@ def test_deploy_is_declarative_and_idempotent(detached: Detached) -> None:
     assert "echo: created" in out and "echo: RUNNING" in out
     st = detached.status()
     version = st["applications"]["echo"]["version"]
-    pids = {httpx.get(detached.url + "/").json()["pid"] for _ in range(20)}
+    processes = detached.recorded_pids()
+    served_by = {httpx.get(detached.url + "/").json()["pid"] for _ in range(20)}
+    assert served_by and served_by <= processes
     # The same file again changes nothing: same version, same replica processes.
     assert "echo: unchanged" in detached.cli("deploy", "v1.yaml").stdout
     assert detached.status()["applications"]["echo"]["version"] == version
-    assert {httpx.get(detached.url + "/").json()["pid"] for _ in range(20)} <= pids
+    assert detached.recorded_pids() == processes
+    assert {httpx.get(detached.url + "/").json()["pid"] for _ in range(20)} <= processes
     # A second app in the file is created; an app left out of the file is deleted.
     (detached.dir / "two.yaml").write_text(
         "applications:\n"
