@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test lint typecheck unit clean bench bench-baseline docs compat
+.PHONY: install run test lint typecheck unit clean bench bench-baseline docs compat compat-docs
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,10 @@ RAY_DOC_CODE ?= ../shared/ray_doc_code
 compat: $(STAMP)
 	$(PY) $(RAY_DOC_CODE)/run.py --setup-extras
 	$(PY) $(RAY_DOC_CODE)/run.py
+
+## Regenerate docs/compatibility.md from shoal/_compat.py (the Ray Serve compatibility table).
+compat-docs: $(STAMP)
+	$(PY) scripts/gen_compat_docs.py
 
 unit: $(STAMP)
 	$(PY) -m pytest -q tests/unit

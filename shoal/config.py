@@ -8,28 +8,39 @@ from __future__ import annotations
 
 import os
 import re
-from enum import StrEnum
+from collections.abc import Callable
 from typing import Any, Literal
 
 from pydantic import (
-    BaseModel,
     ConfigDict,
     Field,
     NonNegativeFloat,
-    NonNegativeInt,
     PositiveFloat,
     PositiveInt,
     field_validator,
     model_validator,
 )
 
+from shoal._autoscaling_config import DEFAULT_AUTOSCALING_POLICY as DEFAULT_AUTOSCALING_POLICY
+from shoal._autoscaling_config import DEFAULT_POLICY_PATHS as DEFAULT_POLICY_PATHS
+from shoal._autoscaling_config import AggregationFunction as AggregationFunction
+from shoal._autoscaling_config import AutoscalingConfig as AutoscalingConfig
+from shoal._autoscaling_config import AutoscalingContext as AutoscalingContext
+from shoal._autoscaling_config import AutoscalingPolicy as AutoscalingPolicy
+from shoal._autoscaling_config import DeploymentID as DeploymentID
+from shoal._autoscaling_config import auto_autoscaling_config as auto_autoscaling_config
+from shoal._model import Strict as _Strict
+
 __all__ = [
     "AggregationFunction",
     "AutoscalingConfig",
+    "AutoscalingContext",
+    "AutoscalingPolicy",
     "DeploymentConfig",
     "HTTPOptions",
     "LoggingConfig",
     "RayActorOptions",
+    "RequestRouterConfig",
     "auto_autoscaling_config",
 ]
 
@@ -37,65 +48,105 @@ __all__ = [
 # $SHOAL_MAX_QUEUE_WAIT_S says otherwise (DeploymentConfig.max_queue_wait_s).
 DEFAULT_MAX_QUEUE_WAIT_S = 120.0
 
+# Ray's default router, by the name Ray's configs use for it: shoal's own routing.
+DEFAULT_REQUEST_ROUTER = "ray.serve._private.request_router:PowerOfTwoChoicesRequestRouter"
+_DEFAULT_ROUTER_NAMES = frozenset({
+    DEFAULT_REQUEST_ROUTER,
+    "ray.serve._private.request_router.PowerOfTwoChoicesRequestRouter",
+    "ray.serve._private.request_router.pow_2_router:PowerOfTwoChoicesRequestRouter",
+})
+_IMPORT_PATH = re.compile(r"[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*([:.][A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*)")
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+class _PickledClass:
+    """A request router class, cloudpickled (see ``RequestRouterConfig.__getstate__``)."""
+
+    __slots__ = ("blob",)
+
+    def __init__(self, blob: bytes) -> None:
+        self.blob = blob
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_PickledClass, (self.blob,))
 
 
-class AggregationFunction(StrEnum):
-    MEAN = "mean"
-    MAX = "max"
-    MIN = "min"
+class RequestRouterConfig(_Strict):
+    """How a deployment's callers choose a replica (Ray Serve's ``RequestRouterConfig``).
 
+    ``request_router_class`` is a :class:`shoal.request_router.RequestRouter` subclass, or its
+    import path (``"module:Class"`` or ``"module.Class"``, imported in each caller process); the
+    default is shoal's own routing (power of two choices, model-aware). The class is built in
+    every process that calls the deployment and given ``request_router_kwargs`` through
+    ``initialize_state``. Replicas of a deployment with a custom router call their
+    ``record_routing_stats()`` every ``request_routing_stats_period_s`` (each call may take
+    ``request_routing_stats_timeout_s``); routers see the result as ``RunningReplica.routing_stats``.
+    """
 
-class AutoscalingConfig(_Strict):
-    """Autoscaling settings of one deployment (Ray Serve's ``autoscaling_config``)."""
+    request_router_class: str | Callable[..., Any] = DEFAULT_REQUEST_ROUTER
+    request_router_kwargs: dict[str, Any] = Field(default_factory=dict)
+    request_routing_stats_period_s: PositiveFloat = 10.0
+    request_routing_stats_timeout_s: PositiveFloat = 30.0
+    # shoal: how long one choose_replicas() call may take before the request is routed by
+    # shoal's default choice instead (and the router is left out for a while).
+    choose_replicas_timeout_s: PositiveFloat = 1.0
 
-    min_replicas: NonNegativeInt = 1
-    initial_replicas: NonNegativeInt | None = None
-    max_replicas: PositiveInt = 1
-    target_ongoing_requests: PositiveFloat = 2.0
-    metrics_interval_s: PositiveFloat = 10.0
-    look_back_period_s: PositiveFloat = 30.0
-    smoothing_factor: PositiveFloat = 1.0
-    upscale_smoothing_factor: PositiveFloat | None = None
-    downscale_smoothing_factor: PositiveFloat | None = None
-    upscaling_factor: PositiveFloat | None = None
-    downscaling_factor: PositiveFloat | None = None
-    downscale_delay_s: NonNegativeFloat = 600.0
-    downscale_to_zero_delay_s: NonNegativeFloat | None = None
-    upscale_delay_s: NonNegativeFloat = 30.0
-    aggregation_function: AggregationFunction = AggregationFunction.MEAN
-    # Import path ("module:function" or "module.function") of a custom policy. Ray's object
-    # form, {"policy_function": "module:function"}, is accepted too.
-    policy: str | None = None
-
-    @field_validator("policy", mode="before")
+    @field_validator("request_router_kwargs", mode="before")
     @classmethod
-    def _policy_path(cls, v: Any) -> Any:
-        if isinstance(v, dict):
-            extra = set(v) - {"policy_function"}
-            if extra:
-                raise ValueError(f"unsupported policy option(s): {', '.join(sorted(extra))}")
-            return v.get("policy_function")
+    def _kwargs(cls, v: Any) -> Any:
+        return {} if v is None else v  # Ray's default is None
+
+    @field_validator("request_router_class", mode="before")
+    @classmethod
+    def _router_class(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            text = v.strip()
+            if not _IMPORT_PATH.fullmatch(text):
+                raise ValueError(f"must be a RequestRouter subclass or its import path 'module:Class', got {v!r}")
+            return text
+        if not isinstance(v, type):
+            raise ValueError(f"must be a RequestRouter subclass or its import path 'module:Class', "
+                             f"got {type(v).__name__}")
+        # Checked by shape, not by importing shoal.request_router (which imports this module).
+        if not callable(getattr(v, "choose_replicas", None)):
+            raise ValueError(f"{v.__qualname__} is not a subclass of shoal.request_router.RequestRouter "
+                             "(it has no choose_replicas method)")
         return v
 
-    @model_validator(mode="after")
-    def _check_bounds(self) -> AutoscalingConfig:
-        if self.min_replicas > self.max_replicas:
-            raise ValueError("min_replicas must be less than or equal to max_replicas")
-        if self.initial_replicas is not None and not (
-            self.min_replicas <= self.initial_replicas <= self.max_replicas
-        ):
-            raise ValueError("initial_replicas must be between min_replicas and max_replicas")
-        return self
+    # Pickling: a class object travels as cloudpickle bytes, so that a class defined in a script
+    # (``__main__``) reaches replicas and routers by value instead of as a reference that only
+    # the script's process could resolve.
+    def __getstate__(self) -> dict[Any, Any]:
+        state = super().__getstate__()
+        cls = self.request_router_class
+        if not isinstance(cls, str):
+            import cloudpickle
 
+            fields = dict(state["__dict__"])
+            fields["request_router_class"] = _PickledClass(cloudpickle.dumps(cls, protocol=5))
+            state = {**state, "__dict__": fields}
+        return state
 
-def auto_autoscaling_config(**overrides: Any) -> AutoscalingConfig:
-    """The configuration ``num_replicas="auto"`` stands for, with user overrides applied."""
-    base: dict[str, Any] = {"min_replicas": 1, "max_replicas": 100, "target_ongoing_requests": 2.0}
-    base.update(overrides)
-    return AutoscalingConfig(**base)
+    def __setstate__(self, state: dict[Any, Any]) -> None:
+        fields = state.get("__dict__", {})
+        packed = fields.get("request_router_class")
+        if isinstance(packed, _PickledClass):
+            import cloudpickle
+
+            state = {**state, "__dict__": {**fields, "request_router_class": cloudpickle.loads(packed.blob)}}
+        super().__setstate__(state)
+
+    @property
+    def is_custom(self) -> bool:
+        """Whether a class other than shoal's default routing is configured."""
+        return not (isinstance(self.request_router_class, str) and self.request_router_class in _DEFAULT_ROUTER_NAMES)
+
+    @property
+    def class_name(self) -> str:
+        """The router's import path, or the name of the class given."""
+        c = self.request_router_class
+        if isinstance(c, str):
+            return c
+        return f"{getattr(c, '__module__', '?')}:{getattr(c, '__qualname__', '?')}"
 
 
 class RayActorOptions(_Strict):
@@ -169,6 +220,13 @@ class DeploymentConfig(_Strict):
     # handles (None: $SHOAL_MAX_QUEUE_WAIT_S, else 120 s). A deployment's first replica is
     # waited for as long as its start takes (replica_start_timeout_s bounds that).
     max_queue_wait_s: PositiveFloat | None = None
+    # A custom request router (Ray's request_router_config); None: shoal's own routing.
+    request_router_config: RequestRouterConfig | None = None
+
+    def custom_router(self) -> RequestRouterConfig | None:
+        """The request router config when it names a custom router class, else None."""
+        rc = self.request_router_config
+        return rc if rc is not None and rc.is_custom else None
 
     def resolved_max_queue_wait_s(self) -> float:
         """:attr:`max_queue_wait_s`, else ``$SHOAL_MAX_QUEUE_WAIT_S``, else
@@ -421,3 +479,15 @@ def validate_route_prefix(prefix: str | None) -> str | None:
     if "{" in prefix or "}" in prefix:
         raise ValueError(f"route_prefix may not contain wildcards, got {prefix!r}")
     return prefix
+
+
+def __getattr__(name: str) -> Any:
+    # A Ray Serve name that shoal does not support raises NotSupportedError with the reason, not an
+    # AttributeError (the table is shoal/_compat.py, imported only here: this module stays light;
+    # the import system's probes such as __path__ do not load it).
+    if name.startswith("_"):
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from shoal._compat import missing_attribute
+    from shoal.exceptions import NotSupportedError
+
+    return missing_attribute(__name__, name, NotSupportedError)

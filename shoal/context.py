@@ -6,7 +6,39 @@ import contextvars
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["ReplicaContext", "RequestContext", "get_replica_context", "get_request_context"]
+__all__ = ["ReplicaContext", "ReplicaRank", "RequestContext", "get_replica_context", "get_request_context"]
+
+
+class ReplicaRank(int):
+    """A replica's rank within its deployment (Ray Serve's ``ReplicaRank``): ``rank`` from 0 to
+    N-1 across the deployment, ``node_rank`` (always 0 on one machine) and ``local_rank`` (the
+    rank on that node, so equal to ``rank``).
+
+    It is also the integer ``rank`` itself, so code that indexes with ``ctx.rank`` keeps
+    working: ``ctx.rank.rank == int(ctx.rank)``."""
+
+    node_rank: int
+    local_rank: int
+
+    def __new__(cls, rank: int = 0, node_rank: int = 0, local_rank: int | None = None) -> ReplicaRank:
+        self = super().__new__(cls, rank)
+        self.node_rank = int(node_rank)
+        self.local_rank = int(rank if local_rank is None else local_rank)
+        return self
+
+    @property
+    def rank(self) -> int:
+        return int(self)
+
+    def __repr__(self) -> str:
+        return f"ReplicaRank(rank={int(self)}, node_rank={self.node_rank}, local_rank={self.local_rank})"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (ReplicaRank, (int(self), self.node_rank, self.local_rank))
+
+    def model_dump(self) -> dict[str, int]:
+        """The fields, as Ray's pydantic model would give them."""
+        return {"rank": int(self), "node_rank": self.node_rank, "local_rank": self.local_rank}
 
 
 @dataclass(frozen=True)
@@ -27,9 +59,14 @@ class ReplicaContext:
     deployment: str
     replica_tag: str
     servable_object: Any = None
-    # Gang replicas: this process's rank and the gang's size (0 and 1 otherwise).
+    # The replica's rank in its deployment and the deployment's replica count (Ray's replica
+    # ranks). In a gang replica: this process's rank in the gang and the gang's size.
     rank: int = 0
     world_size: int = 1
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.rank, ReplicaRank):
+            object.__setattr__(self, "rank", ReplicaRank(int(self.rank)))
 
     @property
     def replica_id(self) -> ReplicaID:
@@ -70,3 +107,9 @@ def get_replica_context() -> ReplicaContext:
 
 def get_request_context() -> RequestContext:
     return _request_ctx.get()
+
+
+def _get_internal_replica_context() -> ReplicaContext | None:
+    """The running replica's context, or None outside a replica (Ray's
+    ``ray.serve.context._get_internal_replica_context``, which Ray's examples import)."""
+    return _replica_ctx.get() or _process_replica_ctx

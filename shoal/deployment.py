@@ -24,8 +24,10 @@ T = TypeVar("T")
 _TRACKER_ID = re.compile(rb"\x8c\x20[0-9a-f]{32}\x94N")
 
 # Options whose change needs new replica processes; the others apply in place.
+# request_router_config: callers get the router with the new replicas' membership, and replicas
+# read its stats period when they start.
 _RESTART_FIELDS = ("ray_actor_options", "max_ongoing_requests", "logging_config", "placement_group_bundles",
-                   "placement_group_strategy", "num_ranks")
+                   "placement_group_strategy", "num_ranks", "request_router_config")
 
 
 class _Unset:
@@ -174,6 +176,7 @@ def deployment(
     num_ranks: int | None = ...,
     replica_start_timeout_s: float | None = ...,
     max_queue_wait_s: float | None = ...,
+    request_router_config: dict[str, Any] | Any = ...,
 ) -> Callable[[Callable[..., Any]], Deployment]: ...
 
 
@@ -197,6 +200,7 @@ def deployment(
     num_ranks: int | None = UNSET,
     replica_start_timeout_s: float | None = UNSET,
     max_queue_wait_s: float | None = UNSET,
+    request_router_config: dict[str, Any] | Any = UNSET,
 ) -> Deployment | Callable[[Callable[..., Any]], Deployment]:
     """Turn a class or function into a :class:`Deployment`; usable bare or with options.
 
@@ -227,6 +231,7 @@ def deployment(
         "num_ranks": num_ranks,
         "replica_start_timeout_s": replica_start_timeout_s,
         "max_queue_wait_s": max_queue_wait_s,
+        "request_router_config": request_router_config,
     }
     given = {k: v for k, v in given.items() if v is not UNSET}
     if given.get("ray_actor_options") is None:

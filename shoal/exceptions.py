@@ -14,6 +14,7 @@
     ├── InstanceNotFoundError         no shoal instance directory fits what was asked
     ├── PodConfigError                a Kubernetes pod cannot serve (config, app or deployment)
     ├── DeployError (RuntimeError)    an application could not be deployed
+    ├── NotSupportedError (NotImplementedError)  a Ray Serve name shoal does not support
     └── ControllerError (RuntimeError)  the controller refused or failed an admin call
 
 A user exception raised inside a replica reaches the caller as an instance of a class that
@@ -29,7 +30,7 @@ the modules they came from re-export their names.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 __all__ = [
     "ActorDiedError",
@@ -40,6 +41,7 @@ __all__ = [
     "DeployError",
     "DeploymentUnavailableError",
     "InstanceNotFoundError",
+    "NotSupportedError",
     "ObjectInvalid",
     "PodConfigError",
     "PolicyLoadError",
@@ -210,3 +212,25 @@ class DeployError(RayServeException, RuntimeError):
 class ControllerError(RayServeException, RuntimeError):
     """An admin call that the controller refused or could not carry out (the CLI prints its
     message). Also a ``RuntimeError``, which it was before it joined this hierarchy."""
+
+
+class NotSupportedError(RayServeException, NotImplementedError):
+    """A Ray Serve name that shoal does not support (``shoal.serve.get_deployment_actor``, ...).
+
+    Raised instead of an ``AttributeError`` when such a name is looked up on one of shoal's
+    mirror modules, so that code ported from Ray fails with the reason rather than a typo-like
+    error; the message names the Ray name, says why and points to ``docs/compatibility.md``.
+    (Also a ``NotImplementedError``: it is the builtin meaning of "not available here".)"""
+
+
+if not TYPE_CHECKING:  # hidden from mypy, which would accept any name here
+
+    def __getattr__(name: str) -> Any:
+        # A Ray Serve name that shoal does not support raises NotSupportedError with the reason, not an
+        # AttributeError (the table is shoal/_compat.py, imported only here: this module stays light;
+        # the import system's probes such as __path__ do not load it).
+        if name.startswith("_"):
+            raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+        from shoal._compat import missing_attribute
+
+        return missing_attribute(__name__, name, NotSupportedError)

@@ -6,7 +6,7 @@ import asyncio
 import concurrent.futures
 import os
 from collections.abc import AsyncIterator, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from shoal.context import get_request_context
 from shoal.exceptions import RequestCancelledError
@@ -259,3 +259,17 @@ class DeploymentResponseGenerator:
             self._loop.create_task(aclose())
         else:
             asyncio.run_coroutine_threadsafe(aclose(), self._loop)
+
+
+if not TYPE_CHECKING:  # hidden from mypy, which would accept any name here
+
+    def __getattr__(name: str) -> Any:
+        # A Ray Serve name that shoal does not support raises NotSupportedError with the reason, not an
+        # AttributeError (the table is shoal/_compat.py, imported only here: this module stays light;
+        # the import system's probes such as __path__ do not load it).
+        if name.startswith("_"):
+            raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+        from shoal._compat import missing_attribute
+        from shoal.exceptions import NotSupportedError
+
+        return missing_attribute(__name__, name, NotSupportedError)

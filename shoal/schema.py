@@ -53,8 +53,10 @@ from shoal.config import (
     HTTPOptions,
     LoggingConfig,
     RayActorOptions,
+    RequestRouterConfig,
     validate_route_prefix,
 )
+from shoal.context import ReplicaRank
 from shoal.exceptions import ConfigError
 
 # The status models, where Ray Serve's ``ray.serve.schema`` has them.
@@ -77,6 +79,7 @@ __all__ = [
     "DeploymentStatusOverview",
     "LoggingConfig",
     "ProxyStatus",
+    "ReplicaRank",
     "ReplicaState",
     "ServeApplicationSchema",
     "ServeDeploySchema",
@@ -317,6 +320,7 @@ class DeploymentSchema(_Schema):
     num_ranks: PositiveInt | None = None
     replica_start_timeout_s: PositiveFloat | None = None
     max_queue_wait_s: PositiveFloat | None = None
+    request_router_config: RequestRouterConfig | None = None
 
     @field_validator("name")
     @classmethod
@@ -581,3 +585,17 @@ def load_config_file(path: str | os.PathLike[str]) -> ServeDeploySchema:
         raise ConfigError(source, f"cannot read: {e.strerror or e}") from None
     data = _parse(text, source, as_json=p.suffix.lower() == ".json")
     return ServeDeploySchema.from_dict(data, source=source)
+
+
+if not typing.TYPE_CHECKING:  # hidden from mypy, which would accept any name here
+
+    def __getattr__(name: str) -> Any:
+        # A Ray Serve name that shoal does not support raises NotSupportedError with the reason, not an
+        # AttributeError (the table is shoal/_compat.py, imported only here: this module stays light;
+        # the import system's probes such as __path__ do not load it).
+        if name.startswith("_"):
+            raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+        from shoal._compat import missing_attribute
+        from shoal.exceptions import NotSupportedError
+
+        return missing_attribute(__name__, name, NotSupportedError)

@@ -5,6 +5,7 @@ from __future__ import annotations
 # As with Ray Serve, importing serve makes ``starlette.requests`` reachable as an attribute of
 # ``starlette`` (``import starlette`` then ``starlette.requests.Request`` in annotations).
 import importlib as _importlib
+import typing as _typing
 
 from shoal.api import (
     delete,
@@ -59,3 +60,17 @@ __all__ = [
 ]
 
 _importlib.import_module("starlette.requests")
+
+
+if not _typing.TYPE_CHECKING:  # hidden from mypy, which would accept any name here
+
+    def __getattr__(name: str) -> _typing.Any:
+        # A Ray Serve name that shoal does not support raises NotSupportedError with the reason, not an
+        # AttributeError (the table is shoal/_compat.py, imported only here: this module stays light;
+        # the import system's probes such as __path__ do not load it).
+        if name.startswith("_"):
+            raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+        from shoal._compat import missing_attribute
+        from shoal.exceptions import NotSupportedError
+
+        return missing_attribute(__name__, name, NotSupportedError)

@@ -16,12 +16,25 @@ def resolve_address(address: str | None, *, stop_orphans: bool = False) -> str:
 
     When no controller runs there but processes of the instance still do (their controller
     died), the error says so; with ``stop_orphans`` (``shoal shutdown``) they are stopped
-    instead and the command ends."""
+    instead and the command ends.
+
+    Every directory is checked on the way (:func:`shoal.runtime.rundir.open_private_dir`): one
+    another user could have made or could swap is refused with an error that names it."""
     try:
-        return RunDir.find_running(address).path
+        with RunDir.find_running(address) as found:
+            return found.path
+    except PermissionError as e:
+        raise click.ClickException(str(e)) from None
     except InstanceNotFoundError as e:
         rd = RunDir.for_start(address)
-        orphans = rd.processes() if os.path.isdir(rd.path) else []
+        try:
+            orphans = rd.open().processes()
+        except FileNotFoundError:
+            orphans = []
+        except PermissionError as refused:
+            raise click.ClickException(str(refused)) from None
+        finally:
+            rd.close()
         if not orphans:
             raise click.ClickException(str(e)) from None
         pids = ", ".join(map(str, orphans))
@@ -47,13 +60,17 @@ def _admin(address: str, op: str, timeout: float = 30.0, **args: Any) -> Any:
     from shoal.runtime.wire import Role
 
     run_dir = RunDir(address)
-    path = run_dir.controller_socket
     try:
-        run_dir.check_private()  # a directory another user made could hold their secret and socket
+        # Checked (a directory another user made could hold their secret and socket); the
+        # secret and the socket are then reached through the checked directory's descriptor.
+        run_dir.check_private()
         secret = run_dir.read_secret()
+        path = run_dir.through_fd(os.path.basename(run_dir.controller_socket))
     except PermissionError as e:
+        run_dir.close()
         raise click.ClickException(str(e)) from None
     except OSError as e:
+        run_dir.close()
         raise click.ClickException(f"cannot read the instance secret in {address}: {e.strerror}") from None
 
     async def go() -> Any:
@@ -71,7 +88,9 @@ def _admin(address: str, op: str, timeout: float = 30.0, **args: Any) -> Any:
         raise click.ClickException(str(e)) from None
     except TimeoutError:
         raise click.ClickException(f"the shoal instance at {address} did not answer within {timeout:.0f}s") from None
-    except (ConnectionError, OSError) as e:
-        raise click.ClickException(f"cannot reach the shoal instance at {address}: {e}") from None
+    except (ConnectionError, OSError) as e:  # (the socket named by its real path, not the /proc one)
+        why = str(e).replace(path, run_dir.controller_socket)
+        raise click.ClickException(f"cannot reach the shoal instance at {address}: {why}") from None
     finally:
         loop.close()
+        run_dir.close()

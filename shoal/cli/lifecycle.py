@@ -12,20 +12,36 @@ from typing import Any
 
 import click
 
+from shoal.observability import safefiles
+from shoal.observability.safetext import escape
+
 WAIT_START_S = 30.0
 
 
 def _tail(path: str, lines: int = 20) -> str:
+    """The last ``lines`` of the controller's log, control characters escaped (never through
+    another user's link)."""
     try:
-        with open(path, errors="replace") as f:
-            return "".join(f.readlines()[-lines:])
+        with os.fdopen(safefiles.open_for_reading(path), errors="replace") as f:
+            return "".join(escape(line.rstrip("\n")) + "\n" for line in f.readlines()[-lines:])
     except OSError:
         return ""
 
 
+def _open_log(path: str) -> int:
+    """A descriptor to append the controller's log to, never through a symbolic link."""
+    dir_fd = safefiles.open_dir(os.path.dirname(os.path.abspath(path)), create=True)
+    try:
+        fd, _ = safefiles.open_log(dir_fd, os.path.basename(path), path)
+    finally:
+        os.close(dir_fd)
+    return fd
+
+
 @click.command()
 @click.option("--address", default=None,
-              help="Instance directory (default /tmp/shoal-<uid>/default or $SHOAL_RUN_DIR).")
+              help="Instance directory (default $SHOAL_RUN_DIR, else $XDG_RUNTIME_DIR/shoal/default "
+                   "or /tmp/shoal-<uid>/default).")
 @click.option("--host", default="127.0.0.1", show_default=True, help="HTTP host of the proxy.")
 @click.option("-p", "--port", type=int, default=8000, show_default=True, help="HTTP port (0 picks a free port).")
 @click.option("--num-gpus", type=int, default=None,
@@ -48,19 +64,20 @@ def start(address: str | None, host: str, port: int, num_gpus: int | None, stric
     from shoal.config import HTTPOptions
     from shoal.runtime.rundir import RunDir
 
-    rd = RunDir(os.path.abspath(RunDir.for_start(address).path))
+    chosen = RunDir.for_start(address)
+    rd = chosen if os.path.isabs(chosen.path) else RunDir(os.path.abspath(chosen.path))
     run_dir = rd.path
-    if rd.is_live():
-        raise click.ClickException(f"a shoal instance is already running at {run_dir} "
-                                   "(`shoal status` shows it, `shoal shutdown` stops it)")
     try:
         http = HTTPOptions(host=host, port=port)
     except ValueError as e:
         raise click.UsageError(str(e)) from None
-    try:
+    try:  # checked before anything in it is used: another user's directory is refused
         rd.create_private()
     except PermissionError as e:
         raise click.ClickException(str(e)) from None
+    if rd.is_live():
+        raise click.ClickException(f"a shoal instance is already running at {run_dir} "
+                                   "(`shoal status` shows it, `shoal shutdown` stops it)")
     from shoal.runtime.daemon import prepare_start
 
     try:  # a damaged state file, processes a dead controller left behind
@@ -72,7 +89,11 @@ def start(address: str | None, host: str, port: int, num_gpus: int | None, stric
     opts = {"run_dir": run_dir, "http": {"host": http.host, "port": http.port, "dashboard": not no_dashboard},
             "num_gpus": num_gpus,
             "strict_cpus": strict_cpus}
-    with open(log_path, "ab") as log:
+    try:
+        log_fd = _open_log(log_path)
+    except OSError as e:
+        raise click.ClickException(f"cannot write the controller's log {log_path}: {e}") from None
+    with os.fdopen(log_fd, "ab") as log:
         proc = subprocess.Popen([sys.executable, "-m", "shoal.runtime.daemon", json.dumps(opts)],
                                 stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
     deadline = time.monotonic() + WAIT_START_S

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import glob
 import os
+import stat
 import sys
 import time
 import zlib
@@ -21,6 +22,8 @@ from typing import IO
 import click
 
 from shoal.observability.logs import is_live, proxy_log_path, safe_name
+from shoal.observability.safefiles import open_for_reading, own_link_target
+from shoal.observability.safetext import escape
 from shoal.runtime.rundir import InstanceNotFoundError, RunDir
 
 __all__ = ["Follower", "catalog", "logs", "tail_lines"]
@@ -51,9 +54,10 @@ def _tail(f: IO[bytes], n: int | None) -> list[str]:
 
 
 def tail_lines(path: str, n: int | None) -> list[str]:
-    """The last ``n`` lines of a file (all of them for None)."""
+    """The last ``n`` lines of a file (all of them for None); nothing for a file that is not a
+    log file (another user's link, a FIFO: see :func:`open_for_reading`)."""
     try:
-        with open(path, "rb") as f:
+        with open(open_for_reading(path), "rb") as f:
             return _tail(f, n)
     except OSError:
         return []
@@ -63,15 +67,37 @@ def catalog(root: str) -> dict[str, list[str]]:
     """``"app/deployment"`` -> its replicas' log files (oldest first), for every deployment with logs."""
     out: dict[str, list[str]] = {}
     for d in sorted(glob.glob(os.path.join(glob.escape(root), "*", "*"))):
+        if _linked_dir(d):
+            continue
         files = _replica_files(d)
         if files:
             out[f"{os.path.basename(os.path.dirname(d))}/{os.path.basename(d)}"] = files
     return out
 
 
+def _linked_dir(d: str) -> bool:
+    """Whether ``<root>/<app>/<deployment>`` goes through a symbolic link (not followed: shoal
+    makes real folders there)."""
+    return os.path.islink(d) or os.path.islink(os.path.dirname(d))
+
+
 def _replica_files(directory: str) -> list[str]:
-    files = [p for p in glob.glob(os.path.join(glob.escape(directory), "*.log")) if os.path.exists(p)]
-    return sorted(files, key=lambda p: (os.stat(p).st_mtime, p))
+    """The log files in a deployment's folder, oldest first: regular files, and the links
+    shoal made into a ``logs_dir`` (not anyone else's)."""
+    files: list[tuple[float, str]] = []
+    for p in glob.glob(os.path.join(glob.escape(directory), "*.log")):
+        try:
+            st = os.lstat(p)
+            if stat.S_ISLNK(st.st_mode):
+                target = own_link_target(p, st)
+                if target is None:
+                    continue
+                st = os.lstat(target)
+            if stat.S_ISREG(st.st_mode):
+                files.append((st.st_mtime, p))
+        except OSError:
+            continue
+    return [p for _, p in sorted(files)]
 
 
 def _label(path: str) -> str:
@@ -102,7 +128,7 @@ class Follower:
 
     def _open(self, path: str, at_end: bool = False) -> _Open | None:
         try:
-            f = open(path, "rb")  # noqa: SIM115 - kept open while following; close() closes it
+            f = open(open_for_reading(path), "rb")  # noqa: SIM115 - kept open while following; close() closes it
         except OSError:
             return None
         if at_end:
@@ -162,18 +188,22 @@ class Follower:
 
 
 def _instance_dir(address: str | None) -> str:
-    """The instance whose logs to read: a stopped instance's files can be read too."""
+    """The instance whose logs to read: a stopped instance's files can be read too. Checked
+    like every instance directory: one another user could have made or could swap is refused."""
     try:
-        return RunDir.find_for_logs(address).path
-    except InstanceNotFoundError as e:
+        with RunDir.find_for_logs(address) as found:
+            return found.path
+    except (InstanceNotFoundError, PermissionError) as e:
         raise click.ClickException(str(e)) from None
 
 
 def _print(label: str, line: str, color: bool) -> None:
-    prefix = f"[{label}]"
+    """One line on the terminal, escape sequences in it shown, not obeyed: shoal escapes what
+    it writes, but a replica's own print() reaches the file as it was (tabs are kept)."""
+    prefix = f"[{escape(label)}]"
     if color:
         prefix = click.style(prefix, fg=_COLORS[zlib.crc32(label.encode()) % len(_COLORS)])
-    click.echo(f"{prefix} {line}", color=color)
+    click.echo(f"{prefix} {escape(line)}", color=color)
 
 
 def _list(instance: str, root: str) -> None:
@@ -184,7 +214,7 @@ def _list(instance: str, root: str) -> None:
     width = max([len(k) for k in entries] + [10])
     for key, files in entries.items():
         replicas = ", ".join(f"{_label(p)} ({'running' if is_live(p) else 'exited'})" for p in reversed(files))
-        click.echo(f"  {key.ljust(width)}  {replicas}")
+        click.echo(escape(f"  {key.ljust(width)}  {replicas}"))  # names are folder and file names
     if os.path.exists(proxy_log_path(root)):
         click.echo(f"  {'proxy'.ljust(width)}  {proxy_log_path(root)}")
     controller = RunDir(instance).controller_log
@@ -201,11 +231,11 @@ def _files_for(instance: str, root: str, target: str) -> Callable[[], list[str]]
         dirs = [os.path.join(root, safe_name(app), safe_name(dep))]
     else:
         dirs = [d for d in glob.glob(os.path.join(glob.escape(root), "*", glob.escape(safe_name(target))))
-                if os.path.isdir(d)]
+                if os.path.isdir(d) and not _linked_dir(d)]
     if len(dirs) > 1:
         choices = ", ".join(f"{os.path.basename(os.path.dirname(d))}/{target}" for d in sorted(dirs))
         raise click.ClickException(f"deployment {target!r} exists in several applications; pick one: {choices}")
-    if dirs and os.path.isdir(dirs[0]):
+    if dirs and os.path.isdir(dirs[0]) and not _linked_dir(dirs[0]):
         directory = dirs[0]
         return lambda: _replica_files(directory)
     special = {"proxy": proxy_log_path(root), "controller": RunDir(instance).controller_log}

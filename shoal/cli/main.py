@@ -41,7 +41,8 @@ def cli() -> None:
 @click.option("--host", default=None, help="Proxy host (default 127.0.0.1; config file: http_options.host).")
 @click.option("-p", "--port", type=int, default=None, help="Proxy port (default 8000; 0 picks a free port).")
 @click.option("--address", default=None, envvar="SHOAL_RUN_DIR",
-              help="Instance directory for the control socket (default /tmp/shoal-<uid>/default).")
+              help="Instance directory for the control socket (default $SHOAL_RUN_DIR, else "
+                   "$XDG_RUNTIME_DIR/shoal/default or /tmp/shoal-<uid>/default).")
 @click.option("--num-gpus", type=int, default=None,
               help="Declare this many GPUs instead of asking nvidia-smi (fractional num_gpus share them).")
 @click.option("--strict-cpus", is_flag=True, help="Refuse to oversubscribe CPUs (num_cpus is enforced).")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 from collections.abc import Callable
@@ -80,7 +81,17 @@ def _build_options(f: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--image-pull-secret", "image_pull_secrets", multiple=True,
                      help="Secret for pulling the image (repeatable)."),
         click.option("--create-secret", is_flag=True,
-                     help="Also emit the RPC Secret with random data (apply never overwrites an existing one)."),
+                     help="Also emit the app's Secrets: RPC secret, pod certificate and CA (with --tls secret), "
+                          "inline API keys. Generated once and kept in --secrets-dir (never commit it); apply "
+                          "never overwrites an existing Secret."),
+        click.option("--secrets-dir", default=".shoal/secrets", show_default=True, metavar="DIR",
+                     help="Where --create-secret keeps what it generated (<namespace>-<app>.json, mode 0600), "
+                          "reused by the next build so that the output does not change."),
+        click.option("--tls", type=click.Choice(["secret", "cert-manager", "off"]), default="secret",
+                     show_default=True,
+                     help="Mutual TLS between pods: certificates from the Secret <app>-rpc-tls (made by "
+                          "--create-secret or by you), from cert-manager (emit its Issuers and Certificates), or "
+                          "off (development only: plain TCP, readable and alterable on the network)."),
         click.option("--canary-of", default=None, metavar="OLD_VERSION",
                      help="Build a canary beside the running OLD_VERSION (needs --version and --gateway)."),
         click.option("--weight", "canary_weight", type=int, default=10, show_default=True,
@@ -136,25 +147,63 @@ def _compile(target: str | None, rayservice: str | None, name: str | None, route
     kw = dict(kw)
     kw["labels"] = _key_values(kw.pop("labels"), "--label")
     kw["env"] = _key_values(kw.pop("env"), "--env")
+    secrets_dir = kw.pop("secrets_dir")
     opts = CompileOptions(**kw)
     from shoal.kubernetes.compiler import check_options
 
     check_options(opts)  # before importing the app: option mistakes are quick to report
     apps, http_options = load_apps(target, rayservice=rayservice, name=name, route_prefix=route_prefix)
+    if opts.create_secret:
+        stored = _stored_secrets(secrets_dir, opts, [a.spec.name for a in apps])
+        opts = dataclasses.replace(opts, secret_material=stored)
     result = compile_apps([(a.spec, a.entry) for a in apps], opts, http_options=http_options)
     return result, apps, opts
+
+
+def _stored_secrets(directory: str, opts: Any, apps: list[str]) -> dict[str, Any]:
+    """--create-secret: each application's stored material (created on the first build)."""
+    from shoal.kubernetes.secretstore import load_or_create
+
+    out: dict[str, Any] = {}
+    for app in sorted(set(apps)):
+        material, path, changes = load_or_create(directory, opts.namespace, app, with_tls=opts.tls == "secret")
+        out[app] = material
+        what = "; ".join(changes) if changes else "reused"
+        click.echo(f"note: the generated secrets of {app!r} are in {path} ({what}): it holds private keys; keep it "
+                   "out of version control (a .gitignore beside it says so) and back it up", err=True)
+    return out
 
 
 def _report(result: Any, apps: list[Any], opts: Any) -> None:
     for w in result.warnings:
         click.echo(f"warning: {w}", err=True)
-    if not opts.create_secret:
-        for app in {a.spec.name for a in apps}:
-            secret = names.secret_name(app)
+    if opts.create_secret:
+        return
+    emitted = {(o["kind"], o["metadata"]["name"]) for o in result.objects}
+    ns = opts.namespace
+    for app in sorted({a.spec.name for a in apps}):
+        secret = names.secret_name(app)
+        click.echo(
+            f"note: the pods read the RPC secret from Secret {secret!r} (key {names.SECRET_KEY!r}); create it "
+            f"once: kubectl -n {ns} create secret generic {secret} "
+            f"--from-literal={names.SECRET_KEY}=\"$(openssl rand -hex 32)\"  (or build with --create-secret)",
+            err=True,
+        )
+        if opts.tls == "secret":
+            tls = names.tls_secret_name(app)
             click.echo(
-                f"note: the pods read the RPC secret from Secret {secret!r} (key {names.SECRET_KEY!r}); create it "
-                f"once: kubectl -n {opts.namespace} create secret generic {secret} "
-                f"--from-literal={names.SECRET_KEY}=\"$(openssl rand -hex 32)\"",
+                f"note: the pods mount the pod certificate from Secret {tls!r} (type kubernetes.io/tls: tls.crt, "
+                f"tls.key and ca.crt, the CA that signed it); create it: kubectl -n {ns} create secret generic "
+                f"{tls} --type=kubernetes.io/tls --from-file=tls.crt=POD.crt --from-file=tls.key=POD.key "
+                f"--from-file=ca.crt=CA.crt  (or build with --create-secret, or --tls cert-manager)",
+                err=True,
+            )
+        keys = names.api_keys_secret_name(app)
+        if any(o["kind"] != "Secret" and keys in str(o) for o in result.objects) and ("Secret", keys) not in emitted:
+            click.echo(
+                f"note: http_options.api_keys are kept out of the ConfigMap: the ingress pods read them from Secret "
+                f"{keys!r}; create it from a file holding the keys, one per line: kubectl -n {ns} create secret "
+                f"generic {keys} --from-file={names.API_KEYS_KEY}=KEYS.txt  (or build with --create-secret)",
                 err=True,
             )
 
@@ -303,7 +352,7 @@ def apply(target: str | None, rayservice: str | None, name: str | None, route_pr
             )
             return
         if not opts.create_secret and not any(o["kind"] == "Secret" for o in result.objects):
-            for app_name in {a.spec.name for a in apps}:
+            for app_name in sorted({a.spec.name for a in apps}):
                 secret = names.secret_name(app_name)
                 if api.get("v1", "Secret", opts.namespace, secret) is None:
                     click.echo(
@@ -311,6 +360,14 @@ def apply(target: str | None, rayservice: str | None, name: str | None, route_pr
                         f"until it does (kubectl -n {opts.namespace} create secret generic {secret} "
                         f"--from-literal={names.SECRET_KEY}=\"$(openssl rand -hex 32)\", or rerun with "
                         "--create-secret)",
+                        err=True,
+                    )
+                tls = names.tls_secret_name(app_name)
+                if opts.tls == "secret" and api.get("v1", "Secret", opts.namespace, tls) is None:
+                    click.echo(
+                        f"warning: Secret {tls!r} (type kubernetes.io/tls: tls.crt, tls.key, ca.crt) does not exist "
+                        f"in {opts.namespace!r}; the pods will not start until it does (rerun with --create-secret, "
+                        "use --tls cert-manager, or create it: see docs/kubernetes.md, 'Security between pods')",
                         err=True,
                     )
         counts = execute(plan, api, force=force_conflicts, echo=click.echo)

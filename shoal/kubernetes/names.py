@@ -25,6 +25,16 @@ ENV_NAMESPACE = "SHOAL_NAMESPACE"  # from the downward API (metadata.namespace)
 ENV_POD_NAME = "SHOAL_POD_NAME"  # metadata.name
 ENV_POD_IP = "SHOAL_POD_IP"  # status.podIP; the address the pod listens on
 ENV_SECRET = "SHOAL_RPC_SECRET"  # the internal RPC secret, from a Secret via secretKeyRef
+# During a rotation, the previous RPC secret, still accepted (secretKeyRef, optional).
+ENV_SECRET_PREVIOUS = "SHOAL_RPC_SECRET_PREVIOUS"
+# The directory holding tls.crt, tls.key and ca.crt (the app's kubernetes.io/tls Secret, mounted).
+ENV_TLS_DIR = "SHOAL_TLS_DIR"
+# The name of that Secret, for error messages only.
+ENV_TLS_SECRET = "SHOAL_TLS_SECRET"
+# Development only: plain TCP between pods (`shoal k8s build --tls off`).
+ENV_INSECURE_NO_TLS = "SHOAL_INSECURE_NO_TLS"
+# Ingress pods only: the file of HTTP API keys (the app's API-keys Secret, mounted).
+ENV_API_KEYS_FILE = "SHOAL_API_KEYS_FILE"
 ENV_CLUSTER_DOMAIN = "SHOAL_CLUSTER_DOMAIN"  # default "cluster.local"
 # Gang replicas: the LeaderWorkerSet's name. LWS names rank i's pod "<leader pod name>-<i>"
 # and gives it that hostname under a headless Service named after the LWS (the DNS name
@@ -51,6 +61,12 @@ LWS_LABEL_REVISION = "leaderworkerset.sigs.k8s.io/template-revision-hash"
 CONFIG_MOUNT_DIR = "/etc/shoal"
 CONFIG_FILE_NAME = "serve.yaml"
 SECRET_KEY = "rpc-secret"
+SECRET_KEY_PREVIOUS = "rpc-secret-previous"
+# Not under CONFIG_MOUNT_DIR: a mount point inside a read-only ConfigMap volume cannot be created.
+TLS_MOUNT_DIR = "/etc/shoal-tls"
+TLS_CERT_FILE, TLS_KEY_FILE, TLS_CA_FILE = "tls.crt", "tls.key", "ca.crt"
+API_KEYS_MOUNT_DIR = "/etc/shoal-api-keys"
+API_KEYS_KEY = "api-keys"
 
 # Metrics the KEDA / HPA autoscalers read (exposed on ADMIN_PORT /metrics).
 # Ongoing requests in a replica (running + queued in it), labels: app, deployment.
@@ -104,6 +120,16 @@ def ingress_service_name(app: str) -> str:
 
 def secret_name(app: str) -> str:
     return dns_label(app, "rpc")
+
+
+def tls_secret_name(app: str) -> str:
+    """The ``kubernetes.io/tls`` Secret every pod of ``app`` mounts (pod certificate and CA bundle)."""
+    return dns_label(app, "rpc-tls")
+
+
+def api_keys_secret_name(app: str) -> str:
+    """The Secret holding the HTTP API keys, mounted into the ingress pods only."""
+    return dns_label(app, "api-keys")
 
 
 def config_map_name(app: str) -> str:

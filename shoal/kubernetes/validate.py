@@ -11,6 +11,7 @@ known from the CRD's documentation):
 * Prometheus Operator ``PodMonitor`` (monitoring.coreos.com/v1)
 * ``LeaderWorkerSet`` (leaderworkerset.x-k8s.io/v1), whose two pod templates are then checked
   against the Kubernetes schema of a ``PodTemplateSpec`` (strict, like a Deployment's)
+* cert-manager ``Issuer`` and ``Certificate`` (cert-manager.io/v1; ``--tls cert-manager``)
 
 Both packages come with shoal's ``dev`` extra; ``shoal k8s build --validate`` uses them too.
 :func:`restricted_violations` checks a pod spec against the Pod Security Standards'
@@ -369,7 +370,76 @@ LEADER_WORKER_SET = _object("leaderworkerset.x-k8s.io/v1", "LeaderWorkerSet", {
     },
 })
 
+# cert-manager.io/v1 (deploy/crds of cert-manager): the fields shoal writes, and their neighbours.
+_CM_DURATION = {"type": "string", "pattern": r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$"}
+_CM_ISSUER_REF = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["name"],
+    "properties": {"name": {"type": "string"}, "kind": {"enum": ["Issuer", "ClusterIssuer"]},
+                   "group": {"type": "string"}},
+}
+_CM_USAGES = ["signing", "digital signature", "content commitment", "key encipherment", "key agreement",
+              "data encipherment", "cert sign", "crl sign", "encipher only", "decipher only", "any", "server auth",
+              "client auth", "code signing", "email protection", "s/mime", "ipsec end system", "ipsec tunnel",
+              "ipsec user", "timestamping", "ocsp signing", "microsoft sgc", "netscape sgc"]
+CERTIFICATE = _object("cert-manager.io/v1", "Certificate", {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["secretName", "issuerRef"],
+    "properties": {
+        "secretName": {"type": "string", "pattern": _DNS_SUBDOMAIN},
+        "issuerRef": _CM_ISSUER_REF,
+        "commonName": {"type": "string", "maxLength": 64},
+        "dnsNames": {"type": "array", "items": {"type": "string"}},
+        "ipAddresses": {"type": "array", "items": {"type": "string"}},
+        "uris": {"type": "array", "items": {"type": "string"}},
+        "duration": _CM_DURATION,
+        "renewBefore": _CM_DURATION,
+        "isCA": {"type": "boolean"},
+        "usages": {"type": "array", "items": {"enum": _CM_USAGES}},
+        "privateKey": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {
+                "algorithm": {"enum": ["RSA", "ECDSA", "Ed25519"]},
+                "size": {"type": "integer"},
+                "encoding": {"enum": ["PKCS1", "PKCS8"]},
+                "rotationPolicy": {"enum": ["Never", "Always"]},
+            },
+        },
+        "secretTemplate": {"type": "object"},
+        "subject": {"type": "object"},
+    },
+    # cert-manager refuses a Certificate that names nothing.
+    "anyOf": [{"required": ["commonName"]}, {"required": ["dnsNames"]}, {"required": ["ipAddresses"]},
+              {"required": ["uris"]}],
+})
+ISSUER = _object("cert-manager.io/v1", "Issuer", {
+    "type": "object",
+    "minProperties": 1,
+    "maxProperties": 1,  # exactly one issuer type
+    "additionalProperties": False,
+    "properties": {
+        "selfSigned": {"type": "object", "additionalProperties": False,
+                       "properties": {"crlDistributionPoints": {"type": "array", "items": {"type": "string"}}}},
+        "ca": {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["secretName"],
+            "properties": {
+                "secretName": {"type": "string", "pattern": _DNS_SUBDOMAIN},
+                "crlDistributionPoints": {"type": "array", "items": {"type": "string"}},
+                "ocspServers": {"type": "array", "items": {"type": "string"}},
+                "issuingCertificateURLs": {"type": "array", "items": {"type": "string"}},
+            },
+        },
+    },
+})
+
 CRD_SCHEMAS: dict[tuple[str, str], Obj] = {
+    ("cert-manager.io/v1", "Certificate"): CERTIFICATE,
+    ("cert-manager.io/v1", "Issuer"): ISSUER,
     ("keda.sh/v1alpha1", "ScaledObject"): SCALED_OBJECT,
     ("gateway.networking.k8s.io/v1", "HTTPRoute"): HTTP_ROUTE,
     ("monitoring.coreos.com/v1", "PodMonitor"): POD_MONITOR,

@@ -14,6 +14,8 @@ an engine when a model loads, in the replica that serves it.
 
 from __future__ import annotations
 
+import typing as _typing
+
 from shoal.llm._builder import build_embedding_deployment, build_llm_deployment, build_openai_app
 from shoal.llm._config import (
     ANONYMOUS_TENANT,
@@ -58,3 +60,17 @@ __all__ = [
     "build_openai_app",
     "hash_api_key",
 ]
+
+
+if not _typing.TYPE_CHECKING:  # hidden from mypy, which would accept any name here
+
+    def __getattr__(name: str) -> _typing.Any:
+        # A Ray Serve name that shoal does not support raises NotSupportedError with the reason, not an
+        # AttributeError (the table is shoal/_compat.py, imported only here: this module stays light;
+        # the import system's probes such as __path__ do not load it).
+        if name.startswith("_"):
+            raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+        from shoal._compat import missing_attribute
+        from shoal.exceptions import NotSupportedError
+
+        return missing_attribute(__name__, name, NotSupportedError)

@@ -10,18 +10,26 @@ Endpoints (under the application's route prefix):
 ``POST /v1/embeddings``   vectors from an embedding deployment (``float`` or ``base64``)
 ``GET  /v1/usage``        per-tenant, per-model counters and engine counters (admin tenants;
                           everyone when the gateway is open)
-``GET  /metrics``         the same as Prometheus counters, plus time to first token
+``GET  /metrics``         the same as Prometheus counters, plus time to first token (admin
+``GET  /v1/metrics``      tenants; everyone when the gateway is open); ``/v1/metrics`` is the
+                          path to use with ``route_prefix: /``, where ``/metrics`` is shoal's
 ========================  ===================================================================
 
 Requests route by ``model`` to the deployment serving it; ``base:adapter`` goes to ``base``'s
 deployment with the multiplexed model id ``base:adapter`` (a LoRA adapter). API keys map to
 tenants; each tenant may have request and token rate limits (429 with ``Retry-After``).
+
+The counters name tenants, so they stay in the gateway replica's memory: never in shoal's
+multiprocess files, hence never on the instance-wide ``/metrics`` page, which answers whoever
+the front lets in. Their ``model`` label is a configured model id, an adapter ``/v1/models``
+lists, or ``"other"``: whatever clients send, the series stay bounded (the usage ledger too).
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import bisect
 import json
 import logging
 import math
@@ -62,32 +70,73 @@ logger = logging.getLogger("shoal.llm.gateway")
 
 _ROUTE = re.compile(r"/v1/(chat/completions|completions|embeddings|models|usage)(?:/(.+))?$")
 _MODEL_INFO_TIMEOUT_S = 3.0
+_METRICS_PATHS = ("/metrics", "/v1/metrics")  # under the route prefix
+#: The ``model`` label (and usage ledger key) of a model that is neither configured nor a known adapter.
+OTHER_MODEL = "other"
+_TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
 class _Metrics:
-    """Prometheus counters in a registry of this gateway's own (so that several gateways, or
-    tests, never collide in the process-wide default registry)."""
+    """The gateway's Prometheus metrics, as plain numbers in this replica's memory, rendered on
+    request. Not prometheus-client metric objects: in a shoal process those write to the
+    instance's multiprocess files, and every file lands on the instance-wide ``/metrics`` page,
+    which must not name tenants. Several gateways in one process (tests) never collide."""
+
+    _COUNTERS = (
+        ("requests", "shoal_llm_requests", "Requests by tenant, model, endpoint and HTTP status.",
+         ("tenant", "model", "endpoint", "status")),
+        ("prompt_tokens", "shoal_llm_prompt_tokens", "Prompt tokens by tenant and model.", ("tenant", "model")),
+        ("completion_tokens", "shoal_llm_completion_tokens", "Completion tokens by tenant and model.",
+         ("tenant", "model")),
+        ("rate_limited", "shoal_llm_rate_limited", "Requests refused by a rate limit.", ("tenant", "limit")),
+    )
 
     def __init__(self) -> None:
-        from prometheus_client import CollectorRegistry, Counter, Histogram
+        self.requests: dict[tuple[str, ...], float] = {}
+        self.prompt_tokens: dict[tuple[str, ...], float] = {}
+        self.completion_tokens: dict[tuple[str, ...], float] = {}
+        self.rate_limited: dict[tuple[str, ...], float] = {}
+        # model -> (per-bucket counts, the last one open; sum)
+        self.ttft: dict[str, tuple[list[int], list[float]]] = {}
 
-        self.registry = CollectorRegistry()
-        self.requests = Counter("shoal_llm_requests", "Requests by tenant, model, endpoint and HTTP status.",
-                                ["tenant", "model", "endpoint", "status"], registry=self.registry)
-        self.prompt_tokens = Counter("shoal_llm_prompt_tokens", "Prompt tokens by tenant and model.",
-                                     ["tenant", "model"], registry=self.registry)
-        self.completion_tokens = Counter("shoal_llm_completion_tokens", "Completion tokens by tenant and model.",
-                                         ["tenant", "model"], registry=self.registry)
-        self.rate_limited = Counter("shoal_llm_rate_limited", "Requests refused by a rate limit.",
-                                    ["tenant", "limit"], registry=self.registry)
-        self.ttft = Histogram("shoal_llm_time_to_first_token_seconds", "Time from request to first generated text.",
-                              ["model"], registry=self.registry,
-                              buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0))
+    @staticmethod
+    def inc(counter: dict[tuple[str, ...], float], labels: tuple[str, ...], amount: float = 1.0) -> None:
+        counter[labels] = counter.get(labels, 0.0) + amount
+
+    def observe_ttft(self, model: str, seconds: float) -> None:
+        counts, total = self.ttft.setdefault(model, ([0] * (len(_TTFT_BUCKETS) + 1), [0.0]))
+        counts[bisect.bisect_left(_TTFT_BUCKETS, seconds)] += 1
+        total[0] += seconds
 
     def render(self) -> bytes:
-        from prometheus_client import generate_latest
+        """The Prometheus text format of every metric."""
+        from prometheus_client import CollectorRegistry, generate_latest
+        from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 
-        return bytes(generate_latest(self.registry))
+        metrics = self
+
+        class _Collector:
+            def collect(self) -> list[Metric]:
+                out: list[Metric] = []
+                for attr, name, doc, labels in metrics._COUNTERS:
+                    family = CounterMetricFamily(name, doc, labels=list(labels))
+                    for values, value in sorted(getattr(metrics, attr).items()):
+                        family.add_metric(list(values), value)
+                    out.append(family)
+                hist = HistogramMetricFamily("shoal_llm_time_to_first_token_seconds",
+                                             "Time from request to first generated text.", labels=["model"])
+                for model, (counts, total) in sorted(metrics.ttft.items()):
+                    running, buckets = 0, []
+                    for bound, n in zip([*map(str, _TTFT_BUCKETS), "+Inf"], counts, strict=True):
+                        running += n
+                        buckets.append((bound, float(running)))
+                    hist.add_metric([model], buckets, total[0])
+                out.append(hist)
+                return out
+
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(_Collector())
+        return bytes(generate_latest(registry))
 
 
 class _Account:
@@ -96,7 +145,7 @@ class _Account:
     def __init__(self, gateway: OpenAiIngress, tenant: str, model: str, endpoint: str) -> None:
         self.gateway = gateway
         self.tenant = tenant
-        self.model = model
+        self.model = gateway.model_label(model)
         self.endpoint = endpoint
         self.prompt_tokens = 0
         self.completion_tokens = 0
@@ -113,11 +162,12 @@ class _Account:
         g.ledger.record(self.tenant, self.model, prompt_tokens=self.prompt_tokens,
                         completion_tokens=self.completion_tokens, error=status >= 400)
         g.limiter.charge(self.tenant, self.prompt_tokens + self.completion_tokens, g.clock())
-        g.metrics.requests.labels(self.tenant, self.model, self.endpoint, str(status)).inc()
+        m = g.metrics
+        m.inc(m.requests, (self.tenant, self.model, self.endpoint, str(status)))
         if self.prompt_tokens:
-            g.metrics.prompt_tokens.labels(self.tenant, self.model).inc(self.prompt_tokens)
+            m.inc(m.prompt_tokens, (self.tenant, self.model), self.prompt_tokens)
         if self.completion_tokens:
-            g.metrics.completion_tokens.labels(self.tenant, self.model).inc(self.completion_tokens)
+            m.inc(m.completion_tokens, (self.tenant, self.model), self.completion_tokens)
 
 
 async def _result(response: DeploymentResponse | DeploymentResponseGenerator) -> Any:
@@ -161,8 +211,9 @@ class OpenAiIngress:
     # -- HTTP entry point
     async def __call__(self, request: Request) -> Response:
         path = request.scope.get("path", "")
+        root = request.scope.get("root_path", "")
         try:
-            if path.endswith("/metrics") and request.method == "GET":
+            if request.method == "GET" and (path[len(root):] if path.startswith(root) else path) in _METRICS_PATHS:
                 self._require_admin(self._authenticate(request))
                 from prometheus_client import CONTENT_TYPE_LATEST
 
@@ -215,6 +266,17 @@ class OpenAiIngress:
         allowed = self.config.tenant(tenant).allowed_models
         return allowed is None or model in allowed or model.partition(":")[0] in allowed
 
+    def model_label(self, model: str) -> str:
+        """``model`` as a metrics label and usage ledger key: a configured model id, an adapter
+        that ``/v1/models`` lists, or :data:`OTHER_MODEL` (so that what clients send can never
+        grow the series or the ledger)."""
+        if model in self.llms or model in self.embedders:
+            return model
+        base, sep, adapter = model.partition(":")
+        if sep and adapter in self._infos.get(base, {}).get("adapters", ()):
+            return model
+        return OTHER_MODEL
+
     def _not_found(self, model: str) -> OpenAIError:
         return OpenAIError(404, f"The model `{model}` does not exist or you do not have access to it.",
                            code="model_not_found", param="model")
@@ -235,8 +297,8 @@ class OpenAiIngress:
         decision = self.limiter.admit(tenant, self.clock())
         if decision.allowed:
             return decision.headers
-        self.ledger.rate_limited(tenant, model)
-        self.metrics.rate_limited.labels(tenant, decision.limit).inc()
+        self.ledger.rate_limited(tenant, self.model_label(model))
+        self.metrics.inc(self.metrics.rate_limited, (tenant, decision.limit))
         wait = max(1, math.ceil(decision.retry_after_s))
         per = "requests per minute (RPM)" if decision.limit == "requests" else "tokens per minute (TPM)"
         raise OpenAIError(
@@ -384,6 +446,9 @@ class OpenAiIngress:
             gen = GenerationRequest(request_id, prompt=text_req.text(), sampling=text_req.sampling(text_req.max_tokens))
             req = text_req
         handle, multiplexed_id = self._route_llm(req.model, tenant)
+        base = req.model.partition(":")[0]
+        if multiplexed_id and base not in self._infos:
+            await self._fetch_info(base, handle)  # its adapters, once: they become label values
         headers = self._admit(tenant, req.model)
         account = _Account(self, tenant, req.model, endpoint)
         param = "messages" if chat else "prompt"
@@ -406,7 +471,7 @@ class OpenAiIngress:
             if error is None:
                 raise
             raise error from None
-        self.metrics.ttft.labels(req.model).observe(time.monotonic() - started)
+        self.metrics.observe_ttft(account.model, time.monotonic() - started)
         rid = new_id("chatcmpl" if chat else "cmpl")
         if req.stream:
             events = self._events(stream, first, account, rid, req.model, chat, req.include_usage(), param)

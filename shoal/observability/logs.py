@@ -18,31 +18,41 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import glob
 import io
-import json
 import logging
 import os
+import re
+import stat
 import sys
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from logging.handlers import RotatingFileHandler
 from typing import Any
 
-from shoal.context import _request_ctx
+from shoal.observability.logformat import (
+    EscapingFormatter,
+    Identity,
+    JSONFormatter,
+    RecordContext,
+    Stamp,
+    TextFormatter,
+)
+from shoal.observability.safefiles import UnsafeLogPath, open_dir, open_for_reading, open_log, own_link_target
+from shoal.observability.safetext import escape_line
 
 __all__ = [
     "BACKUPS",
     "KEEP_GONE",
     "MAX_BYTES",
     "DiskFullTolerant",
+    "EscapingFormatter",
     "Identity",
     "JSONFormatter",
     "LogFile",
     "RecordContext",
     "TextFormatter",
+    "UnsafeLogPath",
     "is_live",
     "log_access",
     "proxy_log_path",
@@ -62,9 +72,6 @@ _DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 
 access_logger = logging.getLogger("shoal.access")
 
-# Attributes every LogRecord has; anything else in a record's __dict__ came from ``extra=``.
-_STANDARD = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
-_OWN = frozenset({"application", "deployment", "replica", "component", "request_id", "route"})
 
 
 def safe_name(name: str) -> str:
@@ -81,160 +88,6 @@ def proxy_log_path(root: str) -> str:
     return os.path.join(root, "proxy.log")
 
 
-@dataclass(frozen=True)
-class Identity:
-    """Who writes a process's log records."""
-
-    component: str  # "replica" | "proxy"
-    replica: str = ""  # the replica's id, or the proxy's id
-    application: str = ""
-    deployment: str = ""
-
-    @property
-    def label(self) -> str:
-        if self.application or self.deployment:
-            return f"{self.component} {self.application}/{self.deployment}/{self.replica}"
-        return f"{self.component} {self.replica}"
-
-
-class RecordContext(logging.Filter):
-    """Stamps each record with the process's identity and the request being served.
-
-    Installed on handlers (not loggers), so that records of every logger, the user's own
-    ``logging.getLogger(__name__)`` included, get the fields.
-    """
-
-    def __init__(self, who: Identity) -> None:
-        super().__init__()
-        self.who = who
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        d = record.__dict__
-        if not d.get("request_id"):
-            ctx = _request_ctx.get()
-            d["request_id"] = ctx.request_id
-            d.setdefault("route", ctx.route)
-        d.setdefault("route", "")
-        d.setdefault("application", self.who.application)
-        d.setdefault("deployment", self.who.deployment)
-        d.setdefault("replica", self.who.replica)
-        d.setdefault("component", self.who.component)
-        return True
-
-
-class _Stamp:
-    """``2026-11-27 10:26:19,406``, as ``logging.Formatter.formatTime`` writes it, with the
-    date and time part computed once a second."""
-
-    def __init__(self) -> None:
-        self.second = -1
-        self.text = ""
-
-    def __call__(self, t: float) -> str:
-        second = int(t)
-        if second != self.second:
-            self.second, self.text = second, time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second))
-        return f"{self.text},{int((t - second) * 1000):03d}"
-
-
-class TextFormatter(logging.Formatter):
-    """``<time> <LEVEL> <who> pid=<pid> <logger> request_id=<id>: <message>``.
-
-    With ``one_line`` (files), a traceback or multi-line message is folded into the same line
-    (newlines written as ``\\n``), so that each line is one event.
-    """
-
-    def __init__(self, who: Identity, *, one_line: bool = True, extra_attrs: Sequence[str] = ()) -> None:
-        super().__init__()
-        self.prefix = f"{who.label} pid={os.getpid()}"
-        self.one_line = one_line
-        self.extra_attrs = tuple(extra_attrs)
-        self.stamp = _Stamp()
-
-    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
-        return self.stamp(record.created) if datefmt is None else super().formatTime(record, datefmt)
-
-    def access_line(self, t: float, method: str, path: str, status: int | str, ms: float, request_id: str,
-                    route: str) -> str:
-        """What :meth:`format` makes of :func:`log_access`'s record, without making one."""
-        text = f"{self.stamp(t)} INFO {self.prefix} shoal.access"
-        if request_id:
-            text += f" request_id={request_id}"
-        text += f": {method} {path} {status} {ms:.2f}ms"
-        return text.replace("\n", "\\n").replace("\r", "\\r") if self.one_line else text
-
-    def format(self, record: logging.LogRecord) -> str:
-        rid = getattr(record, "request_id", "")
-        head = f"{self.formatTime(record)} {record.levelname} {self.prefix} {record.name}"
-        if rid:
-            head += f" request_id={rid}"
-        for attr in self.extra_attrs:
-            head += f" {attr}={getattr(record, attr, '')}"
-        text = f"{head}: {record.getMessage()}"
-        if record.exc_info and not record.exc_text:
-            record.exc_text = self.formatException(record.exc_info)
-        if record.exc_text:
-            text += "\n" + record.exc_text
-        if record.stack_info:
-            text += "\n" + self.formatStack(record.stack_info)
-        return text.replace("\n", "\\n").replace("\r", "\\r") if self.one_line else text
-
-
-class JSONFormatter(logging.Formatter):
-    """One JSON object per line (``logging_config.encoding: JSON``): time, level, logger,
-    message, application, deployment, replica, request_id, and what the call passed in
-    ``extra=`` (the access log's method, path, status and latency_ms)."""
-
-    def __init__(self, who: Identity | Any, *, extra_attrs: Sequence[str] = ()) -> None:
-        super().__init__()
-        if not isinstance(who, Identity):  # a ReplicaContext (the pre-file API)
-            who = Identity("replica", who.replica_tag, who.app_name, who.deployment)
-        self.who = who
-        self.extra_attrs = tuple(extra_attrs)
-        self.stamp = _Stamp()
-
-    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
-        return self.stamp(record.created) if datefmt is None else super().formatTime(record, datefmt)
-
-    def access_line(self, t: float, method: str, path: str, status: int | str, ms: float, request_id: str,
-                    route: str) -> str:
-        """What :meth:`format` makes of :func:`log_access`'s record, without making one."""
-        w = self.who
-        out: dict[str, Any] = {
-            "asctime": self.stamp(t), "levelname": "INFO", "name": "shoal.access",
-            "message": f"{method} {path} {status} {ms:.2f}ms", "application": w.application,
-            "deployment": w.deployment, "replica": w.replica, "component": w.component, "request_id": request_id,
-        }
-        if route:
-            out["route"] = route
-        out.update(method=method, path=path, status=status, latency_ms=round(ms, 3))
-        return json.dumps(out, default=str)
-
-    def format(self, record: logging.LogRecord) -> str:
-        d = record.__dict__
-        out: dict[str, Any] = {
-            "asctime": self.formatTime(record), "levelname": record.levelname, "name": record.name,
-            "message": record.getMessage(),
-            "application": d.get("application", self.who.application),
-            "deployment": d.get("deployment", self.who.deployment),
-            "replica": d.get("replica", self.who.replica),
-            "component": d.get("component", self.who.component),
-            "request_id": d.get("request_id", "") or _request_ctx.get().request_id,
-        }
-        if d.get("route"):
-            out["route"] = d["route"]
-        for key, value in d.items():
-            if key not in _STANDARD and key not in _OWN and key not in out:
-                out[key] = value if isinstance(value, (str, int, float, bool, type(None))) else repr(value)
-        for attr in self.extra_attrs:
-            out[attr] = getattr(record, attr, None)
-        if record.exc_info:
-            out["exc_text"] = self.formatException(record.exc_info)
-        elif record.exc_text:
-            out["exc_text"] = record.exc_text
-        return json.dumps(out, default=str)
-
-
 class LogFile(RotatingFileHandler):
     """A rotating log file that can also be this process's stdout and stderr.
 
@@ -242,12 +95,25 @@ class LogFile(RotatingFileHandler):
     after each rotation), so that output which bypasses ``logging`` lands in it too and is
     counted towards the size limit. The file is held with a shared ``flock`` while the process
     lives: :func:`is_live` tells a running replica's file from a dead one's.
+
+    The file and its rotated generations are opened and renamed relative to their folder's
+    descriptor and never through a symbolic link (:mod:`shoal.observability.safefiles`); what
+    was found unsafe on the way is in :attr:`notes` (``setup`` logs them as warnings).
     """
 
     def __init__(self, path: str, *, capture: bool = False, max_bytes: int = MAX_BYTES,
                  backups: int = BACKUPS) -> None:
-        os.makedirs(os.path.dirname(path) or ".", mode=0o700, exist_ok=True)
-        super().__init__(path, maxBytes=max_bytes, backupCount=backups, encoding="utf-8", errors="backslashreplace")
+        self.notes: list[str] = []
+        path = os.path.abspath(path)
+        self._dir_fd = open_dir(os.path.dirname(path), create=True, notes=self.notes)
+        self._file_name = os.path.basename(path)
+        self._ino = -1
+        try:
+            super().__init__(path, maxBytes=max_bytes, backupCount=backups, encoding="utf-8",
+                             errors="backslashreplace")
+        except BaseException:
+            os.close(self._dir_fd)
+            raise
         self.capture = capture
         # The size is looked at every this many writes (and every CHECK_EVERY_S by a thread).
         self.check_every = 16
@@ -257,6 +123,16 @@ class LogFile(RotatingFileHandler):
         self._failed = False
         self._warned_at = -DROP_WARN_EVERY_S
         self._claim()
+
+    def _open(self) -> io.TextIOWrapper:
+        if self._dir_fd < 0:  # written to after close(), as logging.FileHandler allows
+            self._dir_fd = open_dir(os.path.dirname(self.baseFilename), create=True, notes=self.notes)
+        fd, name = open_log(self._dir_fd, self._file_name, self.baseFilename, self.notes)
+        if name != self._file_name:  # the name was another user's: a fresh one beside it
+            self._file_name = name
+            self.baseFilename = os.path.join(os.path.dirname(self.baseFilename), name)
+        self._ino = os.fstat(fd).st_ino
+        return open(fd, "a", encoding=self.encoding, errors=self.errors)
 
     def _claim(self) -> None:
         if self.stream is None:
@@ -337,15 +213,42 @@ class LogFile(RotatingFileHandler):
         n, self.dropped = self.dropped, 0
         self._warned_at = -DROP_WARN_EVERY_S
         try:
-            self.stream.write(f"{_Stamp()(time.time())} WARNING pid={os.getpid()} shoal.logs: {n} log records "
+            self.stream.write(f"{Stamp()(time.time())} WARNING pid={os.getpid()} shoal.logs: {n} log records "
                               "dropped while this file could not be written (disk full)\n")
             self.stream.flush()
         except (OSError, ValueError):
             self.dropped += n
 
     def doRollover(self) -> None:
-        super().doRollover()
+        """``name.log`` -> ``name.log.1`` -> ... as ``RotatingFileHandler`` does, but renaming
+        only regular files of ours, relative to the folder, and the current name only while it
+        is still the file we write."""
+        if self.stream is not None:
+            self.stream.close()
+            self.stream = None
+        if self.backupCount > 0:
+            for i in range(self.backupCount - 1, 0, -1):
+                self._shift(f"{self._file_name}.{i}", f"{self._file_name}.{i + 1}", -1)
+            self._shift(self._file_name, f"{self._file_name}.1", self._ino)
+        self.stream = self._open()
         self._claim()
+
+    def _shift(self, src: str, dst: str, ino: int) -> None:
+        try:
+            st = os.stat(src, dir_fd=self._dir_fd, follow_symlinks=False)
+            if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or (ino >= 0 and st.st_ino != ino):
+                return
+            # rename() replaces whatever ``dst`` is (a link included: the link, not its target).
+            os.rename(src, dst, src_dir_fd=self._dir_fd, dst_dir_fd=self._dir_fd)
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        super().close()
+        with self.lock:  # type: ignore[union-attr]
+            if self._dir_fd >= 0:
+                os.close(self._dir_fd)
+                self._dir_fd = -1
 
     def check(self) -> None:
         """Rotate if output written without ``logging`` made the file too big."""
@@ -382,9 +285,12 @@ class DiskFullTolerant:
 
 
 def is_live(path: str) -> bool:
-    """Whether a process still writes the log file at ``path`` (it holds a lock on it)."""
+    """Whether a process still writes the log file at ``path`` (it holds a lock on it).
+
+    A link is followed only if shoal made it (:func:`~shoal.observability.safefiles.open_for_reading`),
+    and a FIFO put there does not block the caller."""
     try:
-        fd = os.open(path, os.O_RDONLY)
+        fd = open_for_reading(path)
     except OSError:
         return False
     try:
@@ -396,31 +302,81 @@ def is_live(path: str) -> bool:
     return False
 
 
+_GENERATION = re.compile(r"\.[0-9]+")
+
+
 def prune(directory: str, keep: int = KEEP_GONE) -> None:
     """Delete the files of replicas that are gone, all but the ``keep`` newest, with their
-    rotated generations."""
-    gone: list[tuple[float, str]] = []
-    for path in glob.glob(os.path.join(glob.escape(directory), "*.log")):
-        if is_live(path):
-            continue
-        try:
-            gone.append((os.lstat(path).st_mtime, path))
-        except OSError:
-            continue
-    gone.sort(reverse=True)
-    for _, path in gone[keep:]:
-        target = os.path.realpath(path) if os.path.islink(path) else ""
-        for victim in [path, *glob.glob(glob.escape(path) + ".[0-9]*")]:
+    rotated generations.
+
+    Only what this user owns is touched, and nothing through another user's symbolic link: the
+    folder is entered without following such links, entries are looked at with ``lstat``, a
+    regular file of ours is deleted, and a link of ours (into ``logging_config.logs_dir``) is
+    deleted along with the regular files of ours it names, never with whatever the name there
+    has become (:func:`_delete_target`)."""
+    try:
+        dir_fd = open_dir(directory)
+    except OSError:
+        return
+    try:
+        names = os.listdir(dir_fd)
+        gone: list[tuple[float, str, str | None]] = []
+        for name in names:
+            if not name.endswith(".log"):
+                continue
             try:
-                os.unlink(victim)
+                st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+                if st.st_uid != os.geteuid():
+                    continue  # not ours: never ours to delete
+                target = own_link_target(os.path.join(directory, name), st)
             except OSError:
-                pass
-        if target:
-            for victim in [target, *glob.glob(glob.escape(target) + ".[0-9]*")]:
-                try:
-                    os.unlink(victim)
-                except OSError:
-                    pass
+                continue
+            if not stat.S_ISREG(st.st_mode) and target is None:
+                continue
+            if is_live(os.path.join(directory, name)):
+                continue
+            gone.append((st.st_mtime, name, target))
+        gone.sort(reverse=True)
+        for _, name, target in gone[keep:]:
+            _delete_own(dir_fd, name, names)
+            if target is not None:
+                _delete_target(target)
+    finally:
+        os.close(dir_fd)
+
+
+def _delete_own(dir_fd: int, name: str, names: Sequence[str]) -> None:
+    """Unlink ``name`` in the folder and its generations (``name.1`` ...) that are regular
+    files of ours; unlinkat() removes a name, never what a link points to."""
+    for victim in [name, *(n for n in names if n.startswith(name) and _GENERATION.fullmatch(n[len(name):]))]:
+        try:
+            st = os.stat(victim, dir_fd=dir_fd, follow_symlinks=False)
+            kind_ok = stat.S_ISREG(st.st_mode) or (victim == name and stat.S_ISLNK(st.st_mode))
+            if st.st_uid == os.geteuid() and kind_ok:
+                os.unlink(victim, dir_fd=dir_fd)
+        except OSError:
+            pass
+
+
+def _delete_target(target: str) -> None:
+    """The file a link of ours named, in a ``logs_dir``: deleted (with its generations) only if
+    it is still a regular file of ours there, reached without following others' links."""
+    if not target.endswith(".log"):
+        return
+    try:
+        dir_fd = open_dir(os.path.dirname(target))
+    except OSError:
+        return
+    try:
+        name = os.path.basename(target)
+        try:
+            st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        except OSError:
+            return
+        if stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid():
+            _delete_own(dir_fd, name, os.listdir(dir_fd))
+    finally:
+        os.close(dir_fd)
 
 
 _terminal_stream: io.TextIOWrapper | None = None
@@ -458,6 +414,15 @@ _fast: tuple[LogFile, TextFormatter | JSONFormatter, list[logging.Handler]] | No
 _NO_RECORD = logging.makeLogRecord({})
 
 
+def _link(target: str, link: str, notes: list[str]) -> None:
+    """A symbolic link ``link`` -> ``target``, made in its folder (entered as log folders are)."""
+    dir_fd = open_dir(os.path.dirname(os.path.abspath(link)), create=True, notes=notes)
+    try:
+        os.symlink(target, os.path.basename(link), dir_fd=dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
 def setup(who: Identity, *, path: str = "", link: str = "", encoding: str = "TEXT", level: str | int = "INFO",
           shoal_level: str | int | None = None, extra_attrs: Sequence[str] = (),
           terminal_level: int = logging.WARNING) -> LogFile | None:
@@ -467,6 +432,8 @@ def setup(who: Identity, *, path: str = "", link: str = "", encoding: str = "TEX
     each, in ``encoding``; WARNING and above also to the terminal (readable, multi-line); stdout
     and stderr are redirected into the file. ``link`` names a symlink to create to ``path``
     (a file kept in ``logging_config.logs_dir`` is found from the instance's log folder).
+    The file is never opened through a symbolic link, and folders others could use to swap it
+    are warned about (:class:`LogFile`, :mod:`shoal.observability.safefiles`).
     Without ``path``: records go to stderr in ``encoding``. Idempotent per process.
     """
     global _current, _fast
@@ -504,12 +471,13 @@ def setup(who: Identity, *, path: str = "", link: str = "", encoding: str = "TEX
             sys.stderr = DiskFullTolerant(sys.stderr)
         if link and os.path.abspath(link) != os.path.abspath(path):
             try:
-                os.makedirs(os.path.dirname(link), mode=0o700, exist_ok=True)
-                os.symlink(os.path.abspath(path), link)
+                _link(made.baseFilename, link, made.notes)
             except FileExistsError:
                 pass
             except OSError as e:
                 logging.getLogger("shoal.logs").warning("cannot link %s to %s: %s", link, path, e)
+        for note in made.notes:  # what was unsafe on the way to the file (shoal.observability.safefiles)
+            logging.getLogger("shoal.logs").warning("log file %s: %s", made.baseFilename, note)
         # Only the instance's own folder: a logs_dir may hold other files; the links lead there.
         prune(os.path.dirname(link or path))
         _current = made
@@ -533,6 +501,11 @@ def log_access(method: str, path: str, status: int | str, started: float, reques
     if not access_logger.isEnabledFor(logging.INFO):
         return
     ms = (time.monotonic() - started) * 1000.0
+    # The client chose the path and the request id: whatever handler gets them, no terminal
+    # escape goes with them (the formatters escape whole lines too; this covers any other, and
+    # keeps the short cut's JSON the same as a record's).
+    method, path, request_id, route = escape_line(method), escape_line(path), escape_line(request_id), \
+        escape_line(route)
     fast = _fast
     # While records of shoal.access would only reach this process's own file (nobody added a
     # handler), write the line straight there: a fifth of the cost of a log record.

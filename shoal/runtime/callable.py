@@ -49,6 +49,16 @@ def _kind(fn: Callable[..., Any]) -> int:
     return _SYNC
 
 
+def _takes_rank(fn: Callable[..., Any]) -> bool:
+    """Whether a ``reconfigure`` method takes a ``rank`` after ``user_config``."""
+    try:
+        params = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):
+        return False
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return len(positional) >= 2 or any(p.kind == p.VAR_POSITIONAL for p in params)
+
+
 class UserCallable:
     """Owns one instance of a deployment's class (or its function) and runs requests on it."""
 
@@ -103,12 +113,47 @@ class UserCallable:
         return result
 
     async def reconfigure(self, user_config: Any) -> None:
+        """Call ``reconfigure(user_config)``, or ``reconfigure(user_config, rank)`` when it takes
+        a second parameter (Ray's replica ranks: a :class:`~shoal.context.ReplicaRank`)."""
         fn = getattr(self._obj, "reconfigure", None) if not self._is_function else None
         if fn is None:
             if user_config is not None:
                 raise ValueError(f"deployment {self._ctx.deployment!r} has a user_config but no reconfigure() method")
             return
-        await self._call_plain(fn, _kind(fn), user_config)
+        if _takes_rank(fn):
+            await self._call_plain(fn, _kind(fn), user_config, self._ctx.rank)
+        else:
+            await self._call_plain(fn, _kind(fn), user_config)
+
+    def update_context(self, **changes: Any) -> None:
+        """Change fields of the replica context user code sees (e.g. ``world_size`` after a scale)."""
+        from shoal import context
+
+        self._ctx = dataclasses.replace(self._ctx, **changes)
+        process_ctx = context._process_replica_ctx
+        if process_ctx is not None and process_ctx.replica_tag == self._ctx.replica_tag:
+            context.set_process_replica_context(self._ctx)
+
+    @property
+    def records_autoscaling_stats(self) -> bool:
+        """Whether the deployment reports custom autoscaling metrics (``record_autoscaling_stats``)."""
+        return not self._is_function and callable(getattr(self._obj, "record_autoscaling_stats", None))
+
+    async def autoscaling_stats(self) -> tuple[tuple[str, float], ...]:
+        """Call ``record_autoscaling_stats()`` (sync on the user thread, or async) and check its
+        answer: a dict of metric names to numbers. Raises ``TypeError`` naming what is wrong."""
+        fn = self._obj.record_autoscaling_stats
+        result = await self._call_plain(fn, _kind(fn))
+        if not isinstance(result, dict):
+            raise TypeError(f"record_autoscaling_stats() returned {type(result).__name__}; expected a dict of "
+                            "metric names to numbers")
+        out = []
+        for name, value in result.items():
+            if not isinstance(name, str) or isinstance(value, bool) or not isinstance(value, int | float):
+                raise TypeError(f"record_autoscaling_stats() returned {name!r}: {value!r}; expected str keys and "
+                                "int or float values")
+            out.append((name, float(value)))
+        return tuple(out)
 
     async def check_health(self) -> None:
         fn = getattr(self._obj, "check_health", None) if not self._is_function else None
@@ -199,6 +244,22 @@ class UserCallable:
             raise TypeError(
                 f"stream=True was set but method {method!r} of {self._ctx.deployment!r} is not a generator"
             )
+
+    async def websocket(self, scope: dict[str, Any], receive: Callable[[], Awaitable[dict[str, Any]]],
+                        send: ASGISend, meta: RequestMeta) -> None:
+        """Run one WebSocket (an ASGI ``websocket`` scope) through the app given to
+        @serve.ingress. A deployment without one (``__call__(request)``) refuses it at the
+        handshake, as Starlette refuses a path without a websocket route: 403."""
+        if self._asgi is None:
+            await receive()  # websocket.connect
+            await send({"type": "websocket.close", "code": 1000,
+                        "reason": f"deployment {self._ctx.deployment!r} serves no WebSockets (no ASGI app)"})
+            return
+        token = self._enter(meta)
+        try:
+            await self._in_context(self._asgi, scope, receive, send)
+        finally:
+            _request_ctx.reset(token)
 
     async def http(self, scope: dict[str, Any], body: bytes, send: ASGISend, meta: RequestMeta) -> None:
         """Serve one HTTP request: an ASGI app given to @serve.ingress, or ``__call__(request)``."""

@@ -27,7 +27,7 @@ from shoal.config import HTTPOptions
 from shoal.runtime.backend import new_event_loop
 from shoal.runtime.controller import Controller, Settings
 from shoal.runtime.httpguard import exposure_warning
-from shoal.runtime.rundir import RunDir, private_dir
+from shoal.runtime.rundir import RunDir
 from shoal.runtime.state import damage, known_pids, set_aside
 from shoal.runtime.wire import new_secret
 
@@ -128,31 +128,40 @@ def prepare_start(rd: RunDir) -> list[str]:
     return said
 
 
-def instance_secret(run_dir: str) -> bytes:
+def instance_secret(rd: RunDir) -> bytes:
     """The instance's secret: kept across controller restarts (adopted replicas and the proxy
-    authenticate with it), created on first start. The file is 0600."""
-    path = RunDir(run_dir).secret
+    authenticate with it), created on first start. The file is 0600, read and written through
+    the checked directory (one that is not this user's file is replaced)."""
     try:
-        with open(path, "rb") as f:
-            secret = f.read()
+        secret = rd.read_secret()
         if len(secret) >= 32:
             return secret
     except OSError:
         pass
     secret = new_secret()
-    RunDir(run_dir).write_secret(secret)
+    rd.write_secret(secret)
     return secret
 
 
-def _write_pid(run_dir: str) -> None:
-    """Write the pid file whole (a temporary file renamed), or raise ``OSError``."""
-    RunDir(run_dir).write_controller_pid(os.getpid())
-
-
 async def serve(opts: dict[str, Any]) -> int:
-    run_dir = private_dir(os.path.abspath(str(opts["run_dir"])))
+    # Handed a path by `shoal start`: checked again here (created if needed), and its
+    # descriptor kept for the secret and the pid file.
+    rd = RunDir(os.path.abspath(str(opts["run_dir"])))
     try:
-        for sentence in prepare_start(RunDir(run_dir)):
+        rd.create_private()
+    except OSError as e:
+        logger.error("could not start: %s", e)
+        return 1
+    try:
+        return await _serve(opts, rd)
+    finally:
+        rd.close()
+
+
+async def _serve(opts: dict[str, Any], rd: RunDir) -> int:
+    run_dir = rd.path
+    try:
+        for sentence in prepare_start(rd):
             logger.warning("%s", sentence)
     except (OSError, RuntimeError) as e:
         logger.error("could not start: %s", e)
@@ -163,10 +172,10 @@ async def serve(opts: dict[str, Any]) -> int:
         num_gpus=opts.get("num_gpus"),
         strict_cpus=bool(opts.get("strict_cpus", False)),
         die_with_parent=False,
-        state_path=RunDir(run_dir).state_db,
+        state_path=rd.state_db,
     )
     try:
-        controller = Controller(settings, instance_secret(run_dir))
+        controller = Controller(settings, instance_secret(rd))
     except Exception as e:  # the state file (disk full, unreadable) or the secret
         logger.error("could not start: %s", e)
         return 1
@@ -181,9 +190,9 @@ async def serve(opts: dict[str, Any]) -> int:
         await controller.shutdown()
         return 1
     try:
-        _write_pid(run_dir)
+        rd.write_controller_pid(os.getpid())
     except OSError as e:  # serving matters more: `shoal start` will say it could not confirm
-        logger.error("cannot write %s (%s); serving anyway", RunDir(run_dir).controller_pid, e.strerror or e)
+        logger.error("cannot write %s (%s); serving anyway", rd.controller_pid, e.strerror or e)
     logger.info("controller pid %d serving %s; HTTP on %s://%s:%d", os.getpid(), run_dir, settings.http.scheme,
                 settings.http.host, controller.http_port)
     warning = exposure_warning(settings.http)
@@ -192,9 +201,9 @@ async def serve(opts: dict[str, Any]) -> int:
     await controller.shutdown_requested.wait()
     logger.info("shutting down")
     await controller.shutdown()
-    for path in (RunDir(run_dir).controller_pid, RunDir(run_dir).secret):
+    for path in (rd.controller_pid, rd.secret):
         try:
-            os.unlink(path)
+            os.unlink(os.path.basename(path), dir_fd=rd.dir_fd())
         except OSError:
             pass
     return 0

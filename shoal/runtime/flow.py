@@ -41,7 +41,7 @@ class SendWindow:
     __slots__ = ("batch", "stall_s", "stalled", "unacked", "waiter", "window")
 
     def __init__(self, window: int = STREAM_WINDOW_BYTES, batch: int = CREDIT_BATCH_BYTES,
-                 stall_s: float = STREAM_STALL_TIMEOUT_S) -> None:
+                 stall_s: float | None = STREAM_STALL_TIMEOUT_S) -> None:
         self.window = window
         self.batch = min(batch, window)
         self.stall_s = stall_s
@@ -63,8 +63,10 @@ class SendWindow:
     async def reserve(self, nbytes: int) -> None:
         """Wait until a frame of ``nbytes`` may be sent, then count it as sent.
 
-        Raises ``TimeoutError`` (``stalled`` set) after ``stall_s`` without any credit; a
-        cancellation (the caller's CANCEL, a closed connection) ends the wait too.
+        Raises ``TimeoutError`` (``stalled`` set) after ``stall_s`` without any credit (None:
+        waits as long as it takes, e.g. a WebSocket's client messages toward an app that reads
+        nothing for a while: the client is simply not read meanwhile); a cancellation (the
+        caller's CANCEL, a closed connection) ends the wait too.
         """
         if not self.fits(nbytes):
             loop = asyncio.get_running_loop()

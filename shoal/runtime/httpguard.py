@@ -8,7 +8,9 @@ this module holds the parts of them that are about trust (the request path's gua
 * :func:`head_limited_protocol` — uvicorn's httptools protocol with a bound on the request
   head (request line and headers): httptools itself buffers headers without limit, so a
   client could grow a server's memory by sending one endless header. Past the bound the
-  client gets 431 and the connection closes.
+  client gets 431 and the connection closes. A complete head with unsound framing (no or two
+  ``Host`` headers, ``Transfer-Encoding`` other than ``chunked``: :mod:`shoal.runtime.http.strict`)
+  gets 400 or 501; every refusal and parser error is a short JSON answer with ``Connection: close``.
 * :func:`guarded_protocol` — the same, plus connection hygiene (request head, body and write
   timeouts, the connection cap, Envoy-style draining): see :mod:`shoal.runtime.http.connections`.
 * :class:`Authenticator` — API keys (compared in constant time) and the optional auth hook.
@@ -42,6 +44,7 @@ from shoal.runtime.http.connections import (
     Pool,
     StallTimer,
 )
+from shoal.runtime.http.strict import Fault, head_fault
 
 if TYPE_CHECKING:  # at run time the mixin's base is object; head_limited_protocol adds uvicorn's class
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol as _ProtocolBase
@@ -75,6 +78,10 @@ class _HeadTooLarge(Exception):
     pass
 
 
+class _HeadRefused(Exception):
+    """A complete head whose framing is refused (:func:`~shoal.runtime.http.strict.head_fault`)."""
+
+
 class _HeadLimit(_ProtocolBase):
     """The head limit, mixed in before uvicorn's ``HttpToolsProtocol`` by
     :func:`head_limited_protocol` (which sets ``max_header_bytes``).
@@ -83,13 +90,19 @@ class _HeadLimit(_ProtocolBase):
     per header). A head still incomplete past the limit is refused at once, so memory per
     connection stays within the limit plus one socket read; a head that completed within a
     read that took the count past the limit is measured exactly (only then).
+
+    A complete head is also checked for sound framing (:mod:`shoal.runtime.http.strict`: one
+    ``Host``, only ``chunked`` as ``Transfer-Encoding``, ...) before uvicorn makes a request of
+    it; a refused one gets 400 (or 501) and the connection closes. Every parser error is
+    answered in the same JSON shape.
     """
 
     max_header_bytes = 0
     _head_open = True  # the bytes arriving now belong to a request head
     _head_bytes = 0
     _too_large = False  # the head that just completed is over the limit
-    _refused = False  # answered 431; the connection is closing
+    _fault: Fault | None = None  # the head that just completed is refused for its framing
+    _refused = False  # refused (431, 400, 501, ...); the connection is closing
 
     def data_received(self, data: bytes) -> None:
         if self._refused:
@@ -101,20 +114,22 @@ class _HeadLimit(_ProtocolBase):
         if counting and self._head_open and self._head_bytes > self.max_header_bytes:
             self._refuse_head()
 
-    def _refuse_head(self) -> None:
+    def _refuse_head(self, status: int = 431, reason: str = "Request Header Fields Too Large",
+                     text: str = "request header fields too large") -> None:
         self._head_open = False
         self._refused = True
         transport = self.transport
         if transport is None or transport.is_closing():
             return
-        logger.warning("request head over %d bytes from %s: answered 431", self.max_header_bytes,
-                       self.client[0] if self.client else "?")
+        if status == 431:
+            logger.warning("request head over %d bytes from %s: answered 431", self.max_header_bytes,
+                           self.client[0] if self.client else "?")
         cycle = self.cycle
         # Mid-response to an earlier pipelined request there is no clean way to answer.
         if cycle is not None and not cycle.response_complete:
             transport.close()
             return
-        self._answer_and_close(431, "Request Header Fields Too Large", "request header fields too large")
+        self._answer_and_close(status, reason, text)
 
     def _answer_and_close(self, status: int, reason: str, text: str, linger_s: float = LINGER_S,
                           extra: str = "") -> None:
@@ -137,6 +152,10 @@ class _HeadLimit(_ProtocolBase):
             if size > self.max_header_bytes:
                 self._too_large = True
                 raise _HeadTooLarge  # stops the parser; uvicorn then calls send_400_response
+        fault = head_fault(self.headers, self.parser.get_http_version())
+        if fault is not None:
+            self._fault = fault
+            raise _HeadRefused  # as above
         self._head_open = False
         self._head_bytes = 0
         super().on_headers_complete()
@@ -146,10 +165,13 @@ class _HeadLimit(_ProtocolBase):
         self._head_open = True  # what follows is the next request's head
 
     def send_400_response(self, msg: str) -> None:
+        """The parser stopped: answer in JSON (uvicorn's own answer is plain text), then close."""
         if self._too_large:
             self._refuse_head()
+        elif self._fault is not None:
+            self._refuse_head(*self._fault)
         else:
-            super().send_400_response(msg)
+            self._refuse_head(400, "Bad Request", "invalid HTTP request")
 
 
 @lru_cache(maxsize=8)
@@ -185,6 +207,7 @@ class _Guarded(_HeadLimit):
     _head_timer: asyncio.TimerHandle | None = None
     _body_timer: StallTimer | None = None
     _write_timer: asyncio.TimerHandle | None = None
+    _upgraded = False  # upgraded to a WebSocket: the connection is no longer this protocol's
 
     # -- the connection
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -212,6 +235,11 @@ class _Guarded(_HeadLimit):
                                extra="retry-after: 1\r\n")
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._forget()
+        super().connection_lost(exc)
+
+    def _forget(self) -> None:
+        """The connection is gone: stop its timers, and count it no more."""
         self._stop_timers()
         if self._member:
             self._member = False
@@ -220,7 +248,22 @@ class _Guarded(_HeadLimit):
         if self._lingering:
             self._lingering = False
             self.front.lingering -= 1
-        super().connection_lost(exc)
+
+    # -- a WebSocket upgrade: the connection is the WebSocket protocol's from now on
+    def handle_websocket_upgrade(self) -> None:
+        """Hand the connection to the WebSocket protocol: none of the HTTP timers applies to
+        an open WebSocket (an idle one stays open; the server's pings watch the client), the
+        WebSocket protocol has its own write timeout (:class:`_GuardedWebSocket`), and the
+        connection stays counted (the cap, the drain) until the WebSocket's connection is lost."""
+        self._upgraded = True
+        self._stop_timers()
+        super().handle_websocket_upgrade()
+        transport = self.transport
+        ws = transport.get_protocol() if transport is not None else None
+        if isinstance(ws, _GuardedWebSocket):
+            ws.on_lost = self._forget
+        else:
+            self._forget()
 
     def _stop_timers(self) -> None:
         for handle in (self._head_timer, self._write_timer):
@@ -235,8 +278,8 @@ class _Guarded(_HeadLimit):
         return (cycle is not None and not cycle.response_complete) or bool(self.pipeline)
 
     def _idle(self) -> bool:
-        """No request on the connection, not even part of one."""
-        return not self._in_flight() and not self._head_started
+        """No request on the connection, not even part of one (an open WebSocket is never idle)."""
+        return not self._upgraded and not self._in_flight() and not self._head_started
 
     def _client(self) -> str:
         return self.client[0] if self.client else "?"
@@ -256,7 +299,7 @@ class _Guarded(_HeadLimit):
         super().data_received(data)
         # Bytes on an idle connection (uvicorn's keep-alive timer stops at any byte): a head
         # must now complete in time, even if the bytes were only blank lines.
-        if not self._refused and self._head_timer is None and not self._in_flight():
+        if not self._refused and not self._upgraded and self._head_timer is None and not self._in_flight():
             transport = self.transport
             if transport is not None and not transport.is_closing():
                 self._arm_head()
@@ -281,7 +324,7 @@ class _Guarded(_HeadLimit):
     def _head_timeout(self) -> None:
         self._head_timer = None
         transport = self.transport
-        if transport is None or transport.is_closing() or self._refused:
+        if transport is None or transport.is_closing() or self._refused or self._upgraded:
             return
         if self._in_flight():
             self._arm_head()  # a pipelined head behind a request: judged once that one is answered
@@ -369,6 +412,61 @@ class _Guarded(_HeadLimit):
             transport.close()  # a response begun before the drain (no Connection: close) is over
 
 
+if TYPE_CHECKING:
+    from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol as _WSBase
+else:
+    _WSBase = object
+
+
+class _GuardedWebSocket(_WSBase):
+    """uvicorn's WebSocket protocol with the front's response write timeout: a client that
+    reads nothing for ``limits.write_timeout_s`` while the server has something to send is
+    aborted (the application sees it gone). ``on_lost`` runs when the connection is lost (the
+    HTTP protocol it was upgraded from counts the connection until then)."""
+
+    limits = ConnLimits()
+    on_lost: Callable[[], None] | None = None
+    _ws_write_timer: asyncio.TimerHandle | None = None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._ws_write_timer is not None:
+            self._ws_write_timer.cancel()
+            self._ws_write_timer = None
+        try:
+            super().connection_lost(exc)
+        finally:
+            hook, self.on_lost = self.on_lost, None
+            if hook is not None:
+                hook()
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        if self._ws_write_timer is None:
+            loop = asyncio.get_running_loop()
+            self._ws_write_timer = loop.call_later(self.limits.write_timeout_s, self._ws_write_timeout)
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if self._ws_write_timer is not None:
+            self._ws_write_timer.cancel()
+            self._ws_write_timer = None
+
+    def _ws_write_timeout(self) -> None:
+        self._ws_write_timer = None
+        logger.warning("a WebSocket client read nothing for %ss: connection aborted", self.limits.write_timeout_s)
+        self.transport.abort()
+
+
+def guarded_ws_protocol(limits: ConnLimits) -> type[Any] | None:
+    """uvicorn's WebSocket protocol for the installed library (``websockets``, else
+    ``wsproto``) with the front's write timeout; None when neither is installed."""
+    from uvicorn.protocols.websockets.auto import AutoWebSocketsProtocol
+
+    if not isinstance(AutoWebSocketsProtocol, type):
+        return None
+    return type("GuardedWebSocket", (_GuardedWebSocket, AutoWebSocketsProtocol), {"limits": limits})
+
+
 def guarded_protocol(max_header_bytes: int, limits: ConnLimits, front: FrontConnections, pool: Pool) -> type[Any]:
     """uvicorn's httptools protocol with the request head limit (:class:`_HeadLimit`) and
     connection hygiene (:class:`_Guarded`) for one listening server of a front: ``front``
@@ -450,6 +548,8 @@ class Authenticator:
             return 0
         from starlette.requests import Request
 
+        if scope["type"] == "websocket":  # the hook sees the handshake as the GET request it is
+            scope = {**scope, "type": "http", "method": "GET"}
         try:
             verdict = self._hook(Request(scope))
             if inspect.isawaitable(verdict):

@@ -3,6 +3,11 @@
 Both kinds offer the few ``subprocess.Popen`` methods the controller uses (``pid``,
 ``poll()``, ``send_signal()``, ``kill()``, ``wait()``, ``returncode``), so the controller
 treats a replica it started and one it adopted alike.
+
+Children do not inherit secrets they do not need: the controller reads the API keys of the
+HTTP port from the variable ``http_options.api_keys_env`` names and sends them to each front
+over its authenticated socket, so that variable is removed from the environment of every
+process started here (:func:`withhold_env`), and no replica's ``/proc/<pid>/environ`` shows it.
 """
 
 from __future__ import annotations
@@ -29,10 +34,30 @@ class Proc(Protocol):
     def wait(self, timeout: float | None = None) -> int: ...
 
 
+# Names of environment variables that children never get (see withhold_env).
+_WITHHELD: set[str] = set()
+
+
+def withhold_env(*names: str | None) -> None:
+    """Keep the variables ``names`` (None and "" are skipped) out of every process
+    :func:`spawn` starts from now on: secrets this process already read, e.g. the API keys
+    variable, which fronts receive over their socket instead."""
+    _WITHHELD.update(name for name in names if name)
+
+
+def child_env(env: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of a child: this process's, with ``env`` on top, without the withheld variables."""
+    full = {**os.environ, **(env or {})}
+    for name in _WITHHELD:
+        full.pop(name, None)
+    return full
+
+
 def spawn(argv: list[str], stdin_data: bytes, pass_fds: tuple[int, ...] = (),
           env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
-    """Start ``argv`` with ``stdin_data`` written to its stdin (its trusted bootstrap)."""
-    full_env = {**os.environ, **env} if env else None
+    """Start ``argv`` with ``stdin_data`` written to its stdin (its trusted bootstrap), in
+    :func:`child_env`."""
+    full_env = child_env(env)
     proc = subprocess.Popen(argv, stdin=subprocess.PIPE, pass_fds=pass_fds, env=full_env)
     assert proc.stdin is not None
     proc.stdin.write(stdin_data)

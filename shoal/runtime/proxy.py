@@ -23,7 +23,7 @@ from typing import Any
 
 from shoal.observability import metrics as _metrics
 from shoal.observability import tracing as _tracing
-from shoal.observability.logs import Identity, proxy_log_path
+from shoal.observability.logs import EscapingFormatter, Identity, proxy_log_path
 from shoal.observability.logs import setup as setup_log_file
 from shoal.runtime import backend
 from shoal.runtime.client import ControllerClient
@@ -35,8 +35,9 @@ from shoal.runtime.http.errors import error_status
 from shoal.runtime.http.exchange import WATCH_AFTER_S
 from shoal.runtime.http.options import FrontOptions
 from shoal.runtime.http.routes import canary_share
-from shoal.runtime.httpguard import guarded_protocol, ssl_config
+from shoal.runtime.httpguard import guarded_protocol, guarded_ws_protocol, ssl_config
 from shoal.runtime.lifeline import ORPHAN_TIMEOUT_S, die_with_parent
+from shoal.runtime.rundir import recheck_or_exit
 from shoal.runtime.wire import ProxyReady, Role, Routes, Stop
 
 __all__ = [
@@ -130,8 +131,10 @@ def main() -> None:
     if boot.die_with_parent:
         die_with_parent(boot.parent_pid)
     sys.path[:] = boot.sys_path
-    logging.basicConfig(level=boot.log_level,
-                        format=f"%(asctime)s %(levelname)s proxy pid={os.getpid()} %(name)s: %(message)s")
+    stderr = logging.StreamHandler(sys.stderr)
+    stderr.setFormatter(EscapingFormatter(f"%(asctime)s %(levelname)s proxy pid={os.getpid()} %(name)s: %(message)s"))
+    logging.basicConfig(level=boot.log_level, handlers=[stderr])
+    recheck_or_exit(boot.controller_path, f"proxy {boot.process_id}")
     if boot.log_dir:  # its own file from now on; WARNING and above also to the terminal
         try:
             setup_log_file(Identity("proxy", boot.process_id), path=proxy_log_path(boot.log_dir), level=boot.log_level)
@@ -222,7 +225,9 @@ class HTTPFront:
         sock = socket.socket(fileno=os.dup(self.fd))
         pool = Pool()
         protocol = guarded_protocol(self.options.max_header_bytes, self.limits, self.connections, pool)
-        config = uvicorn.Config(self.app, loop="none", http=protocol, lifespan="off", access_log=False,
+        # WebSockets: uvicorn's protocol for the installed library, with the front's write timeout.
+        ws = guarded_ws_protocol(self.limits)
+        config = uvicorn.Config(self.app, loop="none", http=protocol, ws=ws or "none", lifespan="off", access_log=False,
                                 proxy_headers=False, log_level="warning", server_header=False, date_header=False,
                                 timeout_keep_alive=self.options.keep_alive_timeout_s,  # type: ignore[arg-type]
                                 **ssl_config(self.options))

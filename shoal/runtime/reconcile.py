@@ -16,6 +16,7 @@ class ReplicaView:
     replica_id: str
     version: str
     state: ReplicaState
+    rank: int = -1  # Ray's replica rank (-1: none); scaling down stops the highest first
 
 
 @dataclass(frozen=True)
@@ -48,7 +49,8 @@ def reconcile(target: int, version: str, replicas: list[ReplicaView], can_start:
         actions.extend(StartReplica(version) for _ in range(target - len(current)))
     elif len(current) > target:
         # Retire replicas that are still starting first: they serve nobody yet.
-        extra = sorted(current, key=lambda r: (r.state != ReplicaState.STARTING, r.replica_id))
+        # Then the highest ranks, so that the ranks left stay 0..target-1.
+        extra = sorted(current, key=lambda r: (r.state != ReplicaState.STARTING, -r.rank, r.replica_id))
         actions.extend(StopReplica(r.replica_id, "scaling down") for r in extra[: len(current) - target])
 
     old_starting = [r for r in old if r.state == ReplicaState.STARTING]

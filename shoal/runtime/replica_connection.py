@@ -2,7 +2,8 @@
 
 It reconnects after a failure (the router's :class:`~shoal.runtime.liveness.ReplicaHealth`
 decides when), probes a replica that goes silent while requests are in flight, returns stream
-credit (:mod:`shoal.runtime.flow`) and sends large HTTP bodies out of band.
+credit (:mod:`shoal.runtime.flow`), sends large HTTP bodies out of band, and carries a
+WebSocket's client messages to the replica running it (:mod:`shoal.runtime.wschannel`).
 :mod:`shoal.runtime.router` picks which connection a request takes.
 """
 
@@ -33,6 +34,7 @@ from shoal.runtime.wire import (
     RequestMeta,
     connect_endpoint,
 )
+from shoal.runtime.wschannel import ClientMessages
 
 __all__ = ["CONNECT_TIMEOUT_S", "OOB_BODY_BYTES", "ReplicaConnection"]
 
@@ -71,6 +73,8 @@ class ReplicaConnection:
         self._next = 0
         # rid -> Future (unary) or Queue (stream)
         self._pending: dict[int, asyncio.Future[Any] | _StreamSink] = {}
+        # rid -> the client messages of a websocket request, sent as WS_IN frames
+        self._inboxes: dict[int, ClientMessages] = {}
         self._watch: ProbeTimer | None = None
         self.on_event: Callable[[ReplicaConnection, ConnEvent, str], None] | None = None
 
@@ -128,6 +132,11 @@ class ReplicaConnection:
             self._watch.heard()
         if kind == PONG:
             return
+        if kind == CREDIT:  # a websocket's application took client messages (wschannel)
+            inbox = self._inboxes.get(rid)
+            if inbox is not None:
+                inbox.credit(msg[2])
+            return
         sink = self._pending.get(rid)
         if sink is None:
             return  # cancelled by the caller
@@ -146,6 +155,7 @@ class ReplicaConnection:
             sink.put_nowait((ITEM, msg[2]), proto.frame_size)
             return
         del self._pending[rid]
+        self._detach(rid)
         if kind == OK:
             sink.put_nowait((ITEM, msg[2]))
             sink.end((END, None))
@@ -164,6 +174,8 @@ class ReplicaConnection:
         err = ReplicaDiedError(f"replica {self.replica.replica_id} died or closed its connection "
                                "while handling the request")
         pending, self._pending = self._pending, {}
+        for rid in list(self._inboxes):
+            self._detach(rid)
         for sink in pending.values():
             if isinstance(sink, asyncio.Future):
                 if not sink.done():
@@ -196,12 +208,16 @@ class ReplicaConnection:
         if not self._pending and self._watch is not None:
             self._watch.started()
         self._pending[rid] = sink
+        inbox: ClientMessages | None = None
         try:
             # HTTP requests carry only plain data (an ASGI scope and bytes): plain pickle is
             # enough and much faster; user values may need cloudpickle. A large body travels
             # after the pickle, not copied into it (FramedProtocol.send_oob).
             if meta.http:
-                if len(args) == 2 and len(args[1]) >= OOB_BODY_BYTES:
+                if len(args) == 2 and isinstance(args[1], ClientMessages):
+                    # A websocket: the client's messages follow as WS_IN frames, not in the body.
+                    inbox, args = args[1], (args[0], b"")
+                elif len(args) == 2 and len(args[1]) >= OOB_BODY_BYTES:
                     args = (args[0], pickle.PickleBuffer(args[1]))
                 proto.send_oob((REQUEST, rid, method, args, kwargs, meta))
             else:
@@ -213,7 +229,15 @@ class ReplicaConnection:
         except BaseException:
             self._pending.pop(rid, None)
             raise
+        if inbox is not None:
+            self._inboxes[rid] = inbox
+            inbox.attach(proto.send_bytes, rid)
         return rid
+
+    def _detach(self, rid: int) -> None:
+        inbox = self._inboxes.pop(rid, None)
+        if inbox is not None:
+            inbox.detach()
 
     def send_unary(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any],
                    meta: RequestMeta) -> tuple[int, asyncio.Future[Any]]:
@@ -237,6 +261,7 @@ class ReplicaConnection:
                 pass
 
     def cancel(self, rid: int) -> None:
+        self._detach(rid)
         if self._pending.pop(rid, None) is not None and self._proto is not None and not self._proto.closed:
             try:
                 self._proto.send((CANCEL, rid))

@@ -15,6 +15,11 @@ cannot be reached it is skipped and reconnected with back-off. A replica that st
 (no frame for a while although requests are in flight, then no answer to a ping: frozen, or
 its event loop blocked) is skipped for new requests until any frame arrives from it again
 (:mod:`shoal.runtime.liveness`).
+
+A deployment configured with a custom request router (``request_router_config``) is routed by
+that class instead (:mod:`shoal.runtime.custom_routing`): it ranks the replicas, and a replica
+with room is taken from the first rank that has one. Waiting, back-pressure and
+``max_queue_wait_s`` are the same; deployments without one take none of that code path.
 """
 
 from __future__ import annotations
@@ -26,12 +31,16 @@ import random
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from shoal.exceptions import BackPressureError, DeploymentUnavailableError
 from shoal.runtime.liveness import ReplicaHealth
 from shoal.runtime.replica_connection import ReplicaConnection, _Rejected, _Unreachable
 from shoal.runtime.wire import END, ITEM, REJECT, Membership, ReplicaEndpoint, RequestMeta
+
+if TYPE_CHECKING:
+    from shoal.request_router import PendingRequest, RunningReplica
+    from shoal.runtime.custom_routing import CustomRouting
 
 logger = logging.getLogger("shoal.router")
 
@@ -94,6 +103,11 @@ class Router:
         # Called once per outage when a replica could not be reached or its connection died
         # (the router keeps the replica and reconnects; the membership owner may leave it out).
         self.on_drop: Callable[[ReplicaEndpoint], None] | None = None
+        # A custom request router (request_router_config), the membership blob it came from,
+        # and the replicas as it sees them (custom routing only).
+        self._policy: CustomRouting | None = None
+        self._policy_blob = b""
+        self._views: list[tuple[RunningReplica, _Slot]] = []
 
     # -- membership
     def update(self, m: Membership) -> None:
@@ -114,7 +128,106 @@ class Router:
                 self._slots[replica_id] = self._new_slot(addr)
             else:
                 existing.replica = addr
+        if m.request_router != self._policy_blob:
+            self._set_policy(m.request_router)
+        if self._policy is not None:
+            self._update_views(m.routing_stats)
         self._wake(all_waiters=True)
+
+    # -- custom request routers
+    def _set_policy(self, blob: bytes) -> None:
+        self._policy_blob = blob
+        self._views = []
+        self._policy = None
+        if blob:
+            from shoal.runtime.custom_routing import CustomRouting
+
+            self._policy = CustomRouting.load(blob, self.app, self.deployment)
+
+    def _update_views(self, stats: dict[str, dict[str, Any]]) -> None:
+        """The replicas as the custom router sees them (after each membership)."""
+        from shoal.context import ReplicaID
+        from shoal.request_router import RunningReplica, local_node_id
+
+        assert self._policy is not None
+        app = self.app.split("#", 1)[0]
+        node = local_node_id()
+        views = []
+        for slot in self._slots.values():
+            r = slot.replica
+            views.append((RunningReplica(
+                ReplicaID(r.replica_id, self.deployment, app), max_ongoing_requests=r.max_ongoing,
+                multiplexed_model_ids=r.model_ids, routing_stats=stats.get(r.replica_id),
+                # A Unix socket is on this machine; a pod's node is not known (host:port).
+                node_id=node if r.endpoint.startswith("/") else "",
+                queue_len=functools.partial(_in_flight, slot), available=functools.partial(self._available, slot),
+            ), slot))
+        self._views = views
+        self._policy.update([v for v, _ in views])
+
+    @property
+    def _custom_possible(self) -> bool:
+        """Whether a request may be routed by a custom router: one is configured, or no
+        membership came yet (the first requests wait for it, and it may name one)."""
+        return self._policy is not None or self._epoch < 0
+
+    def _available(self, slot: _Slot) -> bool:
+        """Whether a request may go to ``slot`` now (the same test as :meth:`_choose`)."""
+        now = asyncio.get_running_loop().time()
+        return (slot.in_flight < slot.replica.max_ongoing and slot.blocked_until <= now + CLOCK_SLACK_S
+                and slot.health.usable and not slot.conn.connecting and not slot.removed)
+
+    def _pending(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any], meta: RequestMeta) -> PendingRequest:
+        from shoal.request_router import PendingRequest, RequestMetadata
+
+        return PendingRequest(list(args), dict(kwargs), RequestMetadata(
+            request_id=meta.request_id, internal_request_id=meta.request_id, call_method=method, route=meta.route,
+            multiplexed_model_id=meta.multiplexed_model_id, is_streaming=meta.stream, is_http_request=meta.http,
+            app_name=self.app.split("#", 1)[0]))
+
+    async def _choose_custom(self, pending: PendingRequest, model_id: str) -> _Slot | None:
+        """A free replica from the first of the custom router's ranks that has one; the default
+        choice when the router failed (:mod:`shoal.runtime.custom_routing`)."""
+        loop = asyncio.get_running_loop()
+        policy = self._policy
+        if policy is None:  # the deployment's router changed meanwhile
+            return self._choose(loop.time(), model_id)
+        candidates = [v for v, s in self._views if s.health.usable and not s.removed]
+        if not candidates:
+            return None
+        ranks = await policy.choose(candidates, pending)
+        if self._gone:
+            return None
+        if ranks is None:
+            return self._choose(loop.time(), model_id)
+        for rank in ranks:
+            best: _Slot | None = None
+            for view in rank:
+                slot = self._slots.get(view.replica_id.unique_id)
+                if slot is not None and self._available(slot) and (best is None or slot.in_flight < best.in_flight):
+                    best = slot
+            if best is not None:
+                return best
+        return None
+
+    def _routed(self, pending: PendingRequest | None, slot: _Slot, meta: RequestMeta) -> None:
+        policy = self._policy
+        if pending is None or policy is None:
+            return
+        from shoal.context import ReplicaID
+
+        rid = ReplicaID(slot.replica.replica_id, self.deployment, self.app.split("#", 1)[0])
+        policy.routed(pending, rid, meta.request_id, meta.stream)
+
+    def _wake_after(self, waiter: list[asyncio.Future[None]]) -> None:
+        """Pass a wake-up on to the first waiter behind ``waiter`` (custom routing: a request
+        whose router wants other replicas than the free one lets the next request try)."""
+        behind = False
+        for other in self._waiters:
+            if behind and not other[0].done():
+                other[0].set_result(None)
+                return
+            behind = behind or other is waiter
 
     def _new_slot(self, addr: ReplicaEndpoint) -> _Slot:
         conn = ReplicaConnection(addr, self._secret)
@@ -182,14 +295,17 @@ class Router:
             f"no replica of {self.app}/{self.deployment} was free within {self._max_wait:g} s "
             "(max_queue_wait_s)"))
 
-    async def _acquire(self, model_id: str = "", began: float | None = None) -> _Slot:
+    async def _acquire(self, model_id: str = "", began: float | None = None,
+                       pending: PendingRequest | None = None) -> _Slot:
         """A replica slot, waiting in line for one; ``began``: when the request started asking
-        (its retries after a replica refused it share one ``max_queue_wait_s``)."""
+        (its retries after a replica refused it share one ``max_queue_wait_s``); ``pending``:
+        the request, for a custom router (None: the default choice)."""
         loop = asyncio.get_running_loop()
         if self._gone:
             raise DeploymentUnavailableError(self._gone)
         if not self._waiters:
-            slot = self._choose(loop.time(), model_id)
+            slot = (self._choose(loop.time(), model_id) if pending is None
+                    else await self._pick_custom(pending, model_id))
             if slot is not None:
                 slot.in_flight += 1
                 return slot
@@ -213,7 +329,8 @@ class Router:
                 await waiter[0]
                 if self._gone:
                     raise DeploymentUnavailableError(self._gone)
-                slot = self._choose(loop.time(), model_id)
+                slot = (self._choose(loop.time(), model_id) if pending is None
+                        else await self._pick_custom(pending, model_id, waiter))
                 if slot is not None:
                     slot.in_flight += 1
                     got = True
@@ -233,6 +350,18 @@ class Router:
             # (cancellation, timeout) our wake-up must not be lost.
             if self._waiters and (not got or self._choose(loop.time(), model_id) is not None):
                 self._wake()
+
+    async def _pick_custom(self, pending: PendingRequest, model_id: str,
+                           waiter: list[asyncio.Future[None]] | None = None) -> _Slot | None:
+        """The custom router's choice of a slot (None: none of its picks has room). A waiter that
+        got nothing while the default choice would have found room is woken again later."""
+        slot = await self._choose_custom(pending, model_id)
+        if self._gone:
+            raise DeploymentUnavailableError(self._gone)
+        now = asyncio.get_running_loop().time()
+        if slot is None and waiter is not None and self._choose(now, model_id) is not None:
+            self._wake_after(waiter)
+        return slot
 
     def _schedule_unblock(self, loop: asyncio.AbstractEventLoop) -> None:
         blocked = [s.blocked_until for s in self._slots.values() if s.blocked_until > loop.time()]
@@ -269,12 +398,15 @@ class Router:
     async def call(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any], meta: RequestMeta) -> Any:
         args, kwargs = await resolve_arguments(args, kwargs)
         began = asyncio.get_running_loop().time()
+        pending = self._pending(method, args, kwargs, meta) if self._policy or self._epoch < 0 else None
         while True:
-            slot = await self._acquire(meta.multiplexed_model_id, began)
+            slot = await self._acquire(meta.multiplexed_model_id, began, pending)
             try:
                 conn = slot.conn
                 await conn.connect()
                 rid, fut = conn.send_unary(method, args, kwargs, meta)
+                if pending is not None:
+                    self._routed(pending, slot, meta)
                 try:
                     return await fut
                 except asyncio.CancelledError:
@@ -291,7 +423,11 @@ class Router:
         """Take a replica slot now for a request sent later (an HTTP request once its body is
         read), queueing like a request does (``BackPressureError`` past ``max_queued_requests``).
         Hand it to :meth:`stream`, or release it."""
-        return Reservation(self, await self._acquire(model_id))
+        pending = None
+        if self._custom_possible:
+            pending = self._pending("__call__", (), {}, RequestMeta("", stream=True, http=True,
+                                                                    multiplexed_model_id=model_id))
+        return Reservation(self, await self._acquire(model_id, pending=pending))
 
     async def stream(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any],
                      meta: RequestMeta, reserved: Reservation | None = None) -> AsyncIterator[Any]:
@@ -300,11 +436,12 @@ class Router:
         (:mod:`shoal.runtime.flow`). ``reserved``: a slot taken by :meth:`reserve`, used first."""
         args, kwargs = await resolve_arguments(args, kwargs)
         began = asyncio.get_running_loop().time()
+        pending = self._pending(method, args, kwargs, meta) if self._policy or self._epoch < 0 else None
         while True:
             slot = reserved.take() if reserved is not None else None
             reserved = None
             if slot is None:
-                slot = await self._acquire(meta.multiplexed_model_id, began)
+                slot = await self._acquire(meta.multiplexed_model_id, began, pending)
             # Released once: when the replica's last frame arrives (its slot there is free
             # then, even if the consumer has not taken everything yet), or at the latest below.
             release = functools.partial(self._release_once, [slot])
@@ -313,6 +450,8 @@ class Router:
                 await conn.connect()
                 rid, q = conn.send_stream(method, args, kwargs, meta)
                 q.on_end = release
+                if pending is not None:
+                    self._routed(pending, slot, meta)
                 done = False
                 try:
                     first = True
@@ -348,6 +487,10 @@ class Router:
         self._slots.clear()
         self._gone = self._gone or "the router was closed"
         self._wake(all_waiters=True)
+
+
+def _in_flight(slot: _Slot) -> int:
+    return slot.in_flight
 
 
 def _expire(waiter: list[asyncio.Future[None]], expired: list[bool]) -> None:

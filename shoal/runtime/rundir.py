@@ -11,13 +11,21 @@ when no controller knows them any more (the controller died and its state file w
 
 It must be private to the user running shoal. Under a shared ``/tmp`` another user could
 create ``/tmp/shoal-<uid>`` (or an instance directory in it) first, with a secret and a socket
-of their own: a client that trusted it would authenticate to their server and unpickle its
-replies. So the directory is created ``0700``, and one that exists is used only if it is a
-real directory owned by this user (group and other permissions are removed).
+of their own, or swap directories along the path in between a check and a use: a client that
+trusted it would authenticate to their server and unpickle its replies. So every directory is
+opened by :func:`open_private_dir`, which walks the path from ``/`` one component at a time
+through file descriptors (``O_NOFOLLOW``, then ``fstat`` of what was opened) and accepts it only
+when no other user can change any component: each is a real directory owned by root or by this
+user, not writable by group or other unless it is root's and sticky (like ``/tmp``); the
+instance directory itself (and the instances root, for the default directories) belongs to this
+user and is made ``0700``. Once that holds, no other user can rename anything along the path, so
+the path stays what was checked. A :class:`RunDir` also keeps the descriptor of its directory
+once checked, and reads and writes its secret and pid file through it.
 """
 
 from __future__ import annotations
 
+import errno
 import glob
 import json
 import os
@@ -27,8 +35,8 @@ import tempfile
 
 from shoal.exceptions import InstanceNotFoundError
 
-__all__ = ["ENV_VAR", "PROCESS_MARKER_ENV", "InstanceNotFoundError", "RunDir", "check_private_dir", "private_dir",
-           "write_whole"]
+__all__ = ["ENV_VAR", "PROCESS_MARKER_ENV", "InstanceNotFoundError", "RunDir", "check_private_dir", "open_private_dir",
+           "private_dir", "write_whole"]
 
 ENV_VAR = "SHOAL_RUN_DIR"
 DEFAULT_NAME = "default"
@@ -38,6 +46,8 @@ PROCESS_MARKER_ENV = "PROMETHEUS_MULTIPROC_DIR"
 # In the command line of every runtime process (``python -m shoal.runtime.<module>``).
 _RUNTIME_MODULE = b"shoal.runtime."
 _DAEMON_MODULE = b"shoal.runtime.daemon"
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_ADVICE = "remove it, or choose another directory with --address or $SHOAL_RUN_DIR"
 
 
 def _read(path: str) -> bytes:
@@ -45,24 +55,108 @@ def _read(path: str) -> bytes:
         return f.read()
 
 
-def check_private_dir(path: str) -> None:
-    """Raise ``PermissionError`` unless ``path`` is a directory (not a symbolic link) owned by
-    this user; remove group and other permissions from it."""
-    st = os.lstat(path)
-    if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
-        raise PermissionError(f"{path} is not a directory (a symbolic link?); shoal will not use it")
+def _refuse(path: str, why: str) -> PermissionError:
+    return PermissionError(f"{path} {why}; shoal will not use it: {_ADVICE}")
+
+
+def _check_on_the_way(path: str, st: os.stat_result) -> None:
+    """A directory on the way to an instance directory: nobody but root and this user may be
+    able to replace what it holds."""
+    uid = st.st_uid
+    if uid not in (0, os.getuid()):
+        raise _refuse(path, f"belongs to another user (uid {uid}), who could replace what it holds")
+    mode = stat.S_IMODE(st.st_mode)
+    if mode & 0o022 and not (uid == 0 and mode & stat.S_ISVTX):
+        who = "group and other" if mode & 0o022 == 0o022 else ("group" if mode & 0o020 else "other")
+        raise _refuse(path, f"is writable by {who} (mode {mode:04o}), who could replace what it holds")
+
+
+def _check_own(path: str, fd: int, st: os.stat_result) -> None:
+    """The instance directory (or the instances root): this user's, and made 0700."""
     if st.st_uid != os.getuid():
-        raise PermissionError(f"{path} belongs to another user (uid {st.st_uid}); shoal will not use it. "
-                              "Remove it, or choose another directory (--address, $SHOAL_RUN_DIR)")
+        raise _refuse(path, f"belongs to another user (uid {st.st_uid}), not to this user (uid {os.getuid()})")
     if st.st_mode & 0o077:
-        os.chmod(path, 0o700)
+        os.fchmod(fd, 0o700)
+
+
+def _open_component(parent_fd: int, name: str, path: str, create: bool) -> int:
+    """Open directory ``name`` in ``parent_fd`` without following a symbolic link; create it
+    (0700) when missing and ``create``."""
+    try:
+        return os.open(name, _DIR_FLAGS, dir_fd=parent_fd)
+    except FileNotFoundError:
+        if not create:
+            raise FileNotFoundError(errno.ENOENT, "no such directory", path) from None
+    except NotADirectoryError:
+        st = os.stat(name, dir_fd=parent_fd, follow_symlinks=False)
+        what = "is a symbolic link, not a directory" if stat.S_ISLNK(st.st_mode) else "is not a directory"
+        raise _refuse(path, what) from None
+    except PermissionError:  # a directory we may not search: say whose it is
+        _check_on_the_way(path, os.stat(name, dir_fd=parent_fd, follow_symlinks=False))
+        raise _refuse(path, "cannot be opened (permission denied)") from None
+    try:
+        os.mkdir(name, 0o700, dir_fd=parent_fd)
+    except FileExistsError:
+        pass  # made in between: checked like any other
+    return _open_component(parent_fd, name, path, False)
+
+
+def open_private_dir(path: str, *, create: bool = False, private: int = 1) -> int:
+    """Open directory ``path`` and return its descriptor, checking every component on the way
+    from ``/`` (see the module's docstring); the last ``private`` components must be this
+    user's and are made 0700. Missing components are created (0700) with ``create``, else
+    ``FileNotFoundError``. A component that fails a check raises ``PermissionError`` naming it
+    and why.
+
+    Each component is opened relative to the descriptor of its parent and checked with
+    ``fstat`` of what was opened, so what is checked is what is used."""
+    path = os.path.abspath(path)
+    names = [n for n in path.split("/") if n]
+    fd = os.open("/", _DIR_FLAGS)
+    try:
+        _check_on_the_way("/", os.fstat(fd))
+        current = ""
+        for i, name in enumerate(names):
+            current = f"{current}/{name}"
+            child = _open_component(fd, name, current, create)
+            os.close(fd)
+            fd = child
+            st = os.fstat(fd)
+            if i >= len(names) - private:
+                _check_own(current, fd, st)
+            else:
+                _check_on_the_way(current, st)
+        return fd
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def check_private_dir(path: str) -> None:
+    """Raise ``PermissionError`` unless ``path`` is a directory this user can trust (see
+    :func:`open_private_dir`); remove group and other permissions from it."""
+    os.close(open_private_dir(path))
 
 
 def private_dir(path: str) -> str:
-    """Create ``path`` (mode 0700) if needed and check it with :func:`check_private_dir`."""
-    os.makedirs(path, mode=0o700, exist_ok=True)
-    check_private_dir(path)
+    """Create ``path`` (mode 0700) if needed and check it like :func:`check_private_dir`."""
+    os.close(open_private_dir(path, create=True))
     return path
+
+
+def _xdg_runtime_dir() -> str | None:
+    """``$XDG_RUNTIME_DIR`` when it is an absolute path to a directory of this user, mode 0700
+    (as the login manager makes it); None otherwise, silently."""
+    xdg = os.environ.get("XDG_RUNTIME_DIR")
+    if not xdg or not os.path.isabs(xdg):
+        return None
+    try:
+        st = os.lstat(xdg)
+    except OSError:
+        return None
+    if stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid() and stat.S_IMODE(st.st_mode) == 0o700:
+        return xdg
+    return None
 
 
 def _socket_accepts(path: str) -> bool:
@@ -79,12 +173,33 @@ def _socket_accepts(path: str) -> bool:
 
 
 class RunDir:
-    """One instance directory. Cheap to build; nothing touches the disk until asked."""
+    """One instance directory. Cheap to build; nothing touches the disk until asked.
 
-    __slots__ = ("path",)
+    Its first checked use (:meth:`open`, :meth:`create_private`, :meth:`read_secret` ...)
+    checks it with :func:`open_private_dir` and keeps the directory's descriptor, until
+    :meth:`close`. The file properties are the real paths (handed to other processes, named in
+    messages); :meth:`through_fd` gives a path that resolves through the descriptor. Equal
+    (and hashed) by path."""
 
-    def __init__(self, path: str) -> None:
+    __slots__ = ("_fd", "_private", "path")
+
+    def __init__(self, path: str, *, private: int = 1) -> None:
         self.path = path
+        self._fd: int | None = None
+        # How many trailing components must be this user's (2: the instances root too).
+        self._private = private
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # late in interpreter shutdown
+            pass
+
+    def __enter__(self) -> RunDir:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def __repr__(self) -> str:
         return f"RunDir({self.path!r})"
@@ -162,28 +277,69 @@ class RunDir:
         """Whether a controller accepts connections on this directory's socket."""
         return _socket_accepts(self.controller_socket)
 
-    def check_private(self) -> None:
-        """:func:`check_private_dir` on this directory."""
-        check_private_dir(self.path)
-
-    def create_private(self) -> RunDir:
-        """:func:`private_dir` on this directory; returns ``self``."""
-        private_dir(self.path)
+    def open(self, *, create: bool = False) -> RunDir:
+        """Check the directory (:func:`open_private_dir`; created with ``create``) and keep its
+        descriptor; returns ``self``. Once open, it is not checked again. ``PermissionError``
+        names a component that fails the check; ``FileNotFoundError`` when it is missing."""
+        if self._fd is None:
+            self._fd = open_private_dir(self.path, create=create, private=self._private)
         return self
 
+    def close(self) -> None:
+        """Let go of the directory's descriptor (a later checked use opens it again)."""
+        fd, self._fd = getattr(self, "_fd", None), None
+        if fd is not None:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+    def dir_fd(self) -> int:
+        """The checked directory's descriptor (opened and checked on first use)."""
+        fd = self.open()._fd
+        assert fd is not None
+        return fd
+
+    def through_fd(self, name: str) -> str:
+        """A path to ``name`` in this directory that resolves through its checked descriptor
+        (``/proc/self/fd/<fd>/<name>``: short enough for any socket name), so it names a file
+        of the directory that was checked whatever happened to the path since; the plain
+        path where there is no ``/proc``."""
+        fd = self.dir_fd()
+        via = f"/proc/self/fd/{fd}"
+        return f"{via}/{name}" if os.path.isdir(via) else self._file(name)
+
+    def check_private(self) -> None:
+        """Check this directory (see :meth:`open`)."""
+        self.open()
+
+    def create_private(self) -> RunDir:
+        """Create this directory (0700) if needed and check it (see :meth:`open`); returns ``self``."""
+        return self.open(create=True)
+
     def read_secret(self) -> bytes:
-        """The secret's bytes (``OSError`` when it cannot be read)."""
-        with open(self.secret, "rb") as f:
-            return f.read()
+        """The secret's bytes, read through the checked directory; ``PermissionError`` when the
+        file is not a regular file of this user, ``OSError`` when it cannot be read."""
+        fd = os.open("secret", os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self.dir_fd())
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid():
+                raise _refuse(self.secret, f"is not a file of this user (uid {st.st_uid})")
+            chunks = []
+            while chunk := os.read(fd, 65536):
+                chunks.append(chunk)
+            return b"".join(chunks)
+        finally:
+            os.close(fd)
 
     def write_secret(self, secret: bytes) -> None:
         """Write the secret, readable by this user only: whole or not at all (``OSError`` on a
         full disk, leaving any previous secret as it was)."""
-        write_whole(self.secret, secret, 0o600)
+        write_whole("secret", secret, 0o600, dir_fd=self.dir_fd())
 
     def write_controller_pid(self, pid: int) -> None:
         """Write the controller's pid file whole, or raise ``OSError``."""
-        write_whole(self.controller_pid, f"{pid}\n".encode(), 0o644)
+        write_whole("controller.pid", f"{pid}\n".encode(), 0o644, dir_fd=self.dir_fd())
 
     # -- the instance's processes -------------------------------------------------------------
 
@@ -248,8 +404,25 @@ class RunDir:
 
     @staticmethod
     def instances_root() -> str:
-        """``/tmp/shoal-<uid>``: the parent of every default instance directory."""
+        """The parent of every default instance directory: ``$XDG_RUNTIME_DIR/shoal`` when
+        that variable names this user's private runtime directory, else ``/tmp/shoal-<uid>``
+        (the temporary directory :mod:`tempfile` picks, ``$TMPDIR`` first)."""
+        xdg = _xdg_runtime_dir()
+        if xdg is not None:
+            return os.path.join(xdg, "shoal")
         return os.path.join(tempfile.gettempdir(), f"shoal-{os.getuid()}")
+
+    @classmethod
+    def _open_root(cls, *, create: bool) -> str:
+        """The instances root, checked (this user's, 0700); ``FileNotFoundError`` when missing
+        and not ``create``."""
+        root = cls.instances_root()
+        os.close(open_private_dir(root, create=create))
+        return root
+
+    @classmethod
+    def _under_root(cls, root: str, name: str) -> RunDir:
+        return cls(os.path.join(root, name), private=2)
 
     @classmethod
     def from_env(cls) -> RunDir | None:
@@ -259,92 +432,126 @@ class RunDir:
 
     @classmethod
     def default(cls) -> RunDir:
-        """``/tmp/shoal-<uid>/default``."""
-        return cls(os.path.join(cls.instances_root(), DEFAULT_NAME))
+        """``<instances root>/default``."""
+        return cls._under_root(cls.instances_root(), DEFAULT_NAME)
 
     @classmethod
     def for_new_instance(cls) -> RunDir:
         """Where ``serve.start()`` puts a new instance: ``$SHOAL_RUN_DIR``, else
-        ``/tmp/shoal-<uid>/default`` unless another instance holds it, else ``i-<pid>`` beside it."""
+        ``<instances root>/default`` unless another instance holds it, else ``i-<pid>`` beside
+        it. Raises ``PermissionError`` when the instances root fails the check."""
         explicit = cls.from_env()
         if explicit is not None:
             return explicit
-        root = private_dir(cls.instances_root())
-        default = cls(os.path.join(root, DEFAULT_NAME))
+        root = cls._open_root(create=True)
+        default = cls._under_root(root, DEFAULT_NAME)
         if not default.is_live():
             return default
-        return cls(os.path.join(root, f"i-{os.getpid()}"))
+        return cls._under_root(root, f"i-{os.getpid()}")
 
     @classmethod
     def for_start(cls, address: str | None) -> RunDir:
-        """Where ``shoal start`` puts its instance: ``--address``, ``$SHOAL_RUN_DIR``, the default."""
+        """Where ``shoal start`` puts its instance: ``--address``, ``$SHOAL_RUN_DIR``, the default.
+        Not checked yet: :meth:`create_private` does."""
         if address:
             return cls(address)
         return cls.from_env() or cls.default()
 
     @classmethod
+    def _open_existing(cls, rd: RunDir, missing: str) -> RunDir:
+        """``rd`` checked; :class:`InstanceNotFoundError` (``missing``) when it does not exist."""
+        try:
+            return rd.open()
+        except FileNotFoundError:
+            raise InstanceNotFoundError(missing) from None
+
+    @classmethod
     def find_running(cls, address: str | None) -> RunDir:
-        """The live instance a command talks to: ``--address``, ``$SHOAL_RUN_DIR``, the default
-        one, or the only live one under the instances root. Raises :class:`InstanceNotFoundError`."""
+        """The live instance a command talks to, checked: ``--address``, ``$SHOAL_RUN_DIR``, the
+        default one, or the only live one under the instances root. Raises
+        :class:`InstanceNotFoundError`, or ``PermissionError`` for a directory that fails the check."""
         if address:
-            if not cls(address).is_live():
+            rd = cls._open_existing(cls(address), f"no running shoal instance at {address}")
+            if not rd.is_live():
                 raise InstanceNotFoundError(f"no running shoal instance at {address}")
-            return cls(address)
+            return rd
         explicit = cls.from_env()
         if explicit is not None:
+            missing = f"no running shoal instance at {ENV_VAR}={explicit.path}"
+            cls._open_existing(explicit, missing)
             if not explicit.is_live():
-                raise InstanceNotFoundError(f"no running shoal instance at {ENV_VAR}={explicit.path}")
+                raise InstanceNotFoundError(missing)
             return explicit
-        default = cls.default()
-        if default.is_live():
+        none = "no running shoal instance found (start one with `shoal run`)"
+        try:
+            root = cls._open_root(create=False)
+        except FileNotFoundError:
+            raise InstanceNotFoundError(none) from None
+        default = cls._under_root(root, DEFAULT_NAME)
+        if os.path.isdir(default.path) and default.open().is_live():
             return default
-        root = cls.instances_root()
-        live = sorted(d for d in glob.glob(os.path.join(root, "*")) if cls(d).is_live())
+        live = sorted(d for d in glob.glob(os.path.join(glob.escape(root), "*")) if cls(d).is_live())
         if len(live) == 1:
-            return cls(live[0])
+            return cls._under_root(root, os.path.basename(live[0])).open()
         if not live:
-            raise InstanceNotFoundError("no running shoal instance found (start one with `shoal run`)")
+            raise InstanceNotFoundError(none)
         raise InstanceNotFoundError("several shoal instances are running; pick one with --address:\n  "
                                     + "\n  ".join(live))
 
     @classmethod
     def find_for_logs(cls, address: str | None) -> RunDir:
-        """The instance whose logs to read: a stopped instance's files can be read too.
-        Raises :class:`InstanceNotFoundError`."""
+        """The instance whose logs to read, checked: a stopped instance's files can be read too.
+        Raises :class:`InstanceNotFoundError`, or ``PermissionError`` (see :meth:`find_running`)."""
         if address:
-            if not os.path.isdir(address):
-                raise InstanceNotFoundError(f"no shoal instance directory at {address}")
-            return cls(address)
+            return cls._open_existing(cls(address), f"no shoal instance directory at {address}")
         explicit = cls.from_env()
         if explicit is not None:
-            return explicit
+            try:
+                return explicit.open()
+            except FileNotFoundError:
+                return explicit  # nothing there yet: no logs to read
         try:
             return cls.find_running(None)
         except InstanceNotFoundError:
             default = cls.default()
             if os.path.isdir(default.logs_dir):
-                return default
+                return default.open()
             raise
 
 
-def write_whole(path: str, data: bytes, mode: int) -> None:
-    """Write ``path`` whole or not at all: a temporary file beside it, renamed over it.
-    ``OSError`` (e.g. a full disk) leaves any previous file as it was."""
+def write_whole(path: str, data: bytes, mode: int, *, dir_fd: int | None = None) -> None:
+    """Write ``path`` (relative to ``dir_fd`` when given) whole or not at all: a temporary file
+    beside it, renamed over it. ``OSError`` (e.g. a full disk) leaves any previous file as it was."""
     tmp = f"{path}.{os.getpid()}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=dir_fd)
     try:
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view):]
         os.close(fd)
         fd = -1
-        os.replace(tmp, path)
+        os.replace(tmp, path, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
     except OSError:
         try:
-            os.unlink(tmp)
+            os.unlink(tmp, dir_fd=dir_fd)
         except OSError:
             pass
         raise
     finally:
         if fd >= 0:
             os.close(fd)
+
+
+def recheck_or_exit(controller_path: str, who: str) -> None:
+    """In a replica or proxy process, before it uses anything in its instance directory:
+    check the directory again (it was checked by whoever started the process) and exit with
+    status 2 and the reason when it is not private to this user any more."""
+    try:
+        rd = RunDir(os.path.dirname(controller_path))
+        rd.check_private()
+        rd.close()
+    except PermissionError as e:
+        import logging
+
+        logging.getLogger("shoal").error("%s: the instance directory is not safe to use: %s", who, e)
+        raise SystemExit(2) from None

@@ -1,8 +1,10 @@
 """Wire format shared by every cross-process hop (Unix sockets locally, TCP in a cluster).
 
 A connection carries length-prefixed frames: a 4-byte big-endian length, then the payload.
-It opens with a mutual HMAC handshake on the instance secret; until it succeeds, frames are
-compared as raw bytes and nothing is unpickled. After it, payloads are pickles (protocol 5,
+It opens with a mutual HMAC handshake on the instance secret (or, during a rotation, on one
+of the secrets both peers accept); until it succeeds, frames are compared as raw bytes and
+nothing is unpickled. Over TCP (between pods) the connection may run inside mutual TLS
+(:class:`TcpSecurity`), the handshake then running inside it. After it, payloads are pickles (protocol 5,
 cloudpickle for user values so classes from ``__main__`` travel by value).
 
 Data-plane messages are plain tuples (cheap to pickle), their first two fields always the
@@ -16,7 +18,12 @@ kind and the per-connection request id:
     (REJECT, rid)                                 replica at max_ongoing_requests; try elsewhere
     (CANCEL, rid)                                 caller gave up; replica cancels the task
     (CREDIT, rid, nbytes)                         the caller consumed nbytes of a stream's frames
-                                                  (flow control: shoal.runtime.flow)
+                                                  (flow control: shoal.runtime.flow); from a
+                                                  replica: its app took nbytes of WS_IN frames
+    (WS_IN, rid, message)                         a WebSocket's client message (an ASGI
+                                                  websocket.receive or .disconnect) for the
+                                                  running websocket request rid, caller to replica
+                                                  (shoal.runtime.wschannel)
     (PING, 0) / (PONG, 0)                         liveness probe from a router; the replica answers
 
 Control-plane messages (controller <-> replicas, proxies, clients, CLI) are the frozen
@@ -26,31 +33,44 @@ dataclasses below, each carrying an id for tracing and request/reply matching.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import hmac
 import logging
 import os
 import pickle
+import ssl
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, NamedTuple
 
-import cloudpickle
-
 from shoal.observability.buckets import LATENCY_BUCKETS_MS as _LATENCY_BUCKETS_MS
+from shoal.runtime.wire_auth import HANDSHAKE_MAX, KEY_ID, NONCE, mac, refusals, tcp_ring
+from shoal.runtime.wire_auth import MAC as MAC
+from shoal.runtime.wire_auth import MAX_SECRETS as MAX_SECRETS
+from shoal.runtime.wire_auth import AuthError as AuthError
+from shoal.runtime.wire_auth import TcpSecurity as TcpSecurity
+from shoal.runtime.wire_auth import key_id as key_id
+from shoal.runtime.wire_auth import new_secret as new_secret
+from shoal.runtime.wire_auth import peer_uid as peer_uid
+from shoal.runtime.wire_auth import same_user_only as same_user_only
+from shoal.runtime.wire_auth import secret_ring as secret_ring
+from shoal.runtime.wire_auth import set_tcp_security as set_tcp_security
+from shoal.runtime.wire_auth import tcp_security as tcp_security
+from shoal.runtime.wire_codec import IN_PLACE_BYTES, OOB, OOB_HEAD, OOB_LEN, decode
+from shoal.runtime.wire_codec import dumps as dumps
+from shoal.runtime.wire_codec import dumps_user as dumps_user
 
 logger = logging.getLogger("shoal.wire")
 
 REQUEST, OK, ITEM, END, ERR, REJECT, CANCEL = range(7)
 CREDIT = 7
+# A WebSocket client's message, toward the replica running that websocket (shoal.runtime.wschannel).
+WS_IN = 8
 # A router's liveness probe and the replica's answer (numbered apart from the request kinds).
 PING, PONG = 16, 17
 _HEADER = struct.Struct(">I")
 MAX_FRAME = 1 << 31
-_NONCE = 32
-_MAC = 32
 # A TCP peer that has not authenticated within this long is disconnected.
 HANDSHAKE_TIMEOUT_S = 10.0
 
@@ -104,6 +124,10 @@ class ReplicaInit:
     rank: int = 0
     world_size: int = 1
     peers: tuple[str, ...] = ()
+    # Ray's replica ranks (not a gang): the replica's rank in its deployment (-1: none) and the
+    # deployment's replica count. Updated later by the "world_size" control call.
+    replica_rank: int = -1
+    num_replicas: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,6 +178,10 @@ class Membership:
     metrics_interval_s: float = 0.0
     # How long a request may wait for a free replica before BackPressureError (0: no bound).
     max_queue_wait_s: float = 0.0
+    # A custom request router: its RequestRouterConfig, cloudpickled (b"": shoal's own routing).
+    request_router: bytes = b""
+    # What each replica's record_routing_stats() last returned, by replica id (custom routers only).
+    routing_stats: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,6 +220,17 @@ class ReplicaStats:
     requests: int = 0
     errors: int = 0
     latency_hist: tuple[int, ...] = ()
+    # What the deployment's record_autoscaling_stats() returned ((name, value), ...), if it has one.
+    custom: tuple[tuple[str, float], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicaRoutingStats:
+    """What a replica's ``record_routing_stats()`` returned (deployments with a custom request
+    router only; sent when it changed). The controller passes it on in the membership."""
+
+    replica_id: str
+    stats: dict[str, Any]
 
 
 # Upper bounds (ms) of the latency histogram replicas report (the same as the Prometheus
@@ -232,63 +271,6 @@ class Stop:
 # ---- serialization -------------------------------------------------------------------------
 
 
-def dumps(msg: Any) -> bytes:
-    """Pickle a message; user values may need cloudpickle (classes defined in __main__)."""
-    try:
-        return pickle.dumps(msg, protocol=5)
-    except (pickle.PicklingError, TypeError, AttributeError):
-        return dumps_user(msg)
-
-
-def dumps_user(msg: Any) -> bytes:
-    data: bytes = cloudpickle.dumps(msg, protocol=5)
-    return data
-
-
-# A frame whose first byte is _OOB (never the first byte of a pickle, b"\x80") carries
-# out-of-band buffers: (_OOB, pickle length, buffer count), each buffer's length, the pickle,
-# then the buffers (FramedProtocol.send_oob).
-_OOB = 0
-# Frames from this size on are unpickled in place in the receive buffer (smaller ones are copied).
-_IN_PLACE_BYTES = 64 * 1024
-_OOB_HEAD = struct.Struct(">BII")
-_OOB_LEN = struct.Struct(">Q")
-
-
-def _decode(view: memoryview, start: int, end: int) -> Any:
-    """The message in ``view[start:end]``, a frame's payload."""
-    if view[start] != _OOB:
-        return pickle.loads(view[start:end])
-    _, head_len, count = _OOB_HEAD.unpack_from(view, start)
-    at = start + _OOB_HEAD.size
-    lengths = [_OOB_LEN.unpack_from(view, at + i * _OOB_LEN.size)[0] for i in range(count)]
-    at += count * _OOB_LEN.size
-    head = view[at:at + head_len]
-    at += head_len
-    buffers: list[bytes] = []
-    for length in lengths:
-        buffers.append(bytes(view[at:at + length]))
-        at += length
-    if at != end:
-        raise ValueError("malformed out-of-band frame")
-    try:
-        return pickle.loads(head, buffers=buffers)
-    finally:
-        head.release()
-
-
-def new_secret() -> bytes:
-    return os.urandom(32)
-
-
-def _mac(secret: bytes, label: bytes, nonce: bytes) -> bytes:
-    return hmac.new(secret, label + nonce, hashlib.sha256).digest()
-
-
-class AuthError(ConnectionError):
-    pass
-
-
 class FramedProtocol(asyncio.Protocol):
     """A framed, authenticated, pickled message connection.
 
@@ -296,21 +278,30 @@ class FramedProtocol(asyncio.Protocol):
     when the connection ends. ``ready`` resolves when the handshake succeeded.
     """
 
+    # Set by the owner: runs when the connection is made, before any frame is written or
+    # read; a reason to refuse the peer (closes the connection, fails ``ready`` with
+    # AuthError) or None. Unix sockets refuse peers of another user (:func:`same_user_only`).
+    peer_check: Callable[[asyncio.BaseTransport], str | None] | None = None
+
     def __init__(
         self,
-        secret: bytes,
+        secret: bytes | Sequence[bytes],
         server_side: bool,
         on_message: Callable[[FramedProtocol, Any], None] | None = None,
         on_close: Callable[[FramedProtocol, BaseException | None], None] | None = None,
         on_ready: Callable[[FramedProtocol], None] | None = None,
     ) -> None:
-        self._secret = secret
+        self._keys = secret_ring(secret)
+        self._key_ids = [key_id(k) for k in self._keys]
+        self._hello = b""  # the server's hello, which both MACs cover
+        self._chosen = b""  # client: the secret picked from the server's hello
+        self._answer = b""  # client: its nonce and the id of that secret
         self._on_ready = on_ready
         self._server = server_side
         self.on_message = on_message
         self.on_close = on_close
         self._buf = bytearray()
-        self._nonce = os.urandom(_NONCE)
+        self._nonce = os.urandom(NONCE)
         self._state = 0  # 0: handshake step 1, 1: step 2, 2: authenticated
         self.transport: asyncio.Transport | None = None
         self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -322,8 +313,12 @@ class FramedProtocol(asyncio.Protocol):
     # -- asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        if self.peer_check is not None and (refused := self.peer_check(transport)) is not None:
+            self._fail(refused)
+            return
         if self._server:
-            self._write_raw(self._nonce)
+            self._hello = self._nonce + b"".join(self._key_ids)
+            self._write_raw(self._hello)
 
     def data_received(self, data: bytes) -> None:
         buf = self._buf
@@ -332,7 +327,7 @@ class FramedProtocol(asyncio.Protocol):
         n = len(buf)
         while n - pos >= 4:
             (size,) = _HEADER.unpack_from(buf, pos)
-            if self._state != 2 and size > _NONCE + _MAC:
+            if self._state != 2 and size > HANDSHAKE_MAX:
                 # Handshake frames are tiny: never buffer a large frame from an unauthenticated peer.
                 self._fail("bad handshake frame")
                 return
@@ -342,13 +337,13 @@ class FramedProtocol(asyncio.Protocol):
             pos = start + size
             if self._state == 2:
                 try:
-                    if size < _IN_PLACE_BYTES:
+                    if size < IN_PLACE_BYTES:
                         frame = buf[start:pos]
-                        msg = pickle.loads(frame) if frame[0] != _OOB else _decode(memoryview(frame), 0, size)
+                        msg = pickle.loads(frame) if frame[0] != OOB else decode(memoryview(frame), 0, size)
                     else:
                         # Decoded in place: a large frame is not copied whole before unpickling.
                         with memoryview(buf) as view:
-                            msg = _decode(view, start, pos)
+                            msg = decode(view, start, pos)
                 except Exception:
                     logger.exception("undecodable frame; closing connection")
                     self._abort()
@@ -376,25 +371,41 @@ class FramedProtocol(asyncio.Protocol):
             cb, self.on_close = self.on_close, None
             cb(self, exc)
 
-    # -- handshake: server sends nonce_s; client sends nonce_c + mac("c", nonce_s);
-    #    server checks it and sends mac("s", nonce_c); client checks that.
+    # -- handshake. Server: hello = nonce_s + the ids of its secrets (primary first). Client:
+    #    picks the first of its own secrets (primary first) whose id is in the hello, sends
+    #    nonce_c + id + mac(k, "c" + hello + nonce_c + id). Server: checks it, sends
+    #    mac(k, "s" + hello + nonce_c + id). Client checks that. Both nonces are in both MACs
+    #    (no replay), and the whole hello too (a relay cannot strip ids to force an old secret).
     def _handshake(self, frame: bytes) -> bool:
         if self._server:
-            if self._state != 0 or len(frame) != _NONCE + _MAC:
+            if self._state != 0 or len(frame) != NONCE + KEY_ID + MAC:
                 return self._fail("bad handshake frame")
-            nonce_c, mac = frame[:_NONCE], frame[_NONCE:]
-            if not hmac.compare_digest(mac, _mac(self._secret, b"c", self._nonce)):
+            answer, given = frame[:NONCE + KEY_ID], frame[NONCE + KEY_ID:]
+            chosen = answer[NONCE:]
+            if chosen not in self._key_ids:
+                return self._fail("authentication failed (the peer uses an RPC secret this side does not accept)")
+            key = self._keys[self._key_ids.index(chosen)]
+            if not hmac.compare_digest(given, mac(key, b"c", self._hello + answer)):
                 return self._fail("authentication failed")
-            self._write_raw(_mac(self._secret, b"s", nonce_c))
+            self._write_raw(mac(key, b"s", self._hello + answer))
             self._authenticated()
             return True
         if self._state == 0:
-            if len(frame) != _NONCE:
+            n = len(frame) - NONCE
+            if n < KEY_ID or n > KEY_ID * MAX_SECRETS or n % KEY_ID:
                 return self._fail("bad handshake frame")
-            self._write_raw(self._nonce + _mac(self._secret, b"c", frame))
+            offered = {frame[i:i + KEY_ID] for i in range(NONCE, len(frame), KEY_ID)}
+            shared = [i for i, kid in enumerate(self._key_ids) if kid in offered]
+            if not shared:
+                return self._fail("authentication failed: the server accepts none of this side's RPC secrets")
+            self._chosen = self._keys[shared[0]]
+            self._hello = frame
+            answer = self._nonce + self._key_ids[shared[0]]
+            self._answer = answer
+            self._write_raw(answer + mac(self._chosen, b"c", frame + answer))
             self._state = 1
             return True
-        if len(frame) != _MAC or not hmac.compare_digest(frame, _mac(self._secret, b"s", self._nonce)):
+        if len(frame) != MAC or not hmac.compare_digest(frame, mac(self._chosen, b"s", self._hello + self._answer)):
             return self._fail("server failed authentication")
         self._authenticated()
         return True
@@ -408,7 +419,10 @@ class FramedProtocol(asyncio.Protocol):
             self._on_ready(self)
 
     def _fail(self, why: str) -> bool:
-        logger.warning("closing connection: %s", why)
+        if self._server and not self.ready.done():
+            refusals.note(why)  # unauthenticated peers: a flood must not flood the log too
+        else:
+            logger.warning("closing connection: %s", why)
         if not self.ready.done():
             self.ready.set_exception(AuthError(why))
             self.ready.exception()
@@ -448,7 +462,7 @@ class FramedProtocol(asyncio.Protocol):
         if self.closed or self.transport is None or self.transport.is_closing():
             raise ConnectionError("connection is closed")
         raws = [b.raw() for b in buffers]
-        prefix = _OOB_HEAD.pack(_OOB, len(head), len(raws)) + b"".join(_OOB_LEN.pack(r.nbytes) for r in raws)
+        prefix = OOB_HEAD.pack(OOB, len(head), len(raws)) + b"".join(OOB_LEN.pack(r.nbytes) for r in raws)
         n = len(prefix) + len(head) + sum(r.nbytes for r in raws)
         if n >= MAX_FRAME:
             raise ValueError("message too large for one frame")
@@ -478,9 +492,16 @@ async def connect_unix(
     on_close: Callable[[FramedProtocol, BaseException | None], None] | None = None,
     timeout: float = 10.0,
 ) -> FramedProtocol:
+    """Connect to the Unix socket ``path`` and authenticate. A server run by another user is
+    refused (:func:`same_user_only`) before anything it sends is read: ``AuthError``."""
     loop = asyncio.get_running_loop()
-    return await _handshaken(
-        loop.create_unix_connection(lambda: FramedProtocol(secret, False, on_message, on_close), path), timeout)
+
+    def factory() -> FramedProtocol:
+        proto = FramedProtocol(secret, False, on_message, on_close)
+        proto.peer_check = same_user_only(path, server_side=False)
+        return proto
+
+    return await _handshaken(loop.create_unix_connection(factory, path), timeout)
 
 
 async def _handshaken(connecting: Any, timeout: float) -> FramedProtocol:
@@ -502,11 +523,14 @@ async def serve_unix(
     secret: bytes,
     on_connect: Callable[[FramedProtocol], None],
 ) -> asyncio.AbstractServer:
-    """Listen on ``path`` (mode 0600); ``on_connect`` runs for each authenticated peer."""
+    """Listen on ``path`` (mode 0600); ``on_connect`` runs for each authenticated peer.
+    A client run by another user is disconnected before the handshake (:func:`same_user_only`)."""
     loop = asyncio.get_running_loop()
 
     def factory() -> FramedProtocol:
-        return FramedProtocol(secret, True, on_ready=on_connect)
+        proto = FramedProtocol(secret, True, on_ready=on_connect)
+        proto.peer_check = same_user_only(path, server_side=True)  # before the nonce is sent
+        return proto
 
     if os.path.exists(path):
         os.unlink(path)
@@ -539,51 +563,81 @@ def join_host_port(host: str, port: int) -> str:
 async def connect_tcp(
     host: str,
     port: int,
-    secret: bytes,
+    secret: bytes | Sequence[bytes],
     on_message: Callable[[FramedProtocol, Any], None] | None = None,
     on_close: Callable[[FramedProtocol, BaseException | None], None] | None = None,
     timeout: float = 10.0,
+    *,
+    tls: ssl.SSLContext | None = None,
 ) -> FramedProtocol:
-    """Like :func:`connect_unix`, over TCP (between pods in a cluster)."""
+    """Like :func:`connect_unix`, over TCP (between pods in a cluster).
+
+    With ``tls`` (default: the process's :class:`TcpSecurity`) the connection is TLS first,
+    the server's certificate checked by the context, then the HMAC handshake inside it; both
+    within ``timeout`` each. A TLS failure raises ``ssl.SSLError`` (an ``OSError``).
+    """
     loop = asyncio.get_running_loop()
-    return await _handshaken(
-        loop.create_connection(lambda: FramedProtocol(secret, False, on_message, on_close), host, port), timeout)
+    ring = tcp_ring(secret)
+    ctx = tls if tls is not None else tcp_security().client_tls
+
+    def factory() -> FramedProtocol:
+        return FramedProtocol(ring, False, on_message, on_close)
+
+    if ctx is None:
+        return await _handshaken(loop.create_connection(factory, host, port), timeout)
+    return await _handshaken(loop.create_connection(factory, host, port, ssl=ctx, ssl_handshake_timeout=timeout),
+                             timeout)
 
 
 async def connect_endpoint(
     endpoint: str,
-    secret: bytes,
+    secret: bytes | Sequence[bytes],
     on_message: Callable[[FramedProtocol, Any], None] | None = None,
     on_close: Callable[[FramedProtocol, BaseException | None], None] | None = None,
     timeout: float = 10.0,
 ) -> FramedProtocol:
-    """Connect to a replica's endpoint: a Unix socket path, or ``host:port`` over TCP."""
+    """Connect to a replica's endpoint: a Unix socket path, or ``host:port`` over TCP (with the
+    process's :class:`TcpSecurity`)."""
     hp = split_host_port(endpoint)
     if hp is None:
-        return await connect_unix(endpoint, secret, on_message, on_close, timeout)
+        # One machine, one instance secret: the primary is the only one a Unix socket knows.
+        return await connect_unix(endpoint, secret_ring(secret)[0], on_message, on_close, timeout)
     return await connect_tcp(hp[0], hp[1], secret, on_message, on_close, timeout)
 
 
 async def serve_tcp(
     host: str,
     port: int,
-    secret: bytes,
+    secret: bytes | Sequence[bytes],
     on_connect: Callable[[FramedProtocol], None],
     handshake_timeout: float = HANDSHAKE_TIMEOUT_S,
+    *,
+    tls: ssl.SSLContext | None = None,
 ) -> asyncio.AbstractServer:
     """Listen on ``host:port``; ``on_connect`` runs for each authenticated peer.
 
-    Peers that do not complete the handshake within ``handshake_timeout`` are dropped.
+    With ``tls`` (default: the process's :class:`TcpSecurity`) peers must complete a TLS
+    handshake first (the context decides whether they need a certificate). Peers that do not
+    complete TLS and the HMAC handshake within ``handshake_timeout`` are dropped.
     """
     loop = asyncio.get_running_loop()
+    ring = tcp_ring(secret)
+    ctx = tls if tls is not None else tcp_security().server_tls
+    from shoal.runtime.handshake_gate import HandshakeGate
+
+    # At most gate.max_pending connections in handshake at once (a flood of peers that never
+    # authenticate must not exhaust the process's descriptors); the rest are closed at once,
+    # before any TLS (the gate starts TLS itself, once it admitted a connection).
+    gate = HandshakeGate()
+    handshake_timeout = gate.handshake_timeout(handshake_timeout)
 
     def factory() -> FramedProtocol:
-        proto = FramedProtocol(secret, True, on_ready=on_connect)
+        proto = FramedProtocol(ring, True, on_ready=on_connect)
         timer = loop.call_later(handshake_timeout, _drop_unauthenticated, proto)
         proto.ready.add_done_callback(lambda _f: timer.cancel())
         return proto
 
-    return await loop.create_server(factory, host, port, reuse_address=True)
+    return await loop.create_server(gate.admission(factory, ctx, handshake_timeout), host, port, reuse_address=True)
 
 
 def _drop_unauthenticated(proto: FramedProtocol) -> None:

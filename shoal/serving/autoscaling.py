@@ -29,12 +29,17 @@ import numbers
 from collections.abc import Sequence
 from typing import Any
 
-from shoal.config import AggregationFunction, AutoscalingConfig
+from shoal.config import (
+    DEFAULT_POLICY_PATHS,
+    AggregationFunction,
+    AutoscalingConfig,
+    AutoscalingContext,
+    AutoscalingPolicy,
+    DeploymentID,
+)
 from shoal.exceptions import PolicyLoadError
 from shoal.serving.scaling_policy import (
     POLICY_STATE_KEY,
-    AutoscalingContext,
-    DeploymentID,
     MetricsWindow,
     PendingDecision,
     PolicyFunction,
@@ -69,54 +74,67 @@ __all__ = [
 
 
 # Ray's own default policy paths mean the default policy here.
-_DEFAULT_POLICY_PATHS = frozenset(
-    f"{module}{sep}{name}"
-    for module in ("ray.serve.autoscaling_policy", "shoal.serving.autoscaling")
-    for sep in (":", ".")
-    for name in ("default_autoscaling_policy", "replica_queue_length_autoscaling_policy", "default_policy")
-)
+_DEFAULT_POLICY_PATHS = DEFAULT_POLICY_PATHS
 
 
-def load_policy(import_path: str) -> PolicyFunction:
-    """Import a policy from ``"module:function"`` or ``"module.function"``.
+def is_default_policy(policy_function: object) -> bool:
+    """Whether ``policy_function`` (an import path or a callable) is the default policy."""
+    if isinstance(policy_function, str):
+        return policy_function.strip() in _DEFAULT_POLICY_PATHS
+    return policy_function is default_policy
 
-    The working directory is importable (as for application import paths). A class is
-    instantiated once with no arguments and its instance is the policy (Ray's class-based
-    policies; ``policy_kwargs`` are not supported). Ray's default-policy paths
-    (``ray.serve.autoscaling_policy:default_autoscaling_policy`` and
+
+def load_policy(policy: AutoscalingPolicy | str) -> PolicyFunction:
+    """The callable of a policy: an :class:`AutoscalingPolicy`, or an import path
+    (``"module:function"`` or ``"module.function"``).
+
+    The working directory is importable (as for application import paths). A class (imported
+    or given) is instantiated once with ``policy_kwargs`` and its instance is the policy (Ray's
+    class-based policies); a function is the policy itself and takes no ``policy_kwargs``.
+    Ray's default-policy paths (``ray.serve.autoscaling_policy:default_autoscaling_policy`` and
     ``...:replica_queue_length_autoscaling_policy``) give :func:`default_policy`.
 
-    Raises :class:`PolicyLoadError` (a ``ValueError``) naming the path and the reason when it
+    Raises :class:`PolicyLoadError` (a ``ValueError``) naming the policy and the reason when it
     cannot be imported, has no such attribute, is not callable, or the class cannot be
     instantiated.
     """
-    if not isinstance(import_path, str) or not import_path.strip():
-        raise PolicyLoadError(f"autoscaling policy must be an import path string, got {import_path!r}")
-    path = import_path.strip()
-    if path in _DEFAULT_POLICY_PATHS:
+    if isinstance(policy, str):
+        if not policy.strip():
+            raise PolicyLoadError(f"autoscaling policy must be an import path string, got {policy!r}")
+        policy = AutoscalingPolicy(policy_function=policy)
+    if not isinstance(policy, AutoscalingPolicy):
+        raise PolicyLoadError(f"autoscaling policy must be an AutoscalingPolicy or an import path, got {policy!r}")
+    name, kwargs = policy.name, policy.policy_kwargs
+    if is_default_policy(policy.policy_function):
+        if kwargs:
+            raise PolicyLoadError(f"autoscaling policy {name!r} takes no policy_kwargs")
         return default_policy
+    obj: Any = policy.policy_function
+    if isinstance(obj, str):
+        from shoal.loader import import_attr  # lazy: keeps this module light to import
 
-    from shoal.loader import import_attr  # lazy: keeps this module light to import
-
-    try:
-        obj = import_attr(path)
-    except (ImportError, AttributeError) as e:
-        raise PolicyLoadError(f"cannot load autoscaling policy {path!r}: {e}") from e
+        try:
+            obj = import_attr(obj)
+        except (ImportError, AttributeError) as e:
+            raise PolicyLoadError(f"cannot load autoscaling policy {name!r}: {e}") from e
     if isinstance(obj, type):
         try:
-            obj = obj()
+            obj = obj(**kwargs)
         except Exception as e:
             raise PolicyLoadError(
-                f"cannot load autoscaling policy {path!r}: instantiating class {obj.__name__} "
-                f"with no arguments raised {type(e).__name__}: {e}"
+                f"cannot load autoscaling policy {name!r}: instantiating class {obj.__name__} "
+                f"with policy_kwargs {sorted(kwargs)} raised {type(e).__name__}: {e}"
             ) from e
+    elif kwargs:
+        raise PolicyLoadError(f"autoscaling policy {name!r} is a function: policy_kwargs "
+                              f"({', '.join(sorted(kwargs))}) are only passed to a policy class")
     if not callable(obj):
         raise PolicyLoadError(
-            f"autoscaling policy {path!r} is not callable (it is a {type(obj).__name__}); "
+            f"autoscaling policy {name!r} is not callable (it is a {type(obj).__name__}); "
             "expected a function taking an AutoscalingContext and returning (num_replicas, policy_state)"
         )
-    policy: PolicyFunction = obj
-    return policy
+    result: PolicyFunction = obj
+    return result
 
 
 # --------------------------------------------------------------------------------------------
@@ -156,6 +174,10 @@ def _parse_answer(result: object, previous_state: dict[str, Any]) -> tuple[float
     if not math.isfinite(value) or value < 0:
         raise _BadAnswer(f"returned num_replicas {number!r}; expected a finite, non-negative number")
     return value, dict(state)
+
+
+_Aggregated = dict[str, dict[str, float]]
+_Raw = dict[str, dict[str, tuple[tuple[float, float], ...]]]
 
 
 class Autoscaler:
@@ -200,10 +222,12 @@ class Autoscaler:
         self.error_count = 0
         self._queued = 0.0
         self._queued_at: float | None = None
+        # Custom metrics replicas report (record_autoscaling_stats): name -> replica id -> window.
+        self._custom: dict[str, dict[str, MetricsWindow]] = {}
 
     @staticmethod
-    def _load(path: str | None) -> PolicyFunction:
-        return default_policy if path is None else load_policy(path)
+    def _load(policy: AutoscalingPolicy | None) -> PolicyFunction:
+        return default_policy if policy is None else load_policy(policy)
 
     @property
     def config(self) -> AutoscalingConfig:
@@ -250,6 +274,37 @@ class Autoscaler:
         self._queued = queued if queued > 0 else 0.0
         self._queued_at = now
 
+    def record_custom(self, now: float, replica_id: str, values: Sequence[tuple[str, float]]) -> None:
+        """Feed the custom metrics one replica reported at ``now`` (its ``record_autoscaling_stats``)."""
+        cfg = self._config
+        for name, value in values:
+            windows = self._custom.setdefault(name, {})
+            window = windows.get(replica_id)
+            if window is None:
+                window = windows[replica_id] = MetricsWindow(cfg.look_back_period_s, cfg.aggregation_function)
+            window.record(now, value)
+
+    def _custom_metrics(self, now: float, running: Sequence[str] | None) -> tuple[_Aggregated, _Raw]:
+        """(aggregated, raw) custom metrics of the running replicas (``running``: their ids; the
+        metrics of replicas not among them are forgotten; None: every replica's, forgetting none)."""
+        aggregated: _Aggregated = {}
+        raw: _Raw = {}
+        for name, windows in list(self._custom.items()):
+            if running is not None:
+                for replica_id in [r for r in windows if r not in running]:
+                    del windows[replica_id]
+            if not windows:
+                del self._custom[name]
+                continue
+            for replica_id, window in windows.items():
+                window.look_back_period_s = self._config.look_back_period_s
+                window.aggregation_function = AggregationFunction(self._config.aggregation_function)
+                value = window.aggregate(now)
+                if value is not None:
+                    aggregated.setdefault(name, {})[replica_id] = value
+                    raw.setdefault(name, {})[replica_id] = window.samples
+        return aggregated, raw
+
     def _queued_now(self, now: float) -> float:
         # A queue report older than the look-back window says nothing about now.
         if self._queued_at is None or now - self._queued_at > self._config.look_back_period_s:
@@ -270,6 +325,7 @@ class Autoscaler:
             running = tuple(str(r) for r in running_replicas)
         total = self.window.aggregate(now)
         cfg = self._config
+        aggregated, raw = self._custom_metrics(now, None if isinstance(running_replicas, int) else running)
         return AutoscalingContext(
             deployment_id=DeploymentID(self.deployment_name, self.app_name),
             deployment_name=self.deployment_name,
@@ -286,6 +342,8 @@ class Autoscaler:
             last_scale_down_time=self.last_scale_down_time,
             current_time=now,
             config=cfg,
+            aggregated_metrics=aggregated,
+            raw_metrics=raw,
         )
 
     def decide(self, now: float, current_num_replicas: int, running_replicas: int | Sequence[str]) -> int:
@@ -327,7 +385,7 @@ class Autoscaler:
 
     def _fail(self, ctx: AutoscalingContext, why: str) -> int:
         name = getattr(self._policy, "__qualname__", None) or type(self._policy).__name__
-        self.last_error = f"autoscaling policy {self._config.policy or name!r} {why}"
+        self.last_error = f"autoscaling policy {self._config.policy.name if self._config.policy else name!r} {why}"
         self.error_count += 1
         kept = clamp(self.target, ctx.capacity_adjusted_min_replicas, ctx.capacity_adjusted_max_replicas)
         if kept > self.target:

@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from itertools import pairwise
 from typing import Any, Literal
 
-from shoal.config import AggregationFunction, AutoscalingConfig
+from shoal.config import AggregationFunction, AutoscalingConfig, AutoscalingContext
+from shoal.config import DeploymentID as DeploymentID  # re-exported: callers import it from here
 
 # Tolerance for float noise in time comparisons and in rounding replica counts up, so that
 # 30.000000000000004 seconds count as 30 and 3.0000000000000004 replicas as 3.
@@ -133,62 +134,6 @@ class MetricsWindow:
 # --------------------------------------------------------------------------------------------
 # Policy context
 # --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class DeploymentID:
-    """Identifies a deployment within an application (Ray's ``DeploymentID``)."""
-
-    name: str
-    app_name: str = "default"
-
-
-@dataclass(frozen=True, kw_only=True)
-class AutoscalingContext:
-    """What a policy sees on each tick; field names are Ray Serve's ``AutoscalingContext``'s.
-
-    * ``current_num_replicas``: replicas running or starting.
-    * ``target_num_replicas``: the autoscaler's current decision.
-    * ``running_replicas``: ids of the replicas that are running (Ray passes replica ids here,
-      so ``len(ctx.running_replicas)`` is the count; ``num_running_replicas`` is a shortcut).
-    * ``total_num_requests``: total ongoing requests (in replicas plus waiting in callers),
-      aggregated over ``look_back_period_s`` with ``aggregation_function``.
-    * ``total_queued_requests``: requests waiting in callers' routers right now.
-    * ``aggregated_metrics`` / ``raw_metrics``: custom per-replica metrics; shoal does not
-      collect them yet, so they are empty mappings (present so that policies reading them
-      with ``.get`` keep working).
-    * ``capacity_adjusted_min_replicas`` / ``capacity_adjusted_max_replicas``: the replica
-      bounds. shoal runs on one machine and does not shrink them for capacity, so they equal
-      ``config.min_replicas`` / ``config.max_replicas``.
-    * ``policy_state``: what the policy returned last tick (``{}`` at first). A copy: mutating
-      it changes nothing unless the policy returns it.
-    * ``last_scale_up_time`` / ``last_scale_down_time``: when the target last went up / down
-      (the controller's monotonic clock), or None.
-    * ``current_time``: ``now`` as passed by the controller (monotonic seconds). Policies must
-      use it instead of reading a clock.
-    """
-
-    deployment_id: DeploymentID
-    deployment_name: str
-    app_name: str | None
-    current_num_replicas: int
-    target_num_replicas: int
-    running_replicas: tuple[str, ...]
-    total_num_requests: float
-    total_queued_requests: float
-    capacity_adjusted_min_replicas: int
-    capacity_adjusted_max_replicas: int
-    policy_state: dict[str, Any]
-    last_scale_up_time: float | None
-    last_scale_down_time: float | None
-    current_time: float
-    config: AutoscalingConfig
-    aggregated_metrics: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
-    raw_metrics: Mapping[str, Mapping[str, Sequence[tuple[float, float]]]] = field(default_factory=dict)
-
-    @property
-    def num_running_replicas(self) -> int:
-        return len(self.running_replicas)
 
 
 PolicyFunction = Callable[[AutoscalingContext], tuple[int | float, dict[str, Any]]]

@@ -42,12 +42,17 @@ def build_objects(tmp: Path, *, app: str = "pipe", deployments: list[dict[str, A
 @contextmanager
 def running(objects: list[dict[str, Any]], replicas: dict[str, int] | None = None, timeout: float = 60.0,
             **kwargs: Any) -> Iterator[PodSim]:
-    """A started simulation, closed (every process stopped) whatever happens."""
+    """A started simulation, closed (every process stopped) whatever happens. Meanwhile this
+    process's TCP connections use the pods' TLS certificate (like another pod of the app)."""
     from conftest import child_pids, wait_until
+
+    from shoal.runtime.wire import TcpSecurity, set_tcp_security, tcp_security
 
     kwargs.setdefault("python_path", [str(HERE)])
     before = child_pids()
     sim = PodSim(objects, **kwargs)
+    saved = tcp_security()
+    set_tcp_security(TcpSecurity(client_tls=sim.client_tls()))
     try:
         try:
             sim.start(replicas=replicas, timeout=timeout)
@@ -60,6 +65,7 @@ def running(objects: list[dict[str, Any]], replicas: dict[str, int] | None = Non
         print(sim.logs(15))
         raise
     finally:
+        set_tcp_security(saved)
         sim.close()
         assert wait_until(lambda: not (child_pids() - before), 10), f"left behind: {child_pids() - before}"
 

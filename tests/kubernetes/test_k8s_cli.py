@@ -55,10 +55,10 @@ def test_build_name_and_route_prefix() -> None:
 
 def test_build_into_a_directory(tmp_path: Path) -> None:
     out = tmp_path / "k8s"
-    res = invoke("build", DEMO, *ARGS, "-o", str(out), "--create-secret")
+    res = invoke("build", DEMO, *ARGS, "-o", str(out), "--create-secret", "--secrets-dir", str(tmp_path / "s"))
     assert res.exit_code == 0, res.output
     files = sorted(p.name for p in out.iterdir())
-    assert len(files) == 20
+    assert len(files) == 21  # with the RPC secret and the pod certificate
     assert files[0] == "01-serviceaccount-default-replica.yaml"
     assert "02-secret-default-rpc.yaml" in files
     assert "create secret generic" not in res.stderr  # it was generated

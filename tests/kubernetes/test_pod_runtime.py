@@ -51,9 +51,9 @@ def test_rpc_handshake_admission_and_metrics(tmp_path: Path) -> None:
             # A wrong secret never gets through the handshake.
             with pytest.raises((AuthError, ConnectionError)):
                 await connect_tcp(pod.ip, names.RPC_PORT, b"not the secret", timeout=5)
-            # An unauthenticated peer announcing a huge frame is cut off at once, unread.
-            reader, writer = await asyncio.open_connection(pod.ip, names.RPC_PORT)
-            await reader.readexactly(4 + 32)  # the server's nonce
+            # An unauthenticated peer announcing a huge frame is cut off at once, unread (inside TLS).
+            reader, writer = await asyncio.open_connection(pod.ip, names.RPC_PORT, ssl=sim.client_tls())
+            await reader.readexactly(4 + 32)  # the server's hello: its nonce and its secret's id
             writer.write(struct.pack(">I", 1 << 30) + b"x" * 1024)
             assert await asyncio.wait_for(reader.read(), 5) == b""
             writer.close()
@@ -170,6 +170,7 @@ def test_cli_errors_and_help(tmp_path: Path) -> None:
                                timeout=30)
     assert no_secret.returncode == 2 and "SHOAL_RPC_SECRET is not set" in no_secret.stderr
     env[names.ENV_SECRET] = "s3cret"
+    env[names.ENV_INSECURE_NO_TLS] = "1"  # missing TLS files are refused before the config is read (test_pod_tls)
     wrong = subprocess.run([shoal, "replica", "--deployment", "Nope"], env=env, capture_output=True, text=True,
                            timeout=30)
     assert wrong.returncode == 2, wrong.stderr

@@ -57,6 +57,22 @@ class ClassPolicy:
         return 2, {}
 
 
+class KwargsPolicy:
+    def __init__(self, replicas: int, label: str = "x") -> None:
+        self.replicas, self.label = replicas, label
+
+    def __call__(self, ctx: AutoscalingContext) -> tuple[int, dict[str, Any]]:
+        return self.replicas, {"label": self.label}
+
+
+def metrics_policy(ctx: AutoscalingContext) -> tuple[int, dict[str, Any]]:
+    """One replica more while any replica's aggregated cpu is above 80."""
+    cpu = ctx.aggregated_metrics.get("cpu", {})
+    if cpu and max(cpu.values()) > 80:
+        return ctx.current_num_replicas + 1, {}
+    return ctx.current_num_replicas, {}
+
+
 NOT_CALLABLE = 42
 
 _GARBAGE: list[Any] = []
@@ -582,6 +598,44 @@ class TestCustomPolicies:
         assert tick(a, 0.0, 0.0) == 1
         assert a.last_error is not None and "synchronous" in a.last_error
         assert not [w for w in recwarn if "never awaited" in str(w.message)]
+
+    def test_policy_object_with_kwargs_for_a_class(self) -> None:
+        from shoal.config import AutoscalingPolicy
+
+        pol = AutoscalingPolicy(policy_function=f"{PATH}:KwargsPolicy", policy_kwargs={"replicas": 4, "label": "k"})
+        a = make(cfg(policy=pol, upscale_delay_s=0.0))
+        assert tick(a, 0.0, 0.0) == 4 and a.policy_state["label"] == "k"
+        # The class itself (not a path) works the same; its constructor's error names the policy.
+        given = AutoscalingPolicy(policy_function=this().KwargsPolicy, policy_kwargs={"replicas": 2})
+        assert tick(make(cfg(policy=given, upscale_delay_s=0.0)), 0.0, 0.0) == 2
+        with pytest.raises(PolicyLoadError, match=r"KwargsPolicy.*policy_kwargs.*TypeError"):
+            load_policy(AutoscalingPolicy(policy_function=f"{PATH}:KwargsPolicy", policy_kwargs={"nope": 1}))
+
+    def test_function_object_policy_and_kwargs_refused_for_functions(self) -> None:
+        from shoal.config import AutoscalingPolicy
+
+        a = make(cfg(policy=this().my_policy, upscale_delay_s=0.0))
+        assert a.is_custom_policy and tick(a, 0.0, 0.0) == 3
+        with pytest.raises(PolicyLoadError, match="only passed to a policy class"):
+            load_policy(AutoscalingPolicy(policy_function=this().my_policy, policy_kwargs={"a": 1}))
+        with pytest.raises(PolicyLoadError, match="takes no policy_kwargs"):
+            load_policy(AutoscalingPolicy(policy_kwargs={"a": 1}))  # the default policy
+        assert load_policy(AutoscalingPolicy()) is default_policy
+
+    def test_custom_metrics_reach_the_context(self) -> None:
+        a = make(cfg(policy=f"{PATH}:metrics_policy", upscale_delay_s=0.0, look_back_period_s=10.0,
+                     aggregation_function="max"), initial=2)
+        a.record_custom(0.0, "r1", [("cpu", 50.0), ("mem", 10.0)])
+        a.record_custom(0.5, "r2", [("cpu", 20.0)])
+        ctx = a.context(1.0, 2, ["r1", "r2"])
+        assert ctx.aggregated_metrics == {"cpu": {"r1": 50.0, "r2": 20.0}, "mem": {"r1": 10.0}}
+        assert ctx.raw_metrics["cpu"]["r1"] == ((0.0, 50.0),)
+        assert a.decide(1.0, 2, ["r1", "r2"]) == 2  # max 50: no change
+        a.record_custom(2.0, "r2", [("cpu", 95.0)])
+        assert a.decide(2.0, 2, ["r1", "r2"]) == 3  # r2's max in the window is 95
+        # A replica that is no longer running is forgotten; samples older than the window drop.
+        ctx = a.context(20.0, 3, ["r1"])
+        assert ctx.aggregated_metrics == {} and ctx.raw_metrics == {}
 
     def test_update_config_changes_policy_and_window(self) -> None:
         a = make(cfg(look_back_period_s=30.0), initial=1)

@@ -147,6 +147,14 @@ async def test_lifespan_and_websocket() -> None:
 
     await app({"type": "lifespan"}, receive, send)
     assert [m["type"] for m in out] == ["lifespan.startup.complete", "lifespan.shutdown.complete"]
+    # WebSockets (shoal.runtime.http.websocket; tests/unit/test_http_websocket.py): a client gone
+    # before the handshake gets nothing; one without credentials is refused with a reason (a
+    # close, when the server offers no websocket.http.response extension).
     out.clear()
-    await app({"type": "websocket"}, receive, send)
-    assert out == [{"type": "websocket.close", "code": 1003}]
+    inbox[:] = [{"type": "websocket.disconnect", "code": 1006}]
+    await app({"type": "websocket", "path": "/", "headers": []}, receive, send)
+    assert out == []
+    app, _ = front(FrontOptions(api_keys=("k" * 16,)))
+    inbox[:] = [{"type": "websocket.connect"}]
+    await app({"type": "websocket", "path": "/", "headers": []}, receive, send)
+    assert out == [{"type": "websocket.close", "code": 1008, "reason": "unauthorized"}]

@@ -115,11 +115,17 @@ def test_graph_build() -> None:
         build_app_spec(Leaf, "app")  # type: ignore[arg-type]
 
 
-def test_policy_object_form() -> None:
-    a = AutoscalingConfig(policy={"policy_function": "mod:fn"})
-    assert a.policy == "mod:fn"
-    with pytest.raises(ValueError, match="unsupported policy option"):
-        AutoscalingConfig(policy={"policy_function": "mod:fn", "policy_kwargs": {}})
+def test_policy_forms() -> None:
+    from shoal.config import AutoscalingPolicy
+
+    as_dict = AutoscalingConfig(policy={"policy_function": "mod:fn", "policy_kwargs": {"k": 1}})
+    assert as_dict.policy == AutoscalingPolicy(policy_function="mod:fn", policy_kwargs={"k": 1})
+    assert AutoscalingConfig(policy="mod:fn").policy == AutoscalingPolicy(policy_function="mod:fn")
+    assert AutoscalingConfig(policy=len).policy == AutoscalingPolicy(policy_function=len)
+    with pytest.raises(ValueError, match="policy_extra"):
+        AutoscalingConfig(policy={"policy_function": "mod:fn", "policy_extra": {}})
+    with pytest.raises(ValueError, match="empty string"):
+        AutoscalingPolicy(policy_function=" ")
 
 
 def test_importing_serve_makes_starlette_requests_reachable() -> None:

@@ -78,6 +78,7 @@ def test_secret_written_private_and_read_back(tmp_path: Path) -> None:
 def root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     """An empty instances root under tmp_path, and no $SHOAL_RUN_DIR."""
     monkeypatch.delenv("SHOAL_RUN_DIR", raising=False)
+    monkeypatch.delenv("XDG_RUNTIME_DIR", raising=False)
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     yield Path(RunDir.instances_root())
 

@@ -4,7 +4,9 @@
 built graph), the serve-config entry that describes the application (what every pod reads
 back from its ConfigMap) and :class:`CompileOptions`, it returns Kubernetes object dicts
 ready to be written as YAML or applied with server-side apply. Nothing here talks to a
-cluster or reads the clock; the only randomness is the optional generated Secret.
+cluster or reads the clock; the only randomness is the optional generated Secrets when no
+stored material is passed in (``shoal k8s build --create-secret`` passes it: the same build
+twice writes the same bytes).
 
 Per shoal deployment it emits a ``Deployment`` running ``shoal replica --deployment NAME`` (for a
 gang deployment a ``LeaderWorkerSet``, one group of pods per replica: :mod:`shoal.kubernetes.lws`), a
@@ -50,6 +52,7 @@ from shoal.kubernetes.compiler.common import (
     memory_quantity,
     prune_selector,
 )
+from shoal.kubernetes.compiler.credentials import api_keys, cert_manager_objects, generated_secrets, hash_gateway_keys
 from shoal.kubernetes.compiler.traffic import (
     autoscaler,
     grafana_dashboard,
@@ -60,7 +63,6 @@ from shoal.kubernetes.compiler.traffic import (
 )
 from shoal.kubernetes.compiler.workloads import (
     config_map,
-    generated_secret,
     headless_service,
     pdb,
     service_account,
@@ -106,9 +108,12 @@ def compile_app(spec: AppSpec, entry: Mapping[str, Any], opts: CompileOptions, *
     """
     check_options(opts)
     canary = opts.canary_of is not None
+    entry = hash_gateway_keys(entry)  # no usable LLM gateway key goes further than this line
     version = opts.version or default_version(opts.image, entry)
+    keys = tuple(api_keys(http_options or {}))
     ctx = AppContext(spec=spec, opts=opts, app=spec.name, instance=instance_name(spec.name, version, canary),
-               version=version, canary=canary, entry=entry, warnings=[])
+                     version=version, canary=canary, entry=entry, warnings=[],
+                     api_keys=keys if spec.route_prefix is not None else ())
     _check_names(ctx)
 
     config_text = _serve_config_text(ctx, entry, http_options or {})
@@ -116,7 +121,12 @@ def compile_app(spec: AppSpec, entry: Mapping[str, Any], opts: CompileOptions, *
 
     objects: list[Obj] = [service_account(ctx)]
     if opts.create_secret:
-        objects.append(generated_secret(ctx.app, opts, ctx.labels(component="rpc-secret")))
+        objects.extend(generated_secrets(ctx, ctx.api_keys))
+    if opts.tls == "cert-manager":
+        objects.extend(cert_manager_objects(ctx))
+    elif opts.tls == "off":
+        ctx.warn("--tls off: RPC between pods is plain TCP; anyone on the network path can read it and inject "
+                 "code (pickles). For development only")
     objects.append(config_map(ctx, config_text))
     objects.extend(network_policies(ctx))
     for dep in spec.deployments.values():
@@ -201,7 +211,8 @@ def _serve_config_text(ctx: AppContext, entry: Mapping[str, Any], http_options: 
     app_entry = dict(entry)
     app_entry["name"] = ctx.instance
     app_entry.setdefault("route_prefix", ctx.spec.route_prefix)
-    http = {k: v for k, v in http_options.items() if k not in ("host", "port", "location")}
+    # Inline API keys go to a Secret (credentials.py); the ingress pods read them from its file.
+    http = {k: v for k, v in http_options.items() if k not in ("host", "port", "location", "api_keys")}
     doc = {
         "http_options": {"host": "0.0.0.0", "port": names.HTTP_PORT, **http},
         "applications": [app_entry],

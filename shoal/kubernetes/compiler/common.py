@@ -9,11 +9,14 @@ import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from shoal.deployment import AppSpec, DeploymentSpec
 from shoal.exceptions import CompileError
 from shoal.kubernetes import names
+
+if TYPE_CHECKING:
+    from shoal.kubernetes.secretstore import AppSecrets
 
 Obj = dict[str, Any]
 
@@ -82,6 +85,13 @@ class CompileOptions:
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
     image_pull_secrets: tuple[str, ...] = ()
     create_secret: bool = False
+    # TLS between pods: "secret" (pods mount <app>-rpc-tls, which --create-secret generates or the
+    # operator creates), "cert-manager" (emit the cert-manager objects that write it) or "off"
+    # (development only: plain TCP, loudly warned).
+    tls: Literal["secret", "cert-manager", "off"] = "secret"
+    # --create-secret: the stored material per application name (shoal.kubernetes.secretstore),
+    # so that builds are reproducible; an application missing here gets fresh random material.
+    secret_material: Mapping[str, AppSecrets] = field(default_factory=dict)
     # Canary: this build is version `version` beside the running OLD version, `canary_weight` % of traffic.
     canary_of: str | None = None
     canary_weight: int = 10
@@ -187,6 +197,8 @@ def check_options(opts: CompileOptions) -> None:
         raise CompileError("--image is required: the container image that holds shoal and the app's code")
     if opts.autoscaler not in ("keda", "hpa"):
         raise CompileError(f"--autoscaler must be 'keda' or 'hpa', got {opts.autoscaler!r}")
+    if opts.tls not in ("secret", "cert-manager", "off"):
+        raise CompileError(f"--tls must be 'secret', 'cert-manager' or 'off', got {opts.tls!r}")
     _check_routing_options(opts)
     for key, value in opts.labels.items():
         _check_label(key, value)
@@ -287,6 +299,8 @@ class AppContext:
     canary: bool
     entry: Mapping[str, Any]
     warnings: list[str]
+    # Inline http_options.api_keys: kept out of the ConfigMap, in the API-keys Secret.
+    api_keys: tuple[str, ...] = ()
 
     def meta(self, name: str, *, component: str | None = None, dep: str | None = None,
              annotations: Mapping[str, str] | None = None) -> Obj:

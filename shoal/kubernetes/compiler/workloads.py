@@ -3,10 +3,8 @@ template, Deployment (or LeaderWorkerSet), headless Service and PodDisruptionBud
 
 from __future__ import annotations
 
-import base64
 import math
-import secrets
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 from shoal.config import DeploymentConfig, RayActorOptions
 from shoal.deployment import DeploymentSpec
@@ -32,8 +30,9 @@ from shoal.kubernetes.compiler.common import (
     memory_quantity,
     seconds,
 )
+from shoal.kubernetes.compiler.credentials import credential_env, credential_mounts, credential_volumes, serves_http
 
-# --- identity, config, secret ----------------------------------------------------------------
+# --- identity, config ----------------------------------------------------------------
 
 
 def sa_name(ctx: AppContext) -> str:
@@ -57,23 +56,6 @@ def config_map(ctx: AppContext, text: str) -> Obj:
         "kind": "ConfigMap",
         "metadata": ctx.meta(names.config_map_name(ctx.instance), component="config"),
         "data": {names.CONFIG_FILE_NAME: text},
-    }
-
-
-def generated_secret(app: str, opts: CompileOptions, labels: Mapping[str, str]) -> Obj:
-    """A Secret with a fresh random RPC secret (``--create-secret``); apply never overwrites one."""
-    value = base64.b64encode(secrets.token_hex(32).encode()).decode()
-    return {
-        "apiVersion": "v1",
-        "kind": "Secret",
-        "metadata": {
-            "name": names.secret_name(app),
-            "namespace": opts.namespace,
-            "labels": dict(labels),
-            "annotations": {A_APP: app},
-        },
-        "type": "Opaque",
-        "data": {names.SECRET_KEY: value},
     }
 
 
@@ -123,7 +105,7 @@ def container_resources(ctx: AppContext, dep: DeploymentSpec, rao: RayActorOptio
     return out, gpu
 
 
-def container_env(ctx: AppContext, dep: DeploymentSpec, extra: Sequence[Obj] = ()) -> list[Obj]:
+def container_env(ctx: AppContext, dep: DeploymentSpec, extra: Sequence[Obj] = (), *, http: bool = False) -> list[Obj]:
     def field_ref(path: str) -> Obj:
         return {"valueFrom": {"fieldRef": {"apiVersion": "v1", "fieldPath": path}}}
 
@@ -134,10 +116,7 @@ def container_env(ctx: AppContext, dep: DeploymentSpec, extra: Sequence[Obj] = (
         {"name": names.ENV_NAMESPACE, **field_ref("metadata.namespace")},
         {"name": names.ENV_POD_NAME, **field_ref("metadata.name")},
         {"name": names.ENV_POD_IP, **field_ref("status.podIP")},
-        {
-            "name": names.ENV_SECRET,
-            "valueFrom": {"secretKeyRef": {"name": names.secret_name(ctx.app), "key": names.SECRET_KEY}},
-        },
+        *credential_env(ctx, http=http),
         {"name": names.ENV_CLUSTER_DOMAIN, "value": ctx.opts.cluster_domain},
         {"name": "HOME", "value": CACHE_DIR},
         {"name": "XDG_CACHE_HOME", "value": CACHE_DIR},
@@ -206,7 +185,7 @@ def pod_template(ctx: AppContext, dep: DeploymentSpec, config_hash: str, *, rank
     }
     return {
         "metadata": {"labels": ctx.labels(dep=dep.name, component=component), "annotations": pod_annotations},
-        "spec": _pod_spec(ctx, dep, gang, container, gpu),
+        "spec": _pod_spec(ctx, dep, gang, container, gpu, http=serves_http(ctx, dep.ingress, rank)),
     }
 
 
@@ -217,7 +196,8 @@ def _container(ctx: AppContext, dep: DeploymentSpec, rank: int | None, gang: str
         {"name": "rpc", "containerPort": names.RPC_PORT, "protocol": "TCP"},
         {"name": "admin", "containerPort": names.ADMIN_PORT, "protocol": "TCP"},
     ]
-    if dep.ingress and ctx.spec.route_prefix is not None and not rank:
+    http = serves_http(ctx, dep.ingress, rank)
+    if http:
         ports.append({"name": "http", "containerPort": names.HTTP_PORT, "protocol": "TCP"})
     if rank == 0:
         ports.append({"name": "rendezvous", "containerPort": names.RENDEZVOUS_PORT, "protocol": "TCP"})
@@ -227,7 +207,7 @@ def _container(ctx: AppContext, dep: DeploymentSpec, rank: int | None, gang: str
         "imagePullPolicy": opts.image_pull_policy,
         "command": ["shoal", "replica"],
         "args": ["--deployment", dep.name] + (["--rank-from-env"] if gang else []),
-        "env": container_env(ctx, dep, lws.gang_env(gang) if gang else ()),
+        "env": container_env(ctx, dep, lws.gang_env(gang) if gang else (), http=http),
         "ports": ports,
         **probes(dep, opts),
         # Let endpoints and callers' DNS catch up before SIGTERM; the replica then drains its
@@ -248,6 +228,7 @@ def _container(ctx: AppContext, dep: DeploymentSpec, rank: int | None, gang: str
             {"name": "tmp", "mountPath": TMP_DIR},
             {"name": "cache", "mountPath": CACHE_DIR},
             {"name": "dshm", "mountPath": SHM_DIR},
+            *credential_mounts(ctx, http=http),
         ],
     }
     if not container["lifecycle"]:
@@ -257,7 +238,7 @@ def _container(ctx: AppContext, dep: DeploymentSpec, rank: int | None, gang: str
     return container
 
 
-def _pod_spec(ctx: AppContext, dep: DeploymentSpec, gang: str, container: Obj, gpu: bool) -> Obj:
+def _pod_spec(ctx: AppContext, dep: DeploymentSpec, gang: str, container: Obj, gpu: bool, *, http: bool) -> Obj:
     """The pod spec around the replica container: identity, security, spreading, volumes."""
     opts = ctx.opts
     cfg: DeploymentConfig = dep.config
@@ -294,6 +275,7 @@ def _pod_spec(ctx: AppContext, dep: DeploymentSpec, gang: str, container: Obj, g
             {"name": "tmp", "emptyDir": {}},
             {"name": "cache", "emptyDir": {}},
             {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": opts.shm_size}},
+            *credential_volumes(ctx, http=http),
         ],
     }
     if affinity is not None:

@@ -6,7 +6,9 @@ application, constructs its own deployment and serves it, and Kubernetes does th
 (scheduling, restarts, rolling updates, autoscaling from the metrics served here).
 
 * **RPC** on ``$SHOAL_POD_IP:9000``: the framed protocol of :mod:`shoal.runtime.wire` over
-  TCP, with the HMAC handshake on ``$SHOAL_RPC_SECRET`` (nothing is unpickled before it
+  mutual TLS (the app's certificate and CA, mounted at ``$SHOAL_TLS_DIR``:
+  :mod:`~shoal.kubernetes.pod.tls`), with the HMAC handshake on ``$SHOAL_RPC_SECRET`` inside it
+  (and ``$SHOAL_RPC_SECRET_PREVIOUS`` during a rotation; nothing is unpickled before it
   succeeds). ``max_ongoing_requests`` is enforced: a request beyond it is refused and the
   caller's router tries another pod.
 * **HTTP** on ``:8000`` when the deployment is its app's ingress (the same in-process path a

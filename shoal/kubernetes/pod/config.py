@@ -8,10 +8,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from shoal.config import DEFAULT_MAX_QUEUE_WAIT_S
+from shoal.config import DEFAULT_MAX_QUEUE_WAIT_S, DeploymentConfig
 from shoal.exceptions import PodConfigError
 from shoal.kubernetes import names
 from shoal.kubernetes.pod.discovery import CalleeConfig
+from shoal.runtime.custom_routing import request_router_blob
 
 if TYPE_CHECKING:
     from shoal.config import HTTPOptions
@@ -41,6 +42,19 @@ class PodSettings:
     rank: int = 0
     world_size: int = 1
     gang: str = ""
+    # During a rotation: the previous RPC secret, still accepted (b"": none).
+    previous_secret: bytes = b""
+    # Where the pod certificate, its key and the CA bundle are (None: plain TCP, development only).
+    tls_dir: str | None = names.TLS_MOUNT_DIR
+    tls_secret: str = ""  # the Secret mounted there, named in error messages
+    # Ingress pods: the file of HTTP API keys, mounted from the app's API-keys Secret.
+    api_keys_file: str | None = None
+
+    def secrets(self) -> tuple[bytes, ...]:
+        """The RPC secrets this pod accepts: the primary, then the previous one during a rotation."""
+        if self.previous_secret and self.previous_secret != self.secret:
+            return (self.secret, self.previous_secret)
+        return (self.secret,)
 
 
 def load_deployment(settings: PodSettings) -> tuple[AppSpec, DeploymentSpec, HTTPOptions,
@@ -66,6 +80,14 @@ def load_deployment(settings: PodSettings) -> tuple[AppSpec, DeploymentSpec, HTT
     if settings.deployment not in spec.deployments:
         raise PodConfigError(f"application {app_name!r} has no deployment {settings.deployment!r} "
                              f"(it has: {', '.join(spec.deployments)})")
+    http_options = config.http_options
+    if settings.api_keys_file:
+        # The keys are kept out of the ConfigMap: they come from a Secret mounted into this pod.
+        http_options = http_options.model_copy(update={"api_keys_file": settings.api_keys_file})
+        try:
+            http_options.resolved_api_keys()
+        except ValueError as e:
+            raise PodConfigError(f"{e} (${names.ENV_API_KEYS_FILE}, from the application's API-keys Secret)") from None
     world_size = spec.deployments[settings.deployment].config.world_size
     if world_size != settings.world_size:
         raise PodConfigError(
@@ -73,7 +95,7 @@ def load_deployment(settings: PodSettings) -> tuple[AppSpec, DeploymentSpec, HTT
             f"as one of {settings.world_size}" + (" (a gang runs in a LeaderWorkerSet, with --rank-from-env)"
                                                   if world_size > 1 and settings.world_size == 1 else "")
         )
-    return spec, spec.deployments[settings.deployment], config.http_options, _callees(spec, config.applications)
+    return spec, spec.deployments[settings.deployment], http_options, _callees(spec, config.applications)
 
 
 def _pick_app(settings: PodSettings, applications: Sequence[Any]) -> tuple[int, Any]:
@@ -95,23 +117,27 @@ def _callees(spec: AppSpec, applications: Sequence[Any]) -> dict[tuple[str, str]
     callees: dict[tuple[str, str], CalleeConfig] = {}
     for d in spec.deployments.values():
         callees[(spec.name, d.name)] = CalleeConfig(d.config.max_ongoing_requests, d.config.max_queued_requests,
-                                                    d.config.resolved_max_queue_wait_s())
+                                                    d.config.resolved_max_queue_wait_s(),
+                                                    request_router_blob(d.config, d.name))
     for other in applications:  # handles to other apps: what their config entries say
         if other.name == spec.name:
             continue
         for entry in other.deployments:
             opts = entry.options()
             wait = opts.get("max_queue_wait_s")
+            router = request_router_blob(DeploymentConfig(request_router_config=opts.get("request_router_config")),
+                                         entry.name) if opts.get("request_router_config") else b""
             callees[(other.name, entry.name)] = CalleeConfig(int(opts.get("max_ongoing_requests", 5)),
                                                               int(opts.get("max_queued_requests", -1)),
-                                                              float(wait) if wait else DEFAULT_MAX_QUEUE_WAIT_S)
+                                                              float(wait) if wait else DEFAULT_MAX_QUEUE_WAIT_S,
+                                                              router)
     return callees
 
 
-def secret_from_env() -> bytes:
-    """The internal RPC secret, ``$SHOAL_RPC_SECRET`` (b"" when unset)."""
-    raw = os.environb.get(names.ENV_SECRET.encode()) if hasattr(os, "environb") else None
+def secret_from_env(name: str = names.ENV_SECRET) -> bytes:
+    """The internal RPC secret, ``$SHOAL_RPC_SECRET`` (or another variable: ``name``; b"" when unset)."""
+    raw = os.environb.get(name.encode()) if hasattr(os, "environb") else None
     if raw is None:
-        value = os.environ.get(names.ENV_SECRET)
+        value = os.environ.get(name)
         raw = value.encode() if value is not None else None
     return raw or b""

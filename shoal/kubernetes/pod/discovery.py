@@ -168,7 +168,8 @@ class _Watcher:
         replicas = tuple(ReplicaEndpoint(ip, join_host_port(ip, port), self.config.max_ongoing) for ip in replica_ids)
         self.router.update(Membership(self.router.app, self.router.deployment, self.epoch, replicas,
                                       max_queued_requests=self.config.max_queued,
-                                      max_queue_wait_s=self.config.max_queue_wait_s))
+                                      max_queue_wait_s=self.config.max_queue_wait_s,
+                                      request_router=self.config.request_router))
 
 
 @dataclass(frozen=True)
@@ -176,6 +177,8 @@ class CalleeConfig:
     max_ongoing: int = 5
     max_queued: int = -1
     max_queue_wait_s: float = DEFAULT_MAX_QUEUE_WAIT_S
+    # A custom request router's config, as Membership carries it (b"": shoal's own routing).
+    request_router: bytes = b""
 
 
 class PodBackend:

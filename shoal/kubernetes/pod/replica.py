@@ -9,6 +9,7 @@ there is no controller, the pod's probes and metrics (:mod:`~shoal.kubernetes.po
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import signal
 import socket
@@ -18,13 +19,14 @@ from typing import TYPE_CHECKING, Any
 
 from shoal.context import ReplicaContext, set_process_replica_context
 from shoal.kubernetes.gang_pod import GangLeader, linger
-from shoal.kubernetes.pod.admin import AdminServer, needs_loopback
+from shoal.kubernetes.pod.admin import AdminAnswer, AdminServer, needs_loopback
 from shoal.kubernetes.pod.config import PodSettings
 from shoal.kubernetes.pod.discovery import CalleeConfig, DNSResolver, FileResolver, PodBackend
 from shoal.kubernetes.pod.metrics import PodCollector
 from shoal.observability.metrics import PROCESS
 from shoal.runtime import backend as backend_mod
 from shoal.runtime.callable import UserCallable
+from shoal.runtime.handshake_gate import HandshakeCollector
 from shoal.runtime.replica.core import ReplicaCore
 from shoal.runtime.replica.logconfig import apply_logging_config
 from shoal.runtime.replica.ports import NoControl, TcpTransport
@@ -87,24 +89,37 @@ class PodReplica:
         return (self.constructed and self.healthy and not self.draining and not self.stop_requested.is_set()
                 and (self.gang_leader is None or self.gang_leader.ready))
 
-    def _admin(self, method: str, path: str) -> tuple[int, str, bytes]:
+    def _admin(self, method: str, path: str) -> AdminAnswer | concurrent.futures.Future[AdminAnswer]:
+        """The admin port's answers, on the admin server's thread: the probes read plain
+        fields only (never user code); /metrics is computed on the replica's loop."""
         if path == "/-/healthz":
-            # Liveness: the event loop answers. Not before the constructor finished (which may
+            # Liveness: the event loop turns. Not before the constructor finished (which may
             # block the loop for minutes loading a model): the startupProbe covers that time.
             if not self.constructed:
                 return 503, "text/plain", b"starting\n"
+            if (stall := self.admin.loop_stall()) is not None:
+                return 503, "text/plain", (stall + "\n").encode()
             return 200, "text/plain", b"ok\n"
         if path == "/-/ready":
-            if self.ready:
+            if self.ready and self.admin.loop_stall() is None:
                 return 200, "text/plain", b"ready\n"
             return 503, "text/plain", (self._unready_why() + "\n").encode()
         if path == "/metrics":
-            from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-
-            return 200, CONTENT_TYPE_LATEST, generate_latest(self.registry) + PROCESS.render()
+            return asyncio.run_coroutine_threadsafe(self._metrics(), self.loop)
         return 404, "text/plain", b"not found\n"
 
+    async def _metrics(self) -> AdminAnswer:
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        from shoal import metrics as user_metrics
+
+        # shoal's own, then the metrics the deployment defined (shoal.metrics).
+        return 200, CONTENT_TYPE_LATEST, (generate_latest(self.registry) + PROCESS.render()
+                                          + generate_latest(user_metrics.registry()))
+
     def _unready_why(self) -> str:
+        if (stall := self.admin.loop_stall()) is not None:
+            return stall
         if self.draining or self.stop_requested.is_set():
             return "draining"
         if not self.constructed:
@@ -120,6 +135,7 @@ class PodReplica:
 
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(PodCollector(self))
+        self.registry.register(HandshakeCollector())
         self.admin.handler = self._admin
 
     def _set_up(self) -> ReplicaContext:
@@ -174,6 +190,7 @@ class PodReplica:
             self.admin.close()
             return 1
         self.constructed = True
+        self.admin.heartbeat.start(self.loop)
         if self.gang_leader is not None:
             self.gang_leader.start()
         health = self.loop.create_task(self._health_loop(cfg))
@@ -190,6 +207,7 @@ class PodReplica:
             self.gang_leader.close()
         health.cancel()
         self.backend.close()
+        self.admin.heartbeat.stop()
         self.admin.close()
         logger.info("drained; exiting")
         return 0

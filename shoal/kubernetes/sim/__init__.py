@@ -6,7 +6,9 @@ parts of the cluster that matter to shoal's pods, on this machine:
 * **kubelet**: each pod of a ``Deployment`` runs its container's ``command``/``args`` with its
   ``env`` as a local process (``shoal`` maps to the current environment's executable). The
   downward API is filled in (namespace, pod name, pod IP, labels), ``secretKeyRef`` from the
-  objects' Secrets or a generated test secret, and volumes become per-pod directories
+  objects' Secrets or a generated test secret (an ``optional`` key of a Secret that lacks it
+  leaves the variable out; ``tls.crt``/``tls.key``/``ca.crt`` of an unknown Secret are a test CA
+  and pod certificate, see ``PodSim.client_tls``), and volumes become per-pod directories
   (``configMap``/``secret`` data written into them, ``emptyDir`` empty); paths under a mount
   in env values and args are rewritten to those directories. Every pod gets its own loopback
   address (127.x.y.z; Linux routes all of 127/8 to lo), so every pod listens on the very

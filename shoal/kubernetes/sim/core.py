@@ -11,6 +11,7 @@ import random
 import secrets
 import shutil
 import signal
+import ssl
 import string
 import subprocess
 import sys
@@ -28,6 +29,23 @@ from shoal.kubernetes.sim.network import Services
 from shoal.kubernetes.sim.objects import Deployment, Obj, Pod, ReplicaSet, int_or_percent, template_hash
 
 logger = logging.getLogger("shoal.sim")
+
+_TLS_KEYS = ("tls.crt", "tls.key", "ca.crt")
+
+
+def _tls_volumes(obj: object) -> set[str]:
+    """Names of the Secrets mounted with a tls.crt item anywhere in a workload object."""
+    found: set[str] = set()
+    if isinstance(obj, dict):
+        sec = obj.get("secret")
+        if isinstance(sec, dict) and any(i.get("key") == "tls.crt" for i in sec.get("items") or ()):
+            found.add(str(sec.get("secretName")))
+        for value in obj.values():
+            found |= _tls_volumes(value)
+    elif isinstance(obj, list):
+        for value in obj:
+            found |= _tls_volumes(value)
+    return found
 
 
 class PodSim:
@@ -83,6 +101,7 @@ class PodSim:
         self.services: dict[str, Obj] = {}
         self.config_maps: dict[str, Obj] = {}
         self.secret_objs: dict[str, Obj] = {}
+        self.tls_secrets: set[str] = set()  # kubernetes.io/tls Secrets the pods mount
         self.namespace = "default"
         self.pods: list[Pod] = []
         self.closed = False
@@ -99,6 +118,8 @@ class PodSim:
         changed: list[str] = []
         for obj in objects:
             kind = obj.get("kind")
+            if kind in ("Deployment", "LeaderWorkerSet"):
+                self.tls_secrets.update(_tls_volumes(obj))
             meta = obj.get("metadata", {})
             name = meta.get("name", "")
             if meta.get("namespace"):
@@ -155,9 +176,45 @@ class PodSim:
         with self.lock:
             value = self._generated_secrets.get((name, key))
             if value is None:
-                value = secrets.token_hex(32)
-                self._generated_secrets[(name, key)] = value
+                if key in _TLS_KEYS:
+                    # A kubernetes.io/tls Secret nobody made: a test CA and pod certificate, like cert-manager's.
+                    from shoal.kubernetes.certs import new_material
+
+                    data = new_material(name, self.namespace).secret_data()
+                    for k, v in data.items():
+                        self._generated_secrets[(name, k)] = v
+                    value = data[key]
+                else:
+                    value = secrets.token_hex(32)
+                    self._generated_secrets[(name, key)] = value
             return value
+
+    def client_tls(self, secret: str | None = None) -> ssl.SSLContext | None:
+        """A client TLS context holding the pods' certificate (of ``secret``; default: the only
+        kubernetes.io/tls Secret the pods mount), for a test talking to a pod's RPC port like a
+        pod would; None when the pods mount none (``--tls off``)."""
+        if secret is None:
+            if not self.tls_secrets:
+                return None
+            if len(self.tls_secrets) > 1:
+                raise SimError(f"several TLS Secrets ({', '.join(sorted(self.tls_secrets))}): say which")
+            secret = next(iter(self.tls_secrets))
+        d = self.workdir / "client-tls" / secret
+        d.mkdir(parents=True, exist_ok=True, mode=0o700)
+        for key in _TLS_KEYS:
+            (d / key).write_text(self.secret_value(secret, key), encoding="utf-8")
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        ctx.check_hostname = False
+        ctx.load_cert_chain(d / "tls.crt", d / "tls.key")
+        ctx.load_verify_locations(cafile=d / "ca.crt")
+        return ctx
+
+    def has_secret_key(self, name: str, key: str) -> bool:
+        """Whether Secret ``name`` (given, or among the objects) has ``key``; False for an unknown
+        Secret (whose values the simulation generates)."""
+        obj = self.secret_objs.get(name, {})
+        return key in self.given_secrets.get(name, {}) or key in obj.get("data", {}) or key in obj.get("stringData", {})
 
     # -- lifecycle ----------------------------------------------------------------------------
 

@@ -230,6 +230,8 @@ class Kubelet:
                 sname = vol["secret"]["secretName"]
                 obj = self.sim.secret_objs.get(sname, {})
                 keys = {*obj.get("data", {}), *obj.get("stringData", {}), *self.sim.given_secrets.get(sname, {})}
+                if not obj and sname not in self.sim.given_secrets:
+                    keys.update(item["key"] for item in vol["secret"].get("items") or ())  # generated values
                 write_items(d, {k: self.sim.secret_value(sname, k).encode() for k in keys}, vol["secret"].get("items"))
             elif "emptyDir" in vol:
                 pass
@@ -262,13 +264,16 @@ class Kubelet:
             if "value" in item:
                 value = expand(str(item["value"]), declared)
             else:
-                value = self._value_from(pod, container, item.get("valueFrom", {}))
+                found = self._value_from(pod, container, item.get("valueFrom", {}))
+                if found is None:
+                    continue
+                value = found
             declared[name] = remap(value, mounts)
         env.update(declared)
         env.update(pod.env_overrides)
         return env
 
-    def _value_from(self, pod: Pod, container: Obj, source: Obj) -> str:
+    def _value_from(self, pod: Pod, container: Obj, source: Obj) -> str | None:
         if "fieldRef" in source:
             path = source["fieldRef"]["fieldPath"]
             fields = {
@@ -291,6 +296,8 @@ class Kubelet:
             raise SimError(f"pod {pod.name}: fieldRef {path!r} is not simulated")
         if "secretKeyRef" in source:
             ref = source["secretKeyRef"]
+            if ref.get("optional") and not self.sim.has_secret_key(ref["name"], ref["key"]):
+                return None  # the kubelet leaves the variable out
             return self.sim.secret_value(ref["name"], ref["key"])
         if "configMapKeyRef" in source:
             ref = source["configMapKeyRef"]

@@ -24,6 +24,7 @@ from shoal.runtime.wire import (
     ReplicaInit,
     ReplicaModels,
     ReplicaReady,
+    ReplicaRoutingStats,
     ReplicaStats,
     Reply,
     Role,
@@ -86,6 +87,7 @@ class Connections:
             Subscribe: self._on_subscribe,
             SubscribeRoutes: self._on_subscribe_routes,
             ReplicaStats: self._on_replica_stats,
+            ReplicaRoutingStats: self._on_routing_stats,
             HandleStats: self._on_handle_stats,
             ReplicaReady: lambda _p, m: ctl.lifecycle.ready(m),
             ReplicaFailed: lambda _p, m: ctl.lifecycle.failed(m),
@@ -125,7 +127,7 @@ class Connections:
             proto.send(ctl.publisher.gone(
                 msg.app, msg.deployment, f"deployment {msg.deployment!r} of application {msg.app!r} does not exist"))
         elif ctl.settled(msg.app, msg.deployment):
-            proto.send(ctl.membership(msg.app, msg.deployment, dep))
+            proto.send(ctl.publisher.with_routing_stats(ctl.membership(msg.app, msg.deployment, dep)))
 
     def _on_subscribe_routes(self, proto: FramedProtocol, msg: SubscribeRoutes) -> None:
         self.ctl.publisher.route_subscribers.add(proto)
@@ -135,9 +137,27 @@ class Connections:
         rec = self.ctl.replicas.get(msg.replica_id)
         if rec is not None:
             rec.ongoing, rec.stats_at = msg.ongoing, self.ctl.clock.monotonic()
+            if msg.custom:
+                app = self.ctl.apps.get(rec.app)
+                dep = app.deployments.get(rec.deployment) if app is not None else None
+                if dep is not None and dep.autoscaler is not None and dep.version == rec.version:
+                    dep.autoscaler.record_custom(rec.stats_at, rec.replica_id, msg.custom)
             if msg.latency_hist:
                 rec.requests, rec.errors = msg.requests, msg.errors
                 rec.latency_hist = msg.latency_hist
+
+    def _on_routing_stats(self, proto: FramedProtocol, msg: ReplicaRoutingStats) -> None:
+        """A replica's record_routing_stats() changed: pass it on to the deployment's routers
+        (memberships otherwise go out only when replicas change)."""
+        ctl = self.ctl
+        rec = ctl.replicas.get(msg.replica_id)
+        dep = ctl.registry.deployment(rec.app, rec.deployment) if rec is not None else None
+        if rec is None or dep is None or not isinstance(msg.stats, dict):
+            return
+        live = (r.replica_id for r in ctl.registry.of(rec.app, rec.deployment))
+        changed = ctl.publisher.record_routing_stats(rec.app, rec.deployment, rec.replica_id, msg.stats, live)
+        if changed and rec.state == ReplicaState.RUNNING and ctl.settled(rec.app, rec.deployment):
+            ctl.publisher.send_membership(ctl.membership(rec.app, rec.deployment, dep))
 
     def _on_handle_stats(self, proto: FramedProtocol, msg: HandleStats) -> None:
         key = (msg.app, msg.deployment)
@@ -194,7 +214,9 @@ class Connections:
         proto.send(ReplicaInit(rec.app, rec.deployment, rec.replica_id, spec.serialized(), spec.config,
                                spec.is_function, rec.socket_path, rec.serves_http, sys_path, cwd,
                                rank=0, world_size=spec.config.world_size,
-                               peers=tuple(m.socket_path for m in rec.ranks)))
+                               peers=tuple(m.socket_path for m in rec.ranks),
+                               replica_rank=rec.replica_rank, num_replicas=dep.target))
+        rec.told_world_size = dep.target
 
     def _proxy_hello(self, proto: FramedProtocol, hello: Hello) -> None:
         ctl = self.ctl

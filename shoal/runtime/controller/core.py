@@ -49,7 +49,7 @@ from shoal.runtime.controller.releases import Releases
 from shoal.runtime.controller.restore import restore, restored_apps
 from shoal.runtime.controller.supervisor import ProcessFactory, Supervisor
 from shoal.runtime.gang import RankRecord
-from shoal.runtime.processes import spawn
+from shoal.runtime.processes import spawn, withhold_env
 from shoal.runtime.reconcile import (
     DeploymentFacts,
     ReplicaView,
@@ -146,6 +146,8 @@ class Controller:
     async def start(self) -> None:
         os.makedirs(self.settings.run_dir, mode=0o700, exist_ok=True)
         self.metrics.prepare()
+        # The API keys variable: fronts get the keys over their socket, no child needs it.
+        withhold_env(self.settings.http.api_keys_env)
         self._server = await serve_unix(self.path, self.secret, self.connections.on_connect)
         self._restore()
         self._task = asyncio.get_running_loop().create_task(self._run())
@@ -376,7 +378,7 @@ class Controller:
     def _reconcile_deployment(self, app: str, dep: DeploymentRecord, now: float) -> bool:
         name = dep.spec.name
         mine = self.registry.of(app, name)
-        views = [ReplicaView(r.replica_id, r.version, r.state) for r in mine]
+        views = [ReplicaView(r.replica_id, r.version, r.state, r.replica_rank) for r in mine]
         can_start = dep.ready_once or dep.failures < MAX_START_FAILURES
         actions = reconcile(dep.target, dep.version, views, can_start=can_start and not self.stopping)
         by_replica_id = {r.replica_id: r for r in mine}
@@ -393,13 +395,27 @@ class Controller:
                 self.lifecycle.stop(by_replica_id[action.replica_id], action.reason, now)
         if actions:
             self.publish_membership(app, name, dep)
+        self._tell_world_size(dep, mine)
         return bool(actions)
+
+    def _tell_world_size(self, dep: DeploymentRecord, mine: list[ReplicaRecord]) -> None:
+        """Ray's replica ranks: running replicas learn the deployment's new replica count."""
+        for rec in mine:
+            if (rec.replica_rank >= 0 and rec.told_world_size != dep.target and rec.version == dep.version
+                    and rec.state == ReplicaState.RUNNING and rec.conn is not None and not rec.conn.closed):
+                rec.told_world_size = dep.target
+                task = asyncio.get_running_loop().create_task(
+                    self.replica_call(rec, "world_size", 10.0, world_size=dep.target))
+                task.add_done_callback(_log_failed_world_size)
 
     def _serves_http(self, app: str, dep: DeploymentRecord) -> bool:
         """Whether a new replica of ``dep`` serves HTTP itself (the ingress of a routed app)."""
         app_rec = self.apps.get(app)
+        # A custom request router picks the replica of every request: HTTP goes through the proxy's
+        # router then, not to whichever ingress replica the kernel hands a connection.
         return bool(dep.spec.ingress and self.front.listen_sock is not None and self.settings.http.ingress_serves_http
-                    and app_rec is not None and app_rec.spec.route_prefix is not None)
+                    and app_rec is not None and app_rec.spec.route_prefix is not None
+                    and dep.spec.config.custom_router() is None)
 
     def _update_app_status(self, app: AppRecord) -> bool:
         before = (app.status, app.message)
@@ -550,3 +566,8 @@ class Controller:
     def status(self) -> ServeStatus:
         return serve_status(self.registry, self.canaries, self.proxy, self.settings.http, self.http_port,
                             self.ledger.summary(), self.front.restart_message(), self.clock.monotonic())
+
+
+def _log_failed_world_size(task: asyncio.Task[Any]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        logger.debug("telling a replica its world size failed: %s", task.exception())

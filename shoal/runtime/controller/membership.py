@@ -3,11 +3,14 @@ subscribed. The tables are built by pure functions; :class:`Publisher` sends the
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from collections.abc import Iterable
+from typing import Any
 
 from shoal.runtime.controller.canary import AppKey, CanaryTable
 from shoal.runtime.controller.records import AppRecord, DeploymentRecord, ReplicaRecord
+from shoal.runtime.custom_routing import request_router_blob
 from shoal.runtime.wire import FramedProtocol, Membership, ReplicaEndpoint, Routes
 from shoal.status import ReplicaState
 
@@ -25,7 +28,13 @@ def build_membership(app: str, name: str, dep: DeploymentRecord, replicas: Itera
     auto = cfg.resolved_autoscaling()
     return Membership(app, name, epoch, running, cfg.max_queued_requests, gone=unavailable,
                       metrics_interval_s=auto.metrics_interval_s if auto else 0.0,
-                      max_queue_wait_s=cfg.resolved_max_queue_wait_s())
+                      max_queue_wait_s=cfg.resolved_max_queue_wait_s(),
+                      request_router=router_blob(dep))
+
+
+def router_blob(dep: DeploymentRecord) -> bytes:
+    """The deployment's custom request router config as routers receive it (b"": none)."""
+    return request_router_blob(dep.spec.config, dep.spec.name)
 
 
 def build_routes(apps: dict[str, AppRecord], replicas: Iterable[ReplicaRecord], canaries: CanaryTable) -> Routes:
@@ -56,6 +65,32 @@ class Publisher:
         self.subscribers: dict[tuple[str, str], set[FramedProtocol]] = {}
         self.route_subscribers: set[FramedProtocol] = set()
         self._epochs = itertools.count(first_epoch)
+        # (app, deployment) -> replica id -> what its record_routing_stats() last returned
+        # (deployments with a custom request router only); added to every membership sent.
+        self.routing_stats: dict[tuple[str, str], dict[str, dict[str, Any]]] = {}
+
+    def record_routing_stats(self, app: str, deployment: str, replica_id: str, stats: dict[str, Any],
+                             live: Iterable[str]) -> bool:
+        """Keep a replica's routing stats (those of replicas no longer in ``live`` are dropped);
+        True when they changed."""
+        table = self.routing_stats.setdefault((app, deployment), {})
+        keep = set(live)
+        for gone in [r for r in table if r not in keep]:
+            del table[gone]
+        if table.get(replica_id) == stats:
+            return False
+        table[replica_id] = stats
+        return True
+
+    def with_routing_stats(self, m: Membership) -> Membership:
+        """``m`` with the routing stats of the replicas it lists (unchanged when there are none)."""
+        table = self.routing_stats.get((m.app, m.deployment))
+        if not table or not m.request_router:
+            if m.gone:
+                self.routing_stats.pop((m.app, m.deployment), None)
+            return m
+        listed = {r.replica_id for r in m.replicas}
+        return dataclasses.replace(m, routing_stats={r: s for r, s in table.items() if r in listed})
 
     def next_epoch(self) -> int:
         return next(self._epochs)
@@ -72,6 +107,7 @@ class Publisher:
         return Membership(app, name, self.next_epoch(), (), -1, gone=why)
 
     def send_membership(self, m: Membership) -> None:
+        m = self.with_routing_stats(m)
         for conn in list(self.subscribers.get((m.app, m.deployment), ())):
             try:
                 conn.send(m)

@@ -156,13 +156,26 @@ class Launcher:
                 dep.message = f"could not start a replica process: {e}"
                 return
         rec = ReplicaRecord(replica_id, app, dep.spec.name, dep.version, socket_path, proc,
-                            started_at=self.clock.monotonic(), serves_http=serves_http, gpus=placement.gpus)
+                            started_at=self.clock.monotonic(), serves_http=serves_http, gpus=placement.gpus,
+                            replica_rank=self.free_rank(app, dep))
         self.registry.add(rec)
         self.metrics.replica_started(app, dep.spec.name)
         self.store.save_process(replica_id, "replica", proc.pid, app=app, deployment=dep.spec.name, version=dep.version,
-                                socket_path=socket_path, serves_http=serves_http, gpus=list(placement.gpus))
+                                socket_path=socket_path, serves_http=serves_http, gpus=list(placement.gpus),
+                                rank=rec.replica_rank)
         if conn is not None:
             self.adopt_conn(conn, replica_id)
+
+    def free_rank(self, app: str, dep: DeploymentRecord) -> int:
+        """The lowest rank no live replica of ``dep``'s current version holds (Ray's replica ranks:
+        0..N-1; scale-down stops the highest ranks, a replacement takes the freed one)."""
+        taken = {r.replica_rank for r in self.registry.replicas.values()
+                 if r.app == app and r.deployment == dep.spec.name and r.version == dep.version
+                 and r.state != ReplicaState.STOPPING}
+        rank = 0
+        while rank in taken:
+            rank += 1
+        return rank
 
     def _spawn_ranks(self, replica_id: str, placements: list[Placement], port: int, serves_http: bool) -> list[Proc]:
         n = len(placements)

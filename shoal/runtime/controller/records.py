@@ -108,6 +108,10 @@ class ReplicaRecord:
     # Gang replicas (rank 0's record): the other ranks, and whether rank 0 itself is ready.
     ranks: list[RankRecord] = field(default_factory=list)
     rank0_ready: bool = False
+    # Ray's replica ranks: this replica's rank among its deployment's replicas of its version
+    # (-1: none, a gang), and the replica count it was last told (world_size).
+    replica_rank: int = -1
+    told_world_size: int = 0
 
 
 @dataclass(eq=False)

@@ -68,7 +68,7 @@ def _adopt_replica(row: ProcessRow, alive: bool, store: Store, registry: Registr
     registry.add(ReplicaRecord(
         row.process_id, str(info["app"]), str(info["deployment"]), str(info["version"]), str(info["socket_path"]),
         supervisor.adopt(row.pid), started_at=now, serves_http=bool(info.get("serves_http")), gpus=gpus,
-        adopted=True, adopt_deadline=now + ADOPT_WAIT_S))
+        adopted=True, adopt_deadline=now + ADOPT_WAIT_S, replica_rank=int(info.get("rank", -1))))
     return True
 
 

@@ -11,6 +11,8 @@ error mapping without a socket::
           ──► exchange.Exchange (response state, timeout, client disconnect)
           ──► errors (exception -> status and JSON body)
 
+* :mod:`.strict` — request framing refused as the head is parsed (``Host``,
+  ``Transfer-Encoding``; applied by :mod:`shoal.runtime.httpguard`'s protocol, before all this).
 * :mod:`.options` — :class:`FrontOptions`, what a front needs of ``HTTPOptions``.
 * :mod:`.routes` — the route table and the canary split.
 * :mod:`.guard` — the request head, credentials, the root path and the body limit.
@@ -18,6 +20,8 @@ error mapping without a socket::
 * :mod:`.response` — the state of a response on its way to the client.
 * :mod:`.exchange` — one request's forwarding: timeout, disconnect watch, error answers.
 * :mod:`.errors` — the one exception -> HTTP status mapping, and JSON answers.
+* :mod:`.websocket` — a ``websocket`` scope: the same routing and credentials, then a bridge
+  between the client and its application for as long as the WebSocket stays open.
 
 Nothing here imports pydantic: proxy processes start without it.
 """

@@ -20,6 +20,7 @@ from shoal.runtime.wire import RequestMeta
 
 Scope = dict[str, Any]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
 # Runs a request, sending the application's ASGI messages to the given send.
 Runner = Callable[[Send], Awaitable[None]]
 
@@ -31,6 +32,8 @@ class LocalIngress(Protocol):
     model_ids: tuple[str, ...]  # multiplexed models loaded here
 
     async def serve(self, scope: Scope, body: bytes, meta: RequestMeta, send: Send) -> None: ...
+
+    async def serve_websocket(self, scope: Scope, receive: Receive, send: Send, meta: RequestMeta) -> None: ...
 
 
 class RouterSource(Protocol):

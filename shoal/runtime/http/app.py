@@ -2,7 +2,8 @@
 
 It matches the longest ``route_prefix``, forwards the ASGI request (scope and body) to an
 ingress replica through its router (or to the app served in this very process), and streams
-the ASGI messages that come back. Client disconnects cancel the request upstream;
+the ASGI messages that come back (WebSockets: :mod:`shoal.runtime.http.websocket`). Client
+disconnects cancel the request upstream;
 ``request_timeout_s`` bounds it. Errors become short JSON bodies with the right status code;
 tracebacks stay in the logs.
 """
@@ -33,6 +34,7 @@ from shoal.runtime.http.guard import (
 )
 from shoal.runtime.http.options import FrontOptions
 from shoal.runtime.http.routes import Route, RouteTable
+from shoal.runtime.http.websocket import serve_websocket
 from shoal.runtime.httpguard import Authenticator
 from shoal.runtime.router import Reservation
 from shoal.runtime.wire import RequestMeta, Routes
@@ -95,7 +97,7 @@ class ProxyApp:
         elif kind == "lifespan":
             await lifespan(receive, send)
         elif kind == "websocket":
-            await send({"type": "websocket.close", "code": 1003})
+            await serve_websocket(self, scope, receive, send)
 
     async def _http(self, scope: Scope, receive: Any, send: Any) -> None:
         path = strip_root(scope["path"], self.guard.root)

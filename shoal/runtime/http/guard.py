@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -25,6 +26,12 @@ Receive = Callable[[], Awaitable[dict[str, Any]]]
 TOO_LARGE = 413
 GONE = 499  # the client disconnected while sending
 BUSY = 503  # the front's request-body budget had no room in time (shoal.runtime.http.budget)
+
+
+# A client's x-request-id is kept when it is a plausible id: 1 to 128 printable ASCII characters,
+# no spaces. Anything else (control characters, escape sequences, long strings) is replaced by a
+# new id, so that what reaches logs and terminals is never the client's raw bytes.
+_CLIENT_ID = re.compile(rb"[!-~]{1,128}")
 
 
 def new_request_id() -> str:
@@ -58,7 +65,7 @@ def read_head(headers: Sequence[tuple[bytes, bytes]],
     chunked = False
     for k, v in headers:
         if k == b"x-request-id":
-            request_id = v.decode("latin-1")
+            request_id = v.decode("ascii") if _CLIENT_ID.fullmatch(v) else ""
         elif k == b"serve_multiplexed_model_id":
             model_id = v.decode("latin-1")
         elif k == b"x-session-id":
@@ -72,10 +79,12 @@ def read_head(headers: Sequence[tuple[bytes, bytes]],
 
 
 def with_request_id(headers: Sequence[tuple[bytes, bytes]], head: RequestHead) -> list[tuple[bytes, bytes]]:
-    """The request's headers, with ``x-request-id`` added when the client sent none."""
-    out = list(headers)
-    if not any(k == b"x-request-id" for k, _ in out):
-        out.append((b"x-request-id", head.request_id.encode()))
+    """The request's headers, with the request's ``x-request-id``: the client's when it was a
+    plausible id, else a new one in place of whatever the client sent."""
+    if head.given_id:
+        return list(headers)
+    out = [(k, v) for k, v in headers if k != b"x-request-id"]
+    out.append((b"x-request-id", head.request_id.encode()))
     return out
 
 

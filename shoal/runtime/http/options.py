@@ -8,6 +8,7 @@ from typing import Any
 
 from shoal.runtime.http.budget import BODY_BUDGET_BYTES, BODY_BUDGET_WAIT_S
 from shoal.runtime.http.connections import BODY_TIMEOUT_S, HEADER_TIMEOUT_S, MAX_CONNECTIONS, WRITE_TIMEOUT_S
+from shoal.runtime.processes import withhold_env
 
 
 @dataclass(frozen=True)
@@ -44,9 +45,15 @@ class FrontOptions:
     @classmethod
     def of(cls, http: Any) -> FrontOptions:
         """The front's options; API keys from the environment or a file are read now.
-        Files are made absolute: replicas change to their app's directory."""
+        Files are made absolute: replicas change to their app's directory.
+
+        The keys travel to the front inside these options, so the variable that held them is
+        withheld from every process this one starts from now on
+        (:func:`shoal.runtime.processes.withhold_env`)."""
         def path(p: str | None) -> str:
             return os.path.abspath(p) if p else ""
+
+        withhold_env(getattr(http, "api_keys_env", None))
 
         return cls(root_path=http.root_path, request_timeout_s=http.request_timeout_s,
                    keep_alive_timeout_s=http.keep_alive_timeout_s,

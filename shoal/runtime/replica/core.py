@@ -34,6 +34,7 @@ from shoal.runtime.http.admit import RouterSource, Send
 from shoal.runtime.replica.accounting import Accounts, RequestCounters, Sinks, error_payload
 from shoal.runtime.replica.ports import ControlChannel, Transport
 from shoal.runtime.replica.rpc_http import RPCResponse
+from shoal.runtime.replica.rpc_ws import WebSocketRun, ws_status
 from shoal.runtime.replica.slots import Slots
 from shoal.runtime.wire import (
     CANCEL,
@@ -95,6 +96,8 @@ class ReplicaCore:
         self.tasks: dict[tuple[int, int], asyncio.Task[None]] = {}
         # Streams' credit windows (shoal.runtime.flow), by (connection, request id).
         self.windows: dict[tuple[int, int], SendWindow] = {}
+        # Websocket requests running here for routers' callers, by (connection, request id).
+        self.websockets: dict[tuple[int, int], WebSocketRun] = {}
         self.stream_window_bytes = STREAM_WINDOW_BYTES
         self.stream_stall_s = STREAM_STALL_TIMEOUT_S
         self.conns: set[FramedProtocol] = set()
@@ -161,7 +164,8 @@ class ReplicaCore:
         await self._user().check_health()
 
     async def control_op(self, op: str, args: dict[str, Any]) -> Any:
-        """A control-plane operation: ``health``, ``reconfigure`` or ``stats``."""
+        """A control-plane operation: ``health``, ``reconfigure``, ``stats`` or ``world_size``
+        (the deployment's replica count changed: Ray's replica ranks)."""
         user = self._user()
         if op == "health":
             await user.check_health()
@@ -171,6 +175,9 @@ class ReplicaCore:
             return None
         if op == "stats":
             return {"ongoing": self.slots.ongoing}
+        if op == "world_size":
+            user.update_context(world_size=int(args["world_size"]))
+            return None
         raise ValueError(f"unknown op {op!r}")
 
     def _user(self) -> UserCallable:
@@ -212,6 +219,31 @@ class ReplicaCore:
             self.accounts.close(ticket, status >= 500, status, scope["method"], scope["path"], meta.route)
             _request_ctx.reset(token)
 
+    async def serve_websocket(self, scope: dict[str, Any], receive: Any, send: Send, meta: RequestMeta) -> None:
+        """Serve one WebSocket from this process's front: wait for a slot, run it for as long
+        as it stays open (it holds the slot meanwhile, as a request does), account."""
+        user = self._user()
+        await self.slots.admit()
+        ticket = self.accounts.open(meta, "__call__")
+        status = 500
+        token = _request_ctx.set(RequestContext(meta.request_id, meta.multiplexed_model_id, meta.route))
+
+        async def watch(message: dict[str, Any]) -> None:
+            nonlocal status
+            status = ws_status(message, status)
+            await send(message)
+
+        try:
+            await user.websocket(scope, receive, watch, meta)
+        except asyncio.CancelledError:
+            if status == 500:
+                status = 499
+            raise
+        finally:
+            self.slots.release()
+            self.accounts.close(ticket, status >= 500, status, "WEBSOCKET", scope["path"], meta.route)
+            _request_ctx.reset(token)
+
     # -- RPC: calls, streams and forwarded HTTP requests from routers
     def on_connect(self, proto: FramedProtocol) -> None:
         self.conns.add(proto)
@@ -245,6 +277,10 @@ class ReplicaCore:
             window = self.windows.get((id(proto), msg[1]))
             if window is not None:
                 window.credit(msg[2])
+        elif kind == wire.WS_IN:
+            run = self.websockets.get((id(proto), msg[1]))
+            if run is not None:
+                run.client_message(msg[2], proto.frame_size)
         elif kind == CANCEL:
             running = self.tasks.get((id(proto), msg[1]))
             if running is not None:
@@ -265,8 +301,12 @@ class ReplicaCore:
         # This task's own context: shoal's log records about the request carry its id too.
         _request_ctx.set(RequestContext(meta.request_id, meta.multiplexed_model_id, meta.route))
         try:
-            status = await self._on_every_rank(method, args, kwargs, meta,
-                                               lambda: self._execute(proto, rid, method, args, kwargs, meta))
+            if meta.http and args[0].get("type") == "websocket":
+                # A websocket runs on this rank only: its messages cannot be replayed on others.
+                status = await self._execute_websocket(proto, rid, args[0], meta)
+            else:
+                status = await self._on_every_rank(method, args, kwargs, meta,
+                                                   lambda: self._execute(proto, rid, method, args, kwargs, meta))
             failed = isinstance(status, int) and status >= 500
         except (asyncio.CancelledError, ConnectionError):
             failed = False
@@ -285,7 +325,8 @@ class ReplicaCore:
             if self.tasks.pop((id(proto), rid), None) is not None:
                 self.slots.release()
             if meta.http:
-                self.accounts.close(ticket, failed, status, args[0]["method"], args[0]["path"], meta.route)
+                self.accounts.close(ticket, failed, status, args[0].get("method", "WEBSOCKET"), args[0]["path"],
+                                    meta.route)
             else:
                 self.accounts.close(ticket, failed, status, "STREAM" if meta.stream else "CALL", method, "")
 
@@ -341,6 +382,35 @@ class ReplicaCore:
             return 499 if meta.http else "CANCELLED"
         finally:
             self.windows.pop(key, None)
+
+    async def _execute_websocket(self, proto: FramedProtocol, rid: int, scope: dict[str, Any],
+                                 meta: RequestMeta) -> int:
+        """Run one websocket for a router's caller (:mod:`shoal.runtime.replica.rpc_ws`): the
+        caller's WS_IN frames feed the application's ``receive``; what it sends goes back as
+        ITEM frames within the stream's credit window. A caller that takes nothing for
+        ``stream_stall_s`` gets the websocket ended here, as a stalled stream does."""
+        user = self._user()
+        key = (id(proto), rid)
+        window = self.windows[key] = SendWindow(self.stream_window_bytes, stall_s=self.stream_stall_s)
+        run = self.websockets[key] = WebSocketRun(proto, rid, window)
+        try:
+            await user.websocket(scope, run.receive, run.send, meta)
+            run.finish()
+            return run.status
+        except Exception as e:
+            if not window.stalled:
+                raise
+            logger.warning("websocket %s cancelled: %s (unacknowledged: %d bytes)", meta.request_id, e,
+                           window.unacked)
+            exc, tb = error_payload(TimeoutError(f"websocket ended by the replica: {e}"))
+            try:
+                proto.send_user((ERR, rid, exc, tb))
+            except ConnectionError:
+                pass
+            return 499
+        finally:
+            self.windows.pop(key, None)
+            self.websockets.pop(key, None)
 
     # -- drain
     async def drain(self) -> None:
@@ -403,3 +473,4 @@ class ReplicaCore:
                 logger.exception("error in the deployment's __del__")
         for conn in list(self.conns):
             conn.close()
+

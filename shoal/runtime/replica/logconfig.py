@@ -8,7 +8,15 @@ import sys
 from typing import Any
 
 from shoal.context import ReplicaContext
-from shoal.observability.logs import Identity, JSONFormatter, RecordContext, replica_log_path, safe_name
+from shoal.observability.logs import (
+    EscapingFormatter,
+    Identity,
+    JSONFormatter,
+    LogFile,
+    RecordContext,
+    replica_log_path,
+    safe_name,
+)
 from shoal.observability.logs import setup as setup_log_file
 
 __all__ = ["apply_logging_config", "setup_process_logging"]
@@ -50,11 +58,14 @@ def apply_logging_config(lc: Any, ctx: ReplicaContext, *, log_dir: str = "", app
     logging.getLogger("shoal").setLevel(lc.log_level)
     root.setLevel(lc.log_level)
     if lc.logs_dir:
-        os.makedirs(lc.logs_dir, exist_ok=True)
         name = f"replica_{safe_name(ctx.app_name)}_{safe_name(ctx.deployment)}_{safe_name(ctx.replica_tag)}.log"
-        file_handler = logging.FileHandler(os.path.join(lc.logs_dir, name))
-        file_handler.addFilter(context)
-        root.addHandler(file_handler)
+        try:  # never through another user's link (shoal.observability.safefiles)
+            file_handler: logging.Handler = LogFile(os.path.join(lc.logs_dir, name))
+        except OSError as e:
+            logger.warning("cannot write the replica's log file in %s (%s); logging to stderr", lc.logs_dir, e)
+        else:
+            file_handler.addFilter(context)
+            root.addHandler(file_handler)
     if lc.encoding == "JSON":
         for handler in root.handlers:
             handler.setFormatter(JSONFormatter(who, extra_attrs=lc.additional_log_standard_attrs))
@@ -68,7 +79,9 @@ def setup_process_logging(process_id: str, level: str) -> None:
     root = logging.getLogger()
     if root.handlers:  # a spare that just became a replica: name it in its log lines
         for handler in root.handlers:
-            handler.setFormatter(logging.Formatter(fmt))
+            handler.setFormatter(EscapingFormatter(fmt))
     else:
-        logging.basicConfig(level=logging.WARNING, format=fmt, stream=sys.stderr)
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(EscapingFormatter(fmt))
+        logging.basicConfig(level=logging.WARNING, handlers=[handler])
     logging.getLogger("shoal").setLevel(level)

@@ -32,7 +32,8 @@ from shoal.runtime.lifeline import ORPHAN_TIMEOUT_S, die_with_parent
 from shoal.runtime.replica.core import ReplicaCore
 from shoal.runtime.replica.logconfig import apply_logging_config, setup_process_logging
 from shoal.runtime.replica.ports import UnixTransport
-from shoal.runtime.rundir import RunDir
+from shoal.runtime.replica.routing_stats import RoutingStatsReporter, routing_stats_method
+from shoal.runtime.rundir import RunDir, recheck_or_exit
 from shoal.runtime.wire import (
     Call,
     ReplicaFailed,
@@ -51,6 +52,20 @@ from shoal.serving import multiplex
 __all__ = ["Bootstrap", "ReplicaProcess", "main"]
 
 logger = logging.getLogger("shoal.replica")
+
+# How long a deployment's record_autoscaling_stats() may take (Ray's
+# RAY_SERVE_RECORD_AUTOSCALING_STATS_TIMEOUT_S); a late or failing call reports no custom metrics.
+RECORD_STATS_TIMEOUT_ENV = "SHOAL_RECORD_AUTOSCALING_STATS_TIMEOUT_S"
+DEFAULT_RECORD_STATS_TIMEOUT_S = 10.0
+
+
+def record_stats_timeout_s() -> float:
+    """``$SHOAL_RECORD_AUTOSCALING_STATS_TIMEOUT_S``, else 10 s (a bad value is ignored)."""
+    try:
+        value = float(os.environ.get(RECORD_STATS_TIMEOUT_ENV, DEFAULT_RECORD_STATS_TIMEOUT_S))
+    except ValueError:
+        return DEFAULT_RECORD_STATS_TIMEOUT_S
+    return value if value > 0 else DEFAULT_RECORD_STATS_TIMEOUT_S
 
 
 @dataclass
@@ -88,6 +103,8 @@ class ReplicaProcess:
         self.ready_replica_id = ""
         self.init_msg: asyncio.Future[ReplicaInit] = self.loop.create_future()
         self.stop_requested = asyncio.Event()
+        self._stats_warned_at = -1e9
+        self._routing_stats: RoutingStatsReporter | None = None
 
     @property
     def fd_socket(self) -> str:
@@ -116,6 +133,7 @@ class ReplicaProcess:
             return 1
         auto = init.config.resolved_autoscaling()
         self.loop.create_task(self._report_load(init.replica_id, auto.metrics_interval_s if auto is not None else 0.0))
+        self._start_routing_stats(init)
         self.ready_replica_id = init.replica_id
         self.client.resumed = True
         self._send(ReplicaReady(init.replica_id, os.getpid()))
@@ -160,7 +178,12 @@ class ReplicaProcess:
         if visible_app != init.app:
             self.client.app_alias[visible_app] = init.app
         self.core.configure(cfg, (init.app, init.deployment))
-        ctx = ReplicaContext(visible_app, init.deployment, init.replica_id, rank=init.rank, world_size=init.world_size)
+        if init.replica_rank >= 0 and init.world_size <= 1:  # Ray's replica ranks (not a gang)
+            ctx = ReplicaContext(visible_app, init.deployment, init.replica_id, rank=init.replica_rank,
+                                 world_size=max(1, init.num_replicas))
+        else:
+            ctx = ReplicaContext(visible_app, init.deployment, init.replica_id, rank=init.rank,
+                                 world_size=init.world_size)
         set_process_replica_context(ctx)
         apply_logging_config(cfg.logging_config, ctx, log_dir=self.boot.log_dir, app_key=init.app,
                              shoal_level=self.boot.log_level)
@@ -214,15 +237,47 @@ class ReplicaProcess:
         counters when they changed, at most once a second."""
         last: tuple[int, int] = (0, 0)
         next_counters = 0.0
+        user = self.core.user
+        custom_stats = interval > 0 and user is not None and user.records_autoscaling_stats
         while not self.core.draining:
+            custom: tuple[tuple[str, float], ...] = ()
+            if custom_stats:
+                custom = await self._custom_stats()
             now = self.loop.time()
             c = self.core.counters
             counters_due = now >= next_counters and (c.requests, c.errors) != last
             if interval > 0 or counters_due:
-                self._send(ReplicaStats(replica_id, self.core.slots.load, c.requests, c.errors, tuple(c.hist)))
+                self._send(ReplicaStats(replica_id, self.core.slots.load, c.requests, c.errors, tuple(c.hist),
+                                        custom))
                 last = (c.requests, c.errors)
                 next_counters = now + 1.0
             await asyncio.sleep(interval if interval > 0 else 1.0)
+
+    def _start_routing_stats(self, init: ReplicaInit) -> None:
+        """Deployments with a custom request router and a record_routing_stats() method report
+        its answer (:mod:`shoal.runtime.replica.routing_stats`); others pay nothing."""
+        rc = init.config.custom_router() if init.rank == 0 else None  # a gang reports from rank 0
+        user = self.core.user
+        fn = routing_stats_method(user) if rc is not None and user is not None else None
+        if rc is None or user is None or fn is None:
+            return
+        self._routing_stats = RoutingStatsReporter(init.replica_id, user, fn, rc, self._send)
+        self.loop.create_task(self._routing_stats.run(lambda: self.core.draining))
+
+    async def _custom_stats(self) -> tuple[tuple[str, float], ...]:
+        """The deployment's record_autoscaling_stats(), within RECORD_STATS_TIMEOUT_S; nothing
+        (and a warning, at most once a minute) when it fails or is late."""
+        assert self.core.user is not None
+        try:
+            return await asyncio.wait_for(self.core.user.autoscaling_stats(), record_stats_timeout_s())
+        except Exception as e:
+            why = (f"did not return within {record_stats_timeout_s():g} s" if isinstance(e, TimeoutError)
+                   else f"failed: {type(e).__name__}: {e}")
+            now = self.loop.time()
+            if now >= self._stats_warned_at + 60:
+                self._stats_warned_at = now
+                logger.warning("record_autoscaling_stats() %s; no custom metrics reported this time", why)
+            return ()
 
     # -- the control channel
     def models_changed(self, ids: tuple[str, ...]) -> None:
@@ -230,6 +285,8 @@ class ReplicaProcess:
 
     def _on_reconnect(self) -> None:
         """A restarted controller: say again what this replica is and does."""
+        if self._routing_stats is not None:
+            self._routing_stats.resend()
         if self.ready_replica_id:
             self._send(ReplicaReady(self.ready_replica_id, os.getpid()))
             if self.core.model_ids:
@@ -272,6 +329,7 @@ def main() -> None:
     except OSError:
         pass
     setup_process_logging(boot.process_id, boot.log_level)
+    recheck_or_exit(boot.controller_path, f"replica {boot.process_id}")
     _tracing.setup_from_env("shoal-replica")
     # SIGTERM (from the controller or Kubernetes) means: drain, then exit.
     loop = backend.new_event_loop()
