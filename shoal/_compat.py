@@ -141,8 +141,9 @@ TABLE: dict[str, dict[str, tuple[str, str, str]]] = {
                         "`keep_alive_timeout_s`, `ssl_*`; shoal adds `ingress_serves_http`, request limits, "
                         "connection timeouts and API keys; Ray's deprecated `middlewares`, `num_cpus`, "
                         "`root_url` rejected"),
-        "ProxyLocation": (_N, "", "no enum class; its values are accepted as strings in `proxy_location` "
-                                  "(one HTTP front per machine)"),
+        "ProxyLocation": (_P, "shoal.config.ProxyLocation",
+                          "`Disabled`, `HeadOnly`, `EveryNode`, as the enum or its strings; accepted in "
+                          "`proxy_location` and not applied (one HTTP front per machine)"),
         "RequestRouterConfig": (_S, "shoal.config.RequestRouterConfig",
                                 "`request_router_class` (import path or class), `request_router_kwargs`, "
                                 "`request_routing_stats_period_s`, `request_routing_stats_timeout_s`; shoal adds "
@@ -170,7 +171,7 @@ TABLE: dict[str, dict[str, tuple[str, str, str]]] = {
         "DeploymentStatusOverview": (_S, "shoal.schema.DeploymentStatusOverview", "also in `shoal.status`"),
         "DeploymentTopology": (_N, "", "the deployment graph is not exposed as models; `shoal graph` draws it"),
         "DurationStats": (_N, "", _NO_CONTROLLER_HEALTH),
-        "EncodingType": (_N, "", "no enum class; `LoggingConfig.encoding` takes the strings \"TEXT\" and \"JSON\""),
+        "EncodingType": (_S, "shoal.schema.EncodingType", "`TEXT` and `JSON`, as the enum or its strings"),
         "HTTPOptionsSchema": (_P, "shoal.config.HTTPOptions", "the same model as `HTTPOptions`"),
         "LoggingConfig": (_P, "shoal.schema.LoggingConfig",
                           "`encoding`, `log_level`, `logs_dir` applied per deployment; `enable_access_log`, "

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Callable
+from enum import StrEnum
 from typing import Any, Literal
 
 from pydantic import (
@@ -37,8 +38,10 @@ __all__ = [
     "AutoscalingContext",
     "AutoscalingPolicy",
     "DeploymentConfig",
+    "EncodingType",
     "HTTPOptions",
     "LoggingConfig",
+    "ProxyLocation",
     "RayActorOptions",
     "RequestRouterConfig",
     "auto_autoscaling_config",
@@ -47,6 +50,22 @@ __all__ = [
 # How long a request may wait for a free replica slot, unless the deployment or
 # $SHOAL_MAX_QUEUE_WAIT_S says otherwise (DeploymentConfig.max_queue_wait_s).
 DEFAULT_MAX_QUEUE_WAIT_S = 120.0
+
+class ProxyLocation(StrEnum):
+    """Where Ray runs HTTP proxies (Ray's ``ProxyLocation``). Accepted in ``proxy_location``; shoal
+    runs one HTTP front per machine whatever it says."""
+
+    Disabled = "Disabled"
+    HeadOnly = "HeadOnly"
+    EveryNode = "EveryNode"
+
+
+class EncodingType(StrEnum):
+    """How log records are written (Ray's ``EncodingType``): ``LoggingConfig.encoding``."""
+
+    TEXT = "TEXT"
+    JSON = "JSON"
+
 
 # Ray's default router, by the name Ray's configs use for it: shoal's own routing.
 DEFAULT_REQUEST_ROUTER = "ray.serve._private.request_router:PowerOfTwoChoicesRequestRouter"

@@ -50,6 +50,7 @@ from pydantic_core import InitErrorDetails, PydanticCustomError
 from shoal.config import (
     AutoscalingConfig,
     DeploymentConfig,
+    EncodingType,
     HTTPOptions,
     LoggingConfig,
     RayActorOptions,
@@ -77,6 +78,7 @@ __all__ = [
     "DeploymentSchema",
     "DeploymentStatus",
     "DeploymentStatusOverview",
+    "EncodingType",
     "LoggingConfig",
     "ProxyStatus",
     "ReplicaRank",

@@ -153,3 +153,18 @@ def test_status_models_are_importable_where_ray_has_them() -> None:
                  "DeploymentStatus", "ReplicaState", "ProxyStatus"):
         assert getattr(schema, name) is getattr(status, name)
     assert schema.LoggingConfig is not None
+
+
+def test_proxy_location_and_encoding_type_enums() -> None:
+    from shoal.config import EncodingType, LoggingConfig, ProxyLocation
+    from shoal.schema import EncodingType as SchemaEncodingType
+    from shoal.schema import ServeDeploySchema
+
+    assert [p.value for p in ProxyLocation] == ["Disabled", "HeadOnly", "EveryNode"]
+    assert SchemaEncodingType is EncodingType and [e.value for e in EncodingType] == ["TEXT", "JSON"]
+    assert LoggingConfig(encoding=EncodingType.JSON).encoding == "JSON"
+    cfg = ServeDeploySchema.model_validate({"proxy_location": ProxyLocation.HeadOnly,
+                                            "applications": [{"import_path": "mod:app"}]})
+    assert cfg.proxy_location == "HeadOnly"
+    with pytest.raises(ValueError, match="proxy_location"):
+        ServeDeploySchema.model_validate({"proxy_location": "Everywhere", "applications": [{"import_path": "mod:app"}]})
