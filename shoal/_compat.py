@@ -94,8 +94,7 @@ TABLE: dict[str, dict[str, tuple[str, str, str]]] = {
         "run_many": (_N, "", "not implemented; call `serve.run` once per application, or deploy a config file "
                              "with several applications"),
         "shutdown": (_S, "shoal.serve.shutdown", "no process is left behind"),
-        "shutdown_async": (_N, "", "not implemented; call `serve.shutdown()` from a thread "
-                                   "(`await asyncio.to_thread(serve.shutdown)`)"),
+        "shutdown_async": (_S, "shoal.serve.shutdown_async", "the same shutdown as `serve.shutdown()`, awaited"),
         "start": (_P, "shoal.serve.start",
                   "`http_options` as in Ray, but it is the first positional parameter (Ray's is `proxy_location`); "
                   "`proxy_location`, `grpc_options`, `logging_config`, `tracing_config`, `controller_options` "
@@ -188,8 +187,8 @@ TABLE: dict[str, dict[str, tuple[str, str, str]]] = {
         "ScalingDecision": (_N, "", _NO_AUTOSCALING_DETAILS),
         "ServeActorDetails": (_N, "", _NO_DETAILS),
         "ServeApplicationSchema": (_P, "shoal.schema.ServeApplicationSchema",
-                                   "`runtime_env` accepted and ignored; `host`, `port` (deprecated in Ray) and "
-                                   "`autoscaling_policy` (application-level policies) rejected"),
+                                   "`runtime_env` accepted and ignored; `host` and `port` (deprecated in Ray) "
+                                   "rejected; `autoscaling_policy` (application-level policies) as in Ray"),
         "ServeDeploySchema": (_P, "shoal.schema.ServeDeploySchema",
                               "validated strictly, errors name file and field; `controller_options` and "
                               "`tracing_config` rejected"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import logging
 import os
@@ -37,6 +38,7 @@ __all__ = [
     "ingress",
     "run",
     "shutdown",
+    "shutdown_async",
     "start",
     "status",
     "wait_for_shutdown",
@@ -209,6 +211,12 @@ def _run_local(target: Application, name: str, route_prefix: str | None) -> Depl
                           make_handle=lambda dep, app: DeploymentHandle(dep, app, _backend=local))
     loop.run(local.deploy(spec))
     return DeploymentHandle(spec.ingress, name, _backend=local)
+
+
+async def shutdown_async() -> None:
+    """:func:`shutdown` for async code (Ray's ``serve.shutdown_async``): the same shutdown, run
+    in a worker thread so the caller's event loop keeps running while replicas stop."""
+    await asyncio.to_thread(shutdown)
 
 
 def shutdown() -> None:

@@ -254,6 +254,10 @@ def deployment(
 class Application:
     """A deployment with bound constructor arguments: one node of an application graph."""
 
+    # An application-level autoscaling policy (AutoscalingPolicy), set on the root of a graph
+    # built from a config file entry's ``autoscaling_policy``; build_app_spec carries it over.
+    _autoscaling_policy: Any = None
+
     def __init__(self, dep: Deployment, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         self._bound_deployment = dep
         self._args = args
@@ -308,6 +312,8 @@ class AppSpec:
     # change into cwd before unpickling the code. Empty: the instance's own.
     sys_path: tuple[str, ...] = ()
     cwd: str = ""
+    # The application-level autoscaling policy (an AutoscalingPolicy; config files only, as in Ray).
+    autoscaling_policy: Any = None
 
     def edges(self) -> list[tuple[str, str]]:
         return [(d.name, callee) for d in self.deployments.values() for callee in d.calls]
@@ -375,4 +381,5 @@ def build_app_spec(
         return unique
 
     ingress = visit(app, True)
-    return AppSpec(name=name, route_prefix=route_prefix, ingress=ingress, deployments=specs)
+    return AppSpec(name=name, route_prefix=route_prefix, ingress=ingress, deployments=specs,
+                   autoscaling_policy=app._autoscaling_policy)

@@ -322,9 +322,14 @@ def build_application(app_schema: ServeApplicationSchema, source: str = "<config
     path_field = format_error_path([*prefix, "import_path"])
     target = import_attr(app_schema.import_path, field=path_field, source=source)
     app = _application_of(target, app_schema, source, prefix)
-    return apply_deployment_overrides(
+    built = apply_deployment_overrides(
         app, app_schema.deployments, source=source, prefix=prefix, app_name=app_schema.name
     )
+    if app_schema.autoscaling_policy is not None:
+        if built is app:  # never change the imported (or builder-cached) object
+            built = copy.copy(built)
+        built._autoscaling_policy = app_schema.autoscaling_policy
+    return built
 
 
 def _application_of(target: Any, app_schema: ServeApplicationSchema, source: str,

@@ -49,6 +49,7 @@ from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from shoal.config import (
     AutoscalingConfig,
+    AutoscalingPolicy,
     DeploymentConfig,
     EncodingType,
     HTTPOptions,
@@ -358,6 +359,16 @@ class ServeApplicationSchema(_Schema):
     deployments: list[DeploymentSchema] = Field(default_factory=list)
     external_scaler_enabled: bool = False
     logging_config: LoggingConfig | None = None
+    # An application-level autoscaling policy (Ray's): one decision for every autoscaling
+    # deployment of the app; see shoal.serving.app_policy. Same forms as a deployment's policy.
+    autoscaling_policy: AutoscalingPolicy | None = None
+
+    @field_validator("autoscaling_policy", mode="before")
+    @classmethod
+    def _policy_forms(cls, v: Any) -> Any:
+        if isinstance(v, str) or (callable(v) and not isinstance(v, AutoscalingPolicy)):
+            return AutoscalingPolicy(policy_function=v)
+        return v
 
     @field_validator("name")
     @classmethod

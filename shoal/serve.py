@@ -15,6 +15,7 @@ from shoal.api import (
     ingress,
     run,
     shutdown,
+    shutdown_async,
     start,
     status,
 )
@@ -55,6 +56,7 @@ __all__ = [
     "multiplexed",
     "run",
     "shutdown",
+    "shutdown_async",
     "start",
     "status",
 ]

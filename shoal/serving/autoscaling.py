@@ -353,27 +353,36 @@ class Autoscaler:
         is the running replicas' ids or their count. Never raises because of the policy.
         """
         ctx = self.context(now, current_num_replicas, running_replicas)
-        lo, hi = ctx.capacity_adjusted_min_replicas, ctx.capacity_adjusted_max_replicas
         try:
             result = self._policy(ctx)
         except Exception as e:
-            return self._fail(ctx, f"raised {type(e).__name__}: {e}")
+            return self.fail(ctx, f"raised {type(e).__name__}: {e}")
+        return self.settle(ctx, result, custom=self.is_custom_policy)
+
+    def settle(self, ctx: AutoscalingContext, result: object, *, custom: bool = True) -> int:
+        """Turn a policy's answer for ``ctx`` into the new target and keep its state.
+
+        ``result`` is what a policy returned: ``(num_replicas, policy_state)`` or a bare number.
+        A ``custom`` policy's answer goes through the autoscaling config's rules (delays,
+        factors, scale from zero) unless ``apply_rules_to_custom_policy`` is off; the target is
+        always clamped to the bounds. Never raises: an unusable answer is :meth:`fail`.
+        """
+        lo, hi = ctx.capacity_adjusted_min_replicas, ctx.capacity_adjusted_max_replicas
         try:
             desired, state = _parse_answer(result, ctx.policy_state)
         except _BadAnswer as e:
-            return self._fail(ctx, str(e))
-
-        if self.is_custom_policy and self.apply_rules_to_custom_policy:
+            return self.fail(ctx, str(e))
+        if custom and self.apply_rules_to_custom_policy:
             # The rules' bookkeeping is ours: take it from our copy, not the policy's answer.
             state[POLICY_STATE_KEY] = self.policy_state.get(POLICY_STATE_KEY)
             try:
                 new, state = apply_scaling_rules(ctx, desired, state)
             except Exception as e:  # defensive: the rules should not fail
-                return self._fail(ctx, f"applying the autoscaling config failed: {type(e).__name__}: {e}")
+                return self.fail(ctx, f"applying the autoscaling config failed: {type(e).__name__}: {e}")
         else:
             new = ceil_replicas(desired)
         new = clamp(new, lo, hi)
-
+        now = ctx.current_time if ctx.current_time is not None else 0.0
         if new > self.target:
             self.last_scale_up_time = now
         elif new < self.target:
@@ -383,9 +392,12 @@ class Autoscaler:
         self.last_error = None
         return new
 
-    def _fail(self, ctx: AutoscalingContext, why: str) -> int:
-        name = getattr(self._policy, "__qualname__", None) or type(self._policy).__name__
-        self.last_error = f"autoscaling policy {self._config.policy.name if self._config.policy else name!r} {why}"
+    def fail(self, ctx: AutoscalingContext, why: str, *, policy_name: str | None = None) -> int:
+        """Record a policy failure (``why``) and keep the current target, clamped to the bounds."""
+        if policy_name is None:
+            name = getattr(self._policy, "__qualname__", None) or type(self._policy).__name__
+            policy_name = repr(self._config.policy.name if self._config.policy else name)
+        self.last_error = f"autoscaling policy {policy_name} {why}"
         self.error_count += 1
         kept = clamp(self.target, ctx.capacity_adjusted_min_replicas, ctx.capacity_adjusted_max_replicas)
         if kept > self.target:

@@ -27,7 +27,7 @@ SERVE_ALL = {
     "DeploymentResponseGenerator", "DeploymentUnavailableError", "HTTPOptions", "RayServeException",
     "RequestCancelledError", "batch", "delete", "deployment", "get_app_handle", "get_deployment_handle",
     "get_multiplexed_model_id", "get_replica_context", "http_address", "ingress", "multiplexed", "run", "shutdown",
-    "start", "status",
+    "shutdown_async", "start", "status",
 }
 
 

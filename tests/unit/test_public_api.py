@@ -15,7 +15,7 @@ def test_serve_exports_exactly() -> None:
         "DeploymentResponse", "DeploymentResponseGenerator", "DeploymentUnavailableError", "HTTPOptions",
         "RayServeException", "RequestCancelledError", "batch", "delete", "deployment", "get_app_handle",
         "get_deployment_handle", "get_multiplexed_model_id", "get_replica_context", "http_address", "ingress",
-        "multiplexed", "run", "shutdown", "start",
+        "multiplexed", "run", "shutdown", "shutdown_async", "start",
         "status",
     }
     for name in shoal.serve.__all__:

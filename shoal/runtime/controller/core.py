@@ -26,7 +26,7 @@ from shoal.runtime.controller.availability import Supply, progress, status_messa
 from shoal.runtime.controller.canary import AppKey, CanaryTable
 from shoal.runtime.controller.clock import Clock
 from shoal.runtime.controller.connections import Connections
-from shoal.runtime.controller.deployments import autoscale, plan_deployment
+from shoal.runtime.controller.deployments import autoscale_app, plan_app_policy, plan_deployment
 from shoal.runtime.controller.front import Front
 from shoal.runtime.controller.guard import ReplicaGuard
 from shoal.runtime.controller.lifecycle import Lifecycle
@@ -249,6 +249,7 @@ class Controller:
         deps: dict[str, DeploymentRecord] = {}
         for name, dspec in spec.deployments.items():
             deps[name] = plan_deployment(spec.name, dspec, live_old.deployments.get(name) if live_old else None)
+        policy = plan_app_policy(spec.name, spec, live_old)
         # Only now that every deployment validated: apply in-place changes and swap the state.
         for name, rec in deps.items():
             prev = live_old.deployments.get(name) if live_old is not None else None
@@ -260,7 +261,7 @@ class Controller:
                 if name not in deps:
                     prev.target = 0
                     self.registry.retiring[(spec.name, name)] = prev
-        self.apps[spec.name] = AppRecord(spec, deps, deployed_at=now)
+        self.apps[spec.name] = AppRecord(spec, deps, deployed_at=now, policy=policy)
         self.store.save_app(spec.name, spec, now)
         self.publish_routes()
         self._kick.set()
@@ -361,11 +362,12 @@ class Controller:
 
     def _tick_app(self, app: AppRecord, now: float) -> bool:
         changed = False
+        name = app.spec.name
+        if not app.deleting:
+            autoscale_app(app, lambda dep: self.registry.of(name, dep),
+                          lambda dep: self.handle_stats.get((name, dep), {}), self.metrics, now)
         for dep in app.deployments.values():
-            if not app.deleting:
-                autoscale(app.spec.name, dep, self.registry.of(app.spec.name, dep.spec.name),
-                          self.handle_stats.get((app.spec.name, dep.spec.name), {}), self.metrics, now)
-            changed |= self._reconcile_deployment(app.spec.name, dep, now)
+            changed |= self._reconcile_deployment(name, dep, now)
         return changed
 
     def _tick_retiring(self, app_name: str, name: str, dep: DeploymentRecord, now: float) -> bool:

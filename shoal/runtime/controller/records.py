@@ -12,6 +12,7 @@ from shoal.deployment import AppSpec, DeploymentSpec
 from shoal.runtime.gang import RankRecord
 from shoal.runtime.processes import Proc
 from shoal.runtime.wire import FramedProtocol
+from shoal.serving.app_policy import AppPolicy
 from shoal.serving.autoscaling import Autoscaler
 from shoal.status import ApplicationStatus, DeploymentStatus, ReplicaState
 
@@ -146,6 +147,8 @@ class AppRecord:
     message: str = ""
     deployed_at: float = 0.0
     deleting: bool = False
+    # The application-level autoscaling policy (spec.autoscaling_policy, loaded), if any.
+    policy: AppPolicy | None = None
 
 
 @dataclass(eq=False)

@@ -7,17 +7,29 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from shoal.deployment import DeploymentSpec
+from shoal.deployment import AppSpec, DeploymentSpec
 from shoal.runtime.controller.canary import AppKey, CanaryTable
 from shoal.runtime.controller.records import ADOPT_WAIT_S, AppRecord, DeploymentRecord, ReplicaRecord
 from shoal.runtime.controller.registry import Registry
 from shoal.runtime.controller.supervisor import Supervisor
 from shoal.runtime.state import ProcessRow, Store
+from shoal.serving.app_policy import AppPolicy, load_app_policy
 from shoal.serving.resources import Ledger, Pending, Request
 
 logger = logging.getLogger("shoal.controller")
 
 Plan = Callable[[str, DeploymentSpec], DeploymentRecord]
+
+
+def _app_policy(key: str, spec: AppSpec) -> AppPolicy | None:
+    """The saved app's application-level policy; a policy that no longer loads is logged and
+    left out (the deployments then scale by their own policies) rather than stopping the restore."""
+    try:
+        return load_app_policy(key, getattr(spec, "autoscaling_policy", None))
+    except Exception as e:
+        logger.error("application %r: its autoscaling_policy no longer loads (%s); its deployments scale by "
+                     "their own policies until it is redeployed", key, e)
+        return None
 
 
 @dataclass
@@ -33,7 +45,7 @@ def restore(store: Store, registry: Registry, canaries: CanaryTable, supervisor:
     ``adopt_proxy`` takes over a live proxy and says whether it could."""
     for key, spec, deployed_at in store.load_apps():
         deps = {n: plan(key, d) for n, d in spec.deployments.items()}
-        registry.apps[key] = AppRecord(spec, deps, deployed_at=deployed_at)
+        registry.apps[key] = AppRecord(spec, deps, deployed_at=deployed_at, policy=_app_policy(key, spec))
     canaries.load(set(registry.apps))
     out = Restored()
     for row in store.load_processes():
