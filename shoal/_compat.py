@@ -78,7 +78,8 @@ TABLE: dict[str, dict[str, tuple[str, str, str]]] = {
         "get_replica_context": (_P, "shoal.serve.get_replica_context",
                                 "`app_name`, `deployment`, `replica_tag`, `replica_id`, `servable_object`, `rank`, "
                                 "`world_size` as in Ray; no `gang_context` (in a gang, `rank` and `world_size` are "
-                                "the gang's) or `code_version`"),
+                                "the gang's) or `code_version`; on Kubernetes a pod of a plain Deployment is "
+                                "rank 0 of world size 1 (pods have no ordinal)"),
         "get_trace_context": (_N, "", "the request's trace context is not handed out; with SHOAL_TRACING on, "
                                       "spans started with the OpenTelemetry API in a replica are children "
                                       "of the request's span"),
