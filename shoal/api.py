@@ -16,7 +16,7 @@ from pydantic import ValidationError
 
 from shoal.config import HTTPOptions
 from shoal.deployment import Application, build_app_spec, format_validation_error
-from shoal.exceptions import RayServeException
+from shoal.exceptions import NestedInstanceError, RayServeException
 from shoal.handle import DeploymentHandle
 from shoal.observability import tracing as _tracing
 from shoal.runtime import backend as _backend
@@ -99,6 +99,7 @@ def start(
     ``strict_cpus`` refuses to place replicas whose ``num_cpus`` exceed the machine's.
     """
     global _instance
+    _refuse_nested("start")
     with _lock:
         opts = _parse_http_options(http_options)
         if _instance is not None:
@@ -149,6 +150,20 @@ def _require() -> _Instance:
     return _instance
 
 
+def _refuse_nested(op: str) -> None:
+    """serve.run/serve.start inside a process shoal started (a replica imports the module that
+    defines its deployment, so a module-level ``serve.run(app)`` runs there too): a clear error
+    before anything starts, instead of a second instance fighting the first for its port."""
+    from shoal import context
+
+    if context._worker_process is not None:
+        raise NestedInstanceError(
+            f"serve.{op}() was called inside a shoal {context._worker_process} process: shoal imports the module "
+            "that defines a deployment in every process that runs it, so a module-level serve.run(...) runs "
+            "there too. Put it under `if __name__ == \"__main__\":` (or deploy with `shoal run module:app`)"
+        )
+
+
 def http_address() -> str:
     """The base URL the proxy listens on (useful with ``port=0``)."""
     inst = _require()
@@ -174,6 +189,7 @@ def run(
         route_prefix = "/"
     if _local_testing_mode:
         return _run_local(target, name, route_prefix)
+    _refuse_nested("run")
     start()
     inst = _require()
     spec = build_app_spec(target, name, route_prefix)
@@ -311,9 +327,17 @@ def get_app_handle(name: str) -> DeploymentHandle:
     """A handle to the ingress deployment of application ``name``."""
     if _local is not None and name in _local.apps:
         return DeploymentHandle(_local.apps[name].ingress, name, _backend=_local)
+    if _instance is None and _local is None and not isinstance(_backend._current, ControllerClient):
+        raise RayServeException(
+            f"cannot get a handle to application {name!r}: this process is not connected to a shoal instance. "
+            "Handles work in the process that called serve.start() or serve.run(), and inside deployments; "
+            "from another process, call the application over HTTP (`shoal status` shows the address).")
     info = _app_info()
+    if _local is not None:
+        info = {**{n: (a.ingress, None) for n, a in _local.apps.items()}, **info}
     if name not in info:
-        raise RayServeException(f"Application {name!r} does not exist.")
+        known = ", ".join(repr(n) for n in sorted(info)) or "none"
+        raise RayServeException(f"Application {name!r} does not exist (running applications: {known}).")
     return DeploymentHandle(info[name][0], name)
 
 

@@ -90,6 +90,16 @@ _request_ctx: contextvars.ContextVar[RequestContext] = contextvars.ContextVar(
 )
 
 
+# What this process is when shoal started it ("replica", "pod", "scaler", "proxy"); None in a
+# user's own program. serve.run/serve.start refuse to start an instance inside such a process.
+_worker_process: str | None = None
+
+
+def _mark_worker_process(kind: str) -> None:
+    global _worker_process
+    _worker_process = kind
+
+
 def set_process_replica_context(ctx: ReplicaContext) -> None:
     global _process_replica_ctx
     _process_replica_ctx = ctx

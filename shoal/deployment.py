@@ -12,6 +12,7 @@ from typing import Any, TypeVar, overload
 import cloudpickle
 from pydantic import ValidationError
 
+from shoal import _codeship
 from shoal.config import DeploymentConfig, validate_route_prefix
 
 __all__ = ["AppSpec", "Application", "Deployment", "DeploymentSpec", "build_app_spec", "deployment"]
@@ -286,20 +287,53 @@ class DeploymentSpec:
     # Names of the deployments this one holds handles to (the call graph's edges).
     calls: list[str] = field(default_factory=list)
     _blob: bytes | None = None
+    # The hash of the code and arguments pickled wholly by value (see code_version); computed
+    # with _blob and kept with it (a portable copy has no code left to hash).
+    _code_digest: bytes | None = None
 
     def serialized(self) -> bytes:
-        """The class/function and its constructor arguments, pickled by value where needed."""
+        """The class/function and its constructor arguments as the replicas unpickle them: by
+        reference to an importable module (tracebacks show its file), else by value with file
+        names and source lines (see shoal/_codeship.py)."""
         if self._blob is None:
-            self._blob = cloudpickle.dumps((self.func_or_class, self.init_args, self.init_kwargs), protocol=5)
+            target = (self.func_or_class, self.init_args, self.init_kwargs)
+            self._blob = _pickle_for_replicas(self.name, target, _codeship.dumps)
+            # Hashed by value: the version changes when the code does, wherever it lives.
+            plain = _pickle_for_replicas(self.name, target, lambda t: cloudpickle.dumps(t, protocol=5))
+            self._code_digest = hashlib.sha256(_TRACKER_ID.sub(b"<class>", plain)).digest()
         return self._blob
 
     @property
     def code_version(self) -> str:
         """Changes when the code, the constructor arguments or a restart-requiring option does."""
-        h = hashlib.sha256(_TRACKER_ID.sub(b"<class>", self.serialized()))
+        blob = self.serialized()
+        # A spec restored from an older state file has only its blob: hashed as it was then.
+        h = hashlib.sha256(self._code_digest) if self._code_digest is not None \
+            else hashlib.sha256(_TRACKER_ID.sub(b"<class>", blob))
         for f in _RESTART_FIELDS:
             h.update(repr(getattr(self.config, f)).encode())
         return h.hexdigest()[:16]
+
+
+def _pickle_for_replicas(name: str, target: tuple[Any, Any, Any], dumps: Callable[[Any], bytes]) -> bytes:
+    """``dumps(target)``; when that fails, a TypeError naming the deployment and the first bind
+    argument (or the class itself) that cannot be pickled, and why."""
+    try:
+        return dumps(target)
+    except Exception as e:
+        func_or_class, args, kwargs = target
+        parts: list[tuple[str, Any]] = [(f"positional bind argument {i}", a) for i, a in enumerate(args)]
+        parts += [(f"bind argument {k!r}", v) for k, v in kwargs.items()]
+        parts.append(("its class or function (or a global it uses)", func_or_class))
+        for label, value in parts:
+            try:
+                dumps(value)
+            except Exception as part_error:
+                raise TypeError(
+                    f"deployment {name!r}: {label} ({type(value).__name__}) cannot be sent to the replicas, "
+                    f"which run in other processes: {part_error}. Pass something picklable (e.g. a path or "
+                    "settings) and create the object in the constructor instead") from e
+        raise TypeError(f"deployment {name!r} cannot be sent to the replicas: {e}") from e
 
 
 @dataclass

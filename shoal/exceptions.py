@@ -13,6 +13,7 @@
     ├── SimError (RuntimeError)       the Kubernetes simulation failed or timed out
     ├── InstanceNotFoundError         no shoal instance directory fits what was asked
     ├── PodConfigError                a Kubernetes pod cannot serve (config, app or deployment)
+    ├── NestedInstanceError (RuntimeError)  serve.run/start inside a process shoal started
     ├── DeployError (RuntimeError)    an application could not be deployed
     ├── NotSupportedError (NotImplementedError)  a Ray Serve name shoal does not support
     └── ControllerError (RuntimeError)  the controller refused or failed an admin call
@@ -41,6 +42,7 @@ __all__ = [
     "DeployError",
     "DeploymentUnavailableError",
     "InstanceNotFoundError",
+    "NestedInstanceError",
     "NotSupportedError",
     "ObjectInvalid",
     "PodConfigError",
@@ -202,6 +204,12 @@ class InstanceNotFoundError(RayServeException):
 
 class PodConfigError(RayServeException):
     """A Kubernetes pod cannot serve: a bad config file, or no such application or deployment."""
+
+
+class NestedInstanceError(RayServeException, RuntimeError):
+    """``serve.run`` / ``serve.start`` called in a replica, pod or scaler process: usually a
+    module-level ``serve.run(app)`` in the module that defines the deployments, which every
+    process that imports the module runs. Put it under ``if __name__ == "__main__":``."""
 
 
 class DeployError(RayServeException, RuntimeError):

@@ -14,6 +14,7 @@ import contextvars
 import dataclasses
 import datetime
 import decimal
+import difflib
 import enum
 import functools
 import inspect
@@ -182,12 +183,13 @@ class UserCallable:
             pass
         if self._is_function:
             if method != "__call__":
-                raise AttributeError(f"function deployment {self._ctx.deployment!r} has no method {method!r}")
+                raise AttributeError(f"function deployment {self._ctx.deployment!r} has no method {method!r}: "
+                                     "call the handle itself (handle.remote(...))")
             fn = self._obj
         else:
             fn = getattr(self._obj, method, None)
             if fn is None or (method.startswith("_") and method != "__call__"):
-                raise AttributeError(f"deployment {self._ctx.deployment!r} has no method {method!r}")
+                raise AttributeError(missing_method(self._ctx.deployment, method, self._obj))
         entry = (fn, _kind(fn))
         self._methods[method] = entry
         return entry
@@ -295,13 +297,25 @@ class UserCallable:
 
             response: Any = StreamingResponse(self.stream("__call__", args, {}, meta))
         else:
-            response = to_response(await self.call("__call__", args, {}, meta))
+            response = to_response(await self.call("__call__", args, {}, meta), self._ctx.deployment)
         try:
             await response(scope, receive, send)
         finally:
             # A streamed body whose request was cancelled (client gone, timeout): close its
             # generator now, so that the user's ``finally`` runs at once, not at garbage collection.
             await _close_body(response)
+
+
+def missing_method(deployment: str, method: str, obj: Any) -> str:
+    """The error for a handle call to a method the deployment lacks: the methods it has (and
+    the closest one, for a typo)."""
+    names = sorted(n for n in dir(type(obj)) if not n.startswith("_") and callable(getattr(obj, n, None)))
+    if callable(getattr(type(obj), "__call__", None)) and "__call__" in vars(type(obj)):  # noqa: B004
+        names.insert(0, "__call__")
+    text = f"deployment {deployment!r} has no method {method!r}"
+    close = difflib.get_close_matches(method, names, n=1)
+    text += f"; did you mean {close[0]!r}?" if close else "."
+    return text + (f" Its methods: {', '.join(names)}." if names else " It has no public methods.")
 
 
 def is_app_factory(app: Any) -> bool:
@@ -338,15 +352,16 @@ async def _close_body(response: Any) -> None:
         logger.warning("a streamed response's generator did not close within %s s", CLOSE_BODY_TIMEOUT_S)
 
 
-def _json_default(o: Any) -> Any:
+def _json_default(o: Any, deployment: str = "") -> Any:
     """What ``json.dumps`` cannot encode, encoded the way FastAPI's ``jsonable_encoder`` does
     (a handler's return value must mean the same on shoal as on Ray Serve); a value with no
-    JSON form is a ``TypeError`` naming its type, never its ``str()``."""
+    JSON form is a ``TypeError`` naming its type (and the deployment), never its ``str()``."""
+    where = f"deployment {deployment!r}: " if deployment else ""
     if inspect.isawaitable(o):
         if inspect.iscoroutine(o):
             o.close()  # never to be awaited: no "was never awaited" warning on top of the error
-        raise TypeError(f"the handler returned an awaitable ({type(o).__name__}) instead of its result: "
-                        "did you forget an 'await'?")
+        raise TypeError(f"{where}the handler returned an awaitable ({type(o).__name__}) instead of its result: "
+                        "did you forget `await`?")
     if hasattr(o, "model_dump"):
         return o.model_dump(mode="json")
     if dataclasses.is_dataclass(o) and not isinstance(o, type):
@@ -377,12 +392,12 @@ def _json_default(o: Any) -> Any:
     try:
         return vars(o)
     except TypeError:
-        raise TypeError(f"the handler's return value of type {type(o).__name__} cannot be encoded as JSON; "
+        raise TypeError(f"{where}the handler's return value of type {type(o).__name__} cannot be encoded as JSON; "
                         "return a str, bytes, a JSON-serializable value or a Starlette Response") from None
 
 
-def to_response(result: Any) -> Any:
-    """Turn a handler's return value into a Starlette response."""
+def to_response(result: Any, deployment: str = "") -> Any:
+    """Turn a handler's return value into a Starlette response (``deployment`` names it in errors)."""
     from starlette.responses import PlainTextResponse, Response
 
     if isinstance(result, Response):
@@ -391,7 +406,8 @@ def to_response(result: Any) -> Any:
         return PlainTextResponse(result)
     if isinstance(result, (bytes, bytearray, memoryview)):
         return Response(bytes(result), media_type="application/octet-stream")
-    body = json.dumps(result, default=_json_default, ensure_ascii=False).encode()
+    default = functools.partial(_json_default, deployment=deployment) if deployment else _json_default
+    body = json.dumps(result, default=default, ensure_ascii=False).encode()
     return Response(body, media_type="application/json")
 
 

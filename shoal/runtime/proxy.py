@@ -127,6 +127,9 @@ def take_listening_fd(path: str, timeout: float = 2.0) -> socket.socket | None:
 
 
 def main() -> None:
+    from shoal.context import _mark_worker_process
+
+    _mark_worker_process("proxy")
     boot: ProxyBootstrap = pickle.loads(sys.stdin.buffer.read())
     if boot.die_with_parent:
         die_with_parent(boot.parent_pid)

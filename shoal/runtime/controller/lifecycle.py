@@ -22,6 +22,15 @@ logger = logging.getLogger("shoal.controller")
 
 Publish = Callable[[str, str, DeploymentRecord], None]
 
+# How many replicas that exited while starting are remembered (see Lifecycle._late_failure).
+_EXITED_KEPT = 64
+
+
+def constructor_failed(error: str) -> str:
+    """The status message of a deployment whose replica's constructor raised: the error first,
+    then the user's traceback (as the replica formatted it)."""
+    return f"replica constructor failed: {error.strip()}"
+
 
 def _unlink(path: str) -> None:
     try:
@@ -44,6 +53,9 @@ class Lifecycle:
         self.clock = clock
         self.publish = publish
         self.kick = kick
+        # Replicas seen exiting while they started, without a report: replica id -> (app,
+        # deployment, version), so that a report arriving after the exit is still shown.
+        self._exited_starting: dict[str, tuple[str, str, str]] = {}
 
     # -- exits
     def reap(self, now: float) -> bool:
@@ -99,11 +111,16 @@ class Lifecycle:
             self.supervisor.kill(rec.proc)
         _unlink(rec.socket_path)
         if rec.state != ReplicaState.STOPPING:
-            logger.warning("replica %s of %s/%s %s unexpectedly", rec.replica_id, rec.app, rec.deployment, why)
+            if not (rec.state == ReplicaState.STARTING and rec.failed_reported):  # (a failed start was logged)
+                logger.warning("replica %s of %s/%s %s unexpectedly", rec.replica_id, rec.app, rec.deployment, why)
             if dep is not None and rec.state == ReplicaState.STARTING and not rec.failed_reported and not rec.adopted:
                 if rec.version == dep.version:
                     dep.failures += 1
-                    dep.message = f"replica {rec.replica_id} {why} before it was ready"
+                    dep.message = (f"replica {rec.replica_id} {why} before it was ready (while its constructor "
+                                   f"ran); its output: shoal logs {rec.app}/{rec.deployment}")
+                    self._exited_starting[rec.replica_id] = (rec.app, rec.deployment, rec.version)
+                    while len(self._exited_starting) > _EXITED_KEPT:
+                        self._exited_starting.pop(next(iter(self._exited_starting)))
             elif dep is not None and not (rec.state == ReplicaState.STARTING and rec.failed_reported):
                 # (A failed start already said why: its constructor's error is kept.)
                 dep.message = f"replica {rec.replica_id} {why}; starting a replacement"
@@ -204,15 +221,32 @@ class Lifecycle:
                 dep.failures += 1
                 dep.message = f"rank {member.rank} constructor failed: {msg.error.strip()}"
             logger.error("rank %d of replica %s failed to start", member.rank, member.parent)
+            self.supervisor.stop(member.proc, member.conn)  # it waits for this before it exits
             self.kick()
             return
         rec = self.registry.replicas.get(msg.replica_id)
         if rec is None:
+            self._late_failure(msg)
             return
         rec.failed_reported = True
         dep = self.registry.deployment(rec.app, rec.deployment)
         if dep is not None and rec.version == dep.version:
             dep.failures += 1
-            dep.message = f"replica constructor failed: {msg.error.strip()}"
+            dep.message = constructor_failed(msg.error)
         logger.error("replica %s of %s/%s failed to start", rec.replica_id, rec.app, rec.deployment)
+        # The replica waits for this Stop before it exits (so its exit never overtakes its report);
+        # stopping, it no longer counts as a start in progress ("waiting for 1 replica").
+        self.stop(rec, "its constructor failed", self.clock.monotonic())
         self.kick()
+
+    def _late_failure(self, msg: ReplicaFailed) -> None:
+        """A failed start reported after its process was seen gone (the replica gave up waiting
+        for its Stop): the error replaces the "exited before it was ready" message."""
+        known = self._exited_starting.pop(msg.replica_id, None)
+        if known is None:
+            return
+        dep = self.registry.deployment(known[0], known[1])
+        if dep is not None and dep.version == known[2]:
+            dep.message = constructor_failed(msg.error)
+            self.publish(known[0], known[1], dep)
+            self.kick()

@@ -29,10 +29,12 @@ from shoal.runtime import backend
 from shoal.runtime.callable import UserCallable
 from shoal.runtime.client import ControllerClient
 from shoal.runtime.lifeline import ORPHAN_TIMEOUT_S, die_with_parent
+from shoal.runtime.replica.autoscaling_stats import StatsCaller
 from shoal.runtime.replica.core import ReplicaCore
 from shoal.runtime.replica.logconfig import apply_logging_config, setup_process_logging
 from shoal.runtime.replica.ports import UnixTransport
 from shoal.runtime.replica.routing_stats import RoutingStatsReporter, routing_stats_method
+from shoal.runtime.replica.tracebacks import failure_message
 from shoal.runtime.rundir import RunDir, recheck_or_exit
 from shoal.runtime.wire import (
     Call,
@@ -53,19 +55,8 @@ __all__ = ["Bootstrap", "ReplicaProcess", "main"]
 
 logger = logging.getLogger("shoal.replica")
 
-# How long a deployment's record_autoscaling_stats() may take (Ray's
-# RAY_SERVE_RECORD_AUTOSCALING_STATS_TIMEOUT_S); a late or failing call reports no custom metrics.
-RECORD_STATS_TIMEOUT_ENV = "SHOAL_RECORD_AUTOSCALING_STATS_TIMEOUT_S"
-DEFAULT_RECORD_STATS_TIMEOUT_S = 10.0
-
-
-def record_stats_timeout_s() -> float:
-    """``$SHOAL_RECORD_AUTOSCALING_STATS_TIMEOUT_S``, else 10 s (a bad value is ignored)."""
-    try:
-        value = float(os.environ.get(RECORD_STATS_TIMEOUT_ENV, DEFAULT_RECORD_STATS_TIMEOUT_S))
-    except ValueError:
-        return DEFAULT_RECORD_STATS_TIMEOUT_S
-    return value if value > 0 else DEFAULT_RECORD_STATS_TIMEOUT_S
+# How long a replica that failed to start waits for the controller's Stop before it exits.
+FAILED_REPORT_WAIT_S = 10.0
 
 
 @dataclass
@@ -103,7 +94,6 @@ class ReplicaProcess:
         self.ready_replica_id = ""
         self.init_msg: asyncio.Future[ReplicaInit] = self.loop.create_future()
         self.stop_requested = asyncio.Event()
-        self._stats_warned_at = -1e9
         self._routing_stats: RoutingStatsReporter | None = None
 
     @property
@@ -200,8 +190,10 @@ class ReplicaProcess:
             await user.initialize(cfg.user_config)
             await self.core.listen(UnixTransport(init.socket_path, self.boot.secret))
         except BaseException as e:  # the constructor's failure is the deployment's status message
-            logger.error("replica %s failed to start:\n%s", init.replica_id, traceback.format_exc())
-            await self._failed(init.replica_id, f"{type(e).__name__}: {e}\n{traceback.format_exc()}")
+            message = failure_message(e)
+            logger.error("replica %s of %s/%s failed to start: %s", init.replica_id, init.app, init.deployment,
+                         message)
+            await self._failed(init.replica_id, message)
             return False
         set_process_replica_context(ReplicaContext(ctx.app_name, init.deployment, init.replica_id, user.instance,
                                                    rank=init.rank, world_size=init.world_size))
@@ -229,8 +221,17 @@ class ReplicaProcess:
         return True
 
     async def _failed(self, replica_id: str, why: str) -> None:
+        """Report a failed start, then wait (bounded) for the controller to tell this replica to
+        stop: exiting first would let the controller see the exit before the report, and
+        show "exited with code 1" instead of the error."""
         self.client.send(ReplicaFailed(replica_id, why))
-        await asyncio.sleep(0.05)  # let the message flush
+        stop = asyncio.ensure_future(self.stop_requested.wait())
+        closed = asyncio.ensure_future(self.client.closed.wait())
+        try:
+            await asyncio.wait({stop, closed}, timeout=FAILED_REPORT_WAIT_S, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+            closed.cancel()
 
     async def _report_load(self, replica_id: str, interval: float) -> None:
         """Report load every ``interval`` (autoscaling deployments), and finished-request
@@ -238,11 +239,12 @@ class ReplicaProcess:
         last: tuple[int, int] = (0, 0)
         next_counters = 0.0
         user = self.core.user
-        custom_stats = interval > 0 and user is not None and user.records_autoscaling_stats
+        stats = StatsCaller(user, self.loop.time) if interval > 0 and user is not None \
+            and user.records_autoscaling_stats else None
         while not self.core.draining:
             custom: tuple[tuple[str, float], ...] = ()
-            if custom_stats:
-                custom = await self._custom_stats()
+            if stats is not None:
+                custom = await stats.call()
             now = self.loop.time()
             c = self.core.counters
             counters_due = now >= next_counters and (c.requests, c.errors) != last
@@ -263,21 +265,6 @@ class ReplicaProcess:
             return
         self._routing_stats = RoutingStatsReporter(init.replica_id, user, fn, rc, self._send)
         self.loop.create_task(self._routing_stats.run(lambda: self.core.draining))
-
-    async def _custom_stats(self) -> tuple[tuple[str, float], ...]:
-        """The deployment's record_autoscaling_stats(), within RECORD_STATS_TIMEOUT_S; nothing
-        (and a warning, at most once a minute) when it fails or is late."""
-        assert self.core.user is not None
-        try:
-            return await asyncio.wait_for(self.core.user.autoscaling_stats(), record_stats_timeout_s())
-        except Exception as e:
-            why = (f"did not return within {record_stats_timeout_s():g} s" if isinstance(e, TimeoutError)
-                   else f"failed: {type(e).__name__}: {e}")
-            now = self.loop.time()
-            if now >= self._stats_warned_at + 60:
-                self._stats_warned_at = now
-                logger.warning("record_autoscaling_stats() %s; no custom metrics reported this time", why)
-            return ()
 
     # -- the control channel
     def models_changed(self, ids: tuple[str, ...]) -> None:
@@ -320,6 +307,9 @@ class ReplicaProcess:
 
 
 def main() -> None:
+    from shoal.context import _mark_worker_process
+
+    _mark_worker_process("replica")
     boot: Bootstrap = pickle.loads(sys.stdin.buffer.read())
     if boot.die_with_parent:
         die_with_parent(boot.parent_pid)
