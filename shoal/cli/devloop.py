@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import os
+import re
 import sys
 import time
 from collections.abc import Callable, Iterable
@@ -20,6 +21,12 @@ from typing import Any
 from shoal.deployment import AppSpec
 
 SLOW_AFTER_S = 15.0
+# After this long without a replica of a deployment running, its newest log line is shown
+# (its message, at most this many characters: the line fits 80 columns).
+SHOW_LOG_AFTER_S = 3.0
+LAST_LINE_CHARS = 40
+# The head of a TEXT record ("<date> <time> <LEVEL> <logger> [request_id=..]: "), dropped there.
+_MESSAGE = re.compile(r"^\S+ \S+ [A-Z]+ [^:]*: ")
 
 
 # shoal itself is never reloaded, also when it is installed from a checkout under the project.
@@ -111,7 +118,8 @@ def describe_changes(old: AppSpec | None, new: AppSpec) -> list[str]:
 
 
 def deploy_with_progress(console: Any, application: Any, name: str, route_prefix: str | None,
-                         timeout: float | None = None) -> AppSpec:
+                         timeout: float | None = None,
+                         last_line: Callable[[str], str | None] | None = None) -> AppSpec:
     """Deploy through the running instance and show replicas coming up until the app runs.
 
     Raises ``DeployError`` (naming the deployment and the reason) if it fails to deploy, and
@@ -124,22 +132,54 @@ def deploy_with_progress(console: Any, application: Any, name: str, route_prefix
     inst = api._require()
     spec = build_app_spec(application, name, route_prefix)
     inst.loop.run(inst.controller.deploy(spec))
-    failed = show_progress(console, lambda: api.status().to_dict(), [name], timeout)
+    failed = show_progress(console, lambda: api.status().to_dict(), [name], timeout, last_line)
     if failed:
         raise DeployError(failed[0])
     inst.loop.run(inst.controller.wait_proxy())
     return spec
 
 
+def progress_note(dep: dict[str, Any], running: int, target: int, waited: float,
+                  last: str | None) -> str:
+    """What the progress display says after a deployment's count: failed, the time it has
+    waited for replicas (so the line moves while a constructor runs), the newest line its
+    replicas logged once it takes a while, and "slow" after ``SLOW_AFTER_S``."""
+    message = dep.get("message") or ""
+    if dep["status"] == "DEPLOY_FAILED":
+        return "[red]failed[/red]"
+    if running >= target:
+        return ""
+    note = f"{waited:.0f}s"
+    if waited > SLOW_AFTER_S:
+        note += f" [yellow]slow: {_markup_safe(message or 'constructor still running')}[/yellow]"
+    elif "pending" in message:
+        note += f" [yellow]{_markup_safe(message)}[/yellow]"
+    if last and waited > SHOW_LOG_AFTER_S:
+        message = _MESSAGE.sub("", last, count=1)
+        shown = message if len(message) <= LAST_LINE_CHARS else message[:LAST_LINE_CHARS - 1] + "…"
+        note += f" [dim]| {_markup_safe(shown)}[/dim]"
+    return note
+
+
+def _markup_safe(text: str) -> str:
+    from rich.markup import escape
+
+    return str(escape(text))
+
+
 def show_progress(console: Any, get_status: Callable[[], dict[str, Any]], names: list[str],
-                  timeout: float | None = None) -> list[str]:
+                  timeout: float | None = None,
+                  last_line: Callable[[str], str | None] | None = None) -> list[str]:
     """Show each deployment of the apps ``names`` (and their canaries) coming up, until every
-    app is RUNNING or DEPLOY_FAILED; a deployment still short of replicas after
-    ``SLOW_AFTER_S`` is named as slow, with its status message. Returns one message per app
-    that failed; raises ``TimeoutError`` after ``timeout`` seconds."""
+    app is RUNNING or DEPLOY_FAILED, with the seconds each has waited for its replicas and,
+    when ``last_line`` (``"app/deployment"`` -> its replicas' newest log line) says, what its
+    replicas logged last; a deployment still short of replicas after ``SLOW_AFTER_S`` is named
+    as slow, with its status message. Returns one message per app that failed; raises
+    ``TimeoutError`` after ``timeout`` seconds."""
     from rich.progress import BarColumn, Progress, TextColumn
 
     t0 = time.monotonic()
+    since: dict[str, float] = {}
     progress = Progress(TextColumn("  {task.description}"), BarColumn(bar_width=20),
                         TextColumn("{task.completed}/{task.total} replicas {task.fields[note]}"),
                         console=console, transient=False, auto_refresh=console.is_terminal)
@@ -154,20 +194,19 @@ def show_progress(console: Any, get_status: Callable[[], dict[str, Any]], names:
                 if app is None:
                     failed.append(f"application {name!r} was deleted while deploying")
                     continue
-                views = [(f"{name}/{d}" if len(names) > 1 else d, dep) for d, dep in app["deployments"].items()]
+                views = [(f"{name}/{d}" if len(names) > 1 else d, f"{name}/{d}", dep)
+                         for d, dep in app["deployments"].items()]
                 canary = app.get("canary")
                 if canary:
-                    views += [(f"{name}/{d} (canary)", dep) for d, dep in canary["deployments"].items()]
-                for label, dep in views:
+                    views += [(f"{name}/{d} (canary)", f"{name}/{d}", dep) for d, dep in canary["deployments"].items()]
+                for label, key, dep in views:
                     running = dep["replica_states"].get("RUNNING", 0)
                     target = max(int(dep.get("target_replicas", 1)), 0)
-                    note = ""
-                    if dep["status"] == "DEPLOY_FAILED":
-                        note = "[red]failed[/red]"
-                    elif running < target and elapsed > SLOW_AFTER_S:
-                        note = f"[yellow]slow: {dep['message'] or 'constructor still running'}[/yellow]"
-                    elif "pending" in (dep["message"] or ""):
-                        note = f"[yellow]{dep['message']}[/yellow]"
+                    started = since.setdefault(label, time.monotonic())
+                    if running >= target:
+                        since[label] = time.monotonic()  # a later shortfall counts from then
+                    last = last_line(key) if last_line is not None else None
+                    note = progress_note(dep, running, target, time.monotonic() - started, last)
                     if label not in tasks:
                         tasks[label] = progress.add_task(label, total=1, note="")
                     progress.update(tasks[label], total=max(target, 1), completed=min(running, target) if target

@@ -75,6 +75,11 @@ def start(address: str | None, host: str, port: int, num_gpus: int | None, stric
         rd.create_private()
     except PermissionError as e:
         raise click.ClickException(str(e)) from None
+    owner = rd.owner()
+    if owner is not None:  # a `shoal run`, or another controller (starting or serving), owns it
+        from shoal.runtime.ownership import InstanceBusyError
+
+        raise click.ClickException(str(InstanceBusyError(run_dir, owner or None)))
     if rd.is_live():
         raise click.ClickException(f"a shoal instance is already running at {run_dir} "
                                    "(`shoal status` shows it, `shoal shutdown` stops it)")

@@ -1,6 +1,7 @@
 """``shoal logs``: print and follow the log files of a local instance's replicas and proxy.
 
-Files live under ``<instance dir>/logs`` (see :mod:`shoal.observability.logs`): one per replica in
+Files live under ``<instance dir>/logs/<session>`` (see :mod:`shoal.observability.logs`; a
+session per ``shoal run``/``shoal start``, :mod:`shoal.runtime.ownership`): one per replica in
 ``<app>/<deployment>/<replica id>.log``, and ``proxy.log``; a detached instance's controller writes
 ``<instance dir>/controller.log``. Each printed line is prefixed with the replica's id.
 Following (``-f``) works like ``tail -f`` over every replica of the deployment, picks up
@@ -206,9 +207,28 @@ def _print(label: str, line: str, color: bool) -> None:
     click.echo(f"{prefix} {escape(line)}", color=color)
 
 
+def _session_root(instance: str, session: str | None) -> str:
+    """The log folder to read: the current session's (or the instance's only one), or the
+    session named with ``--session``."""
+    from shoal.runtime.ownership import sessions
+
+    rd = RunDir(instance)
+    if session is None:
+        return rd.logs_dir
+    kept = sessions(rd.logs_root)
+    if session not in kept:
+        choices = ", ".join(kept) or "none"
+        raise click.ClickException(f"no session {session!r} in {rd.logs_root} (--session; kept: {choices})")
+    return os.path.join(rd.logs_root, session)
+
+
 def _list(instance: str, root: str) -> None:
+    from shoal.runtime.ownership import sessions
+
     entries = catalog(root)
-    click.echo(f"logs of the instance at {instance}:")
+    here = os.path.basename(root)
+    kept = sessions(RunDir(instance).logs_root)
+    click.echo(f"logs of the instance at {instance}" + (f", session {here}:" if here in kept else ":"))
     if not entries and not os.path.exists(proxy_log_path(root)):
         click.echo("  none yet")
     width = max([len(k) for k in entries] + [10])
@@ -221,6 +241,9 @@ def _list(instance: str, root: str) -> None:
     if os.path.exists(controller):
         click.echo(f"  {'controller'.ljust(width)}  {controller}")
     click.echo("Print one with `shoal logs APP/DEPLOYMENT` (or just DEPLOYMENT); -f follows it.")
+    older = [s for s in kept if s != here]
+    if older:
+        click.echo(f"Earlier sessions (--session NAME): {', '.join(reversed(older))}")
 
 
 def _files_for(instance: str, root: str, target: str) -> Callable[[], list[str]]:
@@ -254,16 +277,20 @@ def _files_for(instance: str, root: str, target: str) -> Callable[[], list[str]]
 @click.option("-n", "--tail", "tail", type=click.IntRange(min=0), default=None, metavar="N",
               help="Start with the last N lines of each file (default: all of them).")
 @click.option("--address", default=None, help="Instance directory (default: the running instance, or the last one).")
-def logs(target: str | None, follow: bool, replica: str | None, tail: int | None, address: str | None) -> None:
+@click.option("--session", default=None, metavar="NAME",
+              help="Read an earlier session's logs (`shoal logs` lists the sessions kept; default: the current one).")
+def logs(target: str | None, follow: bool, replica: str | None, tail: int | None, address: str | None,
+         session: str | None) -> None:
     """Print the logs of TARGET: ``APP/DEPLOYMENT`` (or ``DEPLOYMENT`` when its name is unique),
     ``proxy`` or ``controller``. Without TARGET, list the logs there are.
 
-    Every replica writes its own file, ``<instance dir>/logs/<app>/<deployment>/<replica id>.log``
+    Every replica writes its own file, ``<instance dir>/logs/<session>/<app>/<deployment>/<replica id>.log``
     (its log records, access log and stdout/stderr); lines are printed with the replica's id
-    in front. Files rotate at 50 MB, keeping 3 old ones (``<replica id>.log.1`` ...).
+    in front. Files rotate at 50 MB, keeping 3 old ones (``<replica id>.log.1`` ...). Each
+    ``shoal run``/``shoal start`` is a session; the 5 newest sessions are kept.
     """
     instance = _instance_dir(address)
-    root = RunDir(instance).logs_dir
+    root = _session_root(instance, session)
     if not target:
         _list(instance, root)
         return

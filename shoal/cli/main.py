@@ -39,7 +39,8 @@ def cli() -> None:
 @click.option("--name", default=None, help="Application name (default: 'default'; ignored for config files).")
 @click.option("--route-prefix", default=None, help="HTTP route prefix of the app (default '/').")
 @click.option("--host", default=None, help="Proxy host (default 127.0.0.1; config file: http_options.host).")
-@click.option("-p", "--port", type=int, default=None, help="Proxy port (default 8000; 0 picks a free port).")
+@click.option("-p", "--port", type=int, default=None,
+              help="Proxy port (default 8000, or the config file's http_options.port; 0 picks a free port).")
 @click.option("--address", default=None, envvar="SHOAL_RUN_DIR",
               help="Instance directory for the control socket (default $SHOAL_RUN_DIR, else "
                    "$XDG_RUNTIME_DIR/shoal/default or /tmp/shoal-<uid>/default).")
@@ -48,61 +49,111 @@ def cli() -> None:
 @click.option("--strict-cpus", is_flag=True, help="Refuse to oversubscribe CPUs (num_cpus is enforced).")
 @click.option("--reload", is_flag=True,
               help="Watch the app's files; on a change redeploy in place (rolling), keeping the proxy up.")
+@click.option("-q", "--quiet-replicas", is_flag=True,
+              help="Do not show the replicas' output (print(), log records) here; `shoal logs` still has it.")
 def run(target: str, name: str | None, route_prefix: str | None, host: str | None, port: int | None,
-        address: str | None, num_gpus: int | None, strict_cpus: bool, reload: bool) -> None:
+        address: str | None, num_gpus: int | None, strict_cpus: bool, reload: bool, quiet_replicas: bool) -> None:
     """Run TARGET in the foreground until Ctrl-C.
 
     TARGET is an import path to a bound application or an app builder
     (``module:app``, ``package.module:build``) or a serve config file (``serve.yaml``).
+    Replica output (``print()``, log records at the deployment's level) is shown here,
+    prefixed ``(Deployment pid=N)``, unless ``--quiet-replicas``. The first Ctrl-C drains
+    the replicas and says what it waits for; a second one kills everything at once.
     """
     from shoal import api
     from shoal.cli.devloop import deploy_with_progress
+    from shoal.cli.runcmd import check_port, claim_run_dir, path_hint, start_output, stop_instance
     from shoal.config import HTTPOptions
+    from shoal.observability.logs import TAILED_ENV
     from shoal.schema import ConfigError
 
     console = _console()
     t0 = time.monotonic()
     try:
-        http, built = _load_and_build(target, name, route_prefix)
+        http0 = _http_options(target).model_copy(update={k: v for k, v in (("host", host), ("port", port))
+                                                          if v is not None})
+        HTTPOptions.model_validate(http0.model_dump())
+    except (ConfigError, ValueError, TypeError) as e:
+        console.print(f"[red]error:[/red] {e}")
+        raise SystemExit(2) from None
+    busy = check_port(http0.host, http0.port)  # before the app is imported: said at once
+    if busy:
+        console.print(f"[red]error:[/red] {busy}", markup=True, highlight=False)
+        raise SystemExit(1)
+    rd, _lock = claim_run_dir(address)
+    try:
+        _, built = _load_and_build(target, name, route_prefix)
         # The baseline is taken before deploying: an edit made while replicas start still counts.
         watcher = _watcher(target) if reload else None
-        overrides = {k: v for k, v in (("host", host), ("port", port)) if v is not None}
-        if overrides:
-            http = http.model_copy(update=overrides)
-            HTTPOptions.model_validate(http.model_dump())
     except (ConfigError, ImportError, AttributeError, ValueError, TypeError, SyntaxError) as e:
         console.print(f"[red]error:[/red] {e}")
         raise SystemExit(2) from None
+    except KeyboardInterrupt:  # while the app's modules import: nothing started yet
+        raise SystemExit(130) from None
+    if quiet_replicas:
+        os.environ.pop(TAILED_ENV, None)
+    else:
+        os.environ[TAILED_ENV] = "1"  # replicas leave their terminal output to this process
+    output = None
+    _install_sigterm()  # SIGTERM stops as Ctrl-C does, also while replicas start
     try:
-        api.start(http_options=http, num_gpus=num_gpus, strict_cpus=strict_cpus, _run_dir=address)
+        api.start(http_options=http0, num_gpus=num_gpus, strict_cpus=strict_cpus, _run_dir=rd.path)
+        output = None if quiet_replicas else start_output(console, rd)
         for app_name, prefix, application in built:
             console.print(f"deploying application [bold]{app_name}[/bold]")
-            deploy_with_progress(console, application, app_name, prefix)
+            deploy_with_progress(console, application, app_name, prefix,
+                                 last_line=output.last_line if output is not None else None)
+        if output is not None:
+            output.poll()  # what the replicas wrote while starting comes before "ready"
     except KeyboardInterrupt:
-        api.shutdown()
+        stop_instance(console, rd, output)
         raise SystemExit(130) from None
     except Exception as e:
         console.print(f"[red]error:[/red] {e}")
-        api.shutdown()
+        stop_instance(console, rd, output)
         raise SystemExit(1) from None
     base = api.http_address()
     console.print(f"[green]ready[/green] in {time.monotonic() - t0:.2f}s")
     for app_name, prefix, _ in built:
         if prefix is not None:
             console.print(f"  {app_name}: {base}{prefix}")
+    hint = path_hint()
+    if hint:
+        console.print(hint, markup=False, highlight=False)
     console.print("Press Ctrl-C to stop." + (" Watching the app's files for changes." if reload else ""))
-    _install_sigterm()
     if reload:
         assert watcher is not None
         _reload_loop(console, target, name, route_prefix, watcher)
-        api.shutdown()
     else:
-        api.wait_for_shutdown()
+        _wait_for_stop()
+    stop_instance(console, rd, output)
     console.print("stopped")
 
 
+def _http_options(target: str) -> Any:
+    """The HTTP options TARGET asks for (a config file's ``http_options``), without importing its code."""
+    from shoal.config import HTTPOptions
+    from shoal.schema import load_config_file
+
+    return load_config_file(target).http_options if _is_config_file(target) else HTTPOptions()
+
+
+def _wait_for_stop() -> None:
+    """Until Ctrl-C, SIGTERM or ``shoal shutdown``."""
+    from shoal import api
+
+    inst = api._require()
+    try:
+        while not inst.controller.shutdown_requested.is_set() and not inst.controller.stopped.is_set():
+            time.sleep(0.2)
+    except KeyboardInterrupt:
+        pass
+
+
 def _load_and_build(target: str, name: str | None, route_prefix: str | None) -> tuple[Any, list[tuple[str, Any, Any]]]:
-    """The HTTP options and (name, route prefix, bound application) of each app of TARGET."""
+    """The HTTP options and (name, route prefix, bound application) of each app of TARGET
+    (importing its code)."""
     from shoal.config import HTTPOptions
     from shoal.loader import build_application
     from shoal.schema import ServeDeploySchema, load_config_file

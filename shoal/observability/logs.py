@@ -45,6 +45,7 @@ __all__ = [
     "BACKUPS",
     "KEEP_GONE",
     "MAX_BYTES",
+    "TAILED_ENV",
     "DiskFullTolerant",
     "EscapingFormatter",
     "Identity",
@@ -71,6 +72,9 @@ DROP_WARN_EVERY_S = 60.0
 _DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 
 access_logger = logging.getLogger("shoal.access")
+# Set (to "1") by ``shoal run`` when it shows every replica's file on its terminal, prefixed
+# (shoal.cli.replica_output): replicas then do not also write their warnings there themselves.
+TAILED_ENV = "SHOAL_REPLICA_OUTPUT_TAILED"
 
 
 
@@ -429,7 +433,8 @@ def setup(who: Identity, *, path: str = "", link: str = "", encoding: str = "TEX
     """Send this process's log records (and, with ``path``, its stdout and stderr) where they belong.
 
     With ``path``: records of every level from ``level`` up go to that rotating file, one line
-    each, in ``encoding``; WARNING and above also to the terminal (readable, multi-line); stdout
+    each, in ``encoding``; WARNING and above also to the terminal (readable, multi-line), unless
+    this is a replica whose file ``shoal run`` shows there already (:data:`TAILED_ENV`); stdout
     and stderr are redirected into the file. ``link`` names a symlink to create to ``path``
     (a file kept in ``logging_config.logs_dir`` is found from the instance's log folder).
     The file is never opened through a symbolic link, and folders others could use to swap it
@@ -454,7 +459,7 @@ def setup(who: Identity, *, path: str = "", link: str = "", encoding: str = "TEX
         made.setFormatter(fmt)
         made.addFilter(context)
         root.addHandler(made)
-        if stream is not None:
+        if stream is not None and not (who.component == "replica" and os.environ.get(TAILED_ENV) == "1"):
             terminal = logging.StreamHandler(stream)
             terminal.setLevel(terminal_level)
             terminal.setFormatter(TextFormatter(who, one_line=False))

@@ -146,15 +146,25 @@ def instance_secret(rd: RunDir) -> bytes:
 async def serve(opts: dict[str, Any]) -> int:
     # Handed a path by `shoal start`: checked again here (created if needed), and its
     # descriptor kept for the secret and the pid file.
+    from shoal.runtime.ownership import InstanceBusyError, begin_session
+    from shoal.runtime.state import known_pids
+
     rd = RunDir(os.path.abspath(str(opts["run_dir"])))
     try:
         rd.create_private()
-    except OSError as e:
+        lock = rd.lock()  # one instance per directory: held until this process ends
+    except (OSError, InstanceBusyError) as e:
         logger.error("could not start: %s", e)
         return 1
     try:
+        # The session's logs go on where replicas this controller adopts still write them.
+        begin_session(rd.path, rd.dir_fd(), reuse=bool(known_pids(rd.state_db)))
         return await _serve(opts, rd)
+    except OSError as e:
+        logger.error("could not start: %s", e)
+        return 1
     finally:
+        lock.release()
         rd.close()
 
 

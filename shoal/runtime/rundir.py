@@ -32,8 +32,12 @@ import os
 import socket
 import stat
 import tempfile
+from typing import TYPE_CHECKING
 
 from shoal.exceptions import InstanceNotFoundError
+
+if TYPE_CHECKING:
+    from shoal.runtime.ownership import InstanceLock
 
 __all__ = ["ENV_VAR", "PROCESS_MARKER_ENV", "InstanceNotFoundError", "RunDir", "check_private_dir", "open_private_dir",
            "private_dir", "write_whole"]
@@ -258,9 +262,33 @@ class RunDir:
         return self._file("controller.pid")
 
     @property
-    def logs_dir(self) -> str:
-        """Replica and proxy log files: ``<logs>/<app>/<deployment>/<replica>.log``, ``proxy.log``."""
+    def logs_root(self) -> str:
+        """The folder of every session's logs (``<logs root>/<session>/``)."""
         return self._file("logs")
+
+    @property
+    def logs_dir(self) -> str:
+        """Replica and proxy log files: ``<logs>/<app>/<deployment>/<replica>.log``, ``proxy.log``;
+        ``<logs>`` is the current session's folder when an owner started one
+        (:mod:`shoal.runtime.ownership`), else the logs root itself (an in-process instance)."""
+        from shoal.runtime.ownership import read_session
+
+        session = read_session(self.path)
+        return os.path.join(self.logs_root, session) if session else self.logs_root
+
+    def lock(self) -> InstanceLock:
+        """Own this directory (created and checked first) until the returned lock is released
+        or this process exits; :class:`~shoal.runtime.ownership.InstanceBusyError` names the
+        pid of a live owner."""
+        from shoal.runtime.ownership import InstanceLock
+
+        return InstanceLock(self.path, self.create_private().dir_fd())
+
+    def owner(self) -> int | None:
+        """The pid of the live process that owns this directory (0: unknown), or None."""
+        from shoal.runtime.ownership import lock_holder
+
+        return lock_holder(self.path)
 
     @property
     def metrics_dir(self) -> str:
@@ -445,7 +473,7 @@ class RunDir:
             return explicit
         root = cls._open_root(create=True)
         default = cls._under_root(root, DEFAULT_NAME)
-        if not default.is_live():
+        if not default.is_live() and default.owner() is None:
             return default
         return cls._under_root(root, f"i-{os.getpid()}")
 
