@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test lint typecheck unit clean bench bench-baseline docs compat compat-docs
+.PHONY: install run test lint typecheck unit clean bench bench-baseline docs compat compat-docs dist k8s-image-context
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,9 +16,11 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-## Serve the seed's RAG pipeline on http://127.0.0.1:8000 (Ctrl-C stops everything).
+## Serve the seed's RAG pipeline on http://127.0.0.1:$(PORT) (Ctrl-C stops everything; `make run PORT=8001`
+## for another port). It prints how to reach it with `shoal` from another terminal (.venv/bin/shoal).
+PORT ?= 8000
 run: $(STAMP)
-	HF_HUB_OFFLINE=1 $(VENV)/bin/shoal run examples.rag.app:app
+	HF_HUB_OFFLINE=1 $(VENV)/bin/shoal run --port $(PORT) examples.rag.app:app
 
 ## Lint, type-check and run the whole test suite.
 test: $(STAMP)
@@ -46,6 +48,19 @@ lint: $(STAMP)
 
 typecheck: $(STAMP)
 	$(PY) -m mypy
+
+## shoal's release artifacts, its wheel and sdist, in dist/ (shoal is not on PyPI: install the wheel,
+## `pip install 'dist/shoal-0.1.0-py3-none-any.whl[kubernetes]'`). The venv's setuptools builds it, no download.
+dist: $(STAMP)
+	rm -rf dist
+	$(PY) -m build --no-isolation --outdir dist .
+
+## The RAG example's image context in build/image: Dockerfile, shoal's wheel, the example's code
+## (`docker build -t REGISTRY/rag:TAG build/image`). IMAGE_ARGS adds flags, e.g. IMAGE_ARGS="--torch-index cuda".
+IMAGE_CONTEXT ?= build/image
+IMAGE_ARGS ?=
+k8s-image-context: $(STAMP)
+	$(VENV)/bin/shoal k8s dockerfile examples.rag.app:app --out $(IMAGE_CONTEXT) --extra rag $(IMAGE_ARGS)
 
 ## Build the documentation site into site/ (mkdocs serve previews it on :8000).
 docs: $(STAMP)
@@ -78,4 +93,4 @@ bench-baseline: $(BENCH_STAMP)
 	$(BENCH_PY) benchmarks/run.py --baseline $(BASELINE) --framework shoal --out-dir benchmarks/vs-baseline $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache
+	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache dist $(IMAGE_CONTEXT)

@@ -8,9 +8,19 @@ so it is tested against a fake; :class:`KubernetesAPI` implements it with the of
   workloads, routes last), by server-side apply with field manager ``shoal``. Conflicts with
   other managers fail unless forced. A Secret that already exists is never overwritten
   (``--create-secret`` would otherwise rotate the RPC secret under running pods).
+  Every apply asks for ``fieldValidation=Strict``: a field the cluster's schema does not know
+  (e.g. an HTTPRoute's ``timeouts`` on Gateway API v1.0/v1.1 CRDs) is an error, not silently
+  dropped.
 * **Prune**: objects of the kinds shoal generates, labelled ``app.kubernetes.io/part-of=APP``
-  and ``app.kubernetes.io/managed-by=shoal`` (plus ``app.kubernetes.io/instance`` for a
-  canary build), that the new build does not contain. Secrets are never pruned.
+  and ``app.kubernetes.io/managed-by=shoal`` (plus ``shoal.dev/instance`` for a
+  canary build), that the new build does not contain. Secrets are never pruned, nor objects
+  another object owns (``ownerReferences``: KEDA's ``keda-hpa-*`` HPA copies the ScaledObject's
+  labels; the garbage collector removes it with its owner).
+* **Order**: an autoscaler being pruned whose scale target is also the target of an autoscaler
+  the build applies is deleted *before* anything is applied: KEDA's admission webhook refuses a
+  ScaledObject for a workload another HPA or ScaledObject already scales ("already managed by
+  the hpa"), and two autoscalers must never fight over one workload. Everything else is pruned
+  after the apply, routes first.
 * **Diff** (``--dry-run``): live object against the server's dry-run result when the server
   accepts a dry-run apply; otherwise against the build's object, comparing only the fields
   the build sets. Secret values are masked.
@@ -29,7 +39,9 @@ import yaml
 from shoal.kubernetes.compiler import L_INSTANCE, L_PART_OF, L_VERSION, MANAGED_BY, label_value
 
 __all__ = [
+    "AUTOSCALER_KINDS",
     "FIELD_MANAGER",
+    "FIELD_VALIDATION",
     "PRUNE_KINDS",
     "ApplyConflict",
     "ApplyPlan",
@@ -38,6 +50,7 @@ __all__ = [
     "ClusterUnreachable",
     "KindNotServed",
     "KubernetesAPI",
+    "NotAllowed",
     "Ref",
     "Scope",
     "execute",
@@ -47,6 +60,10 @@ __all__ = [
 
 Obj = dict[str, Any]
 FIELD_MANAGER = "shoal"
+# Server-side apply refuses unknown or duplicate fields instead of dropping them without a word.
+FIELD_VALIDATION = "Strict"
+# Connect and read timeout of one API request (seconds): nothing waits without a bound.
+REQUEST_TIMEOUT_S = 30.0
 
 # Kinds shoal generates and may prune, in the order they are deleted (routes first).
 PRUNE_KINDS: tuple[tuple[str, str], ...] = (
@@ -73,6 +90,10 @@ class ClusterUnreachable(Exception):
     """The API server cannot be reached or the credentials are missing."""
 
 
+class NotAllowed(ClusterUnreachable):
+    """The API server answered 403: these credentials may not do this (RBAC)."""
+
+
 class ApplyConflict(Exception):
     """Server-side apply found fields owned by another manager (retry with force to take them)."""
 
@@ -86,7 +107,10 @@ class ClusterAPI(Protocol):
 
     def list(self, api_version: str, kind: str, namespace: str, label_selector: str) -> list[Obj]: ...
 
-    def apply(self, obj: Obj, *, field_manager: str, force: bool, dry_run: bool) -> Obj: ...
+    def apply(self, obj: Obj, *, field_manager: str, force: bool, dry_run: bool,
+              field_validation: str = "Warn") -> Obj:
+        """Server-side apply; ``field_validation`` is the API's ``fieldValidation`` (Ignore, Warn, Strict)."""
+        ...
 
     def delete(self, api_version: str, kind: str, namespace: str, name: str, *, dry_run: bool) -> None: ...
 
@@ -100,9 +124,11 @@ class Ref:
 
     @classmethod
     def of(cls, obj: Obj) -> Ref:
+        """The object's reference; cluster-scoped kinds (a Namespace) have namespace ``""``."""
         meta = obj.get("metadata") or {}
-        return cls(str(obj["apiVersion"]), str(obj["kind"]), str(meta.get("namespace", "default")),
-                   str(meta["name"]))
+        kind = str(obj["kind"])
+        namespace = "" if kind in CLUSTER_SCOPED_KINDS else str(meta.get("namespace", "default"))
+        return cls(str(obj["apiVersion"]), kind, namespace, str(meta["name"]))
 
     def __str__(self) -> str:
         group = self.api_version.split("/")[0] if "/" in self.api_version else ""
@@ -127,7 +153,22 @@ class ApplyPlan:
     live: dict[Ref, Obj | None] = field(default_factory=dict)
     skip: list[tuple[Ref, str]] = field(default_factory=list)
     prune: list[Ref] = field(default_factory=list)
+    # Subset of ``prune`` deleted before anything is applied (autoscalers the build replaces).
+    prune_first: list[Ref] = field(default_factory=list)
+    # Objects of ``apply`` whose live version has an immutable field the build changes (a
+    # Deployment's spec.selector, e.g. after shoal's selector label changed): deleted, then
+    # created again. Their pods restart.
+    recreate: list[Ref] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+
+
+# Kinds that live outside namespaces, among those shoal writes or reads.
+CLUSTER_SCOPED_KINDS = frozenset({"Namespace", "CustomResourceDefinition", "GatewayClass", "IngressClass",
+                                  "PriorityClass", "RuntimeClass"})
+# Kinds whose spec.selector cannot change once created (apps/v1 workloads).
+IMMUTABLE_SELECTOR_KINDS = frozenset({"Deployment", "StatefulSet", "DaemonSet"})
+# Kinds that scale a workload through spec.scaleTargetRef; one workload must have at most one.
+AUTOSCALER_KINDS = frozenset({"HorizontalPodAutoscaler", "ScaledObject"})
 
 
 def plan_apply(objects: Sequence[Obj], api: ClusterAPI, scopes: Iterable[Scope], *, prune: bool = True) -> ApplyPlan:
@@ -142,6 +183,11 @@ def plan_apply(objects: Sequence[Obj], api: ClusterAPI, scopes: Iterable[Scope],
             continue
         plan.live[ref] = live
         plan.apply.append(obj)
+        if live is not None and ref.kind in IMMUTABLE_SELECTOR_KINDS and \
+                (live.get("spec") or {}).get("selector") != (obj.get("spec") or {}).get("selector"):
+            plan.recreate.append(ref)
+            plan.warnings.append(f"{ref}: its selector changed, which Kubernetes does not allow in place; it is "
+                                 "deleted and created again, so its pods restart")
     for scope in scopes:
         if scope.canary_of is not None and scope.app is not None:
             stable = (f"{L_PART_OF}={label_value(scope.app)},{L_INSTANCE}={label_value(scope.app)},"
@@ -157,12 +203,28 @@ def plan_apply(objects: Sequence[Obj], api: ClusterAPI, scopes: Iterable[Scope],
                 )
         if not prune:
             continue
+        targets = {(scope.namespace, t) for t in _scale_targets(objects, scope.namespace)}
         for api_version, kind in PRUNE_KINDS:
             for item in _list(api, api_version, kind, scope.namespace, scope.selector):
                 ref = Ref(api_version, kind, scope.namespace, item["metadata"]["name"])
-                if ref not in wanted and ref not in plan.prune:
-                    plan.prune.append(ref)
+                if ref in wanted or ref in plan.prune or item["metadata"].get("ownerReferences"):
+                    continue
+                plan.prune.append(ref)
+                if kind in AUTOSCALER_KINDS and (scope.namespace, _scale_target(item)) in targets:
+                    plan.prune_first.append(ref)
     return plan
+
+
+def _scale_target(obj: Obj) -> tuple[str, str]:
+    """The (kind, name) an autoscaler scales; the API group is left out as KEDA's webhook does."""
+    ref = (obj.get("spec") or {}).get("scaleTargetRef") or {}
+    return str(ref.get("kind", "Deployment")), str(ref.get("name", ""))
+
+
+def _scale_targets(objects: Sequence[Obj], namespace: str) -> set[tuple[str, str]]:
+    """The workloads the build's autoscalers in ``namespace`` scale."""
+    return {_scale_target(o) for o in objects
+            if o.get("kind") in AUTOSCALER_KINDS and Ref.of(o).namespace == namespace}
 
 
 def _get(api: ClusterAPI, ref: Ref) -> Obj | None:
@@ -181,16 +243,28 @@ def _list(api: ClusterAPI, api_version: str, kind: str, namespace: str, selector
 
 def execute(plan: ApplyPlan, api: ClusterAPI, *, force: bool = False,
             echo: Callable[[str], None] = lambda s: None) -> dict[str, int]:
-    """Apply, then prune. Returns counts by outcome (created, configured, unchanged, skipped, pruned)."""
+    """Prune the replaced autoscalers, apply, then prune the rest.
+
+    Returns counts by outcome (created, configured, unchanged, skipped, pruned).
+    """
     counts = {"created": 0, "configured": 0, "unchanged": 0, "skipped": 0, "pruned": 0}
+    for ref in plan.prune_first:
+        api.delete(ref.api_version, ref.kind, ref.namespace, ref.name, dry_run=False)
+        counts["pruned"] += 1
+        echo(f"{ref} pruned (replaced by another autoscaler of the same workload)")
     for ref, why in plan.skip:
         counts["skipped"] += 1
         echo(f"{ref} unchanged ({why})")
     for obj in plan.apply:
         ref = Ref.of(obj)
         before = plan.live.get(ref)
+        if ref in plan.recreate:
+            api.delete(ref.api_version, ref.kind, ref.namespace, ref.name, dry_run=False)
+            echo(f"{ref} deleted (its selector changed; created again below)")
+            before = None
         try:
-            after = api.apply(obj, field_manager=FIELD_MANAGER, force=force, dry_run=False)
+            after = api.apply(obj, field_manager=FIELD_MANAGER, force=force, dry_run=False,
+                              field_validation=FIELD_VALIDATION)
         except KindNotServed:
             raise ApplyRejected(
                 f"{ref}: the cluster does not serve {ref.api_version} {ref.kind}"
@@ -205,6 +279,8 @@ def execute(plan: ApplyPlan, api: ClusterAPI, *, force: bool = False,
         counts[outcome] += 1
         echo(f"{ref} {outcome}")
     for ref in plan.prune:
+        if ref in plan.prune_first:
+            continue
         api.delete(ref.api_version, ref.kind, ref.namespace, ref.name, dry_run=False)
         counts["pruned"] += 1
         echo(f"{ref} pruned")
@@ -263,10 +339,18 @@ def _shape_like(live: Any, desired: Any) -> Any:
     return live
 
 
+class _PlainDumper(yaml.SafeDumper):
+    """No anchors and aliases: a dict the compiler shares between two fields reads as twice the same text,
+    as the server returns it, so that sharing alone is never a difference."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
+
+
 def _yaml(obj: Obj | None) -> list[str]:
     if obj is None:
         return []
-    return yaml.safe_dump(obj, sort_keys=True).splitlines(keepends=True)
+    return yaml.dump(obj, Dumper=_PlainDumper, sort_keys=True).splitlines(keepends=True)
 
 
 def render_diff(plan: ApplyPlan, api: ClusterAPI, *, force: bool = False) -> tuple[str, str]:
@@ -282,7 +366,8 @@ def render_diff(plan: ApplyPlan, api: ClusterAPI, *, force: bool = False) -> tup
         ref = Ref.of(obj)
         live = plan.live.get(ref)
         try:
-            new: Obj | None = api.apply(obj, field_manager=FIELD_MANAGER, force=force, dry_run=True)
+            new: Obj | None = api.apply(obj, field_manager=FIELD_MANAGER, force=force, dry_run=True,
+                                        field_validation=FIELD_VALIDATION)
             old = live
         except (KindNotServed, ApplyRejected, ApplyConflict):
             mode = "local"
@@ -316,7 +401,8 @@ class KubernetesAPI:
             config_exception: Any = importlib.import_module("kubernetes.config.config_exception")
         except ImportError:
             raise ImportError(
-                "shoal k8s apply needs the official Kubernetes client: pip install 'shoal[kubernetes]'"
+                "shoal k8s apply needs the official Kubernetes client: install shoal's kubernetes extra "
+                "(pip install -e '.[kubernetes]' in a clone of shoal, or pip install kubernetes)"
             ) from None
         try:
             config.load_kube_config(config_file=kubeconfig, context=context)
@@ -328,6 +414,7 @@ class KubernetesAPI:
             except config_exception.ConfigException:
                 raise ClusterUnreachable(f"no kubeconfig and not running in a cluster: {e}") from None
         self._api_client = client.ApiClient()
+        _bound_requests(self._api_client)
         self._dyn: Any = None
         self._dynamic = dynamic
 
@@ -360,11 +447,27 @@ class KubernetesAPI:
                 if e.status == 409:
                     raise ApplyConflict(f"{what}: {_api_message(e)} (rerun with --force-conflicts to take over "
                                         "the conflicting fields)") from None
-                if e.status in (401, 403):
+                if e.status == 403:
+                    raise NotAllowed(f"{what}: not allowed: {_api_message(e)}") from None
+                if e.status == 401:
                     raise ClusterUnreachable(f"{what}: not allowed: {_api_message(e)}") from None
                 raise ApplyRejected(f"{what}: {_api_message(e)}") from None
 
         return guard()
+
+    def server_version(self) -> str:
+        """The API server's gitVersion, e.g. ``v1.31.4-eks-1a2b3c`` (``shoal k8s doctor``)."""
+        from kubernetes.client.exceptions import ApiException
+
+        try:
+            with self._errors("version"):
+                if self._dyn is None:
+                    self._dyn = self._dynamic.DynamicClient(self._api_client)
+                # Asked each time (discovery caches it on disk), as plain JSON (no model to fail on).
+                info = self._dyn.request("get", "/version", serializer=lambda _client, data: data)
+                return str(info.get("gitVersion", ""))
+        except ApiException as e:  # a 404: not a Kubernetes API server
+            raise ClusterUnreachable(f"the server answers no /version: {_api_message(e)}") from None
 
     def get(self, api_version: str, kind: str, namespace: str, name: str) -> Obj | None:
         from kubernetes.dynamic.exceptions import NotFoundError
@@ -381,13 +484,15 @@ class KubernetesAPI:
         with self._errors(f"{kind} list"):
             return list(res.get(namespace=namespace, label_selector=label_selector).to_dict().get("items") or [])
 
-    def apply(self, obj: Obj, *, field_manager: str, force: bool, dry_run: bool) -> Obj:
+    def apply(self, obj: Obj, *, field_manager: str, force: bool, dry_run: bool,
+              field_validation: str = "Warn") -> Obj:
         ref = Ref.of(obj)
         res = self._resource(ref.api_version, ref.kind)
         with self._errors(str(ref)):
             out = res.server_side_apply(body=obj, name=ref.name, namespace=ref.namespace,
                                         field_manager=field_manager, force_conflicts=force,
-                                        dry_run="All" if dry_run else None)
+                                        dry_run="All" if dry_run else None,
+                                        query_params=[("fieldValidation", field_validation)])
             return dict(out.to_dict())
 
     def delete(self, api_version: str, kind: str, namespace: str, name: str, *, dry_run: bool) -> None:
@@ -400,6 +505,22 @@ class KubernetesAPI:
                            dry_run="All" if dry_run else None)
         except NotFoundError:
             pass
+
+
+def _bound_requests(api_client: Any) -> None:
+    """Give every request of ``api_client`` (discovery included) a connect and read timeout.
+
+    The client waits forever on a request without ``_request_timeout``, and the dynamic client's
+    discovery passes none; ``call_api`` is where every request goes through.
+    """
+    call_api = api_client.call_api
+
+    def bounded(*args: Any, **kwargs: Any) -> Any:
+        if kwargs.get("_request_timeout") is None:
+            kwargs["_request_timeout"] = (REQUEST_TIMEOUT_S, REQUEST_TIMEOUT_S)
+        return call_api(*args, **kwargs)
+
+    api_client.call_api = bounded
 
 
 def _api_message(e: Any) -> str:

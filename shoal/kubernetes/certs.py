@@ -36,8 +36,9 @@ def _crypto() -> Any:
         import cryptography  # noqa: F401
     except ImportError:
         raise ImportError(
-            "generating the RPC certificates needs the 'cryptography' package: pip install 'shoal[kubernetes]' "
-            "(or use --tls cert-manager, or create the Secret yourself)"
+            "generating the RPC certificates needs the 'cryptography' package: install shoal's kubernetes extra "
+            "(pip install -e '.[kubernetes]' in a clone of shoal) or use --tls cert-manager, or create the Secret "
+            "yourself"
         ) from None
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -97,25 +96,76 @@ def _build_options(f: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--weight", "canary_weight", type=int, default=10, show_default=True,
                      help="Percent of traffic the canary gets."),
         click.option("--prometheus-url", default="http://prometheus-operated.monitoring.svc:9090",
-                     show_default=True, help="Prometheus that KEDA queries."),
+                     show_default=True, help="Unused: KEDA reads the app's shoal scaler (kept for old scripts)."),
         click.option("--prometheus-namespace-label", default="namespace", show_default=True,
                      help="Label holding the pod namespace in Prometheus ('' to leave it out of queries)."),
+        click.option("--keda-namespace", default="keda", show_default=True,
+                     help="Namespace of KEDA's operator: the NetworkPolicy lets it read the app's scaler."),
+        click.option("--wake-timeout", "wake_timeout_s", type=float, default=120.0, show_default=True,
+                     help="Seconds callers hold a request for a deployment with no pod (scaled to zero) "
+                          "before answering 503 with Retry-After."),
         click.option("--http-from-namespace", "http_from_namespaces", multiple=True,
-                     help="Namespace allowed to reach the HTTP port (repeatable; default: any namespace)."),
-        click.option("--metrics-from-namespace", "metrics_from_namespaces", multiple=True,
-                     help="Namespace allowed to scrape /metrics (repeatable; default: any namespace)."),
+                     help="Namespace allowed to reach the HTTP port (repeatable; '*': any). Default: the "
+                          "Gateway's namespace, the app's own without a route, any with --ingress-class."),
+        click.option("--http-from-cidr", "http_from_cidrs", multiple=True, metavar="CIDR",
+                     help="IP block allowed to reach the HTTP port too (repeatable), for Gateways that send "
+                          "from load-balancer addresses."),
+        click.option("--metrics-namespace", "--metrics-from-namespace", "metrics_from_namespaces", multiple=True,
+                     default=("monitoring",), show_default=True,
+                     help="Namespace allowed to scrape the admin port's /metrics (repeatable; '*': any)."),
         click.option("--dns-egress", type=click.Choice(["kube-dns", "any"]), default="kube-dns", show_default=True,
-                     help="DNS egress to kube-dns pods only, or to port 53 anywhere (NodeLocal DNSCache)."),
+                     help="DNS egress to the DNS pods (--dns-namespace, --dns-pod-label) and --dns-cidr "
+                          "blocks only, or to --dns-port anywhere."),
+        click.option("--dns-namespace", default="kube-system", show_default=True,
+                     help="Namespace of the cluster DNS pods (OpenShift: openshift-dns)."),
+        click.option("--dns-pod-label", "dns_pod_labels", multiple=True, metavar="KEY=VALUE",
+                     help="Label of the cluster DNS pods (repeatable; default k8s-app=kube-dns)."),
+        click.option("--dns-port", "dns_ports", multiple=True, type=int, default=(53,), show_default=True,
+                     help="Port the DNS pods listen on, UDP and TCP (repeatable; OpenShift: 5353)."),
+        click.option("--dns-cidr", "dns_cidrs", multiple=True, metavar="CIDR",
+                     help="DNS server address block (repeatable), e.g. NodeLocal DNSCache's 169.254.20.10/32."),
+        click.option("--gateway-api-version", default="1.2", show_default=True,
+                     help="Gateway API release installed (standard channel); before 1.2 the HTTPRoute "
+                          "carries no timeouts (warned)."),
         click.option("--startup-timeout", "startup_timeout_s", type=int, default=600, show_default=True,
                      help="Seconds a replica may take to load its model before the pod restarts."),
         click.option("--prestop-sleep", "prestop_sleep_s", type=int, default=5, show_default=True,
                      help="Seconds a stopping pod keeps serving while endpoints update (then SIGTERM drains)."),
-        click.option("--cpu-limits", is_flag=True, help="Set CPU limits equal to the requests (default: none)."),
+        click.option("--create-namespace", is_flag=True,
+                     help="Also emit the Namespace, labelled to enforce the 'restricted' Pod Security Standard "
+                          "(every pod shoal generates is admitted there). Apply never deletes it."),
+        click.option("--cpu-limits/--no-cpu-limits", default=True, show_default=True,
+                     help="CPU limits equal to the requests (a ResourceQuota on limits.cpu admits nothing "
+                          "without them); --no-cpu-limits leaves them out (no CFS throttling)."),
         click.option("--shm-size", default="1Gi", show_default=True, help="Size limit of the /dev/shm emptyDir."),
         click.option("--cluster-domain", default="cluster.local", show_default=True),
         click.option("--pod-monitor", is_flag=True, help="Also emit a Prometheus Operator PodMonitor."),
         click.option("--grafana", is_flag=True,
                      help="Also emit the Grafana dashboard, in a ConfigMap labelled grafana_dashboard=1 (sidecar)."),
+        # Per-pod resources and scheduling (shoal.kubernetes.compiler.scheduling); DEPLOYMENT: targets one.
+        click.option("--default-memory", default="2Gi", show_default=True,
+                     help="Memory request and limit of a deployment whose ray_actor_options set no memory."),
+        click.option("--tmp-size", default="1Gi", show_default=True, help="Size limit of the /tmp emptyDir."),
+        click.option("--cache-size", "cache_size", multiple=True, metavar="[DEPLOYMENT:]SIZE",
+                     help="Size limit of the cache emptyDir (HOME, model downloads); default 10Gi."),
+        click.option("--rollout", "rollout", multiple=True, metavar="[DEPLOYMENT:]SURGE/UNAVAILABLE",
+                     help="Rolling update maxSurge/maxUnavailable, e.g. 0/1 (default: 0/1 for GPU pods, "
+                          "else 25%/0; one group of a LeaderWorkerSet)."),
+        click.option("--node-selector", "node_selectors", multiple=True, metavar="[DEPLOYMENT:]KEY=VALUE",
+                     help="nodeSelector entry of the pods (repeatable)."),
+        click.option("--toleration", "tolerations", multiple=True, metavar="[DEPLOYMENT:]KEY[=VALUE][:EFFECT]",
+                     help="Toleration of the pods (repeatable); no VALUE: any value (Exists); no EFFECT: any."),
+        click.option("--runtime-class", "runtime_class", multiple=True, metavar="[DEPLOYMENT:]NAME",
+                     help="runtimeClassName of the pods, e.g. nvidia."),
+        click.option("--priority-class", "priority_class", multiple=True, metavar="[DEPLOYMENT:]NAME",
+                     help="priorityClassName of the pods."),
+        click.option("--zone-spread", "zone_spread", multiple=True, is_flag=False, flag_value="ScheduleAnyway",
+                     metavar="[DEPLOYMENT[:WHEN]]",
+                     help="Spread the pods across topology.kubernetes.io/zone; WHEN: ScheduleAnyway (default) "
+                          "or DoNotSchedule."),
+        click.option("--accelerator-label", default=None, metavar="KEY",
+                     help="Node label whose value is Ray's accelerator_type (a nodeSelector); without it "
+                          "accelerator_type is ignored (warned)."),
     ]
     for opt in reversed(opts):
         f = opt(f)
@@ -147,11 +197,17 @@ def _compile(target: str | None, rayservice: str | None, name: str | None, route
     kw = dict(kw)
     kw["labels"] = _key_values(kw.pop("labels"), "--label")
     kw["env"] = _key_values(kw.pop("env"), "--env")
+    dns_labels = _key_values(kw.pop("dns_pod_labels", ()), "--dns-pod-label")
+    if dns_labels:
+        kw["dns_pod_labels"] = dns_labels
     secrets_dir = kw.pop("secrets_dir")
     opts = CompileOptions(**kw)
     from shoal.kubernetes.compiler import check_options
 
     check_options(opts)  # before importing the app: option mistakes are quick to report
+    from shoal.kubernetes.compiler.scheduling import check_pod_options
+
+    check_pod_options(opts)
     apps, http_options = load_apps(target, rayservice=rayservice, name=name, route_prefix=route_prefix)
     if opts.create_secret:
         stored = _stored_secrets(secrets_dir, opts, [a.spec.name for a in apps])
@@ -220,14 +276,15 @@ def k8s() -> None:
 @_target_options
 @_build_options
 @click.option("-o", "--output", "output_dir", default=None, metavar="DIR",
-              help="Write one file per object into DIR instead of one YAML stream to stdout.")
+              help="Write one file per object into DIR, plus a kustomization.yaml listing them, instead of "
+                   "one YAML stream to stdout.")
 @click.option("--validate", is_flag=True,
               help="Validate every object against the Kubernetes 1.30 schemas (needs kubernetes-validate).")
 @_errors
 def build(target: str | None, rayservice: str | None, name: str | None, route_prefix: str | None,
           output_dir: str | None, validate: bool, **kw: Any) -> None:
     """Compile TARGET into Kubernetes objects (multi-document YAML)."""
-    from shoal.kubernetes.compiler import to_yaml, to_yaml_stream
+    from shoal.kubernetes.compiler import KUSTOMIZATION, kustomization, to_yaml, to_yaml_stream
 
     result, apps, opts = _compile(target, rayservice, name, route_prefix, kw)
     if validate:
@@ -242,16 +299,19 @@ def build(target: str | None, rayservice: str | None, name: str | None, route_pr
         return
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    written: set[str] = set()
+    written: list[str] = []
     for i, obj in enumerate(result.objects, 1):
         fname = f"{i:02d}-{obj['kind'].lower()}-{obj['metadata']['name']}.yaml"
         (out / fname).write_text(header + to_yaml(obj), encoding="utf-8")
-        written.add(fname)
+        written.append(fname)
+    # A kustomization listing them, so that `kubectl apply -k DIR` and overlays work too.
+    (out / KUSTOMIZATION).write_text(header + kustomization(written), encoding="utf-8")
+    written.append(KUSTOMIZATION)
     # Files from an earlier build of ours that this build no longer has.
     for stale in out.glob("*.yaml"):
         if stale.name not in written and _generated_by_us(stale):
             stale.unlink()
-    click.echo(f"wrote {len(written)} objects to {out}", err=True)
+    click.echo(f"wrote {len(written) - 1} objects and {KUSTOMIZATION} to {out}", err=True)
 
 
 def _generated_by_us(path: Path) -> bool:
@@ -264,19 +324,36 @@ def _generated_by_us(path: Path) -> bool:
 
 @k8s.command("dockerfile")
 @_target_options
-@click.option("-o", "--output", default=None, metavar="FILE", help="Write the Dockerfile here (default: stdout).")
+@click.option("--out", "out_dir", default=None, metavar="DIR",
+              help="Write a whole image context into DIR: the Dockerfile, shoal's wheel, the requirements and the "
+                   "app's code (then `docker build DIR`).")
+@click.option("-o", "--output", default=None, metavar="FILE",
+              help="Write only the Dockerfile, here (default: stdout); the build context is the working directory.")
+@click.option("--requirements", default=None, metavar="FILE",
+              help="The app's pip requirements (default: ./requirements.txt if any); torch pinned with ==.")
+@click.option("--extra", "extras", multiple=True, metavar="NAME",
+              help="An extra of shoal to install with it (repeatable), e.g. --extra rag.")
+@click.option("--torch-index", default="auto", show_default=True, metavar="auto|cpu|cuda|URL",
+              help="Where torch comes from if anything installs it: PyTorch's CPU index, PyPI (CUDA builds) or an "
+                   "index URL; auto is cuda when the config asks for GPUs, else cpu.")
+@click.option("--shoal-wheel", default=None, metavar="PATH",
+              help="shoal's wheel to install (default: built from the running shoal's source tree, or the wheel it "
+                   "was installed from).")
+@click.option("--include", "includes", multiple=True, metavar="PATH",
+              help="With --out: the app's code to copy (repeatable; default: the package of each import path).")
 @click.option("--base-image", default=None, help="Base image (default: python:X.Y-slim of this interpreter).")
 @click.option("--shoal-spec", default=None,
-              help="pip requirement that installs shoal (default: shoal==VERSION, or the build context when it "
-                   "is shoal's source tree).")
+              help="pip requirement that installs shoal instead of its wheel, from an index you publish it to.")
 @click.option("--pip", "pip_packages", multiple=True, metavar="SPEC",
               help="Another pip requirement to install (repeatable), e.g. --pip torch==2.13.0.")
 @_errors
 def dockerfile(target: str | None, rayservice: str | None, name: str | None, route_prefix: str | None,
-               output: str | None, base_image: str | None, shoal_spec: str | None,
-               pip_packages: tuple[str, ...]) -> None:
-    """Write a Dockerfile for TARGET's image; the build context is the working directory."""
-    from shoal.kubernetes.dockerfile import plan_dockerfile, render_dockerfile
+               out_dir: str | None, output: str | None, requirements: str | None, extras: tuple[str, ...],
+               torch_index: str, shoal_wheel: str | None, includes: tuple[str, ...], base_image: str | None,
+               shoal_spec: str | None, pip_packages: tuple[str, ...]) -> None:
+    """Write the image of TARGET: a whole build context (--out DIR), or a Dockerfile for the working directory."""
+    from shoal.kubernetes.dockerfile import config_uses_gpus, render_dockerfile
+    from shoal.kubernetes.image_context import plan_in_workdir, write_image_context
     from shoal.kubernetes.targets import load_schema
 
     config, _ = load_schema(target, rayservice=rayservice, name=name, route_prefix=route_prefix)
@@ -288,16 +365,41 @@ def dockerfile(target: str | None, rayservice: str | None, name: str | None, rou
             rao = dep.options().get("ray_actor_options") or {}
             if isinstance(rao, dict) and rao.get("runtime_env"):
                 envs.append(dict(rao["runtime_env"]))
-    plan = plan_dockerfile(envs, os.getcwd(), base_image=base_image, shoal_spec=shoal_spec,
-                           extra_packages=pip_packages)
+    common: dict[str, Any] = dict(
+        runtime_envs=envs, gpu=config_uses_gpus(config), requirements=requirements, shoal_wheel=shoal_wheel,
+        shoal_spec=shoal_spec, extras=extras, torch_index=torch_index, base_image=base_image,
+        extra_packages=pip_packages)
+    source = rayservice or target or ""
+    if out_dir is not None:
+        if output is not None:
+            raise K8sUsageError("give either --out DIR (a whole image context) or -o FILE (a Dockerfile), not both")
+        ctx = write_image_context(out_dir, target=source, workdir=Path.cwd(), includes=includes,
+                                  import_paths=[a.import_path for a in config.applications], **common)
+        for w in ctx.warnings:
+            click.echo(f"warning: {w}", err=True)
+        _torch_note(ctx.plan, torch_index)
+        click.echo(f"wrote the image context {out_dir}: Dockerfile, {ctx.wheel or 'no wheel'}, {len(ctx.files)} "
+                   f"files of the app; build it with `docker build -t REGISTRY/NAME:TAG {out_dir}`", err=True)
+        return
+    if includes:
+        raise K8sUsageError("--include applies to --out DIR (with -o the whole working directory is the context)")
+    plan = plan_in_workdir(Path.cwd(), **common)
     for w in plan.warnings:
         click.echo(f"warning: {w}", err=True)
-    text = render_dockerfile(plan, rayservice or target or "")
+    _torch_note(plan, torch_index)
+    text = render_dockerfile(plan, source)
     if output:
         Path(output).write_text(text, encoding="utf-8")
         click.echo(f"wrote {output}", err=True)
     else:
         click.echo(text, nl=False)
+
+
+def _torch_note(plan: Any, choice: str) -> None:
+    """Say which torch build ``--torch-index auto`` chose: for ``module:app`` it cannot see ``num_gpus``."""
+    if plan.torch and choice == "auto":
+        build = "CPU build (no GPU in the config" if plan.torch_index else "CUDA build (the config asks for GPUs"
+        click.echo(f"note: torch {build}; --torch-index cpu|cuda|URL decides)", err=True)
 
 
 @k8s.command("apply")
@@ -375,3 +477,82 @@ def apply(target: str | None, rayservice: str | None, name: str | None, route_pr
         raise K8sUsageError(str(e)) from None
     summary = ", ".join(f"{n} {k}" for k, n in counts.items() if n)
     click.echo(f"applied to namespace {opts.namespace!r}: {summary or 'nothing to do'}", err=True)
+
+
+@k8s.command("doctor")
+@_target_options
+@_build_options
+@click.option("--context", default=None, help="kubeconfig context to use.")
+@click.option("--kubeconfig", default=None, help="kubeconfig file (default: $KUBECONFIG or ~/.kube/config).")
+@_errors
+def doctor(target: str | None, rayservice: str | None, name: str | None, route_prefix: str | None,
+           context: str | None, kubeconfig: str | None, **kw: Any) -> None:
+    """Check that the cluster has what TARGET's build needs (give the flags you build with).
+
+    Checks the Kubernetes version, the namespace, the CRD and version of every custom kind the build
+    writes (KEDA ScaledObject, Gateway API HTTPRoute with timeouts per --gateway-api-version,
+    LeaderWorkerSet for gangs, cert-manager with --tls cert-manager, PodMonitor), KEDA's operator
+    running (in --keda-namespace), a GatewayClass and the --gateway Gateway, the --ingress-class, Prometheus for KEDA's
+    trigger and the external metrics API for --autoscaler hpa. Prints one line per check and how to
+    fix what is missing. Changes nothing.
+
+    Exit status: 0 all present, 1 something missing (or not readable with these credentials),
+    2 the cluster cannot be reached (or a bad option).
+    """
+    from shoal.kubernetes.apply import ClusterUnreachable
+    from shoal.kubernetes.doctor import diagnose, render
+
+    kw["create_secret"] = False  # doctor writes nothing, not even the secrets store
+    result, _, opts = _compile(target, rayservice, name, route_prefix, kw)
+    try:
+        api = make_api(context, kubeconfig)
+        findings = diagnose(api, result.objects, opts)
+    except ClusterUnreachable as e:
+        click.echo(f"error: {e}", err=True)
+        raise click.exceptions.Exit(2) from None
+    click.echo(render(findings), nl=False)
+    bad = [f for f in findings if f.status != "ok"]
+    if bad:
+        click.echo(f"{len(bad)} of {len(findings)} checks failed", err=True)
+        raise click.exceptions.Exit(1)
+    click.echo(f"all {len(findings)} checks passed", err=True)
+
+
+@k8s.command("status")
+@click.option("-n", "--namespace", default="default", show_default=True, help="Namespace to look in.")
+@click.option("--app", "app_name", default=None, help="Only this application (default: every shoal app there).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@click.option("--context", default=None, help="kubeconfig context to use.")
+@click.option("--kubeconfig", default=None, help="kubeconfig file (default: $KUBECONFIG or ~/.kube/config).")
+def status(namespace: str, app_name: str | None, as_json: bool, context: str | None, kubeconfig: str | None) -> None:
+    """What the cluster runs of shoal's apps: ready/desired pods per deployment, the autoscaler and
+    whether it works, the route, and why pods are not running. Exit status 0 when every app is
+    ready, 1 when one is not (or none is found), 2 when the cluster cannot be reached."""
+    import json
+
+    from shoal.kubernetes.apply import ClusterUnreachable
+    from shoal.kubernetes.status import collect, render_rows
+
+    try:
+        rows = collect(make_api(context, kubeconfig), namespace, app_name)
+    except (ClusterUnreachable, ImportError) as e:
+        click.echo(f"error: {e}", err=True)
+        raise SystemExit(2) from None
+    if as_json:
+        click.echo(json.dumps({"namespace": namespace, "applications": [r.to_dict() for r in rows]}, indent=2))
+    elif not rows:
+        click.echo(f"no shoal application in namespace {namespace!r}" + (f" named {app_name!r}" if app_name else ""))
+    else:
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table("APP", "DEPLOYMENT", "READY", "AUTOSCALER", "ROUTE", "PROBLEMS", box=None)
+        for row in render_rows(rows):
+            table.add_row(*row)
+        Console(width=200).print(table)
+    raise SystemExit(0 if rows and all(r.ready for r in rows) else 1)
+
+# The scaler pod's command (shoal.kubernetes.scaler): `shoal k8s scaler`.
+from shoal.kubernetes.scaler.command import scaler as _scaler_command  # noqa: E402
+
+k8s.add_command(_scaler_command)

@@ -13,7 +13,8 @@ holds what is specific to gangs:
   whole group, as a dead rank replaces the whole gang locally), ``startupPolicy: LeaderCreated``
   (the leader cannot become ready before its workers exist: its constructor waits for them in
   the rendezvous), group-by-group rolling updates;
-* the placement strategy as pod (anti-)affinity or topology spread within a group;
+* the placement strategy within a group, in forms every Kubernetes version the output targets
+  honours (see :func:`placement_affinity`);
 * the NetworkPolicy between the ranks of one gang. Collectives (gloo, NCCL) open connections
   on ephemeral ports chosen at run time, so ranks of the same LWS may reach each other on any
   TCP port; nothing else gains access.
@@ -32,11 +33,18 @@ __all__ = [
     "gang_network_policy",
     "leader_worker_set",
     "placement_affinity",
+    "placement_annotations",
 ]
 
 Obj = dict[str, Any]
 
 LWS_KIND = "LeaderWorkerSet"
+# On a LeaderWorkerSet: LWS's pod webhook gives every pod of a group a required pod affinity to its
+# own group (a labelSelector on the group's leaderworkerset.sigs.k8s.io/group-key value, which only
+# exists once the leader pod does) and an anti-affinity to every other group, in this topology;
+# the workers are created once the leader is scheduled, with a node selector for its domain.
+ANNOTATION_EXCLUSIVE_TOPOLOGY = "leaderworkerset.sigs.k8s.io/exclusive-topology"
+HOSTNAME = "kubernetes.io/hostname"
 
 
 def gang_env(gang: str) -> list[Obj]:
@@ -55,38 +63,54 @@ def gang_env(gang: str) -> list[Obj]:
     ]
 
 
-def placement_affinity(strategy: str | None) -> tuple[Obj | None, list[Obj]]:
-    """Ray's ``placement_group_strategy`` within one group: (pod ``affinity``, extra topology
-    spread constraints). The group is told apart by LWS's group-key label (``matchLabelKeys``).
+def placement_affinity(strategy: str | None, selector: Mapping[str, str]) -> tuple[Obj | None, list[Obj]]:
+    """Ray's ``placement_group_strategy`` within one group, in the pod templates: (pod
+    ``affinity``, extra topology spread constraints). ``selector`` selects the deployment's pods.
 
-    PACK prefers one node, STRICT_PACK requires it; SPREAD prefers one rank per node,
-    STRICT_SPREAD requires it. None leaves placement to the scheduler.
+    A group is told apart by LWS's group-key label, whose value is known only at run time, so the
+    templates use ``matchLabelKeys``. In topology spread constraints it is beta and on by default
+    since Kubernetes 1.27; in pod (anti-)affinity only since 1.31 (alpha, off, on 1.29/1.30: the
+    API server drops the field there). So:
+
+    * SPREAD / STRICT_SPREAD: one rank per node, as topology spread (ScheduleAnyway /
+      DoNotSchedule) over the group's pods: with more nodes than ranks, a skew of 1 allows no node
+      a second rank.
+    * STRICT_PACK: nothing here; :func:`placement_annotations` asks LWS itself to place the group
+      (its webhook writes the group's key value into the selector).
+    * PACK: a preferred affinity to the group's pods; where ``matchLabelKeys`` is dropped it
+      degrades to preferring nodes with pods of the same deployment (never another app's).
+    * None leaves placement to the scheduler.
     """
     keys = [names.LWS_LABEL_GROUP_KEY]
-    term: Obj = {"labelSelector": {"matchExpressions": [{"key": names.LWS_LABEL_GROUP_KEY, "operator": "Exists"}]},
-                 "matchLabelKeys": keys, "topologyKey": "kubernetes.io/hostname"}
-    if strategy == "STRICT_PACK":
-        return {"podAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": [term]}}, []
+    group_selector: Obj = {"matchLabels": dict(selector)}
     if strategy == "PACK":
+        term: Obj = {"labelSelector": group_selector, "matchLabelKeys": keys, "topologyKey": HOSTNAME}
         return {"podAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [
             {"weight": 100, "podAffinityTerm": term}]}}, []
-    if strategy == "STRICT_SPREAD":
-        return {"podAntiAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": [term]}}, []
-    if strategy == "SPREAD":
+    if strategy in ("SPREAD", "STRICT_SPREAD"):
         return None, [{
             "maxSkew": 1,
-            "topologyKey": "kubernetes.io/hostname",
-            "whenUnsatisfiable": "ScheduleAnyway",
-            "labelSelector": term["labelSelector"],
+            "topologyKey": HOSTNAME,
+            "whenUnsatisfiable": "DoNotSchedule" if strategy == "STRICT_SPREAD" else "ScheduleAnyway",
+            "labelSelector": group_selector,
             "matchLabelKeys": keys,
         }]
     return None, []
 
 
+def placement_annotations(strategy: str | None) -> dict[str, str]:
+    """The LeaderWorkerSet's annotations for ``strategy``: STRICT_PACK puts a group on one node
+    through LWS's exclusive placement, which also keeps other groups (of any LeaderWorkerSet that
+    uses it) off that node: a node per group, as a gang of GPU ranks usually wants anyway."""
+    if strategy == "STRICT_PACK":
+        return {ANNOTATION_EXCLUSIVE_TOPOLOGY: HOSTNAME}
+    return {}
+
+
 def leader_worker_set(metadata: Obj, *, replicas: int | None, size: int, leader_template: Obj,
-                      worker_template: Obj) -> Obj:
+                      worker_template: Obj, max_surge: int | str = 1, max_unavailable: int | str = 0) -> Obj:
     """The LeaderWorkerSet of a gang deployment: ``replicas`` groups (None when an autoscaler
-    owns the count) of ``size`` pods."""
+    owns the count) of ``size`` pods, rolled ``max_surge``/``max_unavailable`` groups at a time."""
     spec: Obj = {}
     if replicas is not None:
         spec["replicas"] = replicas
@@ -94,10 +118,11 @@ def leader_worker_set(metadata: Obj, *, replicas: int | None, size: int, leader_
         # The leader's constructor waits for every rank in the rendezvous, so it cannot be ready
         # before its workers exist: workers are created as soon as the leader pod is.
         "startupPolicy": "LeaderCreated",
-        # Group by group, with one spare group: never fewer ready gangs than asked for.
+        # Group by group: with a spare group (never fewer ready gangs than asked for), or for GPU
+        # gangs one group down at a time (a full GPU pool has no room for a spare).
         "rolloutStrategy": {
             "type": "RollingUpdate",
-            "rollingUpdateConfiguration": {"maxUnavailable": 0, "maxSurge": 1},
+            "rollingUpdateConfiguration": {"maxUnavailable": max_unavailable, "maxSurge": max_surge},
         },
         # One headless Service named after the LWS: "<pod>.<lws>.<namespace>" for every rank.
         "networkConfig": {"subdomainPolicy": "Shared"},

@@ -74,6 +74,22 @@ METRIC_ONGOING = "shoal_replica_ongoing_requests"
 # Requests a caller holds for a deployment it cannot reach yet (e.g. scaled to zero),
 # labels: app, deployment (the callee).
 METRIC_CALLER_QUEUED = "shoal_handle_queued_requests"
+# Custom autoscaling metrics a replica reports (record_autoscaling_stats), labels: app,
+# deployment, metric; read by the shoal scaler when present.
+METRIC_AUTOSCALING_CUSTOM = "shoal_replica_autoscaling_metric"
+
+# The per-application shoal scaler (shoal.kubernetes.scaler): its HTTP port (KEDA's metrics-api
+# trigger reads /scale/<deployment>; callers POST /demand/<deployment>), and the environment
+# telling replica pods where it is and how long to hold requests for a deployment with no pod.
+SCALER_PORT = 8002
+ENV_SCALER_URL = "SHOAL_SCALER_URL"  # http://<scaler Service>.<namespace>.svc.<domain>:SCALER_PORT
+ENV_WAKE_TIMEOUT = "SHOAL_WAKE_TIMEOUT_S"  # seconds; default DEFAULT_WAKE_TIMEOUT_S
+DEFAULT_WAKE_TIMEOUT_S = 120.0
+
+
+def scaler_name(app: str) -> str:
+    """Name of the scaler's Deployment and ClusterIP Service of application ``app``."""
+    return dns_label(app, "shoal-scaler")
 
 _DNS1035 = re.compile(r"[^a-z0-9-]+")
 

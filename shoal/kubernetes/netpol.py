@@ -6,8 +6,12 @@ policy's rules allow gets through; policies add up, they never subtract. A conne
 both the source's egress and the destination's ingress to allow it. Used by the tests (and
 usable by the pod simulation) to prove the generated policies admit exactly the call graph.
 
-Not modelled: traffic from the node (kubelet probes), which most network plugins always
-allow, and ``ipBlock`` ``except`` lists beyond a plain containment test.
+Traffic between a pod and its own node (kubelet probes, hostNetwork pods there) is always
+allowed, whatever the policies say, as the NetworkPolicy API specifies: an :class:`Endpoint`
+with ``node=True`` stands for that node. Not modelled: ``ipBlock`` ``except`` lists beyond a
+plain containment test, and what a policy does to traffic that was NATed on the way (a
+load balancer that keeps or replaces the client address depends on the Service's
+``externalTrafficPolicy`` and the plugin).
 """
 
 from __future__ import annotations
@@ -24,7 +28,8 @@ Obj = dict[str, Any]
 
 @dataclass(frozen=True)
 class Endpoint:
-    """One side of a connection: a pod (labels, namespace) or, with ``pod=False``, an outside address."""
+    """One side of a connection: a pod (labels, namespace), with ``pod=False`` an outside address, with
+    ``node=True`` the node the other side runs on."""
 
     labels: Mapping[str, str] = field(default_factory=dict)
     namespace: str = "default"
@@ -33,6 +38,8 @@ class Endpoint:
     # Named container ports of the pod (for policies that name ports).
     ports: Mapping[str, int] = field(default_factory=dict)
     pod: bool = True
+    # The node the other side runs on (the kubelet probing it): never subject to NetworkPolicy.
+    node: bool = False
 
     def ns_labels(self) -> Mapping[str, str]:
         labels = dict(self.namespace_labels or {})
@@ -133,6 +140,8 @@ def _direction_allows(policies: Iterable[Obj], subject: Endpoint, peer: Endpoint
 
 def allowed(policies: Iterable[Obj], src: Endpoint, dst: Endpoint, port: int, protocol: str = "TCP") -> bool:
     """Whether ``src`` may connect to ``dst`` on ``port`` under ``policies`` (other objects are ignored)."""
+    if src.node or dst.node:
+        return True  # "traffic to and from the node where a Pod is running is always allowed"
     pols = [p for p in policies if p.get("kind") == "NetworkPolicy"]
     if src.pod and not _direction_allows(pols, src, dst, port, protocol, "Egress", dst.ports):
         return False

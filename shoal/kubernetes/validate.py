@@ -132,7 +132,19 @@ SCALED_OBJECT = _object("keda.sh/v1alpha1", "ScaledObject", {
         "idleReplicaCount": {"type": "integer", "minimum": 0},
         "minReplicaCount": {"type": "integer", "minimum": 0},
         "maxReplicaCount": {"type": "integer", "minimum": 1},
-        "fallback": {"type": "object"},
+        # KEDA: fallback.replicas once a trigger failed failureThreshold times in a row; only for
+        # triggers of metricType AverageValue (checked below); behavior since KEDA 2.15.
+        "fallback": {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["failureThreshold", "replicas"],
+            "properties": {
+                "failureThreshold": {"type": "integer", "minimum": 1},
+                "replicas": {"type": "integer", "minimum": 0},
+                "behavior": {"enum": ["static", "currentReplicas", "currentReplicasIfHigher",
+                                      "currentReplicasIfLower"]},
+            },
+        },
         "advanced": {
             "type": "object",
             "additionalProperties": False,
@@ -169,22 +181,44 @@ SCALED_OBJECT = _object("keda.sh/v1alpha1", "ScaledObject", {
                     # KEDA trigger metadata values are all strings.
                     "metadata": _STR_MAP,
                 },
-                "if": {"properties": {"type": {"const": "prometheus"}}},
-                "then": {
-                    "properties": {
-                        "metadata": {
-                            "required": ["serverAddress", "query", "threshold"],
-                            "properties": {
-                                "threshold": {"type": "string", "pattern": r"^[0-9]+(\.[0-9]+)?$"},
-                                "activationThreshold": {"type": "string", "pattern": r"^[0-9]+(\.[0-9]+)?$"},
-                                "ignoreNullValues": {"enum": ["true", "false"]},
-                            },
+                "allOf": [{
+                    "if": {"properties": {"type": {"const": "prometheus"}}},
+                    "then": {
+                        "properties": {
+                            "metadata": {
+                                "required": ["serverAddress", "query", "threshold"],
+                                "properties": {
+                                    "threshold": {"type": "string", "pattern": r"^[0-9]+(\.[0-9]+)?$"},
+                                    "activationThreshold": {"type": "string", "pattern": r"^[0-9]+(\.[0-9]+)?$"},
+                                    "ignoreNullValues": {"enum": ["true", "false"]},
+                                },
+                            }
                         }
-                    }
-                },
+                    },
+                }, {
+                    # KEDA's metrics-api scaler: a JSON value at valueLocation (GJSON path) of url.
+                    "if": {"properties": {"type": {"const": "metrics-api"}}},
+                    "then": {
+                        "properties": {
+                            "metadata": {
+                                "required": ["url", "valueLocation", "targetValue"],
+                                "properties": {
+                                    "url": {"type": "string", "pattern": r"^https?://[^/\s]+(/\S*)?$"},
+                                    "targetValue": {"type": "string", "pattern": r"^[0-9]+(\.[0-9]+)?$"},
+                                    "activationTargetValue": {"type": "string", "pattern": r"^[0-9]+(\.[0-9]+)?$"},
+                                    "format": {"enum": ["json", "xml", "yaml", "prometheus"]},
+                                },
+                            }
+                        }
+                    },
+                }],
             },
         },
     },
+    # A fallback is only honoured for triggers of metricType AverageValue (KEDA refuses others).
+    "if": {"required": ["fallback"]},
+    "then": {"properties": {"triggers": {"items": {"required": ["metricType"],
+                                                    "properties": {"metricType": {"const": "AverageValue"}}}}}},
 })
 
 _DURATION = {"type": "string", "pattern": r"^([0-9]{1,5}(h|m|s|ms)){1,4}$"}

@@ -83,7 +83,8 @@ def test_prune_removes_what_the_build_no_longer_has(demo: LoadedApp) -> None:
                       "poddisruptionbudget.policy/default-tokenizer", "service/default-tokenizer"]
     counts = execute(plan, cluster)
     assert counts["pruned"] == 4
-    assert cluster.names("Deployment") == ["default-api", "default-extra", "default-model", "other-api"]
+    assert cluster.names("Deployment") == ["default-api", "default-extra", "default-model", "default-shoal-scaler",
+                                           "other-api"]
     # Routes go first, service accounts last: the order of PRUNE_KINDS.
     deleted = [c[1][0] for c in cluster.calls if c[0] == "delete"]
     order = [k for _, k in ka.PRUNE_KINDS]
@@ -203,7 +204,7 @@ def test_canary_apply_leaves_the_stable_version_alone(demo: LoadedApp) -> None:
     assert [b["weight"] for b in route["spec"]["rules"][0]["backendRefs"]] == [80, 20]
     # Promote: a plain build of v2 rolls the stable objects and prunes the canary's.
     execute(plan_apply(build(demo, version="v2"), cluster, scope()), cluster)
-    assert cluster.names("Deployment") == ["default-api", "default-model", "default-tokenizer"]
+    assert cluster.names("Deployment") == ["default-api", "default-model", "default-shoal-scaler", "default-tokenizer"]
     assert "default-v1-http" not in cluster.names("Service")
     route = cluster.objects[("gateway.networking.k8s.io/v1", "HTTPRoute", "ml", "default")]
     assert route["spec"]["rules"][0]["backendRefs"] == [{"group": "", "kind": "Service", "name": "default-http",
@@ -236,7 +237,7 @@ def test_missing_kubernetes_package_is_a_clear_error(monkeypatch: pytest.MonkeyP
         return real(name, package)
 
     monkeypatch.setattr(importlib, "import_module", fake_import)
-    with pytest.raises(ImportError, match=r"pip install 'shoal\[kubernetes\]'"):
+    with pytest.raises(ImportError, match=r"install shoal's kubernetes extra"):
         ka.KubernetesAPI()
 
 
@@ -256,3 +257,33 @@ def test_real_client_without_a_cluster(tmp_path: Any) -> None:
     api._api_client.configuration.retries = 0
     with pytest.raises(ka.ClusterUnreachable, match=r"cannot reach the Kubernetes API"):
         api.get("v1", "ConfigMap", "default", "x")
+
+
+def test_a_deployment_whose_selector_changed_is_recreated(demo: LoadedApp) -> None:
+    """An app applied by an older shoal (selectors on app.kubernetes.io/instance, which clashes with
+    Argo CD's tracking label) moves to the new selector: the API refuses to change a Deployment's
+    selector in place, so apply deletes it and creates it again, and says so."""
+    cluster = FakeCluster()
+    objs = build(demo)
+    old = copy.deepcopy(objs)
+    for o in old:
+        if o["kind"] == "Deployment":
+            o["spec"]["selector"]["matchLabels"]["app.kubernetes.io/instance"] = "default"
+            o["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/instance"] = "default"
+    deploy(cluster, old)
+    with pytest.raises(ka.ApplyRejected, match="field is immutable"):  # what a plain re-apply meets
+        cluster.apply(next(o for o in objs if o["kind"] == "Deployment"), field_manager=ka.FIELD_MANAGER,
+                      force=False, dry_run=False)
+    plan = plan_apply(objs, cluster, scope())
+    names = sorted(r.name for r in plan.recreate)
+    assert names == sorted(o["metadata"]["name"] for o in objs if o["kind"] == "Deployment")
+    assert any("selector changed" in w for w in plan.warnings)
+    said: list[str] = []
+    counts = execute(plan, cluster, echo=said.append)
+    assert counts["created"] == len(names)
+    assert sum("deleted (its selector changed" in line for line in said) == len(names)
+    for o in objs:
+        if o["kind"] == "Deployment":
+            live = cluster.get("apps/v1", "Deployment", "ml", o["metadata"]["name"])
+            assert live is not None and live["spec"]["selector"] == o["spec"]["selector"]
+    assert plan_apply(objs, cluster, scope()).recreate == []  # done once

@@ -115,11 +115,13 @@ def test_every_object_is_namespaced_and_labelled(demo: LoadedApp) -> None:
     for dep in find(objs, "Deployment"):
         pod_labels = dep["spec"]["template"]["metadata"]["labels"]
         assert pod_labels["team"] == "search"
-        assert pod_labels["app.kubernetes.io/name"] == dep["metadata"]["annotations"]["shoal.dev/deployment"]
-        assert pod_labels["app.kubernetes.io/instance"] == "default"
+        # The scaler pod (autoscaling) is the app's, not a deployment's.
+        assert pod_labels["app.kubernetes.io/name"] == dep["metadata"]["annotations"].get("shoal.dev/deployment",
+                                                                                          "shoal-scaler")
+        assert pod_labels["shoal.dev/instance"] == "default"
         # The selector is immutable on a Deployment: no version or user label in it.
         assert set(dep["spec"]["selector"]["matchLabels"]) == {
-            "app.kubernetes.io/part-of", "app.kubernetes.io/instance", "app.kubernetes.io/name"}
+            "app.kubernetes.io/part-of", "shoal.dev/instance", "app.kubernetes.io/name"}
     validate_objects(objs)
 
 
@@ -167,10 +169,10 @@ def test_config_map_holds_the_serve_config(demo: LoadedApp) -> None:
     from shoal.schema import ServeDeploySchema
 
     ServeDeploySchema.from_dict(config)
-    # A config change rolls the pods.
+    # A config change rolls the pods that read it: one hash per deployment (test_k8s_workloads).
     hashes = {d["spec"]["template"]["metadata"]["annotations"]["shoal.dev/config-hash"]
-              for d in find(objs, "Deployment")}
-    assert len(hashes) == 1
+              for d in find(objs, "Deployment") if "shoal.dev/deployment" in d["metadata"]["annotations"]}
+    assert len(hashes) == 3
 
 
 def test_probes_and_shutdown(demo: LoadedApp) -> None:
@@ -225,9 +227,10 @@ def test_restricted_pod_security_on_every_pod_template(demo: LoadedApp) -> None:
                     assert "hostPort" not in p
                 mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
                 volumes = {v["name"]: v for v in pod["volumes"]}
-                for writable in ("/tmp", "/var/cache/shoal", "/dev/shm"):
+                replica = c["name"] == "replica"  # not the autoscaler pod's container: no /dev/shm there
+                for writable in ("/tmp", "/var/cache/shoal", "/dev/shm")[:3 if replica else 2]:
                     assert "emptyDir" in volumes[mounts[writable]]
-                assert volumes[mounts["/dev/shm"]]["emptyDir"]["medium"] == "Memory"
+                assert not replica or volumes[mounts["/dev/shm"]]["emptyDir"]["medium"] == "Memory"
                 env = {e["name"]: e.get("value") for e in c["env"]}
                 assert env["HOME"] == "/var/cache/shoal"
 
@@ -258,15 +261,20 @@ def test_restricted_checker_finds_violations(demo: LoadedApp) -> None:
 def test_resources_from_ray_actor_options(demo: LoadedApp) -> None:
     objs = build(demo)
     tok = container(one(objs, "Deployment", "default-tokenizer"))["resources"]
-    assert tok == {"requests": {"cpu": "500m", "memory": "2Gi"}, "limits": {"memory": "2Gi"}}
+    scratch = {"ephemeral-storage": "12Gi"}  # /tmp, cache and logs (test_k8s_workloads)
+    assert tok == {"requests": {"cpu": "500m", "memory": "2Gi", **scratch},
+                   "limits": {"cpu": "500m", "memory": "2Gi", **scratch}}
     api = container(one(objs, "Deployment", "default-api"))["resources"]
-    assert api == {"requests": {"cpu": "1"}}  # Ray reserves one CPU when num_cpus is unset
+    # Ray reserves one CPU when num_cpus is unset; memory from --default-memory.
+    assert api == {"requests": {"cpu": "1", "memory": "2Gi", **scratch}, "limits": {"cpu": "1", "memory": "2Gi",
+                                                                                     **scratch}}
     model = one(objs, "Deployment", "default-model")
-    assert container(model)["resources"]["limits"] == {"nvidia.com/mig-1g.10gb": "1"}
+    assert container(model)["resources"]["limits"] == {"cpu": "1", "memory": "2Gi", **scratch,
+                                                       "nvidia.com/mig-1g.10gb": "1"}
     assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in \
         model["spec"]["template"]["spec"]["tolerations"]
-    limited = build(demo, cpu_limits=True)
-    assert container(one(limited, "Deployment", "default-tokenizer"))["resources"]["limits"]["cpu"] == "500m"
+    unlimited = build(demo, cpu_limits=False)
+    assert "cpu" not in container(one(unlimited, "Deployment", "default-tokenizer"))["resources"]["limits"]
 
 
 def test_quantities() -> None:
@@ -288,13 +296,13 @@ def test_whole_gpus_and_fraction_errors() -> None:
     whole = _single(ray_actor_options={"num_gpus": 2}, num_replicas=3)
     objs = build(whole, gpu_resource=None)
     dep = one(objs, "Deployment", "one-gpu")
-    assert container(dep)["resources"]["limits"] == {"nvidia.com/gpu": "2"}
+    assert container(dep)["resources"]["limits"]["nvidia.com/gpu"] == "2"
     assert dep["spec"]["replicas"] == 3
     frac = _single(ray_actor_options={"num_gpus": 0.25})
     with pytest.raises(CompileError, match=r"deployment 'Gpu'.*num_gpus=0.25.*--gpu-resource"):
         build(frac, gpu_resource=None)
     shared = build(frac, gpu_resource="nvidia.com/gpu.shared")
-    assert container(one(shared, "Deployment", "one-gpu"))["resources"]["limits"] == {"nvidia.com/gpu.shared": "1"}
+    assert container(one(shared, "Deployment", "one-gpu"))["resources"]["limits"]["nvidia.com/gpu.shared"] == "1"
     validate_objects(shared)
 
 
@@ -304,17 +312,15 @@ def test_keda_scaled_object(demo: LoadedApp) -> None:
     spec = so["spec"]
     assert spec["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "default-model"}
     assert spec["minReplicaCount"] == 0 and spec["maxReplicaCount"] == 4
+    # The app's scaler applies the delays (5 s up, 60 s down): the HPA adds none.
     behavior = spec["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]
-    assert behavior["scaleUp"]["stabilizationWindowSeconds"] == 5
-    assert behavior["scaleDown"]["stabilizationWindowSeconds"] == 60
+    assert behavior["scaleUp"]["stabilizationWindowSeconds"] == 0
+    assert behavior["scaleDown"]["stabilizationWindowSeconds"] == 0
     (trigger,) = spec["triggers"]
-    assert trigger["type"] == "prometheus"
+    assert trigger["type"] == "metrics-api" and trigger["metricType"] == "AverageValue"
     md = trigger["metadata"]
-    assert md["threshold"] == "2"
-    assert md["activationThreshold"] == "0"
-    assert names.METRIC_ONGOING in md["query"] and names.METRIC_CALLER_QUEUED in md["query"]
-    assert 'deployment="Model"' in md["query"] and 'app="default"' in md["query"]
-    assert 'namespace="ml"' in md["query"]
+    assert md["url"] == f"http://default-shoal-scaler.ml.svc.cluster.local:{names.SCALER_PORT}/scale/Model"
+    assert md["valueLocation"] == "desired" and md["targetValue"] == "1" and md["activationTargetValue"] == "0"
     # The autoscaled Deployment leaves replicas to the autoscaler.
     assert "replicas" not in one(objs, "Deployment", "default-model")["spec"]
     assert one(objs, "Deployment", "default-api")["spec"]["replicas"] == 2
@@ -432,7 +438,7 @@ def test_canary_objects(demo: LoadedApp) -> None:
         d = one(objs, "Deployment", names.workload_name(inst, dep))
         assert env_of(d)[names.ENV_APP] == inst
         assert d["metadata"]["labels"]["app.kubernetes.io/part-of"] == "default"
-        assert d["metadata"]["labels"]["app.kubernetes.io/instance"] == inst
+        assert d["metadata"]["labels"]["shoal.dev/instance"] == inst
     assert not find(objs, "Deployment", "default-api")
     cm = one(objs, "ConfigMap", names.config_map_name(inst))
     assert yaml.safe_load(cm["data"]["serve.yaml"])["applications"][0]["name"] == inst
@@ -442,14 +448,14 @@ def test_canary_objects(demo: LoadedApp) -> None:
     new_svc = one(objs, "Service", names.ingress_service_name(inst))
     old_svc = one(objs, "Service", names.ingress_service_name("default-v1"))
     assert old_svc["spec"]["selector"]["app.kubernetes.io/version"] == "v1"
-    assert old_svc["spec"]["selector"]["app.kubernetes.io/instance"] == "default"
-    assert new_svc["spec"]["selector"]["app.kubernetes.io/instance"] == inst
+    assert old_svc["spec"]["selector"]["shoal.dev/instance"] == "default"
+    assert new_svc["spec"]["selector"]["shoal.dev/instance"] == inst
     route = one(objs, "HTTPRoute", "default")
     backends = route["spec"]["rules"][0]["backendRefs"]
     assert [(b["name"], b["weight"]) for b in backends] == [("default-v1-http", 90), ("default-v2-http", 10)]
-    assert route["metadata"]["labels"]["app.kubernetes.io/instance"] == "default"
-    assert one(objs, "ScaledObject", "default-v2-model")["spec"]["triggers"][0]["metadata"]["query"].count(
-        'app="default-v2"') == 2
+    assert route["metadata"]["labels"]["shoal.dev/instance"] == "default"
+    assert one(objs, "ScaledObject", "default-v2-model")["spec"]["triggers"][0]["metadata"]["url"].startswith(
+        "http://default-v2-shoal-scaler.")
     validate_objects(objs)
 
 

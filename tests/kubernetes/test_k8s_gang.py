@@ -63,13 +63,15 @@ def test_a_gang_compiles_to_a_leader_worker_set(pipeline: LoadedApp) -> None:
         assert env["RANK"] == "$(LWS_WORKER_INDEX)" and env["WORLD_SIZE"] == "$(LWS_GROUP_SIZE)"
         assert env[names.ENV_GANG] == GANG
         # Per-rank resources from the bundles; the same probes and security as any replica.
-        assert c["resources"] == {"requests": {"cpu": "4", "memory": "16Gi"},
-                                  "limits": {"memory": "16Gi", "nvidia.com/gpu": "1"}}
+        scratch = {"ephemeral-storage": "12Gi"}
+        assert c["resources"] == {"requests": {"cpu": "4", "memory": "16Gi", **scratch},
+                                  "limits": {"cpu": "4", "memory": "16Gi", **scratch, "nvidia.com/gpu": "1"}}
         assert c["readinessProbe"]["httpGet"]["path"] == "/-/ready"
         assert c["securityContext"]["readOnlyRootFilesystem"] is True
-        # STRICT_SPREAD: the ranks of one group on different nodes.
-        term = tmpl["spec"]["affinity"]["podAntiAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][0]
-        assert term["matchLabelKeys"] == [names.LWS_LABEL_GROUP_KEY]
+        # STRICT_SPREAD: the ranks of one group on different nodes (test_k8s_workloads: on every version).
+        spread = tmpl["spec"]["topologySpreadConstraints"][-1]
+        assert spread["matchLabelKeys"] == [names.LWS_LABEL_GROUP_KEY]
+        assert spread["whenUnsatisfiable"] == "DoNotSchedule"
     ports = {p["name"] for p in leader["spec"]["containers"][0]["ports"]}
     assert ports == {"rpc", "admin", "rendezvous"}
     assert {p["name"] for p in worker["spec"]["containers"][0]["ports"]} == {"rpc", "admin"}
@@ -168,9 +170,10 @@ def test_workers_with_different_bundles_get_the_largest_and_a_warning() -> None:
     spec = build_app_spec(gang.bind(), "b", "/")
     res = compile_app(spec, {"name": "b", "import_path": "x:y"}, OPTS)
     lwt = one(res.objects, "LeaderWorkerSet", names.gang_name("b", "Sharded"))["spec"]["leaderWorkerTemplate"]
-    assert lwt["leaderTemplate"]["spec"]["containers"][0]["resources"] == {"requests": {"cpu": "2"}}
-    assert lwt["workerTemplate"]["spec"]["containers"][0]["resources"] == {
-        "requests": {"cpu": "3"}, "limits": {"nvidia.com/gpu": "1"}}
+    assert lwt["leaderTemplate"]["spec"]["containers"][0]["resources"]["requests"]["cpu"] == "2"
+    assert "nvidia.com/gpu" not in lwt["leaderTemplate"]["spec"]["containers"][0]["resources"]["limits"]
+    assert lwt["workerTemplate"]["spec"]["containers"][0]["resources"]["requests"]["cpu"] == "3"
+    assert lwt["workerTemplate"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
     assert "tolerations" in lwt["workerTemplate"]["spec"] and "tolerations" not in lwt["leaderTemplate"]["spec"]
     assert any("largest of their bundles" in w for w in res.warnings)
 
@@ -192,7 +195,7 @@ def test_the_leader_worker_set_schema_is_strict(pipeline: LoadedApp) -> None:
     with pytest.raises(ObjectInvalid, match=r"spec\.leaderWorkerTemplate\.workerTemplate"):
         validate_object(bad)
     bad = copy.deepcopy(lws)
-    bad["spec"]["rolloutStrategy"]["rollingUpdateConfiguration"]["maxSurge"] = 0
+    bad["spec"]["rolloutStrategy"]["rollingUpdateConfiguration"].update(maxSurge=0, maxUnavailable=0)
     with pytest.raises(ObjectInvalid, match="rollingUpdateConfiguration"):
         validate_object(bad)
     bad = copy.deepcopy(lws)

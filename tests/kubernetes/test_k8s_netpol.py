@@ -2,8 +2,8 @@
 
 For every ordered pair of pods of an app and every port, the evaluator's verdict must equal what
 the graph says: caller -> callee on the RPC port and nothing else between the app's pods; from
-outside, other pods -> the ingress deployment's HTTP port and the metrics scraper -> the admin
-port; out of the app, DNS only.
+outside, the Gateway's namespace -> the ingress deployment's HTTP port and the monitoring
+namespace -> the admin port; out of the app, DNS only.
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ def pods_of(objs: list[Obj]) -> dict[str, Endpoint]:
     """One Endpoint per Deployment, with its pod template's labels and named ports."""
     out = {}
     for d in objs:
-        if d["kind"] != "Deployment":
-            continue
+        if d["kind"] != "Deployment" or "shoal.dev/deployment" not in d["metadata"]["annotations"]:
+            continue  # (the autoscaler's scaler pod is not a deployment of the app)
         tmpl = d["spec"]["template"]
         ports = {p["name"]: p["containerPort"] for p in tmpl["spec"]["containers"][0]["ports"]}
         out[d["metadata"]["annotations"]["shoal.dev/deployment"]] = Endpoint(
@@ -43,7 +43,7 @@ def pods_of(objs: list[Obj]) -> dict[str, Endpoint]:
 def expected(spec: AppSpec, src: str, dst: str, port: int) -> bool:
     """Between the app's own pods: the graph's edges on the RPC port, nothing else.
 
-    (The HTTP and admin ports admit any namespace by default, but the app's pods have no
+    (The HTTP port admits the Gateway's namespace, here the app's own, but the app's pods have no
     egress beyond their callees and DNS.)
     """
     return port == names.RPC_PORT and (src, dst) in spec.edges()
@@ -96,10 +96,14 @@ def test_rag_policies_admit_exactly_the_call_graph(rag: tuple[AppSpec, list[Obj]
 def test_rag_outside_traffic(rag: tuple[AppSpec, list[Obj]]) -> None:
     _, objs = rag
     pods = pods_of(objs)
-    gateway = Endpoint(labels={"app": "envoy"}, namespace="gateway-system")
+    # --gateway web without --gateway-namespace: the Gateway (and its proxies) live in the app's namespace.
+    gateway = Endpoint(labels={"app": "envoy"}, namespace=NS)
     prometheus = Endpoint(labels={"app": "prometheus"}, namespace="monitoring")
     stranger = Endpoint(labels={"app": "other"}, namespace=NS)
+    elsewhere = Endpoint(labels={"app": "envoy"}, namespace="gateway-system")
     assert allowed(objs, gateway, pods["RAGApp"], names.HTTP_PORT)
+    assert not allowed(objs, elsewhere, pods["RAGApp"], names.HTTP_PORT)  # no bypassing the Gateway
+    assert not allowed(objs, elsewhere, pods["RAGApp"], names.ADMIN_PORT)
     assert not allowed(objs, gateway, pods["Generator"], names.HTTP_PORT)
     assert not allowed(objs, gateway, pods["RAGApp"], names.RPC_PORT)
     for pod in pods.values():

@@ -50,11 +50,11 @@ def test_seed_rayservice_compiles_with_its_overrides(rag_app_module: Path) -> No
     assert set(deployments) == {"RAGApp", "Retriever", "Embedder", "Generator"}
     gen = deployments["Generator"]
     assert gen["spec"]["replicas"] == 2
-    assert gen["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"] == {"nvidia.com/gpu": "1"}
+    assert gen["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
     for name, dep in deployments.items():
         if name != "Generator":
             assert dep["spec"]["replicas"] == 1
-            assert "limits" not in dep["spec"]["template"]["spec"]["containers"][0].get("resources", {})
+            assert "nvidia.com/gpu" not in dep["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]
     cm = next(o for o in objs if o["kind"] == "ConfigMap")
     assert "import_path: rag_app:app" in cm["data"][names.CONFIG_FILE_NAME]
     assert "num_gpus: 1.0" in cm["data"][names.CONFIG_FILE_NAME]

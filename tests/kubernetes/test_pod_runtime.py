@@ -88,9 +88,11 @@ def test_rpc_handshake_admission_and_metrics(tmp_path: Path) -> None:
         assert metric(pod, pod_mod.METRIC_READY, app=APP, deployment="B") == 1
 
 
-def test_ready_follows_check_health(tmp_path: Path) -> None:
+def test_ready_follows_check_health_and_liveness_fails_after_three_in_a_row(tmp_path: Path) -> None:
     sick = tmp_path / "sick"
-    objects = build_objects(tmp_path, deployments=[{"name": "B", "user_config": {"unhealthy_file": str(sick)}}])
+    # Checks 2 s apart: the test recovers B well before a third failure in a row.
+    objects = build_objects(tmp_path, deployments=[{"name": "B", "user_config": {"unhealthy_file": str(sick)},
+                                                    "health_check_period_s": 2}])
     with running(objects, replicas=ONLY_B) as sim:
         pod = sim.pods_of("pipe-b")[0]
         dns = names.service_dns(APP, "B", sim.namespace)
@@ -107,6 +109,13 @@ def test_ready_follows_check_health(tmp_path: Path) -> None:
         assert wait_for(lambda: admin(pod, "/-/ready")[0] == 200)
         assert wait_for(lambda: sim.resolver_records()[dns] == [pod.ip])
         assert pod.restarts == 0
+        # Three failures in a row (Ray's threshold): the liveness endpoint fails for good, so the
+        # kubelet restarts the container, as Ray Serve replaces such a replica.
+        sick.touch()
+        assert wait_for(lambda: admin(pod, "/-/healthz")[0] == 503, 30)
+        assert b"check_health failed 3 times in a row" in admin(pod, "/-/healthz")[1]
+        sick.unlink()
+        assert admin(pod, "/-/ready")[0] == 503 and admin(pod, "/-/healthz")[0] == 503
 
 
 def test_caller_holds_requests_while_callee_has_no_pods(tmp_path: Path) -> None:

@@ -87,9 +87,11 @@ def test_kill_9_costs_at_most_the_requests_in_flight(sim: PodSim, traffic: Traff
 
 def test_rolling_update_to_a_new_version_fails_nothing(sim: PodSim, traffic: Traffic) -> None:
     old = {p.name for p in sim.pods if not p.gone and not p.deleted}
-    v2 = [*DEPLOYMENTS[:2], {"name": "B", "num_replicas": 2, "user_config": {"version": "v2", "delay_s": 0.02}}]
+    # B's user_config and A's max_ongoing_requests change. Each pod template follows what its pods
+    # read (test_k8s_workloads): B's and A's own entries, and Ingress's router enforces A's limit.
+    v2 = [DEPLOYMENTS[0], {"name": "A", "num_replicas": 2, "max_ongoing_requests": 12},
+          {"name": "B", "num_replicas": 2, "user_config": {"version": "v2", "delay_s": 0.02}}]
     sim.apply(build_objects(sim.tmp, deployments=v2))  # type: ignore[attr-defined]
-    # The config changed, so every Deployment's pod template did: all three rolled.
     assert not old & {p.name for d in ("pipe-ingress", "pipe-a", "pipe-b") for p in sim.pods_of(d)}
     sim.wait_gone(30)
     n = len(traffic.bodies)

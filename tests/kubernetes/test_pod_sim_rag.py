@@ -27,10 +27,13 @@ APP = "rag"
 ENV = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
-def _deployments(generator_version: str) -> list[dict[str, object]]:
-    # A changed option of one deployment changes the app's ConfigMap: every Deployment rolls.
+def _deployments(version: str) -> list[dict[str, object]]:
+    # Each deployment's pods roll when an option of that deployment changes (and only then):
+    # v2 changes every deployment's health_check_period_s, so all four roll.
+    period = 2 if version == "v1" else 3
     return [{"name": "Generator", "num_replicas": 1, "graceful_shutdown_timeout_s": 15,
-             "health_check_period_s": 2 if generator_version == "v1" else 3}]
+             "health_check_period_s": period},
+            *({"name": name, "health_check_period_s": period} for name in ("RAGApp", "Retriever", "Embedder"))]
 
 
 @pytest.fixture(scope="module")

@@ -36,6 +36,7 @@ class FakePod:
         self.core = ReplicaCore(channel=NoControl(), routers=None, clock=lambda: 0.0)  # type: ignore[arg-type]
         self.backend = FakeBackend()
         self.ready = True
+        self.custom_stats: tuple[tuple[str, float], ...] = ()
 
 
 def scrape(pod: FakePod) -> dict[str, float]:
@@ -75,3 +76,17 @@ def test_a_gangs_requests_are_counted_at_rank_0_only() -> None:
     mine = '{app="app",deployment="dep"}'
     assert m[names.METRIC_ONGOING + mine] == 0
     assert m[METRIC_READY + mine] == 0
+
+
+def test_custom_autoscaling_metrics_are_exported_for_the_scaler_to_read() -> None:
+    from shoal.kubernetes.scaler.scrape import parse_pod_metrics
+
+    pod = FakePod()
+    assert not any(k.startswith(names.METRIC_AUTOSCALING_CUSTOM) for k in scrape(pod))  # none defined
+    pod.custom_stats = (("queue_depth", 7.0), ("gpu_util", 0.5))
+    m = scrape(pod)
+    assert m[names.METRIC_AUTOSCALING_CUSTOM + '{app="app",deployment="dep",metric="queue_depth"}'] == 7.0
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(PodCollector(pod))  # type: ignore[arg-type]
+    sample = parse_pod_metrics(generate_latest(registry).decode(), pod="10.0.0.1", deployment="dep", app="app")
+    assert dict(sample.custom) == {"queue_depth": 7.0, "gpu_util": 0.5}

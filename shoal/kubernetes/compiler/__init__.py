@@ -14,14 +14,14 @@ headless ``Service`` on the RPC port (callers discover pod IPs through its DNS r
 ``PodDisruptionBudget``, a ``NetworkPolicy`` admitting exactly its callers, and a KEDA
 ``ScaledObject`` or ``autoscaling/v2`` HPA when it autoscales. Per application: a
 ``ServiceAccount`` without a token, the ``ConfigMap`` holding the serve config, a default-deny
-``NetworkPolicy`` plus DNS egress, and for the ingress deployment a ClusterIP ``Service`` with
-a Gateway API ``HTTPRoute`` (or a classic ``Ingress``). Names, ports and environment
-variables come from :mod:`shoal.kubernetes.names`, the contract with the pod runtime.
+``NetworkPolicy`` plus DNS egress, with KEDA and autoscaling deployments the shoal scaler's
+``Deployment``, ``Service`` and NetworkPolicies (:mod:`.autoscaling`), and for the ingress
+deployment a ClusterIP ``Service`` with a Gateway API ``HTTPRoute`` (or a classic ``Ingress``).
+Names, ports and environment variables come from :mod:`shoal.kubernetes.names`, the contract with the pod runtime.
 """
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -30,6 +30,14 @@ import yaml
 from shoal.deployment import AppSpec
 from shoal.exceptions import CompileError
 from shoal.kubernetes import names
+from shoal.kubernetes.compiler.autoscaling import (
+    add_scaler_env,
+    autoscaler,
+    check_autoscaling_options,
+    keda_query,
+    scaler_network_policies,
+    scaler_objects,
+)
 from shoal.kubernetes.compiler.common import (
     A_APP,
     A_DEPLOYMENT,
@@ -39,6 +47,7 @@ from shoal.kubernetes.compiler.common import (
     L_PART_OF,
     L_VERSION,
     MANAGED_BY,
+    PSA_LABELS,
     RUN_AS_USER,
     AppContext,
     CompileOptions,
@@ -53,16 +62,16 @@ from shoal.kubernetes.compiler.common import (
     prune_selector,
 )
 from shoal.kubernetes.compiler.credentials import api_keys, cert_manager_objects, generated_secrets, hash_gateway_keys
+from shoal.kubernetes.compiler.scheduling import check_pod_options, check_targets
 from shoal.kubernetes.compiler.traffic import (
-    autoscaler,
     grafana_dashboard,
     http_objects,
-    keda_query,
     network_policies,
     pod_monitor,
 )
 from shoal.kubernetes.compiler.workloads import (
     config_map,
+    deployment_hashes,
     headless_service,
     pdb,
     service_account,
@@ -97,16 +106,21 @@ __all__ = [
 
 
 def compile_app(spec: AppSpec, entry: Mapping[str, Any], opts: CompileOptions, *,
-                http_options: Mapping[str, Any] | None = None) -> CompileResult:
+                http_options: Mapping[str, Any] | None = None, targets_checked: bool = False) -> CompileResult:
     """The Kubernetes objects of one application.
 
     ``entry`` is the application's serve-config entry (``name``, ``route_prefix``,
     ``import_path``, ``args``, ``deployments``) in JSON-friendly form; it is written into the
     ConfigMap the pods read, with ``name`` replaced by the canary instance name when compiling
     a canary. ``http_options`` (optional) are copied into that file too, with the host and
-    port the pods listen on.
+    port the pods listen on. ``targets_checked``: the caller checked the options' ``DEPLOYMENT:``
+    prefixes against every app of the build (:func:`compile_apps`).
     """
     check_options(opts)
+    check_pod_options(opts)
+    check_autoscaling_options(opts)
+    if not targets_checked:
+        check_targets(opts, spec.deployments)
     canary = opts.canary_of is not None
     entry = hash_gateway_keys(entry)  # no usable LLM gateway key goes further than this line
     version = opts.version or default_version(opts.image, entry)
@@ -117,7 +131,10 @@ def compile_app(spec: AppSpec, entry: Mapping[str, Any], opts: CompileOptions, *
     _check_names(ctx)
 
     config_text = _serve_config_text(ctx, entry, http_options or {})
-    config_hash = hashlib.sha256(config_text.encode()).hexdigest()[:16]
+    # Per deployment: what its pods read (workloads.deployment_hashes); without --version, also its version label.
+    hashes = deployment_hashes(ctx, config_text)
+    if opts.version is None:
+        ctx.dep_versions = {dep: h[:10] for dep, h in hashes.items()}
 
     objects: list[Obj] = [service_account(ctx)]
     if opts.create_secret:
@@ -129,11 +146,13 @@ def compile_app(spec: AppSpec, entry: Mapping[str, Any], opts: CompileOptions, *
                  "code (pickles). For development only")
     objects.append(config_map(ctx, config_text))
     objects.extend(network_policies(ctx))
+    objects.extend(scaler_network_policies(ctx))
     for dep in spec.deployments.values():
         objects.append(headless_service(ctx, dep))
-        objects.append(workload(ctx, dep, config_hash))
+        objects.append(add_scaler_env(ctx, workload(ctx, dep, hashes[dep.name])))
         objects.append(pdb(ctx, dep))
         objects.extend(autoscaler(ctx, dep))
+    objects.extend(scaler_objects(ctx, config_text))
     if spec.route_prefix is not None:
         objects.extend(http_objects(ctx))
     if opts.pod_monitor:
@@ -147,13 +166,22 @@ def compile_app(spec: AppSpec, entry: Mapping[str, Any], opts: CompileOptions, *
 def compile_apps(apps: Sequence[tuple[AppSpec, Mapping[str, Any]]], opts: CompileOptions, *,
                  http_options: Mapping[str, Any] | None = None) -> CompileResult:
     """:func:`compile_app` for several applications; refuses two objects of one kind and name."""
-    out = CompileResult(objects=[])
+    out = CompileResult(objects=[namespace_object(opts)] if opts.create_namespace else [])
+    check_targets(opts, [dep for spec, _ in apps for dep in spec.deployments])
     for spec, entry in apps:
-        res = compile_app(spec, entry, opts, http_options=http_options)
+        res = compile_app(spec, entry, opts, http_options=http_options, targets_checked=True)
         out.objects.extend(res.objects)
         out.warnings.extend(res.warnings)
     check_collisions(out.objects)
     return out
+
+
+def namespace_object(opts: CompileOptions) -> Obj:
+    """The Namespace (``--create-namespace``): Pod Security admission enforces, warns and audits
+    the restricted profile there, which every pod shoal generates meets (tests check it)."""
+    return {"apiVersion": "v1", "kind": "Namespace",
+            "metadata": {"name": opts.namespace,
+                         "labels": {**PSA_LABELS, "app.kubernetes.io/managed-by": MANAGED_BY}}}
 
 
 def check_collisions(objects: Sequence[Obj]) -> None:
@@ -231,7 +259,12 @@ def _serve_config_text(ctx: AppContext, entry: Mapping[str, Any], http_options: 
 
 
 class _Dumper(yaml.SafeDumper):
-    """SafeDumper writing multi-line strings (the ConfigMap's serve.yaml) as literal blocks."""
+    """SafeDumper writing multi-line strings (the ConfigMap's serve.yaml) as literal blocks, and
+    never YAML anchors/aliases: a dict shared by two objects is written out in full in each (an
+    ``&id001`` in generated manifests confuses readers, diffs and some tools)."""
+
+    def ignore_aliases(self, data: object) -> bool:
+        return True
 
 
 def _str_representer(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
@@ -253,3 +286,12 @@ def to_yaml_stream(objects: Sequence[Obj], header: str = "") -> str:
     docs = [to_yaml(o) for o in objects]
     return header + "".join("---\n" + d for d in docs)
 
+
+# The file `shoal k8s build -o DIR` writes next to the objects (kustomize's default name).
+KUSTOMIZATION = "kustomization.yaml"
+
+
+def kustomization(files: Sequence[str]) -> str:
+    """A kustomize ``Kustomization`` listing ``files`` in order (what ``kubectl apply -k`` reads)."""
+    doc = {"apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization", "resources": list(files)}
+    return yaml.dump(doc, Dumper=_Dumper, sort_keys=False, default_flow_style=False)

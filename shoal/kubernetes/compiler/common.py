@@ -31,14 +31,64 @@ SHM_DIR = "/dev/shm"
 # sum of names.METRIC_ONGOING and names.METRIC_CALLER_QUEUED per app and deployment.
 HPA_EXTERNAL_METRIC = "shoal_deployment_requests"
 STARTUP_PROBE_PERIOD_S = 5
-LIVENESS_PERIOD_S = 10
 TERMINATION_MARGIN_S = 5
 # The longest stabilization window the HPA API accepts.
 MAX_STABILIZATION_S = 3600
 
+# What makes a namespace enforce (and warn and audit on) the Pod Security Standards' restricted
+# profile (--create-namespace); every pod shoal generates meets it (validate.check_restricted).
+PSA_LABELS = {
+    f"pod-security.kubernetes.io/{mode}{suffix}": value
+    for mode in ("enforce", "warn", "audit")
+    for suffix, value in (("", "restricted"), ("-version", "latest"))
+}
+
+# Every container shoal writes: non-root, no privilege escalation, no capabilities, the runtime's
+# default seccomp profile and a read-only root (the Pod Security Standards' "restricted" profile).
+def container_security_context() -> dict[str, object]:
+    return {
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "runAsNonRoot": True,
+        "runAsUser": RUN_AS_USER,
+        "runAsGroup": RUN_AS_USER,
+        "capabilities": {"drop": ["ALL"]},
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def field_ref(path: str) -> dict[str, object]:
+    """An env var's ``valueFrom`` reading a field of the pod (downward API)."""
+    return {"valueFrom": {"fieldRef": {"apiVersion": "v1", "fieldPath": path}}}
+
+
+def identity_env(ctx: AppContext) -> list[dict[str, object]]:
+    """What every shoal pod of an app is told about itself: the app, its config, where it runs."""
+    return [
+        {"name": names.ENV_APP, "value": ctx.instance},
+        {"name": names.ENV_CONFIG, "value": f"{names.CONFIG_MOUNT_DIR}/{names.CONFIG_FILE_NAME}"},
+        {"name": names.ENV_NAMESPACE, **field_ref("metadata.namespace")},
+        {"name": names.ENV_POD_NAME, **field_ref("metadata.name")},
+        {"name": names.ENV_POD_IP, **field_ref("status.podIP")},
+    ]
+
+
+def process_env(ctx: AppContext) -> list[dict[str, object]]:
+    """The cluster domain, and HOME and caches on the writable cache volume (the root is read-only)."""
+    return [
+        {"name": names.ENV_CLUSTER_DOMAIN, "value": ctx.opts.cluster_domain},
+        {"name": "HOME", "value": CACHE_DIR},
+        {"name": "XDG_CACHE_HOME", "value": CACHE_DIR},
+        {"name": "PYTHONUNBUFFERED", "value": "1"},
+    ]
+
+
 # Recommended labels (https://kubernetes.io/docs/concepts/overview/working-with-objects/common-labels/).
 L_NAME = "app.kubernetes.io/name"
-L_INSTANCE = "app.kubernetes.io/instance"
+# The application instance (the app, or app-version for a canary): shoal's own label, used in every
+# selector and by prune. Not the recommended app.kubernetes.io/instance, which Argo CD before 3.0
+# writes for its own tracking (it would take over, or prune, objects carrying another value).
+L_INSTANCE = "shoal.dev/instance"
 L_VERSION = "app.kubernetes.io/version"
 L_COMPONENT = "app.kubernetes.io/component"
 L_PART_OF = "app.kubernetes.io/part-of"
@@ -65,6 +115,8 @@ class CompileOptions:
     """Everything ``shoal k8s build`` can be told. Field names follow the CLI options."""
 
     namespace: str = "default"
+    # Also emit the Namespace, labelled to enforce the Pod Security Standards' restricted profile.
+    create_namespace: bool = False
     image: str = ""
     # Version label of every object; default: a hash of the image and the app's config.
     version: str | None = None
@@ -99,20 +151,53 @@ class CompileOptions:
     prometheus_url: str = "http://prometheus-operated.monitoring.svc:9090"
     # The label Prometheus attaches with the pod's namespace ("" leaves the namespace out of queries).
     prometheus_namespace_label: str = "namespace"
-    # NetworkPolicy peers: namespaces allowed to reach the HTTP port / scrape the admin port (empty: any).
+    # The shoal scaler (--autoscaler keda): the namespace KEDA's operator runs in (its NetworkPolicy
+    # peer), and how long callers hold a request for a deployment with no pod before a 503.
+    keda_namespace: str = "keda"
+    wake_timeout_s: float = 120.0
+    # NetworkPolicy peers (traffic.network_policies). HTTP port: these namespaces; empty: the Gateway's
+    # namespace (--gateway), the app's own (no route) or any (--ingress-class, warned); "*": any.
     http_from_namespaces: tuple[str, ...] = ()
-    metrics_from_namespaces: tuple[str, ...] = ()
-    # DNS egress: "kube-dns" (pods labelled k8s-app=kube-dns in kube-system) or "any" (port 53 anywhere,
-    # needed with NodeLocal DNSCache, whose address is not a pod).
+    # HTTP port from IP blocks too (Gateways that send from load-balancer addresses).
+    http_from_cidrs: tuple[str, ...] = ()
+    # Admin (metrics) port: the monitoring namespace(s); "*": any.
+    metrics_from_namespaces: tuple[str, ...] = ("monitoring",)
+    # DNS egress: "kube-dns" (pods labelled dns_pod_labels in dns_namespace, plus dns_cidrs) or "any"
+    # (dns_ports anywhere).
     dns_egress: Literal["kube-dns", "any"] = "kube-dns"
+    dns_namespace: str = "kube-system"
+    dns_pod_labels: Mapping[str, str] = field(default_factory=lambda: {"k8s-app": "kube-dns"})
+    dns_ports: tuple[int, ...] = (53,)
+    # e.g. NodeLocal DNSCache's 169.254.20.10/32 (an address on the node, not a pod).
+    dns_cidrs: tuple[str, ...] = ()
+    # Gateway API release whose standard-channel CRDs the cluster has (HTTPRoute timeouts need 1.2).
+    gateway_api_version: str = "1.2"
     startup_timeout_s: int = 600
     prestop_sleep_s: int = 5
-    cpu_limits: bool = False
+    # CPU limits equal to the requests (--no-cpu-limits drops them): a ResourceQuota on limits.cpu
+    # admits nothing without one, and a LimitRange's default limit may sit below the request.
+    cpu_limits: bool = True
     shm_size: str = "1Gi"
     cluster_domain: str = "cluster.local"
     pod_monitor: bool = False
     # A ConfigMap holding the Grafana dashboard (shoal.observability.grafana), for Grafana's dashboard sidecar.
     grafana: bool = False
+    # --- Per-pod resources and scheduling (compiler/scheduling.py). Entries of the tuples are
+    # "[DEPLOYMENT:]VALUE": without a prefix for every deployment, with one for that deployment.
+    # Memory request and limit of a deployment whose ray_actor_options set no `memory`.
+    default_memory: str = "2Gi"
+    # sizeLimit of the /tmp emptyDir, and of the cache emptyDir (HOME, model downloads).
+    tmp_size: str = "1Gi"
+    cache_size: tuple[str, ...] = ()
+    # Rolling update "MAX_SURGE/MAX_UNAVAILABLE" (default: 0/1 when the pods ask for GPUs, else 25%/0).
+    rollout: tuple[str, ...] = ()
+    node_selectors: tuple[str, ...] = ()  # [DEP:]KEY=VALUE
+    tolerations: tuple[str, ...] = ()  # [DEP:]KEY[=VALUE][:EFFECT]
+    runtime_class: tuple[str, ...] = ()  # [DEP:]NAME
+    priority_class: tuple[str, ...] = ()  # [DEP:]NAME
+    zone_spread: tuple[str, ...] = ()  # [DEP:]ScheduleAnyway|DoNotSchedule (or [DEP] alone: ScheduleAnyway)
+    # Node label whose value is Ray's accelerator_type (None: accelerator_type ignored, warned).
+    accelerator_label: str | None = None
 
 
 @dataclass
@@ -178,8 +263,8 @@ def promql_string(value: str) -> str:
 
 
 def ns_peer(namespaces: Sequence[str]) -> list[Obj]:
-    """NetworkPolicy ``from`` peers for pods in ``namespaces`` (every namespace when empty)."""
-    if not namespaces:
+    """NetworkPolicy ``from`` peers for pods in ``namespaces`` (every namespace when empty or "*")."""
+    if not namespaces or "*" in namespaces:
         return [{"namespaceSelector": {}}]
     return [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": ns}}} for ns in namespaces]
 
@@ -219,11 +304,7 @@ def check_options(opts: CompileOptions) -> None:
         raise CompileError("--prestop-sleep must not be negative")
     if not _QUANTITY.match(opts.shm_size):
         raise CompileError(f"--shm-size {opts.shm_size!r} is not a quantity like 1Gi")
-    for opt, values in (("--http-from-namespace", opts.http_from_namespaces),
-                        ("--metrics-from-namespace", opts.metrics_from_namespaces)):
-        for ns in values:
-            if not _DNS1123_LABEL.match(ns):
-                raise CompileError(f"{opt} {ns!r} is not a valid namespace name")
+    _check_network_options(opts)
     if opts.prometheus_namespace_label and not re.match(r"^[a-zA-Z_][a-zA-Z0-9_]*$", opts.prometheus_namespace_label):
         raise CompileError(f"--prometheus-namespace-label {opts.prometheus_namespace_label!r} is not a label name")
     for secret in opts.image_pull_secrets:
@@ -246,6 +327,45 @@ def _check_routing_options(opts: CompileOptions) -> None:
             raise CompileError(f"--hostname {host!r} is not a valid DNS name")
     if not _GW_DURATION.match(opts.route_timeout):
         raise CompileError(f"--route-timeout {opts.route_timeout!r} must be a duration like 1h, 30m or 90s")
+
+
+def gateway_api_release(version: str) -> tuple[int, int]:
+    """``1.2``, ``v1.2`` or ``v1.2.0`` as (1, 2); raises CompileError naming --gateway-api-version."""
+    m = re.match(r"^v?([0-9]+)\.([0-9]+)(\.[0-9]+)?$", version)
+    if m is None or int(m.group(1)) != 1:
+        raise CompileError(f"--gateway-api-version {version!r} must be a Gateway API release like 1.2 (v1.0 or later: "
+                           "HTTPRoute gateway.networking.k8s.io/v1)")
+    return int(m.group(1)), int(m.group(2))
+
+
+def _check_network_options(opts: CompileOptions) -> None:
+    """NetworkPolicy peers and DNS egress, and the Gateway API release."""
+    import ipaddress
+
+    for opt, values in (("--http-from-namespace", opts.http_from_namespaces),
+                        ("--metrics-namespace", opts.metrics_from_namespaces),
+                        ("--dns-namespace", (opts.dns_namespace,))):
+        for ns in values:
+            any_ok = ns == "*" and opt != "--dns-namespace"
+            if not any_ok and (not _DNS1123_LABEL.match(ns) or len(ns) > 63):
+                raise CompileError(f"{opt} {ns!r} is not a valid namespace name (or '*' for any)")
+    for opt, cidrs in (("--http-from-cidr", opts.http_from_cidrs), ("--dns-cidr", opts.dns_cidrs)):
+        for cidr in cidrs:
+            try:
+                ipaddress.ip_network(cidr, strict=False)
+            except ValueError:
+                raise CompileError(f"{opt} {cidr!r} is not a CIDR like 169.254.20.10/32") from None
+            if "/" not in cidr:
+                raise CompileError(f"{opt} {cidr!r} needs a prefix length, e.g. {cidr}/32")
+    if not opts.dns_ports:
+        raise CompileError("--dns-port: give at least one port")
+    for port in opts.dns_ports:
+        if not 1 <= port <= 65535:
+            raise CompileError(f"--dns-port {port} is not a port number (1-65535)")
+    for key, value in opts.dns_pod_labels.items():
+        if not _qualified_name(key) or len(value) > 63 or not _LABEL_VALUE.match(value):
+            raise CompileError(f"--dns-pod-label {key}={value!r} is not a valid label")
+    gateway_api_release(opts.gateway_api_version)
 
 
 def _check_canary_options(opts: CompileOptions) -> None:
@@ -301,6 +421,9 @@ class AppContext:
     warnings: list[str]
     # Inline http_options.api_keys: kept out of the ConfigMap, in the API-keys Secret.
     api_keys: tuple[str, ...] = ()
+    # Each deployment's own version label when --version is not given (compiler.workloads.deployment_hashes):
+    # a change to one deployment relabels (and rolls) only its own objects.
+    dep_versions: dict[str, str] = field(default_factory=dict)
 
     def meta(self, name: str, *, component: str | None = None, dep: str | None = None,
              annotations: Mapping[str, str] | None = None) -> Obj:
@@ -318,7 +441,7 @@ class AppContext:
         out = {
             L_NAME: label_value(dep if dep is not None else self.app),
             L_INSTANCE: label_value(self.instance),
-            L_VERSION: self.version,
+            L_VERSION: self.dep_versions.get(dep, self.version) if dep is not None else self.version,
             L_COMPONENT: component or "app",
             L_PART_OF: label_value(self.app),
             L_MANAGED_BY: MANAGED_BY,

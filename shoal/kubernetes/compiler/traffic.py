@@ -1,5 +1,7 @@
-"""How a compiled application scales and is reached: autoscalers (KEDA or HPA), NetworkPolicies,
-the HTTP Service with its HTTPRoute or Ingress, the PodMonitor and the Grafana dashboard."""
+"""How a compiled application is reached: NetworkPolicies (callers, the Gateway's namespace or CIDRs
+on HTTP, the monitoring namespace on metrics, configurable DNS egress), the HTTP Service with its
+HTTPRoute (``timeouts`` per --gateway-api-version) or Ingress, the PodMonitor and the Grafana
+dashboard. Autoscaling is compiler/autoscaling.py."""
 
 from __future__ import annotations
 
@@ -7,173 +9,44 @@ import math
 import re
 from collections.abc import Mapping
 
-from shoal.config import AutoscalingConfig
-from shoal.deployment import DeploymentSpec
-from shoal.exceptions import CompileError
 from shoal.kubernetes import lws, names
 from shoal.kubernetes.compiler.common import (
     A_APP,
     A_CANARY_OF,
-    HPA_EXTERNAL_METRIC,
     L_INSTANCE,
     L_NAME,
     L_PART_OF,
     L_VERSION,
-    MAX_STABILIZATION_S,
     AppContext,
+    CompileOptions,
     Obj,
+    gateway_api_release,
     instance_name,
     label_value,
     ns_peer,
-    promql_string,
-    seconds,
 )
-
-# --- autoscaling -------------------------------------------------------------------------------
-
-
-def behavior(auto: AutoscalingConfig) -> Obj:
-    return {
-        "scaleUp": {"stabilizationWindowSeconds": min(MAX_STABILIZATION_S, round(auto.upscale_delay_s))},
-        "scaleDown": {"stabilizationWindowSeconds": min(MAX_STABILIZATION_S, round(auto.downscale_delay_s))},
-    }
-
-
-def keda_query(ctx_namespace: str, app: str, deployment: str, namespace_label: str = "namespace") -> str:
-    """PromQL: requests in the deployment's replicas plus requests callers hold for it."""
-    matchers = []
-    if namespace_label:
-        matchers.append(f"{namespace_label}={promql_string(ctx_namespace)}")
-    matchers += [f"app={promql_string(app)}", f"deployment={promql_string(deployment)}"]
-    sel = "{" + ",".join(matchers) + "}"
-    # `or vector(0)`: a sum over no series is empty, and empty + x is empty.
-    return f"(sum({names.METRIC_ONGOING}{sel}) or vector(0)) + (sum({names.METRIC_CALLER_QUEUED}{sel}) or vector(0))"
-
-
-def autoscaler(ctx: AppContext, dep: DeploymentSpec) -> list[Obj]:
-    auto = dep.config.resolved_autoscaling()
-    if auto is None:
-        return []
-    if auto.policy:
-        ctx.warnings.append(
-            f"deployment {dep.name!r}: the custom autoscaling policy {auto.policy!r} runs only in local mode; "
-            f"on Kubernetes the {ctx.opts.autoscaler} autoscaler scales on target_ongoing_requests"
-        )
-    min_replicas = auto.min_replicas
-    target = {"apiVersion": "apps/v1", "kind": "Deployment", "name": ctx.workload(dep.name)}
-    if dep.config.world_size > 1:  # LeaderWorkerSets have the scale subresource: one replica is one group
-        target = {"apiVersion": names.LWS_API_VERSION, "kind": lws.LWS_KIND,
-                  "name": names.gang_name(ctx.instance, dep.name)}
-    if ctx.opts.autoscaler == "hpa":
-        return [_hpa(ctx, dep, auto, target)]
-    if min_replicas == 0 and dep.ingress and ctx.spec.route_prefix is not None:
-        ctx.warnings.append(
-            f"deployment {dep.name!r} is the HTTP ingress of {ctx.app!r}: min_replicas 0 raised to 1, since "
-            "nothing holds HTTP requests while it has no pod"
-        )
-        min_replicas = 1
-    return [_scaled_object(ctx, dep, auto, target, min_replicas)]
-
-
-def _hpa(ctx: AppContext, dep: DeploymentSpec, auto: AutoscalingConfig, target: Obj) -> Obj:
-    """An ``autoscaling/v2`` HorizontalPodAutoscaler on the external load metric (``--autoscaler hpa``)."""
-    min_replicas = auto.min_replicas
-    comp = "ingress" if dep.ingress else "deployment"
-    threshold = f"{auto.target_ongoing_requests:g}"
-    if min_replicas == 0:
-        raise CompileError(
-            f"deployment {dep.name!r} of application {ctx.app!r} has min_replicas 0, but a "
-            "HorizontalPodAutoscaler cannot scale to zero; use --autoscaler keda (the default) or raise "
-            "min_replicas to 1"
-        )
-    return {
-        "apiVersion": "autoscaling/v2",
-        "kind": "HorizontalPodAutoscaler",
-        "metadata": ctx.meta(ctx.workload(dep.name), component=comp, dep=dep.name),
-        "spec": {
-            "scaleTargetRef": target,
-            "minReplicas": min_replicas,
-            "maxReplicas": auto.max_replicas,
-            "metrics": [{
-                "type": "External",
-                "external": {
-                    "metric": {
-                        "name": HPA_EXTERNAL_METRIC,
-                        "selector": {"matchLabels": {"app": label_value(ctx.instance),
-                                                     "deployment": label_value(dep.name)}},
-                    },
-                    # AverageValue: desired = ceil(total / target), Ray's rule.
-                    "target": {"type": "AverageValue", "averageValue": threshold},
-                },
-            }],
-            "behavior": behavior(auto),
-        },
-    }
-
-
-def _scaled_object(ctx: AppContext, dep: DeploymentSpec, auto: AutoscalingConfig, target: Obj,
-                   min_replicas: int) -> Obj:
-    """A KEDA ScaledObject on the Prometheus load query (the default; it scales to zero)."""
-    comp = "ingress" if dep.ingress else "deployment"
-    threshold = f"{auto.target_ongoing_requests:g}"
-    return {
-        "apiVersion": "keda.sh/v1alpha1",
-        "kind": "ScaledObject",
-        "metadata": ctx.meta(ctx.workload(dep.name), component=comp, dep=dep.name),
-        "spec": {
-            "scaleTargetRef": target,
-            "pollingInterval": seconds(auto.metrics_interval_s),
-            # Only governs the last step to zero.
-            "cooldownPeriod": round(auto.downscale_to_zero_delay_s if auto.downscale_to_zero_delay_s is not None
-                                    else auto.downscale_delay_s),
-            "minReplicaCount": min_replicas,
-            "maxReplicaCount": auto.max_replicas,
-            "advanced": {"horizontalPodAutoscalerConfig": {"behavior": behavior(auto)}},
-            "triggers": [{
-                "type": "prometheus",
-                "metricType": "AverageValue",
-                "metadata": {
-                    "serverAddress": ctx.opts.prometheus_url,
-                    "query": keda_query(ctx.opts.namespace, ctx.instance, dep.name,
-                                        ctx.opts.prometheus_namespace_label),
-                    "threshold": threshold,
-                    # Wake from zero as soon as any caller holds a request for this deployment.
-                    "activationThreshold": "0",
-                    "ignoreNullValues": "true",
-                },
-            }],
-        },
-    }
-
 
 # --- network policies --------------------------------------------------------------------------
 
 
 def network_policies(ctx: AppContext) -> list[Obj]:
+    """Default deny, DNS egress, and per deployment: its callers on RPC, the HTTP port from where the
+    route's traffic comes (ingress deployment only), the admin port from the monitoring namespace(s).
+
+    Kubelet probes need no rule: traffic from the pod's own node is always allowed."""
     opts = ctx.opts
     policies: list[Obj] = [{
         "apiVersion": "networking.k8s.io/v1",
         "kind": "NetworkPolicy",
         "metadata": ctx.meta(names.dns_label(ctx.instance, "default-deny"), component="network-policy"),
         "spec": {"podSelector": {"matchLabels": ctx.app_selector()}, "policyTypes": ["Ingress", "Egress"]},
-    }]
-    dns_ports = [{"protocol": "UDP", "port": 53}, {"protocol": "TCP", "port": 53}]
-    dns_rule: Obj = {"ports": dns_ports}
-    if opts.dns_egress == "kube-dns":
-        dns_rule = {
-            "to": [{
-                "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kube-system"}},
-                "podSelector": {"matchLabels": {"k8s-app": "kube-dns"}},
-            }],
-            "ports": dns_ports,
-        }
-    policies.append({
+    }, {
         "apiVersion": "networking.k8s.io/v1",
         "kind": "NetworkPolicy",
         "metadata": ctx.meta(names.dns_label(ctx.instance, "allow-dns"), component="network-policy"),
         "spec": {"podSelector": {"matchLabels": ctx.app_selector()}, "policyTypes": ["Egress"],
-                 "egress": [dns_rule]},
-    })
+                 "egress": [dns_rule(opts)]},
+    }]
     callers: dict[str, list[str]] = {name: [] for name in ctx.spec.deployments}
     for caller, callee in ctx.spec.edges():
         if caller not in callers[callee]:
@@ -186,8 +59,7 @@ def network_policies(ctx: AppContext) -> list[Obj]:
                 "ports": [{"protocol": "TCP", "port": names.RPC_PORT}],
             })
         if dep.ingress and ctx.spec.route_prefix is not None:
-            ingress_rules.append({"from": ns_peer(opts.http_from_namespaces),
-                                  "ports": [{"protocol": "TCP", "port": names.HTTP_PORT}]})
+            ingress_rules.append({"from": http_peers(ctx), "ports": [{"protocol": "TCP", "port": names.HTTP_PORT}]})
         ingress_rules.append({"from": ns_peer(opts.metrics_from_namespaces),
                               "ports": [{"protocol": "TCP", "port": names.ADMIN_PORT}]})
         spec: Obj = {
@@ -212,6 +84,46 @@ def network_policies(ctx: AppContext) -> list[Obj]:
                 ctx.selector(dep.name), metrics_from=ns_peer(opts.metrics_from_namespaces),
                 callees=[ctx.selector(c) for c in dep.calls]))
     return policies
+
+
+def dns_rule(opts: CompileOptions) -> Obj:
+    """The egress rule for name resolution: the DNS pods (kube-dns/CoreDNS by default, or any pods by
+    --dns-namespace/--dns-pod-label, e.g. OpenShift's on 5353) and --dns-cidr blocks (NodeLocal
+    DNSCache's link-local address is not a pod), on every --dns-port over UDP and TCP."""
+    ports: list[Obj] = [{"protocol": proto, "port": port} for port in opts.dns_ports for proto in ("UDP", "TCP")]
+    if opts.dns_egress == "any":
+        return {"ports": ports}
+    to: list[Obj] = [{
+        "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": opts.dns_namespace}},
+        "podSelector": {"matchLabels": dict(opts.dns_pod_labels)},
+    }]
+    to.extend({"ipBlock": {"cidr": cidr}} for cidr in opts.dns_cidrs)
+    return {"to": to, "ports": ports}
+
+
+def http_peers(ctx: AppContext) -> list[Obj]:
+    """Who may reach the ingress deployment's HTTP port: where the route's proxies run, not every pod.
+
+    --http-from-namespace when given ("*": any); else the Gateway's namespace with --gateway (most
+    implementations run the Gateway's proxies there); else the app's own namespace when there is no
+    route (in-cluster clients of the ClusterIP Service); with --ingress-class, any namespace (the
+    controller's namespace is not known here; warned). Plus --http-from-cidr blocks.
+    """
+    opts = ctx.opts
+    namespaces = list(opts.http_from_namespaces)
+    if not namespaces:
+        if opts.gateway:
+            namespaces = [opts.gateway_namespace or opts.namespace]
+        elif opts.ingress_class:
+            namespaces = ["*"]
+            ctx.warn(f"application {ctx.app!r}: with --ingress-class the NetworkPolicy admits HTTP from every "
+                     "namespace, so any pod can bypass the Ingress; name the ingress controller's namespace with "
+                     "--http-from-namespace (e.g. ingress-nginx)")
+        else:
+            namespaces = [opts.namespace]
+    peers = ns_peer(namespaces)
+    peers.extend({"ipBlock": {"cidr": cidr}} for cidr in opts.http_from_cidrs)
+    return peers
 
 
 # --- HTTP --------------------------------------------------------------------------------------
@@ -251,6 +163,10 @@ def http_objects(ctx: AppContext) -> list[Obj]:
     return out
 
 
+# The first Gateway API release whose standard-channel HTTPRoute has rules[].timeouts (GEP-1742).
+TIMEOUTS_SINCE = (1, 2)
+
+
 def _http_route(ctx: AppContext, backends: list[Obj], prefix: str) -> Obj:
     """The Gateway API HTTPRoute of the app (``--gateway``); weighted backends for a canary."""
     opts = ctx.opts
@@ -269,12 +185,22 @@ def _http_route(ctx: AppContext, backends: list[Obj], prefix: str) -> Obj:
     spec: Obj = {"parentRefs": [parent]}
     if opts.hostnames:
         spec["hostnames"] = list(opts.hostnames)
-    spec["rules"] = [{
+    rule: Obj = {
         "matches": [{"path": {"type": "PathPrefix", "value": prefix}}],
         "backendRefs": [{"group": "", "kind": "Service", **b} for b in backends],
+    }
+    if gateway_api_release(opts.gateway_api_version) >= TIMEOUTS_SINCE:
         # Long generations and token streams: the route must not cut them.
-        "timeouts": {"request": opts.route_timeout},
-    }]
+        rule["timeouts"] = {"request": opts.route_timeout}
+    else:
+        ctx.warn(
+            f"--gateway-api-version {opts.gateway_api_version}: HTTPRoute rules have no 'timeouts' in the standard "
+            f"channel before Gateway API v1.2, so the route of {ctx.app!r} does not carry --route-timeout "
+            f"{opts.route_timeout}; the Gateway's own default applies (Envoy-based gateways cut a request after 15 s), "
+            "which ends long generations and streams. Set the timeout with your Gateway implementation's policy, or "
+            "install Gateway API v1.2 or later (standard channel) and build with --gateway-api-version 1.2"
+        )
+    spec["rules"] = [rule]
     return {
         "apiVersion": "gateway.networking.k8s.io/v1",
         "kind": "HTTPRoute",

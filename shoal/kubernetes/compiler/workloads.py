@@ -3,13 +3,19 @@ template, Deployment (or LeaderWorkerSet), headless Service and PodDisruptionBud
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import yaml
 
 from shoal.config import DeploymentConfig, RayActorOptions
 from shoal.deployment import DeploymentSpec
 from shoal.exceptions import CompileError
 from shoal.kubernetes import lws, names
+from shoal.kubernetes.compiler import scheduling
 from shoal.kubernetes.compiler.common import (
     A_APP,
     A_CONFIG_HASH,
@@ -17,7 +23,6 @@ from shoal.kubernetes.compiler.common import (
     CACHE_DIR,
     CONTAINER_NAME,
     ENV_NAME_PATTERN,
-    LIVENESS_PERIOD_S,
     RUN_AS_USER,
     SHM_DIR,
     STARTUP_PROBE_PERIOD_S,
@@ -26,11 +31,19 @@ from shoal.kubernetes.compiler.common import (
     AppContext,
     CompileOptions,
     Obj,
+    container_security_context,
     cpu_quantity,
+    identity_env,
     memory_quantity,
+    process_env,
     seconds,
 )
 from shoal.kubernetes.compiler.credentials import credential_env, credential_mounts, credential_volumes, serves_http
+
+# CPU request of a deployment that reserves no CPU (num_cpus=0): a quota'd namespace admits no
+# pod without one; and its limit (with cpu_limits), so that "no reservation" is not a tiny cap.
+ZERO_CPU_REQUEST = "100m"
+ZERO_CPU_LIMIT = "1"
 
 # --- identity, config ----------------------------------------------------------------
 
@@ -59,6 +72,34 @@ def config_map(ctx: AppContext, text: str) -> Obj:
     }
 
 
+def deployment_hashes(ctx: AppContext, config_text: str) -> dict[str, str]:
+    """Per deployment, a hash of what its pods read from the serve config (``config_text``, the
+    ConfigMap's file) plus the image: the app-level entry (import path, args, runtime_env, ...),
+    its own deployment entry without ``num_replicas`` and ``autoscaling_config`` (the autoscaler's,
+    never read by a pod), the limits of the deployments it calls (its routers enforce them), and
+    ``http_options`` for the ingress only. A change anywhere else leaves its pod template as it was."""
+    doc = yaml.safe_load(config_text)
+    app_entry: Mapping[str, Any] = doc["applications"][0]
+    app_level = {k: v for k, v in app_entry.items() if k != "deployments"}
+    entries = {d.get("name"): d for d in app_entry.get("deployments") or []}
+    out: dict[str, str] = {}
+    for name, dep in ctx.spec.deployments.items():
+        own = {k: v for k, v in (entries.get(name) or {}).items() if k not in ("num_replicas", "autoscaling_config")}
+        callees = {}
+        for callee in sorted(set(dep.calls)):
+            cfg = ctx.spec.deployments[callee].config
+            callees[callee] = {
+                "max_ongoing_requests": cfg.max_ongoing_requests,
+                "max_queued_requests": cfg.max_queued_requests,
+                "max_queue_wait_s": cfg.resolved_max_queue_wait_s(),
+                "request_router_config": (entries.get(callee) or {}).get("request_router_config"),
+            }
+        slice_ = {"image": ctx.opts.image, "app": app_level, "deployment": own, "callees": callees,
+                  "http_options": doc.get("http_options") if dep.ingress else None}
+        out[name] = hashlib.sha256(json.dumps(slice_, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return out
+
+
 # --- workloads ---------------------------------------------------------------------------------
 
 
@@ -68,12 +109,12 @@ def container_resources(ctx: AppContext, dep: DeploymentSpec, rao: RayActorOptio
     requests: dict[str, str] = {}
     limits: dict[str, str] = {}
     cpus = rao.effective_num_cpus
-    if cpus > 0:
-        requests["cpu"] = cpu_quantity(cpus)
-        if ctx.opts.cpu_limits:
-            limits["cpu"] = cpu_quantity(cpus)
-    if rao.memory:
-        requests["memory"] = limits["memory"] = memory_quantity(rao.memory)
+    requests["cpu"] = cpu_quantity(cpus) if cpus > 0 else ZERO_CPU_REQUEST
+    if ctx.opts.cpu_limits:
+        limits["cpu"] = cpu_quantity(cpus) if cpus > 0 else ZERO_CPU_LIMIT
+    # Memory is not compressible: request = limit, from `memory` or the documented default.
+    requests["memory"] = limits["memory"] = memory_quantity(rao.memory) if rao.memory else ctx.opts.default_memory
+    requests["ephemeral-storage"] = limits["ephemeral-storage"] = scheduling.ephemeral_storage(ctx.opts, dep.name)
     gpu = False
     if rao.num_gpus:
         gpu = True
@@ -92,35 +133,24 @@ def container_resources(ctx: AppContext, dep: DeploymentSpec, rao: RayActorOptio
             f"deployment {dep.name!r}: custom resources {sorted(rao.resources)} have no Kubernetes equivalent "
             "and are ignored"
         )
-    if rao.accelerator_type:
+    if rao.accelerator_type and ctx.opts.accelerator_label is None:
         ctx.warn(
-            f"deployment {dep.name!r}: accelerator_type {rao.accelerator_type!r} is not mapped to a node selector; "
-            "add one with your own patch"
+            f"deployment {dep.name!r}: accelerator_type {rao.accelerator_type!r} is ignored: name the node label "
+            "that holds it with --accelerator-label KEY (or pin nodes with --node-selector)"
         )
-    out: Obj = {}
-    if requests:
-        out["requests"] = requests
-    if limits:
-        out["limits"] = limits
-    return out, gpu
+    if gpu and not rao.memory:
+        ctx.warn(f"deployment {dep.name!r} asks for GPUs but sets no memory: its pods get --default-memory "
+                 f"{ctx.opts.default_memory} (request and limit); loading a model usually needs more "
+                 "(ray_actor_options memory)")
+    return {"requests": requests, "limits": limits}, gpu
 
 
 def container_env(ctx: AppContext, dep: DeploymentSpec, extra: Sequence[Obj] = (), *, http: bool = False) -> list[Obj]:
-    def field_ref(path: str) -> Obj:
-        return {"valueFrom": {"fieldRef": {"apiVersion": "v1", "fieldPath": path}}}
-
     env: list[Obj] = [
         {"name": names.ENV_DEPLOYMENT, "value": dep.name},
-        {"name": names.ENV_APP, "value": ctx.instance},
-        {"name": names.ENV_CONFIG, "value": f"{names.CONFIG_MOUNT_DIR}/{names.CONFIG_FILE_NAME}"},
-        {"name": names.ENV_NAMESPACE, **field_ref("metadata.namespace")},
-        {"name": names.ENV_POD_NAME, **field_ref("metadata.name")},
-        {"name": names.ENV_POD_IP, **field_ref("status.podIP")},
+        *identity_env(ctx),
         *credential_env(ctx, http=http),
-        {"name": names.ENV_CLUSTER_DOMAIN, "value": ctx.opts.cluster_domain},
-        {"name": "HOME", "value": CACHE_DIR},
-        {"name": "XDG_CACHE_HOME", "value": CACHE_DIR},
-        {"name": "PYTHONUNBUFFERED", "value": "1"},
+        *process_env(ctx),
         *extra,
     ]
     # runtime_env env_vars (the app's, then the deployment's), then --env: later ones win.
@@ -157,11 +187,12 @@ def probes(dep: DeploymentSpec, opts: CompileOptions) -> Obj:
             "timeoutSeconds": seconds(cfg.health_check_timeout_s),
             "failureThreshold": 3,
         },
-        # The process answers at all.
+        # The process answers, its loop turns, and check_health has not failed 3 times in a row
+        # (Ray then replaces the replica: shoal.kubernetes.pod.replica.HealthTracker).
         "livenessProbe": {
             "httpGet": {"path": "/-/healthz", "port": "admin"},
-            "periodSeconds": LIVENESS_PERIOD_S,
-            "timeoutSeconds": 5,
+            "periodSeconds": seconds(cfg.health_check_period_s),
+            "timeoutSeconds": seconds(cfg.health_check_timeout_s),
             "failureThreshold": 3,
         },
     }
@@ -169,7 +200,8 @@ def probes(dep: DeploymentSpec, opts: CompileOptions) -> Obj:
 
 def pod_template(ctx: AppContext, dep: DeploymentSpec, config_hash: str, *, rank: int | None = None) -> Obj:
     """The pod template of a deployment's replicas; for a gang, of its leader (``rank=0``) or of
-    its workers (``rank=1``: every rank from 1 to N-1)."""
+    its workers (``rank=1``: every rank from 1 to N-1). ``config_hash`` is the deployment's own
+    (:func:`deployment_hashes`): the template changes, and the pods roll, only when it does."""
     component = "ingress" if dep.ingress else "deployment"
     gang = names.gang_name(ctx.instance, dep.name) if rank is not None else ""
     resources, gpu = container_resources(ctx, dep, None if rank is None else rank_options(ctx, dep, rank))
@@ -214,15 +246,7 @@ def _container(ctx: AppContext, dep: DeploymentSpec, rank: int | None, gang: str
         # in-flight requests for up to graceful_shutdown_timeout_s.
         "lifecycle": {"preStop": {"exec": {"command": ["sleep", str(opts.prestop_sleep_s)]}}}
         if opts.prestop_sleep_s else {},
-        "securityContext": {
-            "allowPrivilegeEscalation": False,
-            "readOnlyRootFilesystem": True,
-            "runAsNonRoot": True,
-            "runAsUser": RUN_AS_USER,
-            "runAsGroup": RUN_AS_USER,
-            "capabilities": {"drop": ["ALL"]},
-            "seccompProfile": {"type": "RuntimeDefault"},
-        },
+        "securityContext": container_security_context(),
         "volumeMounts": [
             {"name": "config", "mountPath": names.CONFIG_MOUNT_DIR, "readOnly": True},
             {"name": "tmp", "mountPath": TMP_DIR},
@@ -243,17 +267,22 @@ def _pod_spec(ctx: AppContext, dep: DeploymentSpec, gang: str, container: Obj, g
     opts = ctx.opts
     cfg: DeploymentConfig = dep.config
     selector = ctx.selector(dep.name)
+    revision = names.LWS_LABEL_REVISION if gang else "pod-template-hash"
     # Replicas across nodes; a gang's pods carry LWS's revision label instead of pod-template-hash.
     spread: list[Obj] = [{
         "maxSkew": 1,
         "topologyKey": "kubernetes.io/hostname",
         "whenUnsatisfiable": "ScheduleAnyway",
         "labelSelector": {"matchLabels": dict(selector)},
-        "matchLabelKeys": [names.LWS_LABEL_REVISION if gang else "pod-template-hash"],
+        "matchLabelKeys": [revision],
     }]
+    if (when := scheduling.zone_spread(opts, dep.name)) is not None:
+        # Across zones: for a gang its leaders (one per group), so a group is not split for it.
+        spread.append({"maxSkew": 1, "topologyKey": scheduling.ZONE_KEY, "whenUnsatisfiable": when,
+                       "labelSelector": {"matchLabels": ctx.serving_selector(dep)}, "matchLabelKeys": [revision]})
     affinity: Obj | None = None
     if gang:
-        affinity, within_group = lws.placement_affinity(cfg.placement_group_strategy)
+        affinity, within_group = lws.placement_affinity(cfg.placement_group_strategy, selector)
         spread.extend(within_group)
     pod_spec: Obj = {
         "serviceAccountName": sa_name(ctx),
@@ -272,19 +301,43 @@ def _pod_spec(ctx: AppContext, dep: DeploymentSpec, gang: str, container: Obj, g
         "containers": [container],
         "volumes": [
             {"name": "config", "configMap": {"name": names.config_map_name(ctx.instance)}},
-            {"name": "tmp", "emptyDir": {}},
-            {"name": "cache", "emptyDir": {}},
+            {"name": "tmp", "emptyDir": {"sizeLimit": opts.tmp_size}},
+            {"name": "cache", "emptyDir": {"sizeLimit": scheduling.cache_size(opts, dep.name)}},
             {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": opts.shm_size}},
             *credential_volumes(ctx, http=http),
         ],
     }
     if affinity is not None:
         pod_spec["affinity"] = affinity
-    if gpu:
-        pod_spec["tolerations"] = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    _scheduling(ctx, dep, pod_spec, gpu)
     if opts.image_pull_secrets:
         pod_spec["imagePullSecrets"] = [{"name": s} for s in opts.image_pull_secrets]
     return pod_spec
+
+
+def _scheduling(ctx: AppContext, dep: DeploymentSpec, pod_spec: Obj, gpu: bool) -> None:
+    """Node selector (with Ray's accelerator_type), tolerations, runtime and priority class."""
+    opts = ctx.opts
+    selector = scheduling.accelerator_selector(opts, dep.name, dep.config.ray_actor_options.accelerator_type)
+    selector.update(scheduling.node_selector(opts, dep.name))
+    if selector:
+        pod_spec["nodeSelector"] = selector
+    tolerations = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}] if gpu else []
+    tolerations.extend(t for t in scheduling.tolerations(opts, dep.name) if t not in tolerations)
+    if tolerations:
+        pod_spec["tolerations"] = tolerations
+    if (runtime := scheduling.pod_class(opts, dep.name, "runtime")) is not None:
+        pod_spec["runtimeClassName"] = runtime
+    if (priority := scheduling.pod_class(opts, dep.name, "priority")) is not None:
+        pod_spec["priorityClassName"] = priority
+
+
+def needs_gpu(dep: DeploymentSpec) -> bool:
+    """Whether any pod of the deployment asks for a GPU (any rank of a gang)."""
+    cfg = dep.config
+    if cfg.world_size > 1:
+        return any(float(cfg.rank_resources(r).get("num_gpus") or 0) > 0 for r in range(cfg.world_size))
+    return bool(cfg.ray_actor_options.num_gpus)
 
 
 def replica_count(cfg: DeploymentConfig) -> int | None:
@@ -313,7 +366,8 @@ def deployment_object(ctx: AppContext, dep: DeploymentSpec, config_hash: str) ->
         "revisionHistoryLimit": 5,
         "progressDeadlineSeconds": max(900, opts.startup_timeout_s + 300),
         "selector": {"matchLabels": ctx.selector(dep.name)},
-        "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": "25%", "maxUnavailable": 0}},
+        "strategy": {"type": "RollingUpdate", "rollingUpdate": dict(zip(
+            ("maxSurge", "maxUnavailable"), scheduling.rollout(opts, dep.name, needs_gpu(dep)), strict=True))},
         "template": pod_template(ctx, dep, config_hash),
     })
     return {
@@ -348,9 +402,14 @@ def rank_options(ctx: AppContext, dep: DeploymentSpec, rank: int) -> RayActorOpt
 
 def leader_worker_set(ctx: AppContext, dep: DeploymentSpec, config_hash: str) -> Obj:
     component = "ingress" if dep.ingress else "deployment"
+    meta = ctx.meta(names.gang_name(ctx.instance, dep.name), component=component, dep=dep.name,
+                    annotations=lws.placement_annotations(dep.config.placement_group_strategy))
+    max_surge, max_unavailable = scheduling.rollout(ctx.opts, dep.name, needs_gpu(dep), surge=1)
     return lws.leader_worker_set(
-        ctx.meta(names.gang_name(ctx.instance, dep.name), component=component, dep=dep.name),
+        meta,
         replicas=replica_count(dep.config),
+        max_surge=max_surge,
+        max_unavailable=max_unavailable,
         size=dep.config.world_size,
         leader_template=pod_template(ctx, dep, config_hash, rank=0),
         worker_template=pod_template(ctx, dep, config_hash, rank=1),

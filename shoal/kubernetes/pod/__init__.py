@@ -14,17 +14,20 @@ application, constructs its own deployment and serves it, and Kubernetes does th
 * **HTTP** on ``:8000`` when the deployment is its app's ingress (the same in-process path a
   local ingress replica uses; ``route_prefix`` and ``http_options`` from the config file).
 * **Admin** on ``:8001``: ``/-/healthz`` (the startup and liveness probes: 503 until the
-  constructor finished, which may block the process for minutes loading a model; then 200
-  while the process answers, draining included), ``/-/ready`` (the readiness probe: 200 once
-  the constructor finished and the latest ``check_health`` passed; 503 before, after a failed
-  check, and while draining) and ``/metrics`` (Prometheus text: ongoing requests in this
-  replica, requests this pod holds for each callee, request counters and latencies).
-  In a cluster the HTTP and admin ports also listen on 127.0.0.1, for ``kubectl port-forward``.
+  constructor finished, which may block the process for minutes loading a model; then 200 while
+  the process answers, draining included, until ``check_health`` fails 3 times in a row: then
+  503 for good, so the kubelet restarts the container as Ray Serve replaces the replica),
+  ``/-/ready`` (the readiness probe: 200 once the constructor finished and the latest
+  ``check_health`` passed; 503 before, after a failed check, and while draining) and
+  ``/metrics`` (Prometheus text: ongoing requests in this replica, requests this pod holds for
+  each callee, request counters and latencies). In a cluster the HTTP and admin ports also
+  listen on 127.0.0.1, for ``kubectl port-forward``.
 * **Handles** in the deployment's constructor arguments route through a :class:`PodBackend`:
   one router per callee, fed by resolving the callee's headless Service every second (or
   the JSON file named by ``$SHOAL_RESOLVER_FILE``, the pod simulation's stand-in for cluster
-  DNS). With no pod to call, requests wait in the caller (and are counted in
-  ``shoal_handle_queued_requests``, which lets KEDA wake a deployment from zero).
+  DNS). With no pod to call, requests wait in the caller up to the wake deadline (counted in
+  ``shoal_handle_queued_requests`` and posted as demand to the app's scaler, which wakes a
+  deployment from zero through KEDA), then fail with a 503 at the ingress.
 * **Gang ranks** (``--rank-from-env``, a LeaderWorkerSet pod): rank 0 runs every request on
   ranks 1..N-1 too and is ready only while they are; see :mod:`shoal.kubernetes.gang_pod`.
 * **SIGTERM** drains: ``/-/ready`` turns 503, new requests are refused, in-flight ones finish

@@ -83,6 +83,9 @@ def raise_fd_limit() -> None:
 
 def run_pod(settings: PodSettings, limits: AdminLimits | None = None) -> int:
     """Serve until SIGTERM; the process's exit code (0 after a drain, 1 if the replica failed)."""
+    from shoal.context import _mark_worker_process
+
+    _mark_worker_process("pod")
     raise_fd_limit()
     logger.info("starting replica of %s/%s (config %s, namespace %s)", settings.app or "(the only app)",
                 settings.deployment, settings.config_path, settings.namespace)
@@ -223,7 +226,8 @@ def replica(deployment: str, app: str | None, config_path: str, host: str, rpc_p
 
     \b
     Admin port endpoints:
-      /-/healthz   200 once constructed, while the process answers (startup, liveness probes)
+      /-/healthz   200 once constructed, while the process answers and check_health has not
+                   failed 3 times in a row (startup, liveness probes)
       /-/ready     200 once constructed and check_health passes; 503 otherwise and while draining
       /metrics     Prometheus metrics: shoal_replica_ongoing_requests,
                    shoal_handle_queued_requests (per callee), request counters

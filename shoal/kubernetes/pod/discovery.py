@@ -4,27 +4,38 @@ Handles in a pod's deployment route through a :class:`PodBackend`: one router pe
 its membership kept equal to the ready pods behind the callee's headless Service, resolved
 every second (or read from the JSON file named by ``$SHOAL_RESOLVER_FILE``, the pod
 simulation's stand-in for cluster DNS). A pod the router dropped is left out for a back-off
-that doubles on repeated failures. With no pod to call, requests wait in the caller.
+that doubles on repeated failures.
+
+With no pod to call (a deployment scaled to zero, or not started yet), requests wait in the
+caller, each at most the wake deadline (``$SHOAL_WAKE_TIMEOUT_S``, default 120 s, counted from
+the later of its arrival and the moment the callee lost its last pod), then fail with
+:class:`~shoal.exceptions.DeploymentUnavailableError` (HTTP 503 with ``Retry-After`` at the
+ingress). Meanwhile the caller posts demand to the application's scaler (``$SHOAL_SCALER_URL``,
+:mod:`shoal.kubernetes.scaler`) at most once a second per callee, so that it wakes the callee at
+its next decision instead of after a scrape.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import os
 import socket
 import threading
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from shoal.config import DEFAULT_MAX_QUEUE_WAIT_S
+from shoal.exceptions import DeploymentUnavailableError
 from shoal.kubernetes import names
 from shoal.runtime.router import Router
 from shoal.runtime.wire import Membership, ReplicaEndpoint, join_host_port
 
-__all__ = ["CalleeConfig", "DNSResolver", "FileResolver", "PodBackend", "Resolver"]
+__all__ = ["CalleeConfig", "DNSResolver", "FileResolver", "PodBackend", "Resolver", "WakeConfig"]
 
 logger = logging.getLogger("shoal.pod")
 
@@ -35,6 +46,9 @@ FILE_INTERVAL_S = 0.25
 # it is tried again while DNS still lists it; the delay doubles on repeated failures.
 BACKOFF_INITIAL_S = 1.0
 BACKOFF_MAX_S = 10.0
+# Demand for one callee is posted to the scaler at most this often, each post bounded by DEMAND_TIMEOUT_S.
+DEMAND_INTERVAL_S = 1.0
+DEMAND_TIMEOUT_S = 1.0
 
 
 class DNSResolver:
@@ -148,6 +162,8 @@ class _Watcher:
                 for ip in [ip for ip in self.backoff if ip not in ips]:
                     del self.backoff[ip]  # gone from DNS: a pod that comes back gets a fresh start
             self._push(loop.time())
+            if not self.router.num_replicas and self.router.num_queued:
+                self.backend.demand.signal(self.router.app, self.router.deployment)  # still waiting: remind
             nap = resolver.interval
             pending = [until for until, _ in self.backoff.values() if until > loop.time()]
             if pending:
@@ -181,15 +197,178 @@ class CalleeConfig:
     request_router: bytes = b""
 
 
+@dataclass(frozen=True)
+class WakeConfig:
+    """How callers wait for a deployment with no pod: the deadline, and the scaler to tell.
+
+    ``app``: this pod's application (demand is posted for its own deployments only: the
+    scaler is per application); ``scaler_url``: ``http://host:port`` of its scaler (None: none,
+    e.g. ``--autoscaler hpa``); ``timeout_s``: the wake deadline (positive: the wait is always
+    bounded).
+    """
+
+    app: str = ""
+    scaler_url: str | None = None
+    timeout_s: float = names.DEFAULT_WAKE_TIMEOUT_S
+    demand_interval_s: float = DEMAND_INTERVAL_S
+
+    def __post_init__(self) -> None:
+        if not self.timeout_s > 0:
+            raise ValueError(f"the wake deadline must be positive, got {self.timeout_s!r}")
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> WakeConfig:
+        """From the pod's environment (``$SHOAL_APP``, ``$SHOAL_SCALER_URL``, ``$SHOAL_WAKE_TIMEOUT_S``);
+        a bad deadline is logged and the default used."""
+        env = os.environ if environ is None else environ
+        raw = env.get(names.ENV_WAKE_TIMEOUT, "")
+        timeout = names.DEFAULT_WAKE_TIMEOUT_S
+        if raw:
+            try:
+                timeout = float(raw)
+                if not 0 < timeout <= 86400:
+                    raise ValueError
+            except ValueError:
+                logger.warning("%s=%r is not a number of seconds in (0, 86400]; using %gs",
+                               names.ENV_WAKE_TIMEOUT, raw, names.DEFAULT_WAKE_TIMEOUT_S)
+                timeout = names.DEFAULT_WAKE_TIMEOUT_S
+        return cls(app=env.get(names.ENV_APP, ""), scaler_url=env.get(names.ENV_SCALER_URL) or None,
+                   timeout_s=timeout)
+
+
+class _PodRouter(Router):
+    """A router whose requests wait for a callee with no pod at most ``wake_timeout_s``.
+
+    The deadline of each waiting request is the later of its arrival and the moment the callee
+    lost its last pod, plus ``wake_timeout_s``; a pod appearing lifts it (then the router's own
+    ``max_queue_wait_s`` bounds the wait for a free one). On expiry the request fails with
+    :class:`DeploymentUnavailableError`, which the ingress answers with 503 and ``Retry-After``.
+    """
+
+    def __init__(self, app: str, deployment: str, secret: bytes, wake_timeout_s: float) -> None:
+        super().__init__(app, deployment, secret)
+        self.wake_timeout_s = wake_timeout_s
+        self.wake_timeouts = 0  # requests failed at the deadline
+        self._empty_since: float | None = None
+        self._waits: dict[asyncio.Timeout, float] = {}
+
+    def update(self, m: Any) -> None:
+        super().update(m)
+        try:
+            now = asyncio.get_running_loop().time()
+        except RuntimeError:  # not on a loop (tests): no request can be waiting
+            now = time.monotonic()
+        self._rearm(now)
+
+    def _rearm(self, now: float) -> None:
+        if self.num_replicas:
+            self._empty_since = None
+        elif self._empty_since is None:
+            self._empty_since = now
+        for cm, began in list(self._waits.items()):
+            when = None if self._empty_since is None else max(began, self._empty_since) + self.wake_timeout_s
+            try:
+                cm.reschedule(when)
+            except RuntimeError:  # expiring already
+                pass
+
+    async def _acquire(self, model_id: str = "", began: float | None = None, pending: Any = None) -> Any:
+        now = asyncio.get_running_loop().time()
+        if not self.num_replicas and self._empty_since is None:
+            self._empty_since = now
+        cm = asyncio.timeout(None)
+        try:
+            async with cm:
+                # Retries after a refusal share the request's deadline: it counts from its arrival.
+                self._waits[cm] = began if began is not None else now
+                self._rearm(now)
+                return await super()._acquire(model_id, began, pending)
+        except TimeoutError:
+            if not cm.expired():
+                raise
+            self.wake_timeouts += 1
+            raise DeploymentUnavailableError(
+                f"no pod of {self.app}/{self.deployment} became ready within {self.wake_timeout_s:g} s "
+                f"(the wake deadline, ${names.ENV_WAKE_TIMEOUT}); it may be scaled to zero and still starting, "
+                "or unable to start: retry later") from None
+        finally:
+            self._waits.pop(cm, None)
+
+
+class _Demand:
+    """Posts demand for callees with no pod to the application's scaler: fire and forget, at most
+    once per ``demand_interval_s`` per callee, one post in flight per callee, each bounded."""
+
+    def __init__(self, backend: PodBackend, config: WakeConfig) -> None:
+        from shoal.kubernetes.scaler.client import split_url
+
+        self.backend = backend
+        self.config = config
+        self.host, self.port = "", 0
+        if config.scaler_url:
+            try:
+                self.host, self.port, _ = split_url(config.scaler_url)
+            except ValueError as e:
+                logger.warning("%s: %s; callers will not signal demand", names.ENV_SCALER_URL, e)
+        self.last: dict[str, float] = {}
+        self.in_flight: set[str] = set()
+        self.posted = 0
+        self.failed = 0
+
+    def signal(self, app: str, deployment: str) -> None:
+        """Called on the backend's loop when requests wait for ``app/deployment`` and it has no pod."""
+        if not self.host or app != self.config.app or deployment in self.in_flight:
+            return
+        now = self.backend.loop.time()
+        if now - self.last.get(deployment, -1e9) < self.config.demand_interval_s:
+            return
+        self.last[deployment] = now
+        self.in_flight.add(deployment)
+        self.backend.loop.create_task(self._post(deployment))
+
+    async def _post(self, deployment: str) -> None:
+        import urllib.parse
+
+        from shoal.kubernetes.scaler.client import HttpCallError, http_call
+
+        try:
+            host = self.host
+            if not _is_ip(host):
+                ips = await asyncio.wait_for(self.backend.resolver.resolve(host), DEMAND_TIMEOUT_S)
+                if not ips:
+                    raise HttpCallError(f"cannot resolve the scaler {host!r}")
+                host = ips[0]
+            path = "/demand/" + urllib.parse.quote(deployment, safe="")
+            status, _ = await http_call(host, self.port, "POST", path, timeout=DEMAND_TIMEOUT_S)
+            if status >= 300:
+                raise HttpCallError(f"the scaler answered HTTP {status}")
+            self.posted += 1
+        except (HttpCallError, OSError, TimeoutError) as e:
+            self.failed += 1
+            logger.info("demand for %s not posted to the scaler: %s", deployment, e)
+        finally:
+            self.in_flight.discard(deployment)
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        socket.inet_pton(socket.AF_INET6 if ":" in host else socket.AF_INET, host)
+    except OSError:
+        return False
+    return True
+
+
 class PodBackend:
     """The :class:`~shoal.runtime.backend.Backend` of a pod: routers fed by service discovery."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, secret: bytes, namespace: str, cluster_domain: str,
                  resolver: Resolver,
                  callees: Mapping[tuple[str, str], CalleeConfig] | None = None,
-                 rpc_port: int = names.RPC_PORT, backoff_s: tuple[float, float] | None = None) -> None:
+                 rpc_port: int = names.RPC_PORT, backoff_s: tuple[float, float] | None = None,
+                 wake: WakeConfig | None = None) -> None:
         """``backoff_s``: (first, longest) time a dropped pod is left out; by default
-        (BACKOFF_INITIAL_S, BACKOFF_MAX_S)."""
+        (BACKOFF_INITIAL_S, BACKOFF_MAX_S). ``wake``: the wake deadline and the scaler (default:
+        from the environment, :meth:`WakeConfig.from_env`)."""
         self.loop = loop
         self.secret = secret
         self.namespace = namespace
@@ -201,6 +380,8 @@ class PodBackend:
         self._routers: dict[tuple[str, str], Router] = {}
         self._watchers: dict[tuple[str, str], _Watcher] = {}
         self._lock = threading.Lock()
+        self.wake = wake if wake is not None else WakeConfig.from_env()
+        self.demand = _Demand(self, self.wake)
 
     def router(self, app: str, deployment: str) -> Router:
         key = (app, deployment)
@@ -210,15 +391,20 @@ class PodBackend:
         with self._lock:
             router = self._routers.get(key)
             if router is None:
-                router = Router(app, deployment, self.secret)
+                router = _PodRouter(app, deployment, self.secret, self.wake.timeout_s)
                 name = names.service_dns(app, deployment, self.namespace, self.cluster_domain)
                 watcher = _Watcher(self, router, name, self._callees.get(key, CalleeConfig()))
                 router.on_drop = watcher.dropped
-                router.on_cold_wait = lambda _r: watcher.kick()
+                router.on_cold_wait = functools.partial(self._cold_wait, watcher)
                 self._watchers[key] = watcher
                 self._routers[key] = router
                 self._in_loop(watcher.start)
         return router
+
+    def _cold_wait(self, watcher: _Watcher, router: Router) -> None:
+        """A request started waiting for a callee with no pod: look it up now, and tell the scaler."""
+        watcher.kick()
+        self.demand.signal(router.app, router.deployment)
 
     def routers(self) -> list[tuple[tuple[str, str], Router]]:
         return list(self._routers.items())

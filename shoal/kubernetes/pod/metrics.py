@@ -47,6 +47,10 @@ class PodView(Protocol):
     @property
     def ready(self) -> bool: ...
 
+    @property
+    def custom_stats(self) -> tuple[tuple[str, float], ...]:
+        """What record_autoscaling_stats() last returned (empty if it is not defined)."""
+
 
 class PodCollector:
     """A ``prometheus_client`` collector of one pod's metrics (see the module docstring)."""
@@ -70,6 +74,13 @@ class PodCollector:
         ready = GaugeMetricFamily(METRIC_READY, "1 when this replica is ready to serve.", labels=_LABELS)
         ready.add_metric(labels, 1 if pod.ready else 0)
         yield ready
+        if pod.custom_stats:
+            custom = GaugeMetricFamily(names.METRIC_AUTOSCALING_CUSTOM,
+                                       "What the deployment's record_autoscaling_stats() last returned, per metric.",
+                                       labels=[*_LABELS, "metric"])
+            for metric, value in pod.custom_stats:
+                custom.add_metric([*labels, metric], value)
+            yield custom
 
     def _callees(self) -> Iterator[Any]:
         from prometheus_client.core import GaugeMetricFamily

@@ -27,6 +27,7 @@ from shoal.observability.metrics import PROCESS
 from shoal.runtime import backend as backend_mod
 from shoal.runtime.callable import UserCallable
 from shoal.runtime.handshake_gate import HandshakeCollector
+from shoal.runtime.replica.autoscaling_stats import StatsCaller
 from shoal.runtime.replica.core import ReplicaCore
 from shoal.runtime.replica.logconfig import apply_logging_config
 from shoal.runtime.replica.ports import NoControl, TcpTransport
@@ -37,7 +38,7 @@ if TYPE_CHECKING:
     from shoal.config import DeploymentConfig, HTTPOptions
     from shoal.deployment import AppSpec, DeploymentSpec
 
-__all__ = ["DRAIN_QUIET_S", "PodReplica"]
+__all__ = ["DRAIN_QUIET_S", "HEALTH_FAILURE_THRESHOLD", "HealthTracker", "PodReplica"]
 
 logger = logging.getLogger("shoal.pod")
 
@@ -45,6 +46,40 @@ logger = logging.getLogger("shoal.pod")
 # callers have stopped sending for this long, so that a request in transit is refused (and
 # retried elsewhere by its caller) instead of being lost with a closed connection.
 DRAIN_QUIET_S = 1.0
+# Ray Serve replaces a replica whose check_health fails this many times in a row
+# (REPLICA_HEALTH_CHECK_UNHEALTHY_THRESHOLD): the pod's liveness endpoint then fails for good,
+# and the kubelet restarts the container (a wedged GPU replica gives its GPU back).
+HEALTH_FAILURE_THRESHOLD = 3
+
+
+class HealthTracker:
+    """The results of the deployment's ``check_health``, one call every health_check_period_s.
+
+    ``healthy`` (readiness) follows the latest result. ``dead`` (liveness) is set once ``threshold``
+    checks in a row have failed, and stays set: like Ray, which stops such a replica and starts
+    another, a replica declared dead is not trusted again because a later check passes.
+    """
+
+    def __init__(self, threshold: int = HEALTH_FAILURE_THRESHOLD) -> None:
+        if threshold < 1:
+            raise ValueError(f"health check failure threshold must be at least 1, got {threshold}")
+        self.threshold = threshold
+        self.healthy = False
+        self.error = ""
+        self.consecutive_failures = 0
+        self.dead: str | None = None  # why the replica must be replaced
+
+    def passed(self) -> None:
+        self.healthy = True
+        self.error = ""
+        self.consecutive_failures = 0
+
+    def failed(self, why: str) -> None:
+        self.healthy = False
+        self.error = why
+        self.consecutive_failures += 1
+        if self.dead is None and self.consecutive_failures >= self.threshold:
+            self.dead = f"check_health failed {self.consecutive_failures} times in a row (last: {why})"
 
 
 class PodReplica:
@@ -58,8 +93,7 @@ class PodReplica:
         self.http = http
         self.loop = asyncio.get_running_loop()
         self.constructed = False
-        self.healthy = False
-        self.health_error = ""
+        self.health = HealthTracker()
         self.admin = admin
         self.resolver = FileResolver(s.resolver_file) if s.resolver_file else DNSResolver()
         self.backend = PodBackend(self.loop, s.secret, s.namespace, s.cluster_domain, self.resolver, callees,
@@ -70,6 +104,9 @@ class PodReplica:
         self.registry: Any = None
         self.stop_requested = asyncio.Event()
         self.gang_leader: GangLeader | None = None  # on rank 0 of a gang
+        # What record_autoscaling_stats() last returned (autoscaling deployments that define it),
+        # exported on /metrics for the application's scaler.
+        self.custom_stats: tuple[tuple[str, float], ...] = ()
 
     # -- readiness (PodView for the metrics)
     @property
@@ -86,7 +123,8 @@ class PodReplica:
 
     @property
     def ready(self) -> bool:
-        return (self.constructed and self.healthy and not self.draining and not self.stop_requested.is_set()
+        return (self.constructed and self.health.healthy and self.health.dead is None and not self.draining
+                and not self.stop_requested.is_set()
                 and (self.gang_leader is None or self.gang_leader.ready))
 
     def _admin(self, method: str, path: str) -> AdminAnswer | concurrent.futures.Future[AdminAnswer]:
@@ -99,6 +137,8 @@ class PodReplica:
                 return 503, "text/plain", b"starting\n"
             if (stall := self.admin.loop_stall()) is not None:
                 return 503, "text/plain", (stall + "\n").encode()
+            if self.health.dead is not None:
+                return 503, "text/plain", (self.health.dead + "\n").encode()
             return 200, "text/plain", b"ok\n"
         if path == "/-/ready":
             if self.ready and self.admin.loop_stall() is None:
@@ -124,8 +164,10 @@ class PodReplica:
             return "draining"
         if not self.constructed:
             return "starting"
-        if not self.healthy:
-            return f"unhealthy: {self.health_error}"
+        if self.health.dead is not None:
+            return f"unhealthy: {self.health.dead}"
+        if not self.health.healthy:
+            return f"unhealthy: {self.health.error}"
         return f"gang: {self.gang_leader.why}" if self.gang_leader is not None else "not ready"
 
     # -- lifecycle
@@ -194,6 +236,7 @@ class PodReplica:
         if self.gang_leader is not None:
             self.gang_leader.start()
         health = self.loop.create_task(self._health_loop(cfg))
+        stats = self.loop.create_task(self._custom_stats_loop(cfg))
         logger.info("replica %s of %s/%s constructed; RPC on %s:%d%s", s.pod_name, self.spec.name, self.dspec.name,
                     s.host, s.rpc_port, f", HTTP on :{s.http_port}" if self.core.fronts else "")
         await self.stop_requested.wait()
@@ -206,11 +249,24 @@ class PodReplica:
         if self.gang_leader is not None:
             self.gang_leader.close()
         health.cancel()
+        stats.cancel()
         self.backend.close()
         self.admin.heartbeat.stop()
         self.admin.close()
         logger.info("drained; exiting")
         return 0
+
+    async def _custom_stats_loop(self, cfg: DeploymentConfig) -> None:
+        """Every ``metrics_interval_s``: the deployment's record_autoscaling_stats(), kept for
+        /metrics (autoscaling deployments that define it; a gang's rank 0 only)."""
+        auto = cfg.resolved_autoscaling()
+        user = self.core.user
+        if auto is None or user is None or not user.records_autoscaling_stats or self.settings.rank != 0:
+            return
+        caller = StatsCaller(user, self.loop.time)
+        while not self.core.draining:
+            self.custom_stats = await caller.call()
+            await asyncio.sleep(max(0.05, auto.metrics_interval_s))
 
     async def _start_http(self) -> None:
         from shoal.runtime.proxy import FrontOptions
@@ -239,23 +295,28 @@ class PodReplica:
         self.stop_requested.set()
 
     async def _health_loop(self, cfg: DeploymentConfig) -> None:
+        """check_health every health_check_period_s, each within health_check_timeout_s (Ray's
+        semantics); readiness follows the latest result, liveness fails after
+        HEALTH_FAILURE_THRESHOLD failures in a row (:class:`HealthTracker`)."""
         first = True
-        while not self.draining:
+        health = self.health
+        while not self.draining and health.dead is None:
             try:
                 await asyncio.wait_for(self.core.check_health(), cfg.health_check_timeout_s)
             except asyncio.CancelledError:
                 raise
             except Exception as e:
                 why = "timed out" if isinstance(e, TimeoutError) else f"{type(e).__name__}: {e}"
-                if self.healthy or first:
+                if health.healthy or first:
                     logger.warning("check_health failed: %s", why)
-                self.healthy = False
-                self.health_error = why
+                health.failed(why)
+                if health.dead is not None:
+                    logger.error("%s: the liveness probe fails from now on, so the pod's container is restarted",
+                                 health.dead)
             else:
-                if not self.healthy and not first:
+                if not health.healthy and not first:
                     logger.info("check_health passes again")
-                self.healthy = True
-                self.health_error = ""
+                health.passed()
             first = False
             await asyncio.sleep(cfg.health_check_period_s)
 

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from shoal.exceptions import SimError
 from shoal.kubernetes import names
+from shoal.kubernetes.sim.keda import KedaStandIn
 from shoal.kubernetes.sim.kubelet import Kubelet
 from shoal.kubernetes.sim.lws import LeaderWorkerSets, start_rollouts
 from shoal.kubernetes.sim.network import Services
@@ -108,6 +109,9 @@ class PodSim:
         self.network = Services(self, self.resolver_file)
         self.kubelet = Kubelet(self)
         self.lws = LeaderWorkerSets(self)
+        # KEDA/HPA stand-in for the ScaledObjects (sim.keda): started by tests that want autoscaling.
+        self.scaled_objects: dict[str, Obj] = {}
+        self.keda = KedaStandIn(self)
         self.network.write_resolver({})
         self._load(objects)
 
@@ -149,6 +153,8 @@ class PodSim:
                         existing.replicas = int(replicas)
                     if h not in existing.sets:
                         existing.sets[h] = ReplicaSet(name, h, template, 0)
+            elif kind == "ScaledObject":
+                self.scaled_objects[name] = copy.deepcopy(obj)
             elif kind == "LeaderWorkerSet" and self.lws.load(obj):
                 changed.append(name)
         return changed
@@ -247,6 +253,7 @@ class PodSim:
         if self.closed:
             return
         self.closed = True
+        self.keda.stop()
         with self.lock:
             pods = list(self.pods)
             for pod in pods:

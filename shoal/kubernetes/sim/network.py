@@ -47,6 +47,8 @@ class Services:
                 records[f"{name}.{sim.namespace}.svc.{sim.cluster_domain}"] = ips
             elif name in self.vips:
                 self.endpoints[name] = ips
+                # Cluster DNS answers a ClusterIP Service's name with its virtual IP (the scaler's, for callers).
+                records[f"{name}.{sim.namespace}.svc.{sim.cluster_domain}"] = [self.vips[name]]
         records.update(sim.lws.records(sim.namespace, sim.cluster_domain))
         self.write_resolver(records)
 
