@@ -56,6 +56,8 @@ class _Instance:
     controller: Controller
     client: ControllerClient
     settings: Settings
+    # The instance directory's lock when this call took it (None: `shoal run` in this process holds it).
+    dir_lock: Any = None
 
 
 _lock = threading.RLock()
@@ -111,6 +113,7 @@ def start(
         run_dir = RunDir(_run_dir) if _run_dir else RunDir.for_new_instance()
         settings = Settings(run_dir=run_dir.path, http=opts, start_proxy=proxy and opts.location != "NoServer"
                             and opts.location != "Disabled", num_gpus=num_gpus, strict_cpus=strict_cpus)
+        dir_lock = _own(run_dir)
         secret = new_secret()
         run_dir.create_private().write_secret(secret)
         loop = LoopThread().start()
@@ -133,8 +136,10 @@ def start(
                 except Exception:
                     pass
             loop.stop()
+            if dir_lock is not None:
+                dir_lock.release()
             raise
-        _instance = _Instance(loop, ctl, client, settings)
+        _instance = _Instance(loop, ctl, client, settings, dir_lock)
         _backend.set_current(client)
         atexit.register(shutdown)
         if settings.start_proxy:
@@ -142,6 +147,19 @@ def start(
             warning = exposure_warning(opts)
             if warning:
                 logger.warning("%s", warning)
+
+
+def _own(run_dir: RunDir) -> Any:
+    """One instance per directory: take its lock (unless this process, e.g. `shoal run`, holds it);
+    a clear error naming the pid of the process that owns it."""
+    from shoal.runtime.ownership import InstanceBusyError, held_here
+
+    if held_here(run_dir.path):
+        return None
+    try:
+        return run_dir.lock()
+    except InstanceBusyError as e:
+        raise RayServeException(str(e)) from None
 
 
 def _require() -> _Instance:
@@ -257,6 +275,8 @@ def shutdown() -> None:
             os.unlink(RunDir(inst.settings.run_dir).secret)
         except OSError:
             pass
+        if inst.dir_lock is not None:
+            inst.dir_lock.release()
     if local is not None and loop is not None:
         try:
             loop.run(local.shutdown(), timeout=60)

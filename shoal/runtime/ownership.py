@@ -26,7 +26,16 @@ import time
 from shoal.observability.logs import is_live
 
 __all__ = ["KEEP_SESSIONS", "LOCK_FILE", "SESSION_FILE", "InstanceBusyError", "InstanceLock", "begin_session",
-           "lock_holder", "read_session", "sessions"]
+           "held_here", "lock_holder", "read_session", "sessions"]
+
+# The directories this process holds (by real path): a second lock on one of them from this
+# process would conflict with the first (flock locks belong to the open file, not the process).
+_HELD: dict[str, InstanceLock] = {}
+
+
+def held_here(path: str) -> bool:
+    """Whether this process already holds the instance directory ``path``."""
+    return os.path.realpath(path) in _HELD
 
 LOCK_FILE = "instance.lock"
 SESSION_FILE = "session"
@@ -79,10 +88,13 @@ class InstanceLock:
             os.close(self.fd)
             self.fd = -1
             raise
+        _HELD[os.path.realpath(path)] = self
 
     def release(self) -> None:
         """Let go of the directory (the file stays: removing it would race the next owner)."""
         fd, self.fd = self.fd, -1
+        if _HELD.get(os.path.realpath(self.path)) is self:
+            del _HELD[os.path.realpath(self.path)]
         if fd >= 0:
             try:
                 os.ftruncate(fd, 0)

@@ -60,3 +60,38 @@ def test_serve_run_and_start_are_refused_inside_a_worker_process(monkeypatch: py
         assert serve.run(D.bind(), _local_testing_mode=True).remote().result() == "d"
     finally:
         serve.shutdown()
+
+
+def test_serve_start_refuses_a_directory_another_process_owns(run_dir: str) -> None:
+    """One instance per directory, for Python programs too: the lock `shoal run` and `shoal start`
+    take is also taken (and released at shutdown) by serve.start."""
+    import subprocess
+    import textwrap
+
+    holder = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(f"""
+            import sys, time
+            from shoal.runtime.rundir import RunDir
+            lock = RunDir({run_dir!r}).lock()
+            print("held", flush=True)
+            sys.stdin.read()
+        """)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        with pytest.raises(Exception, match=rf"another shoal instance \(pid {holder.pid}\)"):
+            serve.start(http_options={"port": 0}, _run_dir=run_dir)
+        assert api._instance is None
+    finally:
+        holder.kill()
+        holder.wait(10)
+    # The owner gone, the directory is free; the lock is released again at shutdown.
+    serve.start(http_options={"port": 0}, _run_dir=run_dir)
+    try:
+        from shoal.runtime.ownership import held_here
+
+        assert held_here(run_dir)
+    finally:
+        serve.shutdown()
+    from shoal.runtime.ownership import held_here
+
+    assert not held_here(run_dir)
