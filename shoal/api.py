@@ -256,6 +256,7 @@ async def shutdown_async() -> None:
 def shutdown() -> None:
     """Stop every replica and the proxy; no child process is left behind."""
     global _instance, _local, _local_loop
+    _detach()
     with _lock:
         inst, _instance = _instance, None
         local, loop, _local, _local_loop = _local, _local_loop, None, None
@@ -284,6 +285,18 @@ def shutdown() -> None:
             loop.stop()
 
 
+def _detach() -> None:
+    """An attached process lets go of the instance (which keeps running: unlike Ray's
+    serve.shutdown() from another driver, it is not stopped; `shoal shutdown` does that)."""
+    from shoal.runtime import attach
+
+    link = attach.attached()
+    if link is not None:
+        if _backend._current is link.client:
+            _backend.set_current(None)
+        attach.detach()
+
+
 async def _close_client(client: ControllerClient) -> None:
     client.close()
 
@@ -301,8 +314,11 @@ def status() -> ServeStatus:
     """Applications → deployments → replica state counts, with Ray Serve's status names."""
     if _instance is None:
         current = _backend._current
+        if current is None and _local is None:
+            # A plain process: the status of the instance running on this machine, if any.
+            current, _ = _try_attach()
         if isinstance(current, ControllerClient):
-            # Inside a replica (or the proxy): the instance's status, from its controller.
+            # Inside a replica (or the proxy), or attached: the instance's status, from its controller.
             got: ServeStatus = _call_blocking(current, "status")
             return got
         return ServeStatus()
@@ -344,14 +360,15 @@ def _call_blocking(client: ControllerClient, op: str, **args: Any) -> Any:
 
 
 def get_app_handle(name: str) -> DeploymentHandle:
-    """A handle to the ingress deployment of application ``name``."""
+    """A handle to the ingress deployment of application ``name``.
+
+    In a process that is not part of an instance, this attaches to the instance running on this
+    machine (``$SHOAL_RUN_DIR``, the default one, or the only one), as Ray's handles reach the
+    cluster from any driver."""
     if _local is not None and name in _local.apps:
         return DeploymentHandle(_local.apps[name].ingress, name, _backend=_local)
     if _instance is None and _local is None and not isinstance(_backend._current, ControllerClient):
-        raise RayServeException(
-            f"cannot get a handle to application {name!r}: this process is not connected to a shoal instance. "
-            "Handles work in the process that called serve.start() or serve.run(), and inside deployments; "
-            "from another process, call the application over HTTP (`shoal status` shows the address).")
+        _attach(f"get a handle to application {name!r}")
     info = _app_info()
     if _local is not None:
         info = {**{n: (a.ingress, None) for n, a in _local.apps.items()}, **info}
@@ -359,6 +376,32 @@ def get_app_handle(name: str) -> DeploymentHandle:
         known = ", ".join(repr(n) for n in sorted(info)) or "none"
         raise RayServeException(f"Application {name!r} does not exist (running applications: {known}).")
     return DeploymentHandle(info[name][0], name)
+
+
+def _attach(what: str) -> ControllerClient:
+    """Connect this process (neither the one that started shoal nor one of its processes) to
+    the instance running on this machine, or a clear error naming what was looked for."""
+    client, why = _try_attach()
+    if client is None:
+        raise RayServeException(
+            f"cannot {what}: this process is not connected to a shoal instance, and attaching to a running "
+            f"one failed: {why}. Handles work in the process that called serve.start() or serve.run(), inside "
+            "deployments, and in any other process of the same user on this machine while an instance runs "
+            "(set $SHOAL_RUN_DIR to pick one of several).")
+    return client
+
+
+def _try_attach() -> tuple[ControllerClient | None, str]:
+    """(the attached client, "") or (None, why not)."""
+    from shoal.runtime.attach import AttachError, attach
+
+    try:
+        link = attach()
+    except AttachError as e:
+        return None, str(e)
+    if _backend._current is None:
+        _backend.set_current(link.client)
+    return link.client, ""
 
 
 def get_deployment_handle(deployment_name: str, app_name: str | None = None) -> DeploymentHandle:
@@ -378,6 +421,10 @@ def get_deployment_handle(deployment_name: str, app_name: str | None = None) -> 
             raise RayServeException(f"Application {app_name!r} does not exist.")
         if deployment_name not in app.spec.deployments:
             raise RayServeException(f"Deployment {deployment_name!r} does not exist in application {app_name!r}.")
+    elif _local is None and not isinstance(_backend._current, ControllerClient):
+        _attach(f"get a handle to deployment {deployment_name!r}")
+        if app_name not in _app_info():
+            raise RayServeException(f"Application {app_name!r} does not exist.")
     return DeploymentHandle(deployment_name, app_name)
 
 

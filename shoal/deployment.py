@@ -258,6 +258,9 @@ class Application:
     # An application-level autoscaling policy (AutoscalingPolicy), set on the root of a graph
     # built from a config file entry's ``autoscaling_policy``; build_app_spec carries it over.
     _autoscaling_policy: Any = None
+    # Where a config entry or `shoal run` imported it from: {"import_path": ..., "args": {...}}
+    # (build_application sets it; `shoal config` shows it).
+    _source: dict[str, Any] | None = None
 
     def __init__(self, dep: Deployment, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         self._bound_deployment = dep
@@ -348,6 +351,8 @@ class AppSpec:
     cwd: str = ""
     # The application-level autoscaling policy (an AutoscalingPolicy; config files only, as in Ray).
     autoscaling_policy: Any = None
+    # The import path and builder args it was deployed from (None: from Python, e.g. serve.run).
+    source: dict[str, Any] | None = None
 
     def edges(self) -> list[tuple[str, str]]:
         return [(d.name, callee) for d in self.deployments.values() for callee in d.calls]
@@ -416,4 +421,4 @@ def build_app_spec(
 
     ingress = visit(app, True)
     return AppSpec(name=name, route_prefix=route_prefix, ingress=ingress, deployments=specs,
-                   autoscaling_policy=app._autoscaling_policy)
+                   autoscaling_policy=app._autoscaling_policy, source=app._source)

@@ -325,10 +325,11 @@ def build_application(app_schema: ServeApplicationSchema, source: str = "<config
     built = apply_deployment_overrides(
         app, app_schema.deployments, source=source, prefix=prefix, app_name=app_schema.name
     )
+    if built is app:  # never change the imported (or builder-cached) object
+        built = copy.copy(built)
     if app_schema.autoscaling_policy is not None:
-        if built is app:  # never change the imported (or builder-cached) object
-            built = copy.copy(built)
         built._autoscaling_policy = app_schema.autoscaling_policy
+    built._source = {"import_path": app_schema.import_path, "args": dict(app_schema.args)}
     return built
 
 

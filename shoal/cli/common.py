@@ -55,23 +55,20 @@ def resolve_address(address: str | None, *, stop_orphans: bool = False) -> str:
 
 
 def _admin(address: str, op: str, timeout: float = 30.0, **args: Any) -> Any:
+    from shoal.runtime.attach import open_controller
     from shoal.runtime.backend import new_event_loop
     from shoal.runtime.client import ControllerClient, ControllerError
     from shoal.runtime.wire import Role
 
-    run_dir = RunDir(address)
     try:
         # Checked (a directory another user made could hold their secret and socket); the
         # secret and the socket are then reached through the checked directory's descriptor.
-        run_dir.check_private()
-        secret = run_dir.read_secret()
-        path = run_dir.through_fd(os.path.basename(run_dir.controller_socket))
+        ctl = open_controller(address)
     except PermissionError as e:
-        run_dir.close()
         raise click.ClickException(str(e)) from None
     except OSError as e:
-        run_dir.close()
         raise click.ClickException(f"cannot read the instance secret in {address}: {e.strerror}") from None
+    run_dir, path, secret = ctl.run_dir, ctl.path, ctl.secret
 
     async def go() -> Any:
         client = ControllerClient(path, secret, Role.CLIENT, f"cli-{os.getpid()}", asyncio.get_running_loop())

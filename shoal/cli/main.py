@@ -10,6 +10,7 @@ from typing import Any
 
 import click
 
+import shoal.cli.config_cmd as config_cli
 import shoal.cli.lifecycle as lifecycle_cli
 import shoal.cli.logs as logs_cli
 from shoal.cli.common import _admin, resolve_address
@@ -36,6 +37,7 @@ def cli() -> None:
 
 @cli.command()
 @click.argument("target")
+@click.argument("builder_args", nargs=-1, metavar="[KEY=VALUE]...")
 @click.option("--name", default=None, help="Application name (default: 'default'; ignored for config files).")
 @click.option("--route-prefix", default=None, help="HTTP route prefix of the app (default '/').")
 @click.option("--host", default=None, help="Proxy host (default 127.0.0.1; config file: http_options.host).")
@@ -51,12 +53,15 @@ def cli() -> None:
               help="Watch the app's files; on a change redeploy in place (rolling), keeping the proxy up.")
 @click.option("-q", "--quiet-replicas", is_flag=True,
               help="Do not show the replicas' output (print(), log records) here; `shoal logs` still has it.")
-def run(target: str, name: str | None, route_prefix: str | None, host: str | None, port: int | None,
-        address: str | None, num_gpus: int | None, strict_cpus: bool, reload: bool, quiet_replicas: bool) -> None:
+def run(target: str, builder_args: tuple[str, ...], name: str | None, route_prefix: str | None,
+        host: str | None, port: int | None, address: str | None, num_gpus: int | None, strict_cpus: bool,
+        reload: bool, quiet_replicas: bool) -> None:
     """Run TARGET in the foreground until Ctrl-C.
 
     TARGET is an import path to a bound application or an app builder
     (``module:app``, ``package.module:build``) or a serve config file (``serve.yaml``).
+    ``KEY=VALUE`` arguments after TARGET are passed to an app builder as its ``args`` dict
+    (``shoal run mod:build model=small``).
     Replica output (``print()``, log records at the deployment's level) is shown here,
     prefixed ``(Deployment pid=N)``, unless ``--quiet-replicas``. The first Ctrl-C drains
     the replicas and says what it waits for; a second one kills everything at once.
@@ -74,6 +79,7 @@ def run(target: str, name: str | None, route_prefix: str | None, host: str | Non
         http0 = _http_options(target).model_copy(update={k: v for k, v in (("host", host), ("port", port))
                                                           if v is not None})
         HTTPOptions.model_validate(http0.model_dump())
+        parsed_args = parse_builder_args(target, builder_args)
     except (ConfigError, ValueError, TypeError) as e:
         console.print(f"[red]error:[/red] {e}")
         raise SystemExit(2) from None
@@ -83,7 +89,7 @@ def run(target: str, name: str | None, route_prefix: str | None, host: str | Non
         raise SystemExit(1)
     rd, _lock = claim_run_dir(address)
     try:
-        _, built = _load_and_build(target, name, route_prefix)
+        _, built = _load_and_build(target, name, route_prefix, parsed_args)
         # The baseline is taken before deploying: an edit made while replicas start still counts.
         watcher = _watcher(target) if reload else None
     except (ConfigError, ImportError, AttributeError, ValueError, TypeError, SyntaxError) as e:
@@ -115,16 +121,18 @@ def run(target: str, name: str | None, route_prefix: str | None, host: str | Non
         raise SystemExit(1) from None
     base = api.http_address()
     console.print(f"[green]ready[/green] in {time.monotonic() - t0:.2f}s")
-    for app_name, prefix, _ in built:
+    for app_name, prefix, application in built:
         if prefix is not None:
-            console.print(f"  {app_name}: {base}{prefix}")
+            docs = api_docs_path(application)
+            extra = f"   (API docs: {base}{prefix.rstrip('/')}{docs})" if docs else ""
+            console.print(f"  {app_name}: {base}{prefix}{extra}", highlight=False)
     hint = path_hint()
     if hint:
         console.print(hint, markup=False, highlight=False)
     console.print("Press Ctrl-C to stop." + (" Watching the app's files for changes." if reload else ""))
     if reload:
         assert watcher is not None
-        _reload_loop(console, target, name, route_prefix, watcher)
+        _reload_loop(console, target, name, route_prefix, watcher, parsed_args)
     else:
         _wait_for_stop()
     stop_instance(console, rd, output)
@@ -151,7 +159,35 @@ def _wait_for_stop() -> None:
         pass
 
 
-def _load_and_build(target: str, name: str | None, route_prefix: str | None) -> tuple[Any, list[tuple[str, Any, Any]]]:
+def parse_builder_args(target: str, pairs: tuple[str, ...] | list[str]) -> dict[str, str] | None:
+    """``KEY=VALUE`` command-line arguments as an app builder's ``args`` (None when there are none)."""
+    if not pairs:
+        return None
+    if _is_config_file(target):
+        raise ValueError(f"KEY=VALUE arguments ({' '.join(pairs)}) apply to an import path, not to a "
+                         f"config file; set them under the application's `args:` in {target}")
+    out: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"builder argument {pair!r} is not KEY=VALUE (e.g. `shoal run {target} model=small`)")
+        key = key.strip()
+        if key in out:
+            raise ValueError(f"builder argument {key!r} is given twice")
+        out[key] = value
+    return out
+
+
+def api_docs_path(application: Any) -> str | None:
+    """The interactive API docs path (FastAPI's ``docs_url``) of an app whose ingress is a FastAPI app."""
+    target = getattr(getattr(application, "deployment", None), "func_or_class", None)
+    asgi = getattr(target, "__shoal_asgi_app__", None)
+    docs = getattr(asgi, "docs_url", None)
+    return docs if isinstance(docs, str) and docs else None
+
+
+def _load_and_build(target: str, name: str | None, route_prefix: str | None,
+                    builder_args: dict[str, str] | None = None) -> tuple[Any, list[tuple[str, Any, Any]]]:
     """The HTTP options and (name, route prefix, bound application) of each app of TARGET
     (importing its code)."""
     from shoal.config import HTTPOptions
@@ -167,6 +203,8 @@ def _load_and_build(target: str, name: str | None, route_prefix: str | None) -> 
         app_schema: dict[str, Any] = {"import_path": target, "name": name or "default"}
         if route_prefix is not None:
             app_schema["route_prefix"] = None if route_prefix.lower() == "none" else route_prefix
+        if builder_args:
+            app_schema["args"] = builder_args
         config = ServeDeploySchema.from_dict({"applications": [app_schema]}, source="command line")
         source = "command line"
     built = [(a.name, a.route_prefix, build_application(a, source=source, index=i))
@@ -184,7 +222,8 @@ def _watcher(target: str) -> Any:
     return SourceWatcher(_watch_roots(target), [target] if _is_config_file(target) else [])
 
 
-def _reload_loop(console: Any, target: str, name: str | None, route_prefix: str | None, watcher: Any) -> None:
+def _reload_loop(console: Any, target: str, name: str | None, route_prefix: str | None, watcher: Any,
+                 builder_args: dict[str, str] | None = None) -> None:
     """Redeploy in place whenever the app's files change, until Ctrl-C / shutdown.
 
     Changed code rolls the affected deployments (new replicas ready before old ones stop);
@@ -208,7 +247,7 @@ def _reload_loop(console: Any, target: str, name: str | None, route_prefix: str 
             forget_modules(roots)
             t0 = time.monotonic()
             try:
-                _, built = _load_and_build(target, name, route_prefix)
+                _, built = _load_and_build(target, name, route_prefix, builder_args)
             except Exception as e:
                 detail = "".join(traceback.format_exception_only(type(e), e)).strip()
                 console.print(f"[red]reload failed[/red], the previous version keeps serving:\n{detail}")
@@ -441,6 +480,7 @@ def delete(name: str, address: str | None) -> None:
 cli.add_command(replica_command)
 cli.add_command(k8s_command)
 cli.add_command(logs_cli.logs)
+cli.add_command(config_cli.config)
 cli.add_command(lifecycle_cli.start)
 cli.add_command(lifecycle_cli.deploy)
 cli.add_command(lifecycle_cli.promote)

@@ -183,7 +183,13 @@ def test_an_unpicklable_bind_argument_names_the_deployment_and_the_argument() ->
         spec.deployments["Keeper"].serialized()
 
 
-def test_get_app_handle_without_an_instance_says_so() -> None:
+def test_get_app_handle_without_an_instance_says_so(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SHOAL_RUN_DIR", str(tmp_path / "none"))  # nothing runs there
     with pytest.raises(RayServeException, match="not connected to a shoal instance") as info:
         serve.get_app_handle("default")
-    assert "serve.start()" in str(info.value) and "does not exist" not in str(info.value)
+    msg = str(info.value)
+    assert "serve.start()" in msg and "does not exist" not in msg
+    assert "no running shoal instance" in msg and str(tmp_path / "none") in msg
+    with pytest.raises(RayServeException, match="cannot get a handle to deployment 'Keeper'"):
+        serve.get_deployment_handle("Keeper", "default")
+    assert serve.status().applications == {}  # a plain process with nothing to attach to

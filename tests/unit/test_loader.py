@@ -179,7 +179,10 @@ def test_import_attr_keeps_empty_entry_as_cwd(tmp_path: Path, monkeypatch: pytes
 
 
 def test_bound_application_without_overrides(apps: ModuleType) -> None:
-    assert build_application(app_entry(f"{APPS}:app")) is apps.app
+    built = build_application(app_entry(f"{APPS}:app"))
+    # A copy (the imported object is never changed) that remembers where it came from.
+    assert built is not apps.app and built.deployment is apps.app.deployment
+    assert built._source == {"import_path": f"{APPS}:app", "args": {}} and apps.app._source is None
 
 
 def test_bound_application_with_args_is_an_error() -> None:

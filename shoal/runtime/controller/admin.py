@@ -47,6 +47,10 @@ class AdminTarget(Protocol):
 
     shutdown_requested: asyncio.Event
     metrics: ControllerMetrics
+    settings: Any  # its Settings (``http``: the HTTPOptions)
+
+    @property
+    def http_port(self) -> int: ...
 
     @property
     def apps(self) -> dict[str, AppRecord]: ...
@@ -98,5 +102,12 @@ def admin_table(ctl: AdminTarget) -> dict[str, Handler]:
 
         return describe_apps(a.spec for a in ctl.apps.values() if not a.deleting)
 
+    async def config(_: dict[str, Any]) -> Any:  # `shoal config`: what runs, as a serve config file
+        from shoal.runtime.controller.running_config import running_config
+
+        specs = [a.spec for n, a in ctl.apps.items() if not a.deleting and not AppKey.parse(n).is_canary]
+        return running_config(specs, ctl.settings.http, ctl.http_port)
+
     return {"status": status, "delete": delete, "shutdown": shutdown, "app_info": app_info, "apply": apply,
-            "promote": promote, "rollback": rollback, "metrics": metrics, "app_graphs": app_graphs}
+            "promote": promote, "rollback": rollback, "metrics": metrics, "app_graphs": app_graphs,
+            "config": config}
