@@ -13,6 +13,7 @@ import cloudpickle
 from pydantic import ValidationError
 
 from shoal import _codeship
+from shoal._pickle_digest import pickle_digest
 from shoal.config import DeploymentConfig, validate_route_prefix
 
 __all__ = ["AppSpec", "Application", "Deployment", "DeploymentSpec", "build_app_spec", "deployment"]
@@ -303,7 +304,8 @@ class DeploymentSpec:
             self._blob = _pickle_for_replicas(self.name, target, _codeship.dumps)
             # Hashed by value: the version changes when the code does, wherever it lives.
             plain = _pickle_for_replicas(self.name, target, lambda t: cloudpickle.dumps(t, protocol=5))
-            self._code_digest = hashlib.sha256(_TRACKER_ID.sub(b"<class>", plain)).digest()
+            # By content, not by object identity (a reload re-imports modules; see _pickle_digest).
+            self._code_digest = pickle_digest(plain)
         return self._blob
 
     @property

@@ -79,9 +79,38 @@ class SourceWatcher:
             self.mtimes = now
         return sorted(set(diff))
 
+    def watch(self, paths: Iterable[str]) -> None:
+        """Also watch these files (e.g. a module whose import failed, named by its traceback)."""
+        self.known |= {os.path.abspath(p) for p in paths}
+        self.mtimes = self._scan()
+
     def rescan(self) -> None:
         """Take the current files as the baseline (after a reload imported new modules)."""
         self.mtimes = self._scan()
+
+
+def load_error_details(exc: BaseException, roots: Iterable[str]) -> tuple[str, list[str]]:
+    """Where in the user's code an error raised while importing the app comes from: the
+    traceback lines of the project's own frames (the innermost three, with their source line;
+    for a SyntaxError, the file, line and caret), and those files (to watch them: a module
+    whose import failed is not in ``sys.modules``)."""
+    import traceback
+
+    roots_t = tuple(os.path.abspath(r) for r in roots)
+    cause: BaseException = exc
+    while cause.__cause__ is not None and cause.__cause__ is not cause:
+        cause = cause.__cause__
+    files: list[str] = []
+    lines: list[str] = []
+    if isinstance(cause, SyntaxError) and cause.filename and _project_file(cause.filename, roots_t):
+        files.append(os.path.abspath(cause.filename))
+        lines = [ln for ln in traceback.format_exception_only(type(cause), cause)[:-1]]
+    frames = [f for f in traceback.extract_tb(cause.__traceback__)
+              if not f.filename.startswith("<") and _project_file(f.filename, roots_t)]
+    files += [os.path.abspath(f.filename) for f in frames]
+    if frames and not lines:
+        lines = ["Traceback (your code, innermost last):\n", *traceback.format_list(frames[-3:])]
+    return "".join(lines).rstrip("\n"), sorted(set(files))
 
 
 def forget_modules(roots: Iterable[str]) -> list[str]:

@@ -67,10 +67,11 @@ def run(target: str, builder_args: tuple[str, ...], name: str | None, route_pref
     the replicas and says what it waits for; a second one kills everything at once.
     """
     from shoal import api
-    from shoal.cli.devloop import deploy_with_progress
+    from shoal.cli.devloop import deploy_with_progress, load_error_details
     from shoal.cli.runcmd import check_port, claim_run_dir, path_hint, start_output, stop_instance
     from shoal.config import HTTPOptions
     from shoal.observability.logs import TAILED_ENV
+    from shoal.runtime.controller import DeployError
     from shoal.schema import ConfigError
 
     console = _console()
@@ -88,13 +89,22 @@ def run(target: str, builder_args: tuple[str, ...], name: str | None, route_pref
         console.print(f"[red]error:[/red] {busy}", markup=True, highlight=False)
         raise SystemExit(1)
     rd, _lock = claim_run_dir(address)
+    built: list[tuple[str, Any, Any]] = []
+    failed = False  # under --reload, a first version that fails keeps shoal up, watching for a fix
     try:
         _, built = _load_and_build(target, name, route_prefix, parsed_args)
         # The baseline is taken before deploying: an edit made while replicas start still counts.
         watcher = _watcher(target) if reload else None
     except (ConfigError, ImportError, AttributeError, ValueError, TypeError, SyntaxError) as e:
+        details, files = load_error_details(e, _watch_roots(target))
         console.print(f"[red]error:[/red] {e}")
-        raise SystemExit(2) from None
+        if details:
+            console.print(details, markup=False, highlight=False)
+        if not reload:
+            raise SystemExit(2) from None
+        watcher = _watcher(target)
+        watcher.watch(files)
+        failed = True
     except KeyboardInterrupt:  # while the app's modules import: nothing started yet
         raise SystemExit(130) from None
     if quiet_replicas:
@@ -108,8 +118,14 @@ def run(target: str, builder_args: tuple[str, ...], name: str | None, route_pref
         output = None if quiet_replicas else start_output(console, rd)
         for app_name, prefix, application in built:
             console.print(f"deploying application [bold]{app_name}[/bold]")
-            deploy_with_progress(console, application, app_name, prefix,
-                                 last_line=output.last_line if output is not None else None)
+            try:
+                deploy_with_progress(console, application, app_name, prefix,
+                                     last_line=output.last_line if output is not None else None)
+            except DeployError as e:
+                if not reload:
+                    raise
+                console.print(f"[red]error:[/red] {e}", highlight=False)
+                failed = True
         if output is not None:
             output.poll()  # what the replicas wrote while starting comes before "ready"
     except KeyboardInterrupt:
@@ -120,9 +136,13 @@ def run(target: str, builder_args: tuple[str, ...], name: str | None, route_pref
         stop_instance(console, rd, output)
         raise SystemExit(1) from None
     base = api.http_address()
-    console.print(f"[green]ready[/green] in {time.monotonic() - t0:.2f}s")
+    if failed:
+        console.print(f"[yellow]not serving yet[/yellow]: the app failed to start (above); the proxy is up at "
+                      f"{base}. Save a fix to retry.", highlight=False)
+    else:
+        console.print(f"[green]ready[/green] in {time.monotonic() - t0:.2f}s")
     for app_name, prefix, application in built:
-        if prefix is not None:
+        if prefix is not None and not failed:
             docs = api_docs_path(application)
             extra = f"   (API docs: {base}{prefix.rstrip('/')}{docs})" if docs else ""
             console.print(f"  {app_name}: {base}{prefix}{extra}", highlight=False)
@@ -229,10 +249,9 @@ def _reload_loop(console: Any, target: str, name: str | None, route_prefix: str 
     Changed code rolls the affected deployments (new replicas ready before old ones stop);
     the proxy stays up. A file that fails to import keeps the previous version serving.
     """
-    import traceback
-
     from shoal import api
-    from shoal.cli.devloop import deploy_with_progress, describe_changes, forget_modules
+    from shoal.cli.devloop import deploy_with_progress, describe_changes, forget_modules, load_error_details
+    from shoal.deployment import build_app_spec
 
     roots = _watch_roots(target)
     inst = api._require()
@@ -249,27 +268,34 @@ def _reload_loop(console: Any, target: str, name: str | None, route_prefix: str 
             try:
                 _, built = _load_and_build(target, name, route_prefix, builder_args)
             except Exception as e:
-                detail = "".join(traceback.format_exception_only(type(e), e)).strip()
-                console.print(f"[red]reload failed[/red], the previous version keeps serving:\n{detail}")
+                details, files = load_error_details(e, roots)
+                console.print(f"[red]reload failed[/red], the previous version keeps serving: {e}", highlight=False)
+                if details:
+                    console.print(details, markup=False, highlight=False)
                 watcher.rescan()
+                watcher.watch(files)  # a module whose import failed is not in sys.modules
                 continue
             watcher.rescan()
-            from shoal.deployment import build_app_spec
-
+            ok = True
             for app_name, prefix, application in built:
                 current = inst.controller.apps.get(app_name)
                 try:
                     new_spec = build_app_spec(application, app_name, prefix)
                 except Exception as e:
-                    console.print(f"[red]reload failed[/red] for {app_name}: {e}")
+                    console.print(f"[red]reload failed[/red] for {app_name}: {e}", highlight=False)
+                    ok = False
                     continue
                 for line in describe_changes(current.spec if current is not None else None, new_spec):
-                    console.print(f"  {line}")
+                    console.print(f"  {line}", highlight=False)
                 try:
                     deploy_with_progress(console, application, app_name, prefix)
                 except Exception as e:
-                    console.print(f"[red]redeploy of {app_name} failed:[/red] {e}")
-            console.print(f"[green]reloaded[/green] in {time.monotonic() - t0:.2f}s")
+                    ok = False
+                    console.print(f"[red]redeploy of {app_name} failed:[/red] {e}", highlight=False)
+                    console.print("the previous version's replicas that still run keep serving; save a fix to retry",
+                                  highlight=False)
+            if ok:
+                console.print(f"[green]reloaded[/green] in {time.monotonic() - t0:.2f}s")
     except KeyboardInterrupt:
         pass
 
@@ -396,8 +422,13 @@ def status(address: str | None, as_json: bool, watch: bool, interval: float, ite
     print_status(Console(), addr, data)
 
 
-# A status message is cut to this many characters in the table (the JSON has all of it).
+# A status message is cut to its first line, at most this many characters (the JSON has all of it).
 STATUS_MESSAGE_CHARS = 160
+
+
+def _first_line(message: str) -> str:
+    line = message.split("\n", 1)[0]
+    return line if len(line) <= STATUS_MESSAGE_CHARS else line[:STATUS_MESSAGE_CHARS - 1] + "…"
 
 
 def print_status(console: Any, addr: str, data: dict[str, Any]) -> None:
@@ -412,16 +443,22 @@ def print_status(console: Any, addr: str, data: dict[str, Any]) -> None:
     if not data["applications"]:
         console.print("no applications deployed")
         return
-    table = Table("application", "status", "route", "deployment", "deployment status", "replicas", "message")
+    table = Table("application", "status", "route", "deployment", "deployment status", "replicas")
+    messages: list[str] = []
     for app_name, app in data["applications"].items():
         first = True
         for dep_name, dep in app["deployments"].items():
             replicas = ", ".join(f"{k}: {v}" for k, v in sorted(dep["replica_states"].items())) or "-"
             table.add_row(app_name if first else "", app["status"] if first else "",
-                          str(app["route_prefix"]) if first else "", dep_name, dep["status"], replicas,
-                          (dep["message"] or (app["message"] if first else ""))[:STATUS_MESSAGE_CHARS])
+                          str(app["route_prefix"]) if first else "", dep_name, dep["status"], replicas)
             first = False
+            if dep["message"]:
+                messages.append(f"{app_name}/{dep_name}: {_first_line(dep['message'])}")
+        if app["message"] and not any(d["message"] == app["message"] for d in app["deployments"].values()):
+            messages.append(f"{app_name}: {_first_line(app['message'])}")
     console.print(table)
+    for line in messages:  # under the table: a traceback never squeezes it (`--json` has the whole message)
+        console.print(line, markup=False, highlight=False)
     _print_versions(console, data["applications"])
 
 

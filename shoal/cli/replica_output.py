@@ -206,7 +206,21 @@ class ReplicaOutput:
             text = _WHO.sub(r"\1", escape_line(line), count=1)
             if text.strip():
                 self.last[t.key] = (time.monotonic(), text)
-            self.write(f"({t.key.split('/', 1)[-1]} pid={t.pid or '?'}) {text}")
+            prefix = f"({t.key.split('/', 1)[-1]} pid={t.pid or '?'})"
+            for part in _unfold_traceback(text):
+                self.write(f"{prefix} {part}")
+
+
+_TRACEBACK = "\\nTraceback (most recent call last):\\n"
+
+
+def _unfold_traceback(text: str) -> list[str]:
+    """A record that carries a traceback (its newlines written as ``\\n`` in the file, one
+    record per line) shown as the lines Python prints, each with the replica's prefix so no
+    line can pass for another replica's."""
+    if _TRACEBACK not in text:
+        return [text]
+    return [part for part in text.split("\\n") if part]
 
 
 def replica_files(logs_dir: Callable[[], str]) -> Callable[[], list[tuple[str, str]]]:

@@ -12,6 +12,14 @@ The JSON is ``serve.status()`` as a dict, plus for each application its call gra
 (``options``). It leaves out what could be secret: ``user_config`` values (only whether
 one is set), ``runtime_env`` (environment variables), constructor arguments, and status
 messages beyond their first line (no tracebacks).
+
+Clicking a deployment opens its detail view (``/-/dashboard#/deployment/<app>/<deployment>``,
+drawn by the same page), which polls ``/-/deployment.json?app=A&deployment=D``: the
+deployment's replicas (id, pid, state, version, age, health), its whole status message, its
+recent errors with their tracebacks and the tail of its replicas' logs
+(:mod:`shoal.observability.deployment_detail`). Logs and tracebacks can hold secrets, so that
+endpoint answers only clients connected from a loopback address (:func:`is_loopback`); others
+get 403.
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+import ipaddress
 import json
 import math
 import os
@@ -26,13 +35,18 @@ import re
 import time
 from collections.abc import Iterable
 from typing import Any, Protocol
+from urllib.parse import parse_qs
 
-__all__ = ["PATHS", "deployment_options", "describe_apps", "page", "respond", "status_document"]
+__all__ = ["PATHS", "deployment_options", "describe_apps", "detail_query", "is_loopback", "page", "respond",
+           "status_document"]
 
-PATHS = frozenset({"/-/dashboard", "/-/status.json"})
+DETAIL_PATH = "/-/deployment.json"
+PATHS = frozenset({"/-/dashboard", "/-/status.json", DETAIL_PATH})
 # How long the page waits for the controller before it shows "unreachable".
 STATUS_TIMEOUT_S = 5.0
 MAX_MESSAGE = 300
+# The longest application or deployment name /-/deployment.json takes.
+MAX_NAME = 1024
 
 _page: tuple[bytes, str] | None = None
 
@@ -156,6 +170,63 @@ async def _send_json(send: Any, status: int, doc: Any, request_id: str, head: bo
     await _send(send, status, json.dumps(doc).encode(), b"application/json", request_id, head, extra)
 
 
+def is_loopback(client: Any) -> bool:
+    """Whether an ASGI ``scope["client"]`` (``(host, port)``) is a loopback address:
+    127.0.0.0/8, ``::1``, or 127.x written as IPv4-mapped IPv6. Anything else (no client, a
+    name, another address) is not."""
+    if not isinstance(client, (tuple, list)) or not client or not isinstance(client[0], str):
+        return False
+    try:
+        ip = ipaddress.ip_address(client[0].split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped.is_loopback
+    return ip.is_loopback
+
+
+def detail_query(query_string: bytes) -> tuple[str, str] | str:
+    """``(app, deployment)`` from ``/-/deployment.json``'s query string, or the error naming
+    what is missing or malformed."""
+    try:
+        params = parse_qs(query_string.decode("utf-8"), keep_blank_values=True, strict_parsing=False,
+                          errors="strict", max_num_fields=8)
+    except (UnicodeDecodeError, ValueError) as e:
+        return f"malformed query string: {e}"
+    values = []
+    for field in ("app", "deployment"):
+        got = params.get(field, [])
+        if len(got) != 1 or not got[0]:
+            return f"query parameter {field!r} is {'repeated' if len(got) > 1 else 'required'}"
+        if len(got[0]) > MAX_NAME:
+            return f"query parameter {field!r} is longer than {MAX_NAME} characters"
+        values.append(got[0])
+    return values[0], values[1]
+
+
+async def _detail(call: Any, scope: dict[str, Any], send: Any, request_id: str, head: bool) -> None:
+    if not is_loopback(scope.get("client")):
+        await _send_json(send, 403, {"error": f"{DETAIL_PATH} shows log lines and tracebacks: it answers only "
+                                              "clients on this machine (a loopback address)"}, request_id, head)
+        return
+    query = detail_query(scope.get("query_string", b""))
+    if isinstance(query, str):
+        await _send_json(send, 400, {"error": query}, request_id, head)
+        return
+    app, deployment = query
+    try:
+        doc = await call("deployment_detail", STATUS_TIMEOUT_S, app=app, deployment=deployment)
+    except Exception as e:
+        await _send_json(send, 503, {"error": f"the controller did not answer: {type(e).__name__}"}, request_id,
+                         head, [(b"retry-after", b"1")])
+        return
+    if doc.get("missing"):
+        await _send_json(send, 404, {"error": doc.get("error", "not found"), "app": app, "deployment": deployment},
+                         request_id, head)
+        return
+    await _send_json(send, 200, _plain(doc), request_id, head)
+
+
 async def respond(front: _Front, path: str, scope: dict[str, Any], send: Any, request_id: str) -> None:
     """Answer a request for one of :data:`PATHS` (read-only: GET and HEAD)."""
     if not getattr(front.options, "dashboard", True):
@@ -175,6 +246,9 @@ async def respond(front: _Front, path: str, scope: dict[str, Any], send: Any, re
     call = getattr(front.client, "call", None)
     if call is None:  # e.g. a Kubernetes pod: no controller to ask
         await _send_json(send, 404, {"error": "no instance status here"}, request_id, head)
+        return
+    if path == DETAIL_PATH:
+        await _detail(call, scope, send, request_id, head)
         return
     try:
         status, graphs = await asyncio.gather(call("status", STATUS_TIMEOUT_S), call("app_graphs", STATUS_TIMEOUT_S))

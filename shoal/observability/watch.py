@@ -13,6 +13,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
+from rich import box
 from rich.console import Console, Group, RenderableType
 from rich.live import Live
 from rich.table import Table
@@ -77,9 +78,18 @@ def _replicas(dep: dict[str, Any]) -> str:
     return f"{text} ({others})" if others else text
 
 
+# Below this many columns the table keeps the columns that matter most (deployment, status,
+# replicas, req/s, p99, errors): the full set needs about 110.
+NARROW_BELOW = 110
+MESSAGE_CHARS = 200
+
+
 def view(data: dict[str, Any], rates: Rates, now: float, *, address: str = "", error: str = "",
-         interval: float = 1.0) -> RenderableType:
-    """One frame: a header, then a table per application (``data`` is ``ServeStatus.to_dict()``)."""
+         interval: float = 1.0, width: int | None = None) -> RenderableType:
+    """One frame: a header, then a table per application (``data`` is ``ServeStatus.to_dict()``);
+    ``width`` (the terminal's columns) picks the compact table below :data:`NARROW_BELOW`.
+    Status messages go under the table, one line per deployment, never squeezed into a column."""
+    narrow = width is not None and width < NARROW_BELOW
     parts: list[RenderableType] = []
     head = Text()
     head.append("shoal", style="bold")
@@ -87,8 +97,8 @@ def view(data: dict[str, Any], rates: Rates, now: float, *, address: str = "", e
         head.append(f"  {address}")
     if data.get("http_address"):
         head.append(f"  http {data['http_address']}")
-    head.append(f"  updated {time.strftime('%H:%M:%S')} (every {interval:g}s, Ctrl-C to exit)", style="dim")
     parts.append(head)
+    parts.append(Text(f"updated {time.strftime('%H:%M:%S')} (every {interval:g}s, Ctrl-C to exit)", style="dim"))
     if data.get("resources"):
         parts.append(Text(str(data["resources"]), style="dim"))
     if error:
@@ -96,9 +106,15 @@ def view(data: dict[str, Any], rates: Rates, now: float, *, address: str = "", e
     apps: dict[str, Any] = data.get("applications") or {}
     if not apps and not error:
         parts.append(Text("no applications deployed"))
+    columns = (("deployment", "left"), ("status", "left"), ("replicas", "right"), ("req/s", "right"),
+               ("p50", "right"), ("p99", "right"), ("requests", "right"), ("errors", "right"),
+               ("error rate", "right"))
+    if narrow:
+        columns = tuple(c for c in columns if c[0] not in ("p50", "requests", "error rate"))
     for name, app in apps.items():
         metrics = app.get("metrics") or {}
-        table = Table(expand=False, title_justify="left", show_edge=False, pad_edge=False)
+        table = Table(expand=False, title_justify="left", show_edge=False, pad_edge=False, box=box.SIMPLE_HEAD,
+                      collapse_padding=True)
         route = app.get("route_prefix")
         title = Text()
         title.append(name, style="bold")
@@ -106,18 +122,27 @@ def view(data: dict[str, Any], rates: Rates, now: float, *, address: str = "", e
         title.append(f"  route {route}" if route is not None else "  no HTTP route")
         title.append(f"  version {app.get('version', '')}", style="dim")
         table.title = title
-        for col, justify in (("deployment", "left"), ("status", "left"), ("replicas", "right"), ("req/s", "right"),
-                             ("p50", "right"), ("p99", "right"), ("requests", "right"), ("errors", "right"),
-                             ("error rate", "right"), ("message", "left")):
-            table.add_column(col, justify=justify, no_wrap=col != "message")  # type: ignore[arg-type]
+        for col, justify in columns:
+            table.add_column(col, justify=justify, no_wrap=True,  # type: ignore[arg-type]
+                             overflow="ellipsis", max_width=22 if col == "deployment" else None)
+        messages: list[Text] = []
         for dname, dep in (app.get("deployments") or {}).items():
             m = dep.get("metrics") or {}
             rate = rates.update(f"{name}/{dname}@{dep.get('version', '')}", now, m.get("requests"))
-            table.add_row(dname, Text(str(dep.get("status", "")), style=_tone(str(dep.get("status", "")))),
-                          _replicas(dep), _qps(rate), _ms(m.get("p50_ms")), _ms(m.get("p99_ms")),
-                          str(m.get("requests", 0)), str(m.get("errors", 0)), f"{m.get('error_rate', 0.0):.2%}",
-                          (dep.get("message") or "").split("\n", 1)[0][:80])
+            cells = {"deployment": dname,
+                     "status": Text(str(dep.get("status", "")), style=_tone(str(dep.get("status", "")))),
+                     "replicas": _replicas(dep), "req/s": _qps(rate), "p50": _ms(m.get("p50_ms")),
+                     "p99": _ms(m.get("p99_ms")), "requests": str(m.get("requests", 0)),
+                     "errors": str(m.get("errors", 0)), "error rate": f"{m.get('error_rate', 0.0):.2%}"}
+            table.add_row(*(cells[c] for c, _ in columns))
+            message = (dep.get("message") or "").split("\n", 1)[0]
+            if message:
+                cut = message if len(message) <= MESSAGE_CHARS else message[:MESSAGE_CHARS - 1] + "…"
+                line = Text(f"  {dname}: ", style="bold")
+                line.append(cut, style=_tone(str(dep.get("status", ""))))
+                messages.append(line)
         parts.append(table)
+        parts.extend(messages)
         canary = app.get("canary")
         if canary:
             cm = canary.get("metrics") or {}
@@ -155,7 +180,9 @@ def run(fetch: Callable[[], dict[str, Any]], *, interval: float = 1.0, iteration
                 data = fetch()
             except Exception as e:
                 error = str(e) or type(e).__name__
-            live.update(view(data, rates, clock(), address=address, error=error, interval=interval), refresh=True)
+            frame = view(data, rates, clock(), address=address, error=error, interval=interval,
+                         width=live.console.width)
+            live.update(frame, refresh=True)
             done += 1
             if iterations is not None and done >= iterations:
                 return

@@ -164,3 +164,24 @@ def test_a_tailed_replica_leaves_the_terminal_to_shoal_run(tmp_path: Path, taile
     assert "careful" in (tmp_path / "D-1.log").read_text()
     assert ("careful" in got.stderr) is (not tailed)
     assert ("StreamHandler" in (tmp_path / "kinds").read_text()) is (not tailed)
+
+
+def test_a_traceback_record_is_shown_as_lines_each_prefixed(tmp_path: Path) -> None:
+    written: list[str] = []
+    a = tmp_path / "a.log"
+    record = ("2026-01-01 10:00:00,000 ERROR replica app/Front/Front-1 pid=77 shoal.proxy: request failed: boom"
+              "\\nTraceback (most recent call last):\\n  File \"/home/me/app.py\", line 26, in __call__\\n"
+              "    return 1 / 0\\nZeroDivisionError: division by zero\n"
+              "2026-01-01 10:00:01,000 INFO replica app/Front/Front-1 pid=77 me: a\\nb stays one line\n")
+    a.write_bytes(record.encode())
+    out = ReplicaOutput(lambda: [("app/Front", str(a))], written.append)
+    out.poll()
+    out.stop()
+    assert written == [
+        "(Front pid=77) 2026-01-01 10:00:00,000 ERROR shoal.proxy: request failed: boom",
+        "(Front pid=77) Traceback (most recent call last):",
+        '(Front pid=77)   File "/home/me/app.py", line 26, in __call__',
+        "(Front pid=77)     return 1 / 0",
+        "(Front pid=77) ZeroDivisionError: division by zero",
+        "(Front pid=77) 2026-01-01 10:00:01,000 INFO me: a\\nb stays one line",
+    ]

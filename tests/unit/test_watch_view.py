@@ -99,3 +99,48 @@ def test_run_shows_the_error() -> None:
 
     run(fetch, iterations=1, console=Console(file=buf, width=200), sleep=lambda s: None)
     assert "cannot reach the instance: no running shoal instance" in buf.getvalue()
+
+
+FAILED_MESSAGE = ("replica constructor failed: RuntimeError: broken weights\nTraceback (most recent call last):\n"
+                  '  File "/home/me/app.py", line 14, in __init__\n    raise RuntimeError("broken weights")')
+
+
+def failing_status() -> dict[str, Any]:
+    data = status(150)
+    dep = data["applications"]["shop"]["deployments"]["Model"]
+    dep.update(status="DEPLOY_FAILED", message=FAILED_MESSAGE)
+    data["applications"]["shop"]["deployments"]["AVeryLongDeploymentNameForEmbeddings"] = dict(dep)
+    data["applications"]["shop"]["status"] = "DEPLOY_FAILED"
+    return data
+
+
+def rendered(renderable: Any, width: int) -> str:
+    console = Console(record=True, width=width, file=io.StringIO())
+    console.print(renderable)
+    return console.export_text()
+
+
+def test_watch_fits_80_columns_with_messages_under_the_table() -> None:
+    out = rendered(view(failing_status(), Rates(), 0.0, address="/tmp/shoal-0/default", width=80), 80)
+    lines = out.splitlines()
+    assert all(len(line) <= 80 for line in lines), out
+    header = next(line for line in lines if line.startswith("deployment"))
+    assert header.split() == ["deployment", "status", "replicas", "req/s", "p99", "errors"], out
+    model = next(line for line in lines if line.startswith("Model"))
+    assert "DEPLOY_FAILED" in model and "1/3 (1 STARTING)" in model and "…" not in model, out
+    assert "  Model: replica constructor failed: RuntimeError: broken weights" in out
+    assert "Traceback" not in out  # only the first line; `shoal status --json` has the rest
+    wide = rendered(view(failing_status(), Rates(), 0.0, width=200), 200)
+    assert next(line for line in wide.splitlines() if line.startswith("deployment")).split()[-2:] == ["error",
+                                                                                                      "rate"]
+
+
+def test_status_table_keeps_tracebacks_out_of_its_cells() -> None:
+    from shoal.cli.main import print_status
+
+    out = io.StringIO()
+    print_status(Console(file=out, width=80), "/tmp/shoal-0/default", failing_status())
+    text_out = out.getvalue()
+    assert all(len(line) <= 80 for line in text_out.splitlines()), text_out
+    assert "shop/Model: replica constructor failed: RuntimeError: broken weights" in text_out
+    assert "Traceback" not in text_out

@@ -9,10 +9,12 @@ from typing import Any, Protocol
 
 from shoal.deployment import AppSpec
 from shoal.observability.controller_metrics import ControllerMetrics
+from shoal.runtime.controller.availability import status_message
 from shoal.runtime.controller.canary import AppKey
-from shoal.runtime.controller.records import AppRecord, ReplicaRecord
+from shoal.runtime.controller.clock import Clock
+from shoal.runtime.controller.records import AppRecord, DeploymentRecord, ReplicaRecord
 from shoal.runtime.wire import Call, FramedProtocol, Reply
-from shoal.status import ServeStatus
+from shoal.status import ReplicaState, ServeStatus
 
 Handler = Callable[[dict[str, Any]], Awaitable[Any]]
 
@@ -48,6 +50,7 @@ class AdminTarget(Protocol):
     shutdown_requested: asyncio.Event
     metrics: ControllerMetrics
     settings: Any  # its Settings (``http``: the HTTPOptions)
+    clock: Clock
 
     @property
     def http_port(self) -> int: ...
@@ -67,6 +70,45 @@ class AdminTarget(Protocol):
     async def promote(self, name: str, timeout: float | None = 600.0) -> None: ...
 
     async def rollback(self, name: str) -> None: ...
+
+
+# The longest application or deployment name a detail request may carry.
+MAX_NAME = 1024
+
+
+def replica_health(rec: ReplicaRecord) -> str:
+    """What the controller knows of a replica's health, in a few words."""
+    code = rec.proc.poll()
+    if code is not None:
+        return f"exited (code {code})"
+    if rec.adopted:
+        return "waiting for it to reconnect"
+    if rec.conn is None:
+        return "not connected"
+    if rec.health_failures:
+        return f"{rec.health_failures} failed health check{'s' if rec.health_failures > 1 else ''} in a row"
+    return "ok" if rec.state == ReplicaState.RUNNING else rec.state.value.lower()
+
+
+def replica_rows(replicas: list[ReplicaRecord], now: float, wall: float) -> list[dict[str, Any]]:
+    """The detail view's replica table: id, pid, state, version, start time and age, health."""
+    return [{"replica_id": r.replica_id, "pid": r.proc.pid, "state": r.state.value, "version": r.version,
+             "started": wall - (now - r.started_at), "age_s": max(0.0, now - r.started_at),
+             "health": replica_health(r), "health_failures": r.health_failures, "serves_http": r.serves_http,
+             "ongoing": r.ongoing} for r in replicas]
+
+
+def _detail_head(ctl: AdminTarget, app: str, name: str) -> tuple[dict[str, Any], DeploymentRecord | None]:
+    rec = ctl.apps.get(app)
+    if rec is None or rec.deleting:
+        return {"missing": "app", "error": f"no application {app!r}"}, None
+    dep = rec.deployments.get(name)
+    if dep is None:
+        return {"missing": "deployment", "error": f"no deployment {name!r} in application {app!r}"}, None
+    now = ctl.clock.monotonic()
+    return {"app": app, "deployment": name, "status": dep.status.value, "version": dep.version,
+            "target_replicas": dep.target, "ingress": rec.spec.ingress == name,
+            "message": status_message(dep.message, dep.waiting, dep.fault, now - dep.fault_at)}, dep
 
 
 def admin_table(ctl: AdminTarget) -> dict[str, Handler]:
@@ -108,6 +150,24 @@ def admin_table(ctl: AdminTarget) -> dict[str, Handler]:
         specs = [a.spec for n, a in ctl.apps.items() if not a.deleting and not AppKey.parse(n).is_canary]
         return running_config(specs, ctl.settings.http, ctl.http_port)
 
+    async def deployment_detail(args: dict[str, Any]) -> Any:  # the dashboard's view of one deployment
+        from shoal.observability.deployment_detail import MAX_TRACEBACK, collect
+        from shoal.observability.safetext import escape
+        from shoal.runtime.rundir import RunDir
+
+        app, name = str(args.get("app", ""))[:MAX_NAME], str(args.get("deployment", ""))[:MAX_NAME]
+        head, dep = _detail_head(ctl, app, name)
+        if dep is None:
+            return head
+        now, wall = ctl.clock.monotonic(), ctl.clock.wall()
+        mine = [r for r in ctl.replicas.values() if r.app == app and r.deployment == name]
+        head["message"] = escape(head["message"][:2 * MAX_TRACEBACK])  # a constructor's traceback
+        head["replicas"] = replica_rows(mine, now, wall)
+        head["time"] = wall
+        logs_dir = RunDir(ctl.settings.run_dir).logs_dir
+        head.update(await asyncio.to_thread(collect, logs_dir, app, name, {r.replica_id: r.proc.pid for r in mine}))
+        return head
+
     return {"status": status, "delete": delete, "shutdown": shutdown, "app_info": app_info, "apply": apply,
             "promote": promote, "rollback": rollback, "metrics": metrics, "app_graphs": app_graphs,
-            "config": config}
+            "config": config, "deployment_detail": deployment_detail}
