@@ -10,7 +10,9 @@ so it is tested against a fake; :class:`KubernetesAPI` implements it with the of
   (``--create-secret`` would otherwise rotate the RPC secret under running pods).
   Every apply asks for ``fieldValidation=Strict``: a field the cluster's schema does not know
   (e.g. an HTTPRoute's ``timeouts`` on Gateway API v1.0/v1.1 CRDs) is an error, not silently
-  dropped.
+  dropped. A kind the cluster does not serve (a CRD not installed: KEDA, the Prometheus
+  Operator...) is found while planning, and the apply refuses to start, naming each missing CRD
+  and the build flag that leaves its objects out: it never stops half-way for that.
 * **Prune**: objects of the kinds shoal generates, labelled ``app.kubernetes.io/part-of=APP``
   and ``app.kubernetes.io/managed-by=shoal`` (plus ``shoal.dev/instance`` for a
   canary build), that the new build does not contain. Secrets are never pruned, nor objects
@@ -36,6 +38,7 @@ from typing import Any, Protocol
 
 import yaml
 
+from shoal.kubernetes.addons import missing_kind_hint
 from shoal.kubernetes.compiler import L_INSTANCE, L_PART_OF, L_VERSION, MANAGED_BY, label_value
 
 __all__ = [
@@ -70,7 +73,9 @@ PRUNE_KINDS: tuple[tuple[str, str], ...] = (
     ("gateway.networking.k8s.io/v1", "HTTPRoute"),
     ("networking.k8s.io/v1", "Ingress"),
     ("monitoring.coreos.com/v1", "PodMonitor"),
+    ("monitoring.coreos.com/v1", "PrometheusRule"),
     ("keda.sh/v1alpha1", "ScaledObject"),
+    ("keda.sh/v1alpha1", "TriggerAuthentication"),
     ("autoscaling/v2", "HorizontalPodAutoscaler"),
     ("policy/v1", "PodDisruptionBudget"),
     ("leaderworkerset.x-k8s.io/v1", "LeaderWorkerSet"),
@@ -159,7 +164,14 @@ class ApplyPlan:
     # Deployment's spec.selector, e.g. after shoal's selector label changed): deleted, then
     # created again. Their pods restart.
     recreate: list[Ref] = field(default_factory=list)
+    # (apiVersion, kind) of the build the cluster does not serve (no CRD): execute refuses to start.
+    unserved: list[tuple[str, str]] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+
+    def unserved_message(self) -> str:
+        """Which kinds the cluster lacks, each with its CRD and the flag that drops it."""
+        lines = [f"the cluster does not serve {av} {kind}{missing_kind_hint(av, kind)}" for av, kind in self.unserved]
+        return "; ".join(lines) + "; nothing was applied"
 
 
 # Kinds that live outside namespaces, among those shoal writes or reads.
@@ -177,7 +189,12 @@ def plan_apply(objects: Sequence[Obj], api: ClusterAPI, scopes: Iterable[Scope],
     wanted = {Ref.of(o) for o in objects}
     for obj in objects:
         ref = Ref.of(obj)
-        live = _get(api, ref)
+        try:
+            live = api.get(ref.api_version, ref.kind, ref.namespace, ref.name)
+        except KindNotServed:
+            live = None
+            if (ref.api_version, ref.kind) not in plan.unserved:
+                plan.unserved.append((ref.api_version, ref.kind))
         if ref.kind == "Secret" and live is not None:
             plan.skip.append((ref, "exists; shoal never overwrites a Secret"))
             continue
@@ -188,6 +205,8 @@ def plan_apply(objects: Sequence[Obj], api: ClusterAPI, scopes: Iterable[Scope],
             plan.recreate.append(ref)
             plan.warnings.append(f"{ref}: its selector changed, which Kubernetes does not allow in place; it is "
                                  "deleted and created again, so its pods restart")
+    if plan.unserved:
+        plan.warnings.append(plan.unserved_message().replace("; nothing was applied", "; apply will refuse to start"))
     for scope in scopes:
         if scope.canary_of is not None and scope.app is not None:
             stable = (f"{L_PART_OF}={label_value(scope.app)},{L_INSTANCE}={label_value(scope.app)},"
@@ -245,8 +264,12 @@ def execute(plan: ApplyPlan, api: ClusterAPI, *, force: bool = False,
             echo: Callable[[str], None] = lambda s: None) -> dict[str, int]:
     """Prune the replaced autoscalers, apply, then prune the rest.
 
+    A kind of the build the cluster does not serve (its CRD is missing) stops it before anything
+    changes (:class:`ApplyRejected` naming each CRD and the flag that drops it), never half-way.
     Returns counts by outcome (created, configured, unchanged, skipped, pruned).
     """
+    if plan.unserved:
+        raise ApplyRejected(plan.unserved_message())
     counts = {"created": 0, "configured": 0, "unchanged": 0, "skipped": 0, "pruned": 0}
     for ref in plan.prune_first:
         api.delete(ref.api_version, ref.kind, ref.namespace, ref.name, dry_run=False)
@@ -268,7 +291,7 @@ def execute(plan: ApplyPlan, api: ClusterAPI, *, force: bool = False,
         except KindNotServed:
             raise ApplyRejected(
                 f"{ref}: the cluster does not serve {ref.api_version} {ref.kind}"
-                + _install_hint(ref.kind)
+                + missing_kind_hint(ref.api_version, ref.kind)
             ) from None
         if before is None:
             outcome = "created"
@@ -285,15 +308,6 @@ def execute(plan: ApplyPlan, api: ClusterAPI, *, force: bool = False,
         counts["pruned"] += 1
         echo(f"{ref} pruned")
     return counts
-
-
-def _install_hint(kind: str) -> str:
-    return {
-        "ScaledObject": " (install KEDA, or build with --autoscaler hpa)",
-        "HTTPRoute": " (install the Gateway API CRDs and a Gateway controller, or build with --ingress-class)",
-        "PodMonitor": " (install the Prometheus Operator, or build without --pod-monitor)",
-        "LeaderWorkerSet": " (gang deployments need the LeaderWorkerSet controller: install kubernetes-sigs/lws)",
-    }.get(kind, "")
 
 
 def _rv(obj: Obj | None) -> str | None:

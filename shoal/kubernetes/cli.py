@@ -98,12 +98,17 @@ def _build_options(f: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--prometheus-url", default="http://prometheus-operated.monitoring.svc:9090",
                      show_default=True, help="Unused: KEDA reads the app's shoal scaler (kept for old scripts)."),
         click.option("--prometheus-namespace-label", default="namespace", show_default=True,
-                     help="Label holding the pod namespace in Prometheus ('' to leave it out of queries)."),
+                     help="Label holding the pod namespace in Prometheus, in the alert rules' queries ('' to "
+                          "leave it out)."),
         click.option("--keda-namespace", default="keda", show_default=True,
                      help="Namespace of KEDA's operator: the NetworkPolicy lets it read the app's scaler."),
         click.option("--wake-timeout", "wake_timeout_s", type=float, default=120.0, show_default=True,
                      help="Seconds callers hold a request for a deployment with no pod (scaled to zero) "
                           "before answering 503 with Retry-After."),
+        click.option("--scaler-auth", type=click.Choice(["bearer", "none"]), default="bearer", show_default=True,
+                     help="How KEDA and the app's pods authenticate to the app's scaler: a bearer token from "
+                          "Secret <app>-scaler-token (key token; --create-secret makes it) through a KEDA "
+                          "TriggerAuthentication, or none (the NetworkPolicy alone)."),
         click.option("--http-from-namespace", "http_from_namespaces", multiple=True,
                      help="Namespace allowed to reach the HTTP port (repeatable; '*': any). Default: the "
                           "Gateway's namespace, the app's own without a route, any with --ingress-class."),
@@ -139,7 +144,19 @@ def _build_options(f: Callable[..., Any]) -> Callable[..., Any]:
                           "without them); --no-cpu-limits leaves them out (no CFS throttling)."),
         click.option("--shm-size", default="1Gi", show_default=True, help="Size limit of the /dev/shm emptyDir."),
         click.option("--cluster-domain", default="cluster.local", show_default=True),
-        click.option("--pod-monitor", is_flag=True, help="Also emit a Prometheus Operator PodMonitor."),
+        click.option("--pod-monitor/--no-pod-monitor", default=True, show_default=True,
+                     help="Emit a Prometheus Operator PodMonitor per app (and, unless --no-alerts, a "
+                          "PrometheusRule of alerts)."),
+        click.option("--monitor-label", "monitor_labels", multiple=True, metavar="KEY=VALUE",
+                     help="Label on the PodMonitor and PrometheusRule (repeatable), e.g. "
+                          "release=kube-prometheus-stack, which that chart's Prometheus selects them by."),
+        click.option("--alerts/--no-alerts", default=True, show_default=True,
+                     help="Emit the PrometheusRule (5xx ratio, p99 latency, unavailable replicas, wake timeouts) "
+                          "with the PodMonitor."),
+        click.option("--alert-5xx-percent", type=float, default=5.0, show_default=True,
+                     help="Alert when more than this percentage of HTTP answers are 5xx (10 minutes)."),
+        click.option("--alert-p99-seconds", type=float, default=10.0, show_default=True,
+                     help="Alert when the p99 HTTP latency (to the response's end) is over this (10 minutes)."),
         click.option("--grafana", is_flag=True,
                      help="Also emit the Grafana dashboard, in a ConfigMap labelled grafana_dashboard=1 (sidecar)."),
         # Per-pod resources and scheduling (shoal.kubernetes.compiler.scheduling); DEPLOYMENT: targets one.
@@ -166,6 +183,10 @@ def _build_options(f: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--accelerator-label", default=None, metavar="KEY",
                      help="Node label whose value is Ray's accelerator_type (a nodeSelector); without it "
                           "accelerator_type is ignored (warned)."),
+        click.option("--model-volume", "model_volumes", multiple=True,
+                     metavar="DEPLOYMENT=pvc:CLAIM[:/PATH]|DEPLOYMENT=image:REF[:/PATH]",
+                     help="Mount a PersistentVolumeClaim or an image volume (Kubernetes 1.33+ with the ImageVolume "
+                          "gate) read-only into the deployment's pods, at /models by default (repeatable)."),
     ]
     for opt in reversed(opts):
         f = opt(f)
@@ -197,6 +218,7 @@ def _compile(target: str | None, rayservice: str | None, name: str | None, route
     kw = dict(kw)
     kw["labels"] = _key_values(kw.pop("labels"), "--label")
     kw["env"] = _key_values(kw.pop("env"), "--env")
+    kw["monitor_labels"] = _key_values(kw.pop("monitor_labels", ()), "--monitor-label")
     dns_labels = _key_values(kw.pop("dns_pod_labels", ()), "--dns-pod-label")
     if dns_labels:
         kw["dns_pod_labels"] = dns_labels
@@ -210,19 +232,26 @@ def _compile(target: str | None, rayservice: str | None, name: str | None, route
     check_pod_options(opts)
     apps, http_options = load_apps(target, rayservice=rayservice, name=name, route_prefix=route_prefix)
     if opts.create_secret:
-        stored = _stored_secrets(secrets_dir, opts, [a.spec.name for a in apps])
+        bearer = opts.autoscaler == "keda" and opts.scaler_auth == "bearer"
+        stored = _stored_secrets(secrets_dir, opts, {a.spec.name: bearer and _autoscales(a.spec) for a in apps})
         opts = dataclasses.replace(opts, secret_material=stored)
     result = compile_apps([(a.spec, a.entry) for a in apps], opts, http_options=http_options)
     return result, apps, opts
 
 
-def _stored_secrets(directory: str, opts: Any, apps: list[str]) -> dict[str, Any]:
-    """--create-secret: each application's stored material (created on the first build)."""
+def _autoscales(spec: Any) -> bool:
+    return any(d.config.resolved_autoscaling() is not None for d in spec.deployments.values())
+
+
+def _stored_secrets(directory: str, opts: Any, apps: dict[str, bool]) -> dict[str, Any]:
+    """--create-secret: each application's stored material (created on the first build); ``apps``:
+    each name, and whether its scaler needs a bearer token."""
     from shoal.kubernetes.secretstore import load_or_create
 
     out: dict[str, Any] = {}
-    for app in sorted(set(apps)):
-        material, path, changes = load_or_create(directory, opts.namespace, app, with_tls=opts.tls == "secret")
+    for app in sorted(apps):
+        material, path, changes = load_or_create(directory, opts.namespace, app, with_tls=opts.tls == "secret",
+                                                 with_scaler_token=apps[app])
         out[app] = material
         what = "; ".join(changes) if changes else "reused"
         click.echo(f"note: the generated secrets of {app!r} are in {path} ({what}): it holds private keys; keep it "
@@ -252,6 +281,15 @@ def _report(result: Any, apps: list[Any], opts: Any) -> None:
                 f"tls.key and ca.crt, the CA that signed it); create it: kubectl -n {ns} create secret generic "
                 f"{tls} --type=kubernetes.io/tls --from-file=tls.crt=POD.crt --from-file=tls.key=POD.key "
                 f"--from-file=ca.crt=CA.crt  (or build with --create-secret, or --tls cert-manager)",
+                err=True,
+            )
+        token = names.scaler_token_secret_name(app)
+        if any(o["kind"] == "TriggerAuthentication" and token in str(o) for o in result.objects):
+            click.echo(
+                f"note: the app's scaler, KEDA (TriggerAuthentication) and the pods read the scaler's bearer token "
+                f"from Secret {token!r} (key {names.SCALER_TOKEN_KEY!r}); create it once: kubectl -n {ns} create "
+                f"secret generic {token} --from-literal={names.SCALER_TOKEN_KEY}=\"$(openssl rand -hex 32)\"  (or "
+                "build with --create-secret, or --scaler-auth none)",
                 err=True,
             )
         keys = names.api_keys_secret_name(app)
@@ -464,6 +502,16 @@ def apply(target: str | None, rayservice: str | None, name: str | None, route_pr
                         "--create-secret)",
                         err=True,
                     )
+                token = names.scaler_token_secret_name(app_name)
+                if any(o["kind"] == "TriggerAuthentication" and token in str(o) for o in result.objects) \
+                        and api.get("v1", "Secret", opts.namespace, token) is None:
+                    click.echo(
+                        f"warning: Secret {token!r} does not exist in {opts.namespace!r}; the app's scaler will not "
+                        f"start (KEDA keeps its fallback replica counts) until it does (kubectl -n {opts.namespace} "
+                        f"create secret generic {token} --from-literal={names.SCALER_TOKEN_KEY}=\"$(openssl rand "
+                        "-hex 32)\", rerun with --create-secret, or build with --scaler-auth none)",
+                        err=True,
+                    )
                 tls = names.tls_secret_name(app_name)
                 if opts.tls == "secret" and api.get("v1", "Secret", opts.namespace, tls) is None:
                     click.echo(
@@ -490,8 +538,9 @@ def doctor(target: str | None, rayservice: str | None, name: str | None, route_p
     """Check that the cluster has what TARGET's build needs (give the flags you build with).
 
     Checks the Kubernetes version, the namespace, the CRD and version of every custom kind the build
-    writes (KEDA ScaledObject, Gateway API HTTPRoute with timeouts per --gateway-api-version,
-    LeaderWorkerSet for gangs, cert-manager with --tls cert-manager, PodMonitor), KEDA's operator
+    writes (KEDA ScaledObject and TriggerAuthentication, Gateway API HTTPRoute with timeouts per
+    --gateway-api-version, LeaderWorkerSet for gangs, cert-manager with --tls cert-manager, PodMonitor and
+    PrometheusRule), image volumes against the version, KEDA's operator
     running (in --keda-namespace), a GatewayClass and the --gateway Gateway, the --ingress-class, Prometheus for KEDA's
     trigger and the external metrics API for --autoscaler hpa. Prints one line per check and how to
     fix what is missing. Changes nothing.

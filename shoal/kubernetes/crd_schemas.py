@@ -2,9 +2,13 @@
 
 Written here from each CRD's documentation for the fields shoal uses, strict
 (``additionalProperties: false`` wherever the field set is known): KEDA ``ScaledObject``
-(with the prometheus and metrics-api triggers, fallback and HPA behavior), Gateway API
-``HTTPRoute``, Prometheus Operator ``PodMonitor``, ``LeaderWorkerSet`` and cert-manager
-``Issuer`` / ``Certificate``. :data:`CRD_SCHEMAS` maps (apiVersion, kind) to each.
+(with the prometheus and metrics-api triggers, fallback and HPA behavior) and
+``TriggerAuthentication``, Gateway API ``HTTPRoute``, Prometheus Operator ``PodMonitor`` and
+``PrometheusRule``, ``LeaderWorkerSet`` and cert-manager ``Issuer`` / ``Certificate``. The
+TriggerAuthentication and PrometheusRule schemas follow the openAPIV3Schema of the projects' CRDs
+(config/crd/bases/keda.sh_triggerauthentications.yaml of KEDA,
+example/prometheus-operator-crd/monitoring.coreos.com_prometheusrules.yaml of the Prometheus
+Operator). :data:`CRD_SCHEMAS` maps (apiVersion, kind) to each.
 """
 
 from __future__ import annotations
@@ -153,7 +157,13 @@ SCALED_OBJECT = _object("keda.sh/v1alpha1", "ScaledObject", {
                     "name": {"type": "string"},
                     "metricType": {"enum": ["AverageValue", "Value", "Utilization"]},
                     "useCachedMetrics": {"type": "boolean"},
-                    "authenticationRef": {"type": "object"},
+                    "authenticationRef": {
+                        "type": "object",
+                        "additionalProperties": False,
+                        "required": ["name"],
+                        "properties": {"name": {"type": "string", "minLength": 1},
+                                       "kind": {"enum": ["TriggerAuthentication", "ClusterTriggerAuthentication"]}},
+                    },
                     # KEDA trigger metadata values are all strings.
                     "metadata": _STR_MAP,
                 },
@@ -183,6 +193,7 @@ SCALED_OBJECT = _object("keda.sh/v1alpha1", "ScaledObject", {
                                     "targetValue": {"type": "string", "pattern": r"^[0-9]+(\.[0-9]+)?$"},
                                     "activationTargetValue": {"type": "string", "pattern": r"^[0-9]+(\.[0-9]+)?$"},
                                     "format": {"enum": ["json", "xml", "yaml", "prometheus"]},
+                                    "authMode": {"enum": ["apiKey", "basic", "tls", "bearer"]},
                                 },
                             }
                         }
@@ -310,6 +321,86 @@ POD_MONITOR = _object("monitoring.coreos.com/v1", "PodMonitor", {
                 },
             },
         },
+    },
+})
+
+# monitoring.coreos.com/v1 PrometheusRule: spec.groups[] (name required, unique) of rules[] (expr
+# required; exactly one of record and alert); durations in Prometheus' own syntax.
+_PROM_DURATION = {"type": "string", "pattern": r"^(0|(([0-9]+)y)?(([0-9]+)w)?(([0-9]+)d)?(([0-9]+)h)?"
+                                               r"(([0-9]+)m)?(([0-9]+)s)?(([0-9]+)ms)?)$"}
+PROMETHEUS_RULE = _object("monitoring.coreos.com/v1", "PrometheusRule", {
+    "type": "object",
+    "additionalProperties": False,
+    "properties": {
+        "groups": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "additionalProperties": False,
+                "required": ["name"],
+                "properties": {
+                    "name": {"type": "string", "minLength": 1},
+                    "interval": _PROM_DURATION,
+                    "query_offset": _PROM_DURATION,
+                    "labels": _STR_MAP,
+                    "limit": {"type": "integer"},
+                    "partial_response_strategy": {"type": "string", "pattern": r"(?i)^(abort|warn)?$"},
+                    "rules": {
+                        "type": "array",
+                        "items": {
+                            "type": "object",
+                            "additionalProperties": False,
+                            "required": ["expr"],
+                            "properties": {
+                                "alert": {"type": "string", "minLength": 1},
+                                "record": {"type": "string", "minLength": 1},
+                                "expr": {"anyOf": [{"type": "integer"}, {"type": "string", "minLength": 1}]},
+                                "for": _PROM_DURATION,
+                                "keep_firing_for": {**_PROM_DURATION, "minLength": 1},
+                                "labels": _STR_MAP,
+                                "annotations": _STR_MAP,
+                            },
+                            "oneOf": [{"required": ["alert"]}, {"required": ["record"]}],
+                        },
+                    },
+                },
+            },
+        },
+    },
+})
+
+# keda.sh/v1alpha1 TriggerAuthentication: where a trigger's parameters come from. Every source of the
+# CRD is listed; the ones shoal writes (secretTargetRef) and their close kin are checked field by field.
+_KEDA_REF = {"type": "array", "items": {
+    "type": "object", "additionalProperties": False, "required": ["parameter", "name", "key"],
+    "properties": {"parameter": {"type": "string", "minLength": 1},
+                   "name": {"type": "string", "pattern": _DNS_SUBDOMAIN},
+                   "key": {"type": "string", "minLength": 1}},
+}}
+TRIGGER_AUTHENTICATION = _object("keda.sh/v1alpha1", "TriggerAuthentication", {
+    "type": "object",
+    "additionalProperties": False,
+    "minProperties": 1,
+    "properties": {
+        "secretTargetRef": _KEDA_REF,
+        "configMapTargetRef": _KEDA_REF,
+        "env": {"type": "array", "items": {
+            "type": "object", "additionalProperties": False, "required": ["name", "parameter"],
+            "properties": {"name": {"type": "string"}, "parameter": {"type": "string"},
+                           "containerName": {"type": "string"}},
+        }},
+        "boundServiceAccountToken": {"type": "array", "items": {
+            "type": "object", "additionalProperties": False, "required": ["parameter", "serviceAccountName"],
+            "properties": {"parameter": {"type": "string"}, "serviceAccountName": {"type": "string"}},
+        }},
+        "filePath": {"type": "string"},
+        "podIdentity": {"type": "object", "required": ["provider"], "properties": {
+            "provider": {"enum": ["azure-workload", "gcp", "aws", "aws-eks", "none"]}}},
+        "awsSecretManager": {"type": "object"},
+        "azureKeyVault": {"type": "object"},
+        "gcpSecretManager": {"type": "object"},
+        "hashiCorpVault": {"type": "object"},
+        "oauth2": {"type": "object"},
     },
 })
 
@@ -451,7 +542,9 @@ CRD_SCHEMAS: dict[tuple[str, str], Obj] = {
     ("cert-manager.io/v1", "Certificate"): CERTIFICATE,
     ("cert-manager.io/v1", "Issuer"): ISSUER,
     ("keda.sh/v1alpha1", "ScaledObject"): SCALED_OBJECT,
+    ("keda.sh/v1alpha1", "TriggerAuthentication"): TRIGGER_AUTHENTICATION,
     ("gateway.networking.k8s.io/v1", "HTTPRoute"): HTTP_ROUTE,
     ("monitoring.coreos.com/v1", "PodMonitor"): POD_MONITOR,
+    ("monitoring.coreos.com/v1", "PrometheusRule"): PROMETHEUS_RULE,
     ("leaderworkerset.x-k8s.io/v1", "LeaderWorkerSet"): LEADER_WORKER_SET,
 }

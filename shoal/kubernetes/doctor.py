@@ -6,8 +6,11 @@ need from the cluster and checks each through the same API view as ``shoal k8s a
 
 * the Kubernetes version, against the range shoal validates its output for;
 * the namespace;
+* image volumes (``--model-volume DEP=image:...``) against the version: beta from 1.33 behind a
+  feature gate, on by default from 1.35;
 * every custom resource kind in the build: its CRD and the version the build uses (KEDA
-  ``ScaledObject``, Gateway API ``HTTPRoute``, ``LeaderWorkerSet``, cert-manager, PodMonitor...);
+  ``ScaledObject`` and ``TriggerAuthentication``, Gateway API ``HTTPRoute``, ``LeaderWorkerSet``,
+  cert-manager, ``PodMonitor`` and ``PrometheusRule``...), with the flag that leaves it out;
   for the HTTPRoute also whether the installed CRD has ``timeouts`` when the build sets them
   (``--gateway-api-version``);
 * the controllers behind them: KEDA's operator and metrics server running (``--keda-namespace``),
@@ -27,9 +30,10 @@ from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 from urllib.parse import urlparse
 
+from shoal.kubernetes.addons import ADDONS, Addon
 from shoal.kubernetes.apply import ClusterAPI, KindNotServed, NotAllowed
 
-__all__ = ["SUPPORTED", "DoctorAPI", "Finding", "diagnose", "render"]
+__all__ = ["ADDONS", "SUPPORTED", "Addon", "DoctorAPI", "Finding", "diagnose", "render"]
 
 Obj = dict[str, Any]
 # Oldest and newest Kubernetes minor releases whose schemas shoal's output is validated against.
@@ -51,37 +55,6 @@ class Finding:
     fix: str = ""
 
 
-@dataclass(frozen=True)
-class Addon:
-    """A custom resource kind: its CRD's name, and what to install for it."""
-
-    crd: str
-    install: str
-    link: str
-
-
-ADDONS: dict[str, Addon] = {
-    "ScaledObject": Addon("scaledobjects.keda.sh", "install KEDA (helm install keda kedacore/keda -n keda "
-                          "--create-namespace), or build with --autoscaler hpa", "https://keda.sh/docs/latest/deploy/"),
-    "TriggerAuthentication": Addon("triggerauthentications.keda.sh", "install KEDA",
-                                   "https://keda.sh/docs/latest/deploy/"),
-    "HTTPRoute": Addon("httproutes.gateway.networking.k8s.io", "install the Gateway API CRDs (standard channel) and "
-                       "a Gateway controller, or build with --ingress-class",
-                       "https://gateway-api.sigs.k8s.io/guides/#installing-gateway-api"),
-    "LeaderWorkerSet": Addon("leaderworkersets.leaderworkerset.x-k8s.io", "install LeaderWorkerSet (gang "
-                             "deployments need it)", "https://lws.sigs.k8s.io/docs/installation/"),
-    "Certificate": Addon("certificates.cert-manager.io", "install cert-manager, or build with --tls secret",
-                         "https://cert-manager.io/docs/installation/"),
-    "Issuer": Addon("issuers.cert-manager.io", "install cert-manager, or build with --tls secret",
-                    "https://cert-manager.io/docs/installation/"),
-    "PodMonitor": Addon("podmonitors.monitoring.coreos.com", "install the Prometheus Operator (e.g. "
-                        "kube-prometheus-stack), or build without --pod-monitor",
-                        "https://prometheus-operator.dev/docs/getting-started/installation/"),
-    "ServiceMonitor": Addon("servicemonitors.monitoring.coreos.com", "install the Prometheus Operator",
-                            "https://prometheus-operator.dev/docs/getting-started/installation/"),
-    "PrometheusRule": Addon("prometheusrules.monitoring.coreos.com", "install the Prometheus Operator",
-                            "https://prometheus-operator.dev/docs/getting-started/installation/"),
-}
 # API groups built into Kubernetes: no CRD to look for.
 _BUILT_IN = re.compile(r"^(v1|[a-z]+/v[0-9a-z]+|[a-z.]*\.k8s\.io/v[0-9a-z]+)$")
 _KEDA_LINK = "https://keda.sh/docs/latest/deploy/"
@@ -104,7 +77,12 @@ def _guard(what: str, check: Any) -> list[Finding]:
 def diagnose(api: DoctorAPI, objects: Sequence[Obj], opts: Any) -> list[Finding]:
     """Every finding for ``objects`` built with ``opts`` (a CompileOptions); ClusterUnreachable propagates."""
     keda_namespace = str(getattr(opts, "keda_namespace", "keda"))
-    findings = [_version(api.server_version(), objects)]
+    git_version = api.server_version()
+    findings = [_version(git_version, objects)]
+    from shoal.kubernetes.validate import has_image_volume
+
+    if has_image_volume(list(objects)):
+        findings.append(_image_volumes(git_version))
     findings += _guard("namespace", lambda: _namespace(api, opts.namespace, bool(opts.create_namespace)))
     kinds = {(str(o["apiVersion"]), str(o["kind"])) for o in objects}
     for api_version, kind in sorted(kinds):
@@ -158,6 +136,26 @@ def _version(git_version: str, objects: Sequence[Obj]) -> Finding:
     if found > SUPPORTED[1]:
         return Finding("ok", what, f"newer than the releases shoal was validated for ({supported})")
     return Finding("ok", what, f"supported: {supported}")
+
+
+def _image_volumes(git_version: str) -> Finding:
+    """Image volumes (``--model-volume DEP=image:...``): beta from 1.33 behind the ImageVolume feature
+    gate, on by default from 1.35; the API does not tell whether a gate is on."""
+    what = "image volumes (--model-volume DEPLOYMENT=image:...)"
+    link = "https://kubernetes.io/docs/tasks/configure-pod-container/image-volumes/"
+    found = parse_version(git_version)
+    if found is None:
+        return Finding("unknown", what, "cannot read the version", "image volumes need Kubernetes 1.33 or later")
+    if found < (1, 33):
+        return Finding("missing", what, f"Kubernetes {found[0]}.{found[1]} has no beta image volumes (1.33+)",
+                       _line("upgrade to 1.33 or later (1.35: on by default), or mount the model from a "
+                             "PersistentVolumeClaim (--model-volume DEPLOYMENT=pvc:CLAIM)", link))
+    if found < (1, 35):
+        return Finding("unknown", what, f"beta in {found[0]}.{found[1]} behind the ImageVolume feature gate, off "
+                       "by default; doctor cannot see feature gates",
+                       _line("make sure the ImageVolume feature gate is on (API server and kubelets) and the "
+                             "container runtime supports image volumes", link))
+    return Finding("ok", what, "on by default from 1.35; the nodes' container runtime must support them")
 
 
 def _namespace(api: DoctorAPI, namespace: str, created_by_apply: bool = False) -> list[Finding]:

@@ -85,6 +85,14 @@ SCALER_PORT = 8002
 ENV_SCALER_URL = "SHOAL_SCALER_URL"  # http://<scaler Service>.<namespace>.svc.<domain>:SCALER_PORT
 ENV_WAKE_TIMEOUT = "SHOAL_WAKE_TIMEOUT_S"  # seconds; default DEFAULT_WAKE_TIMEOUT_S
 DEFAULT_WAKE_TIMEOUT_S = 120.0
+# --scaler-auth bearer: the token the scaler requires (Authorization: Bearer) on /scale, /demand and
+# /status, in the scaler pod and the replica pods (which post demand), from the Secret
+# scaler_token_secret_name(app), key SCALER_TOKEN_KEY (KEDA reads the same key).
+ENV_SCALER_TOKEN = "SHOAL_SCALER_TOKEN"
+SCALER_TOKEN_KEY = "token"
+# Requests a caller failed because no pod of the callee became ready within the wake deadline
+# (a counter, exposed with _total), labels: app, deployment (the callee).
+METRIC_WAKE_TIMEOUTS = "shoal_handle_wake_timeouts"
 
 
 def scaler_name(app: str) -> str:
@@ -141,6 +149,11 @@ def secret_name(app: str) -> str:
 def tls_secret_name(app: str) -> str:
     """The ``kubernetes.io/tls`` Secret every pod of ``app`` mounts (pod certificate and CA bundle)."""
     return dns_label(app, "rpc-tls")
+
+
+def scaler_token_secret_name(app: str) -> str:
+    """The Secret holding the bearer token of the application's scaler (``--scaler-auth bearer``)."""
+    return dns_label(app, "scaler-token")
 
 
 def api_keys_secret_name(app: str) -> str:

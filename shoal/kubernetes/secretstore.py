@@ -1,5 +1,6 @@
 """The local file that keeps what ``shoal k8s build --create-secret`` generated for one
-application: the RPC secret, the application's CA (key and certificate) and the pod certificate.
+application: the RPC secret, the application's CA (key and certificate), the pod certificate and
+the scaler's bearer token (``--scaler-auth bearer``).
 
 Generated once, then reused, so that building the same application twice writes the same
 Secrets (a GitOps sync must not rotate the RPC secret or the certificates on every build).
@@ -33,11 +34,13 @@ class AppSecrets:
 
     rpc_secret: str
     tls: TlsMaterial | None = None
+    scaler_token: str = ""  # "" until a build needs one
 
 
-def fresh_secrets(app: str, namespace: str, *, with_tls: bool) -> AppSecrets:
+def fresh_secrets(app: str, namespace: str, *, with_tls: bool, with_scaler_token: bool = False) -> AppSecrets:
     """New random material (nothing stored)."""
-    return AppSecrets(rpc_secret=secrets.token_hex(32), tls=new_material(app, namespace) if with_tls else None)
+    return AppSecrets(rpc_secret=secrets.token_hex(32), tls=new_material(app, namespace) if with_tls else None,
+                      scaler_token=secrets.token_hex(32) if with_scaler_token else "")
 
 
 def store_path(directory: str | os.PathLike[str], namespace: str, app: str) -> Path:
@@ -45,14 +48,14 @@ def store_path(directory: str | os.PathLike[str], namespace: str, app: str) -> P
 
 
 def load_or_create(directory: str | os.PathLike[str], namespace: str, app: str, *,
-                   with_tls: bool) -> tuple[AppSecrets, Path, list[str]]:
+                   with_tls: bool, with_scaler_token: bool = False) -> tuple[AppSecrets, Path, list[str]]:
     """The stored material of ``app`` (created, or completed with what is missing), its file,
     and what changed (for the user: "created", "added certificates", "renewed the pod certificate")."""
     path = store_path(directory, namespace, app)
     changes: list[str] = []
     stored = _read(path)
     if stored is None:
-        current = fresh_secrets(app, namespace, with_tls=with_tls)
+        current = fresh_secrets(app, namespace, with_tls=with_tls, with_scaler_token=with_scaler_token)
         changes.append("created")
     else:
         current = stored
@@ -66,6 +69,9 @@ def load_or_create(directory: str | os.PathLike[str], namespace: str, app: str, 
             key, crt = issue_pod_cert(current.tls.ca_key, current.tls.ca_crt, app, namespace)
             current = replace(current, tls=replace(current.tls, tls_key=key, tls_crt=crt))
             changes.append("renewed the pod certificate (it was about to expire)")
+        if with_scaler_token and not current.scaler_token:
+            current = replace(current, scaler_token=secrets.token_hex(32))
+            changes.append("added the scaler's bearer token")
     if changes:
         _write(path, current, namespace, app)
     return current, path, changes
@@ -88,6 +94,7 @@ def _read(path: Path) -> AppSecrets | None:
             rpc_secret=str(doc["rpc_secret"]),
             tls=TlsMaterial(ca_key=tls["ca_key"], ca_crt=tls["ca_crt"], tls_key=tls["tls_key"],
                             tls_crt=tls["tls_crt"]) if tls else None,
+            scaler_token=str(doc.get("scaler_token") or ""),
         )
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise CompileError(f"{path}: cannot read the stored secrets: {e}") from None
@@ -105,6 +112,7 @@ def _write(path: Path, current: AppSecrets, namespace: str, app: str) -> None:
         "namespace": namespace,
         "app": app,
         "rpc_secret": current.rpc_secret,
+        "scaler_token": current.scaler_token,
         "tls": None if current.tls is None else {
             "ca_key": current.tls.ca_key, "ca_crt": current.tls.ca_crt,
             "tls_key": current.tls.tls_key, "tls_crt": current.tls.tls_crt,

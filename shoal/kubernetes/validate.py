@@ -6,14 +6,17 @@ resources shoal emits are not in that set, so each gets a JSON schema of the fie
 (:mod:`shoal.kubernetes.crd_schemas`), strict as well (``additionalProperties: false`` wherever
 the field set is known from the CRD's documentation):
 
-* KEDA ``ScaledObject`` (keda.sh/v1alpha1)
+* KEDA ``ScaledObject`` and ``TriggerAuthentication`` (keda.sh/v1alpha1)
 * Gateway API ``HTTPRoute`` (gateway.networking.k8s.io/v1)
-* Prometheus Operator ``PodMonitor`` (monitoring.coreos.com/v1)
+* Prometheus Operator ``PodMonitor`` and ``PrometheusRule`` (monitoring.coreos.com/v1)
 * ``LeaderWorkerSet`` (leaderworkerset.x-k8s.io/v1), whose two pod templates are then checked
   against the Kubernetes schema of a ``PodTemplateSpec`` (strict, like a Deployment's)
 * cert-manager ``Issuer`` and ``Certificate`` (cert-manager.io/v1; ``--tls cert-manager``)
 
 Both packages come with shoal's ``dev`` extra; ``shoal k8s build --validate`` uses them too.
+Objects with an image volume (``--model-volume DEP=image:...``) are checked against Kubernetes
+1.33 at the least (:data:`IMAGE_VOLUME_VERSION`): older releases have no ``volumes[].image``
+(1.31 and 1.32 only as alpha), and such a build needs 1.33 or later anyway.
 :func:`restricted_violations` checks a pod spec against the Pod Security Standards'
 "restricted" profile (plus a read-only root filesystem), with no dependency.
 """
@@ -28,15 +31,19 @@ from shoal.kubernetes.crd_schemas import CRD_SCHEMAS
 
 __all__ = [
     "CRD_SCHEMAS",
+    "IMAGE_VOLUME_VERSION",
     "KUBERNETES_VERSION",
     "ObjectInvalid",
     "check_restricted",
+    "has_image_volume",
     "restricted_violations",
     "validate_object",
     "validate_objects",
 ]
 
 KUBERNETES_VERSION = "1.30.0"
+# The first release whose image volumes (volumes[].image) are beta; objects with one validate against it.
+IMAGE_VOLUME_VERSION = "1.33.0"
 
 Obj = dict[str, Any]
 
@@ -57,6 +64,8 @@ def validate_object(obj: Obj, version: str = KUBERNETES_VERSION) -> str:
     except ImportError:
         raise ImportError("validation needs jsonschema and kubernetes-validate: pip install 'shoal[dev]'") from None
     key = (str(obj.get("apiVersion")), str(obj.get("kind")))
+    if _minor(version) < _minor(IMAGE_VOLUME_VERSION) and has_image_volume(obj):
+        version = IMAGE_VOLUME_VERSION
     if key in CRD_SCHEMAS:
         validator = jsonschema.Draft202012Validator(CRD_SCHEMAS[key])
         errors = sorted(validator.iter_errors(obj), key=lambda e: list(e.absolute_path))
@@ -80,6 +89,23 @@ def validate_object(obj: Obj, version: str = KUBERNETES_VERSION) -> str:
         path = ".".join(str(p) for p in getattr(e, "absolute_path", [])) or "(root)"
         raise ObjectInvalid(f"{_where(obj)}: {path}: {getattr(e, 'message', e)}") from None
     return "kubernetes " + ".".join(version.split(".")[:2])
+
+
+def _minor(version: str) -> tuple[int, int]:
+    major, minor = version.split(".")[:2]
+    return int(major), int(minor)
+
+
+def has_image_volume(node: Any) -> bool:
+    """Whether an object (any pod template in it) has an image volume (``volumes[].image``)."""
+    if isinstance(node, dict):
+        vols = node.get("volumes")
+        if isinstance(vols, list) and any(isinstance(v, dict) and "image" in v for v in vols):
+            return True
+        return any(has_image_volume(v) for v in node.values())
+    if isinstance(node, list):
+        return any(has_image_volume(v) for v in node)
+    return False
 
 
 def _pod_templates(obj: Obj) -> list[tuple[str, Obj]]:
@@ -119,7 +145,8 @@ def validate_objects(objects: Iterable[Obj], version: str = KUBERNETES_VERSION) 
 # Pod Security Standards
 # --------------------------------------------------------------------------------------------
 
-_RESTRICTED_VOLUMES = frozenset({"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral",
+# Pod Security admission admits image volumes in "restricted" since Kubernetes 1.33.
+_RESTRICTED_VOLUMES = frozenset({"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "image",
                                  "persistentVolumeClaim", "projected", "secret"})
 _SAFE_SYSCTLS = frozenset({"kernel.shm_rmid_forced", "net.ipv4.ip_local_port_range", "net.ipv4.tcp_syncookies",
                            "net.ipv4.ping_group_range", "net.ipv4.ip_unprivileged_port_start",

@@ -106,7 +106,8 @@ def view(data: dict[str, Any], rates: Rates, now: float, *, address: str = "", e
     apps: dict[str, Any] = data.get("applications") or {}
     if not apps and not error:
         parts.append(Text("no applications deployed"))
-    columns = (("deployment", "left"), ("status", "left"), ("replicas", "right"), ("req/s", "right"),
+    columns: tuple[tuple[str, str], ...] = (("deployment", "left"), ("status", "left"), ("replicas", "right"),
+               ("req/s", "right"),
                ("p50", "right"), ("p99", "right"), ("requests", "right"), ("errors", "right"),
                ("error rate", "right"))
     if narrow:

@@ -122,7 +122,7 @@ def test_secret_is_created_once_and_never_overwritten_or_pruned(demo: LoadedApp)
     key = ("v1", "Secret", "ml", "default-rpc")
     first = cluster.objects[key]["data"]
     counts = deploy(cluster, build(demo, create_secret=True))
-    assert counts["skipped"] == 2  # the RPC secret and the pod certificate
+    assert counts["skipped"] == 3  # the RPC secret, the pod certificate and the scaler's token
     assert cluster.objects[key]["data"] == first
     deploy(cluster, build(demo))  # without --create-secret: the Secret stays
     assert key in cluster.objects

@@ -78,7 +78,18 @@ def test_scaler_objects_validate_and_point_at_each_other(objs: list[dict[str, An
     (trigger,) = so["triggers"]
     assert trigger["type"] == "metrics-api" and trigger["metricType"] == "AverageValue"
     assert trigger["metadata"] == {"url": f"{url}/scale/Worker", "valueLocation": "desired", "targetValue": "1",
-                                   "activationTargetValue": "0"}
+                                   "activationTargetValue": "0", "authMode": "bearer"}
+    # --scaler-auth bearer (the default): KEDA sends the token of the TriggerAuthentication's Secret.
+    assert trigger["authenticationRef"] == {"name": name}
+    auth = one(objs, "TriggerAuthentication", name)["spec"]
+    assert auth == {"secretTargetRef": [{"parameter": "token", "name": names.scaler_token_secret_name(APP),
+                                         "key": names.SCALER_TOKEN_KEY}]}
+    assert pod["spec"]["containers"][0]["args"] == ["--port", str(names.SCALER_PORT), "--auth", "bearer"]
+    token_ref = {"name": names.scaler_token_secret_name(APP), "key": names.SCALER_TOKEN_KEY}
+    assert env_of(dep)[names.ENV_SCALER_TOKEN] == {"secretKeyRef": token_ref}  # no token: no scaler
+    for wl in ("scale-worker", "scale-front", "scale-idle"):  # demand posts; optional: the app serves without it
+        assert env_of(one(objs, "Deployment", wl))[names.ENV_SCALER_TOKEN] == {
+            "secretKeyRef": {**token_ref, "optional": True}}
     assert so["minReplicaCount"] == 0 and so["maxReplicaCount"] == 2
     assert so["fallback"] == {"failureThreshold": 3, "replicas": 1}
     behavior = so["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]
@@ -159,7 +170,9 @@ def _call_idle(host: str, port: int, out: IdleCall) -> None:
 @pytest.mark.skipif(sys.platform != "linux", reason="pods on 127.x.y.z addresses need Linux")
 def test_scale_from_zero_to_n_and_back_through_the_scaler(tmp_path: Path) -> None:
     sys.path.insert(0, str(Path(__file__).parent))
-    objs = compile_scale_app(tmp_path, wake_timeout_s=WAKE_S)
+    # The simulation's KEDA stand-in reads the scaler without a TriggerAuthentication: no token here
+    # (test_k8s_scaler_auth.py covers the token on the same paths).
+    objs = compile_scale_app(tmp_path, wake_timeout_s=WAKE_S, scaler_auth="none")
     # Nothing will ever scale Idle: its ScaledObject stays out of the simulation.
     objs = [o for o in objs if not (o["kind"] == "ScaledObject" and o["metadata"]["name"] == "scale-idle")]
     worker, scaler = "scale-worker", names.scaler_name(APP)
@@ -194,6 +207,9 @@ def test_scale_from_zero_to_n_and_back_through_the_scaler(tmp_path: Path) -> Non
         assert idle.status == 503 and idle.retry_after is not None, idle
         assert "wake deadline" in idle.body.get("message", ""), idle.body
         assert idle.seconds >= WAKE_S - 1, idle
+        # ... counted where the ShoalWakeTimeouts alert reads it: the caller's wake-deadline counter.
+        front = sim.pods_of("scale-front", ready=True)[0]
+        assert (metric(front, names.METRIC_WAKE_TIMEOUTS + "_total", app=APP, deployment="Idle") or 0) >= 1
         # Quiet: the scaler's downscale delays run out, the stand-in takes Worker back to zero.
         assert wait_for(lambda: not sim.pods_of(worker), 60, 0.1), sim.describe()
         status, body = get(*sim.service_address(scaler), "/status")

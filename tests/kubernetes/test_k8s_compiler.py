@@ -81,7 +81,8 @@ def test_objects_per_deployment_and_per_app(demo: LoadedApp) -> None:
     objs = build(demo)
     kinds = sorted({o["kind"] for o in objs})
     assert kinds == sorted(["ServiceAccount", "ConfigMap", "NetworkPolicy", "Service", "Deployment",
-                            "PodDisruptionBudget", "ScaledObject", "HTTPRoute"])
+                            "PodDisruptionBudget", "ScaledObject", "HTTPRoute", "TriggerAuthentication",
+                            "PodMonitor", "PrometheusRule"])
     for dep in ("Api", "Tokenizer", "Model"):
         name = names.workload_name("default", dep)
         one(objs, "Deployment", name)

@@ -5,8 +5,9 @@ regenerate it and review the diff:
 
     SHOAL_UPDATE_GOLDEN=1 HF_HUB_OFFLINE=1 .venv/bin/python -m pytest -q tests/kubernetes/test_k8s_golden.py
 
-Every document of every golden file is also validated (Kubernetes 1.30 schemas, strict; the CRD
-schemas of shoal.kubernetes.validate for KEDA, Gateway API, Prometheus Operator and LeaderWorkerSet kinds), and
+Every document of every golden file is also validated (Kubernetes 1.30 schemas, strict, 1.33 for an
+object with an image volume; the CRD schemas of shoal.kubernetes.validate for KEDA, Gateway API,
+Prometheus Operator and LeaderWorkerSet kinds), and
 every pod template in them is checked against the Pod Security "restricted" profile.
 """
 
@@ -40,6 +41,12 @@ CASES: dict[str, list[str]] = {
                          "--http-from-namespace", "ingress-nginx", "--metrics-from-namespace", "monitoring"],
     # A gang deployment (2 GPU ranks, autoscaled by groups) as a LeaderWorkerSet behind an ingress.
     "gang-lws": ["tests.kubernetes.k8s_gang_app:pipeline", *COMMON, "--version", "v1", "--gateway", "web"],
+    # Model weights from a PVC and an image volume, kube-prometheus-stack's release label, no scaler token.
+    "demo-model-volumes": ["tests.kubernetes.k8s_demo_app:app", *COMMON, "--version", "v1",
+                           "--gpu-resource", "nvidia.com/gpu.shared", "--model-volume", "Model=pvc:llama-weights",
+                           "--model-volume", "Model=image:registry.example.com/models/tokenizer:v1:/opt/tokenizer",
+                           "--monitor-label", "release=kube-prometheus-stack", "--alert-p99-seconds", "30",
+                           "--scaler-auth", "none"],
     # Version v2 as a 10 % canary beside the running v1.
     "demo-canary": ["tests.kubernetes.k8s_demo_app:app", *COMMON, "--version", "v2", "--canary-of", "v1",
                     "--weight", "10", "--gateway", "web", "--gpu-resource", "nvidia.com/mig-1g.10gb"],

@@ -44,3 +44,5 @@ def test_pods_export_ray_serve_metrics(tmp_path: Path) -> None:
         families = [f.name for f in text_string_to_metric_families(body.decode())]
         assert len(families) == len(set(families))
         assert families.count(names.METRIC_ONGOING) == 1 and families.count(names.METRIC_CALLER_QUEUED) == 1
+        # The wake-deadline counter (the ShoalWakeTimeouts alert's series) is there, at 0, per callee.
+        assert at_a.get((names.METRIC_WAKE_TIMEOUTS + "_total", (("app", "pipe"), ("deployment", "B")))) == 0

@@ -157,7 +157,9 @@ def _open_fds(pid: int | None) -> int:
 def test_probes_answer_while_the_rpc_port_is_flooded(tmp_path: Path) -> None:
     # The pod gets the soft limit on open files a container commonly gets (1024: containerd 2,
     # and Python does not raise it); this process needs more for the flood.
-    with pod_fd_limit(POD_FD_LIMIT), running(build_objects(tmp_path), replicas=ONLY_B) as sim:
+    # (network_policies=False: the flood goes straight to the pod, not through the simulation's
+    # NetworkPolicy relay, which would hold two more sockets per connection in this process.)
+    with pod_fd_limit(POD_FD_LIMIT), running(build_objects(tmp_path), replicas=ONLY_B, network_policies=False) as sim:
         _raise_fd_limit(FLOOD + 1024)
         pod = sim.pods_of("pipe-b")[0]
         secret = _secret(sim)

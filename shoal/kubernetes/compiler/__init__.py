@@ -15,8 +15,9 @@ headless ``Service`` on the RPC port (callers discover pod IPs through its DNS r
 ``ScaledObject`` or ``autoscaling/v2`` HPA when it autoscales. Per application: a
 ``ServiceAccount`` without a token, the ``ConfigMap`` holding the serve config, a default-deny
 ``NetworkPolicy`` plus DNS egress, with KEDA and autoscaling deployments the shoal scaler's
-``Deployment``, ``Service`` and NetworkPolicies (:mod:`.autoscaling`), and for the ingress
-deployment a ClusterIP ``Service`` with a Gateway API ``HTTPRoute`` (or a classic ``Ingress``).
+``Deployment``, ``Service`` and NetworkPolicies and KEDA ``TriggerAuthentication`` (:mod:`.autoscaling`),
+for the ingress deployment a ClusterIP ``Service`` with a Gateway API ``HTTPRoute`` (or a classic
+``Ingress``), and a Prometheus Operator ``PodMonitor`` and ``PrometheusRule`` (:mod:`.monitoring`).
 Names, ports and environment variables come from :mod:`shoal.kubernetes.names`, the contract with the pod runtime.
 """
 
@@ -35,6 +36,7 @@ from shoal.kubernetes.compiler.autoscaling import (
     autoscaler,
     check_autoscaling_options,
     keda_query,
+    scaler_bearer,
     scaler_network_policies,
     scaler_objects,
 )
@@ -62,12 +64,12 @@ from shoal.kubernetes.compiler.common import (
     prune_selector,
 )
 from shoal.kubernetes.compiler.credentials import api_keys, cert_manager_objects, generated_secrets, hash_gateway_keys
+from shoal.kubernetes.compiler.monitoring import pod_monitor, prometheus_rule
 from shoal.kubernetes.compiler.scheduling import check_pod_options, check_targets
 from shoal.kubernetes.compiler.traffic import (
     grafana_dashboard,
     http_objects,
     network_policies,
-    pod_monitor,
 )
 from shoal.kubernetes.compiler.workloads import (
     config_map,
@@ -138,7 +140,7 @@ def compile_app(spec: AppSpec, entry: Mapping[str, Any], opts: CompileOptions, *
 
     objects: list[Obj] = [service_account(ctx)]
     if opts.create_secret:
-        objects.extend(generated_secrets(ctx, ctx.api_keys))
+        objects.extend(generated_secrets(ctx, ctx.api_keys, scaler_token=scaler_bearer(ctx)))
     if opts.tls == "cert-manager":
         objects.extend(cert_manager_objects(ctx))
     elif opts.tls == "off":
@@ -157,6 +159,8 @@ def compile_app(spec: AppSpec, entry: Mapping[str, Any], opts: CompileOptions, *
         objects.extend(http_objects(ctx))
     if opts.pod_monitor:
         objects.append(pod_monitor(ctx))
+        if opts.alerts:
+            objects.append(prometheus_rule(ctx))
     if opts.grafana:
         objects.append(grafana_dashboard(ctx))
     check_collisions(objects)

@@ -45,7 +45,7 @@ from shoal.kubernetes.compiler.common import (
 )
 
 __all__ = ["SCALER_LABEL", "add_scaler_env", "autoscaler", "behavior", "check_autoscaling_options", "keda_query",
-           "scaler_network_policies", "scaler_objects", "scaler_url"]
+           "scaler_bearer", "scaler_network_policies", "scaler_objects", "scaler_url"]
 
 # The scaler pod's app.kubernetes.io/name (no deployment may take it: their selectors use that label).
 SCALER_LABEL = "shoal-scaler"
@@ -73,6 +73,29 @@ def uses_scaler(ctx: AppContext) -> bool:
     """Whether the application gets a scaler: KEDA, and some deployment autoscales."""
     return ctx.opts.autoscaler == "keda" and any(
         d.config.resolved_autoscaling() is not None for d in ctx.spec.deployments.values())
+
+
+def scaler_bearer(ctx: AppContext) -> bool:
+    """Whether the scaler requires a bearer token (``--scaler-auth bearer``, and there is a scaler)."""
+    return uses_scaler(ctx) and ctx.opts.scaler_auth == "bearer"
+
+
+def _token_env(ctx: AppContext, *, optional: bool) -> Obj:
+    """``SHOAL_SCALER_TOKEN`` from the Secret KEDA's TriggerAuthentication reads too."""
+    ref: Obj = {"name": names.scaler_token_secret_name(ctx.app), "key": names.SCALER_TOKEN_KEY}
+    if optional:
+        ref["optional"] = True
+    return {"name": names.ENV_SCALER_TOKEN, "valueFrom": {"secretKeyRef": ref}}
+
+
+def trigger_authentication(ctx: AppContext) -> Obj:
+    """KEDA's TriggerAuthentication handing the scaler's token to the metrics-api trigger as its
+    ``token`` parameter (``authMode: bearer``: ``Authorization: Bearer <token>``)."""
+    meta = ctx.meta(names.scaler_name(ctx.instance), component="autoscaler")
+    meta["labels"][L_NAME] = SCALER_LABEL
+    return {"apiVersion": "keda.sh/v1alpha1", "kind": "TriggerAuthentication", "metadata": meta,
+            "spec": {"secretTargetRef": [{"parameter": "token", "name": names.scaler_token_secret_name(ctx.app),
+                                          "key": names.SCALER_TOKEN_KEY}]}}
 
 
 def scaler_url(ctx: AppContext) -> str:
@@ -190,6 +213,22 @@ def _scaled_object(ctx: AppContext, dep: DeploymentSpec, auto: AutoscalingConfig
     """A KEDA ScaledObject reading the scaler's desired replica count (metrics-api trigger)."""
     comp = "ingress" if dep.ingress else "deployment"
     polling = min(MAX_POLLING_S, seconds(auto.metrics_interval_s))
+    trigger: Obj = {
+        "type": "metrics-api",
+        # AverageValue with target 1: the HPA's desired = ceil(desired / 1), the scaler's answer.
+        "metricType": "AverageValue",
+        "metadata": {
+            "url": f"{scaler_url(ctx)}/scale/{urllib.parse.quote(dep.name, safe='')}",
+            "valueLocation": "desired",
+            "targetValue": "1",
+            "activationTargetValue": "0",
+        },
+    }
+    if scaler_bearer(ctx):
+        # `authMode` (every KEDA 2.x metrics-api scaler reads it; `authModes` only from 2.18) and the
+        # TriggerAuthentication's `token` parameter.
+        trigger["metadata"]["authMode"] = "bearer"
+        trigger["authenticationRef"] = {"name": names.scaler_name(ctx.instance)}
     return {
         "apiVersion": "keda.sh/v1alpha1",
         "kind": "ScaledObject",
@@ -205,17 +244,7 @@ def _scaled_object(ctx: AppContext, dep: DeploymentSpec, auto: AutoscalingConfig
             # The scaler unreachable FALLBACK_FAILURES polls in a row: keep serving.
             "fallback": {"failureThreshold": FALLBACK_FAILURES, "replicas": max(min_replicas, 1)},
             "advanced": {"horizontalPodAutoscalerConfig": {"behavior": permissive_behavior(auto)}},
-            "triggers": [{
-                "type": "metrics-api",
-                # AverageValue with target 1: the HPA's desired = ceil(desired / 1), the scaler's answer.
-                "metricType": "AverageValue",
-                "metadata": {
-                    "url": f"{scaler_url(ctx)}/scale/{urllib.parse.quote(dep.name, safe='')}",
-                    "valueLocation": "desired",
-                    "targetValue": "1",
-                    "activationTargetValue": "0",
-                },
-            }],
+            "triggers": [trigger],
         },
     }
 
@@ -246,6 +275,7 @@ def scaler_objects(ctx: AppContext, config_text: str) -> list[Obj]:
     meta["labels"][L_NAME] = SCALER_LABEL
     service_meta = ctx.meta(name, component="autoscaler")
     service_meta["labels"][L_NAME] = SCALER_LABEL
+    auth = [trigger_authentication(ctx)] if scaler_bearer(ctx) else []
     return [
         {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": meta, "spec": {
             "replicas": 1,
@@ -259,11 +289,14 @@ def scaler_objects(ctx: AppContext, config_text: str) -> list[Obj]:
             "selector": scaler_selector(ctx),
             "ports": [{"name": "http", "port": names.SCALER_PORT, "targetPort": "http", "protocol": "TCP"}],
         }},
+        *auth,
     ]
 
 
 def _scaler_env(ctx: AppContext) -> list[Obj]:
     env: list[Obj] = [*identity_env(ctx), *process_env(ctx)]
+    if scaler_bearer(ctx):
+        env.append(_token_env(ctx, optional=False))  # fails closed: no token, no scaler
     # The app is imported here too (custom policies, module-level settings): its environment, then --env.
     extra = dict((ctx.entry.get("runtime_env") or {}).get("env_vars") or {})
     extra.update(ctx.opts.env)
@@ -286,7 +319,7 @@ def _scaler_pod(ctx: AppContext, config_hash: str) -> Obj:
         "image": opts.image,
         "imagePullPolicy": opts.image_pull_policy,
         "command": ["shoal", "k8s", "scaler"],
-        "args": ["--port", str(names.SCALER_PORT)],
+        "args": ["--port", str(names.SCALER_PORT), *(["--auth", "bearer"] if scaler_bearer(ctx) else [])],
         "env": _scaler_env(ctx),
         "ports": [{"name": "http", "containerPort": names.SCALER_PORT, "protocol": "TCP"}],
         # Importing the application may take a while (the scaler builds it, never runs it).
@@ -324,10 +357,15 @@ def _scaler_pod(ctx: AppContext, config_hash: str) -> Obj:
 
 
 def add_scaler_env(ctx: AppContext, workload: Obj) -> Obj:
-    """Tell a workload's replica containers the wake deadline and, with a scaler, where it is."""
-    env = [{"name": names.ENV_WAKE_TIMEOUT, "value": f"{ctx.opts.wake_timeout_s:g}"}]
+    """Tell a workload's replica containers the wake deadline and, with a scaler, where it is (and
+    its token with ``--scaler-auth bearer``)."""
+    env: list[Obj] = [{"name": names.ENV_WAKE_TIMEOUT, "value": f"{ctx.opts.wake_timeout_s:g}"}]
     if uses_scaler(ctx):
         env.append({"name": names.ENV_SCALER_URL, "value": scaler_url(ctx)})
+    if scaler_bearer(ctx):
+        # Optional here: without the Secret the app still serves (its demand posts are refused, the
+        # scaler still sees held requests in /metrics); the scaler itself does not start.
+        env.append(_token_env(ctx, optional=True))
     for container in _replica_containers(workload):
         container.setdefault("env", []).extend(env)
     return workload

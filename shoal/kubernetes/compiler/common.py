@@ -155,6 +155,9 @@ class CompileOptions:
     # peer), and how long callers hold a request for a deployment with no pod before a 503.
     keda_namespace: str = "keda"
     wake_timeout_s: float = 120.0
+    # How KEDA (and the app's callers) authenticate to the scaler: "bearer" (a token from the Secret
+    # <app>-scaler-token, through a KEDA TriggerAuthentication) or "none" (the NetworkPolicy only).
+    scaler_auth: Literal["bearer", "none"] = "bearer"
     # NetworkPolicy peers (traffic.network_policies). HTTP port: these namespaces; empty: the Gateway's
     # namespace (--gateway), the app's own (no route) or any (--ingress-class, warned); "*": any.
     http_from_namespaces: tuple[str, ...] = ()
@@ -179,7 +182,14 @@ class CompileOptions:
     cpu_limits: bool = True
     shm_size: str = "1Gi"
     cluster_domain: str = "cluster.local"
-    pod_monitor: bool = False
+    # Prometheus Operator: a PodMonitor per app (scraping every pod's /metrics), and with it a
+    # PrometheusRule of alerts (compiler/monitoring.py); monitor_labels go on both, e.g. the
+    # release=<name> label kube-prometheus-stack's Prometheus selects them by.
+    pod_monitor: bool = True
+    monitor_labels: Mapping[str, str] = field(default_factory=dict)
+    alerts: bool = True
+    alert_5xx_percent: float = 5.0  # share of HTTP answers that are 5xx, over 10 minutes
+    alert_p99_seconds: float = 10.0  # p99 of HTTP latency (to the response's end), over 10 minutes
     # A ConfigMap holding the Grafana dashboard (shoal.observability.grafana), for Grafana's dashboard sidecar.
     grafana: bool = False
     # --- Per-pod resources and scheduling (compiler/scheduling.py). Entries of the tuples are
@@ -198,6 +208,9 @@ class CompileOptions:
     zone_spread: tuple[str, ...] = ()  # [DEP:]ScheduleAnyway|DoNotSchedule (or [DEP] alone: ScheduleAnyway)
     # Node label whose value is Ray's accelerator_type (None: accelerator_type ignored, warned).
     accelerator_label: str | None = None
+    # Read-only model volumes: "DEPLOYMENT=pvc:CLAIM[:/path]" or "DEPLOYMENT=image:REFERENCE[:/path]"
+    # (compiler/volumes.py), mounted at /models unless a path is given.
+    model_volumes: tuple[str, ...] = ()
 
 
 @dataclass
@@ -305,11 +318,25 @@ def check_options(opts: CompileOptions) -> None:
     if not _QUANTITY.match(opts.shm_size):
         raise CompileError(f"--shm-size {opts.shm_size!r} is not a quantity like 1Gi")
     _check_network_options(opts)
+    _check_monitoring_options(opts)
     if opts.prometheus_namespace_label and not re.match(r"^[a-zA-Z_][a-zA-Z0-9_]*$", opts.prometheus_namespace_label):
         raise CompileError(f"--prometheus-namespace-label {opts.prometheus_namespace_label!r} is not a label name")
     for secret in opts.image_pull_secrets:
         if not _DNS1123_SUBDOMAIN.match(secret):
             raise CompileError(f"--image-pull-secret {secret!r} is not a valid Secret name")
+
+
+def _check_monitoring_options(opts: CompileOptions) -> None:
+    """The PodMonitor's and PrometheusRule's labels and alert thresholds, and the scaler's auth."""
+    if opts.scaler_auth not in ("bearer", "none"):
+        raise CompileError(f"--scaler-auth must be 'bearer' or 'none', got {opts.scaler_auth!r}")
+    for key, value in opts.monitor_labels.items():
+        _check_label(key, value, "--monitor-label")
+    if not 0 < opts.alert_5xx_percent <= 100:
+        raise CompileError(f"--alert-5xx-percent must be more than 0 and at most 100, got {opts.alert_5xx_percent:g}")
+    if not 0 < opts.alert_p99_seconds <= 86400:
+        raise CompileError(f"--alert-p99-seconds must be more than 0 (and at most a day), "
+                           f"got {opts.alert_p99_seconds:g}")
 
 
 def _check_routing_options(opts: CompileOptions) -> None:
@@ -393,13 +420,13 @@ def _qualified_name(name: str) -> bool:
     return bool(rest) and len(rest) <= 63 and bool(_LABEL_NAME.match(rest))
 
 
-def _check_label(key: str, value: str) -> None:
+def _check_label(key: str, value: str, option: str = "--label") -> None:
     if key in RESERVED_LABELS:
-        raise CompileError(f"--label {key}: shoal sets this label itself")
+        raise CompileError(f"{option} {key}: shoal sets this label itself")
     if not _qualified_name(key):
-        raise CompileError(f"--label {key!r}: not a valid label key (prefix/name, e.g. team or example.com/team)")
+        raise CompileError(f"{option} {key!r}: not a valid label key (prefix/name, e.g. team or example.com/team)")
     if len(value) > 63 or not _LABEL_VALUE.match(value):
-        raise CompileError(f"--label {key}={value!r}: not a valid label value (at most 63 letters, digits, '-_.')")
+        raise CompileError(f"{option} {key}={value!r}: not a valid label value (at most 63 letters, digits, '-_.')")
 
 
 # --------------------------------------------------------------------------------------------

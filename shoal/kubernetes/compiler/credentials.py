@@ -8,6 +8,9 @@ between pods, and the HTTP API keys. They only ever live in Secrets, never in th
   cert-manager (``--tls cert-manager``: the objects below), or by the operator.
 * ``<app>-api-keys`` (Opaque): ``api-keys``, one key per line; mounted into the ingress pods only,
   and only when the serve config has inline ``http_options.api_keys`` (stripped from the ConfigMap).
+* ``<app>-scaler-token`` (Opaque): ``token``, the bearer token of the application's scaler
+  (``--scaler-auth bearer``); the scaler, the replicas (demand posts) and KEDA's
+  TriggerAuthentication read it (compiler/autoscaling.py).
 """
 
 from __future__ import annotations
@@ -69,14 +72,15 @@ def _secret(ctx: AppContext, name: str, component: str, data: Mapping[str, str],
     }
 
 
-def generated_secrets(ctx: AppContext, keys: Sequence[str]) -> list[Obj]:
+def generated_secrets(ctx: AppContext, keys: Sequence[str], *, scaler_token: bool = False) -> list[Obj]:
     """The Secrets of ``--create-secret``: from the stored material the CLI passed in
-    (``CompileOptions.secret_material``), else fresh random material (a library call)."""
+    (``CompileOptions.secret_material``), else fresh random material (a library call).
+    ``scaler_token``: the scaler requires a bearer token (its Secret is written too)."""
     opts = ctx.opts
     with_tls = opts.tls == "secret"
     material: AppSecrets | None = opts.secret_material.get(ctx.app)
     if material is None:
-        material = fresh_secrets(ctx.app, opts.namespace, with_tls=with_tls)
+        material = fresh_secrets(ctx.app, opts.namespace, with_tls=with_tls, with_scaler_token=scaler_token)
     out = [_secret(ctx, names.secret_name(ctx.app), "rpc-secret", {names.SECRET_KEY: material.rpc_secret})]
     if with_tls:
         if material.tls is None:
@@ -86,6 +90,11 @@ def generated_secrets(ctx: AppContext, keys: Sequence[str]) -> list[Obj]:
     if keys:
         out.append(_secret(ctx, names.api_keys_secret_name(ctx.app), "api-keys",
                            {names.API_KEYS_KEY: "".join(k + "\n" for k in keys)}))
+    if scaler_token:
+        if not material.scaler_token:
+            raise CompileError(f"the stored secrets of application {ctx.app!r} have no scaler token")
+        out.append(_secret(ctx, names.scaler_token_secret_name(ctx.app), "scaler-token",
+                           {names.SCALER_TOKEN_KEY: material.scaler_token}))
     return out
 
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from shoal.exceptions import CompileError
 from shoal.kubernetes.compiler.common import CompileOptions, Obj, memory_quantity
+from shoal.kubernetes.compiler.volumes import check_model_volume_targets, check_model_volumes
 
 __all__ = [
     "DEFAULT_CACHE_SIZE",
@@ -136,6 +137,7 @@ def check_pod_options(opts: CompileOptions) -> None:
     parse_quantity(opts.tmp_size, "--tmp-size")
     for t in _all_targets(opts):
         _check_value(t)
+    check_model_volumes(opts)
     if opts.accelerator_label is not None and not _qualified_name(opts.accelerator_label):
         raise CompileError(f"--accelerator-label {opts.accelerator_label!r} is not a node label key "
                            "(prefix/name, e.g. nvidia.com/gpu.product)")
@@ -173,6 +175,7 @@ def check_targets(opts: CompileOptions, deployments: Iterable[str]) -> None:
         if t.deployment is not None and t.deployment not in known:
             raise CompileError(f"{t.option} {t.deployment + ':' + t.value!r}: no deployment named {t.deployment!r} "
                                f"(deployments: {', '.join(known)})")
+    check_model_volume_targets(opts, known)
 
 
 def _qualified_name(name: str) -> bool:

@@ -1,7 +1,7 @@
 """How a compiled application is reached: NetworkPolicies (callers, the Gateway's namespace or CIDRs
 on HTTP, the monitoring namespace on metrics, configurable DNS egress), the HTTP Service with its
-HTTPRoute (``timeouts`` per --gateway-api-version) or Ingress, the PodMonitor and the Grafana
-dashboard. Autoscaling is compiler/autoscaling.py."""
+HTTPRoute (``timeouts`` per --gateway-api-version) or Ingress, and the Grafana dashboard.
+Autoscaling is compiler/autoscaling.py, the PodMonitor and alerts compiler/monitoring.py."""
 
 from __future__ import annotations
 
@@ -252,18 +252,6 @@ def duration_seconds(text: str) -> int:
     for number, unit in re.findall(r"([0-9]+)(h|ms|m|s)", text):
         total += int(number) * {"h": 3600, "m": 60, "s": 1, "ms": 0.001}[unit]
     return max(1, math.ceil(total))
-
-
-def pod_monitor(ctx: AppContext) -> Obj:
-    return {
-        "apiVersion": "monitoring.coreos.com/v1",
-        "kind": "PodMonitor",
-        "metadata": ctx.meta(names.dns_label(ctx.instance), component="metrics"),
-        "spec": {
-            "selector": {"matchLabels": ctx.app_selector()},
-            "podMetricsEndpoints": [{"port": "admin", "path": "/metrics", "interval": "15s"}],
-        },
-    }
 
 
 def grafana_dashboard(ctx: AppContext) -> Obj:

@@ -39,6 +39,7 @@ from shoal.kubernetes.compiler.common import (
     seconds,
 )
 from shoal.kubernetes.compiler.credentials import credential_env, credential_mounts, credential_volumes, serves_http
+from shoal.kubernetes.compiler.volumes import model_mounts, model_volumes
 
 # CPU request of a deployment that reserves no CPU (num_cpus=0): a quota'd namespace admits no
 # pod without one; and its limit (with cpu_limits), so that "no reservation" is not a tiny cap.
@@ -253,6 +254,7 @@ def _container(ctx: AppContext, dep: DeploymentSpec, rank: int | None, gang: str
             {"name": "cache", "mountPath": CACHE_DIR},
             {"name": "dshm", "mountPath": SHM_DIR},
             *credential_mounts(ctx, http=http),
+            *model_mounts(opts, dep.name),
         ],
     }
     if not container["lifecycle"]:
@@ -305,6 +307,7 @@ def _pod_spec(ctx: AppContext, dep: DeploymentSpec, gang: str, container: Obj, g
             {"name": "cache", "emptyDir": {"sizeLimit": scheduling.cache_size(opts, dep.name)}},
             {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": opts.shm_size}},
             *credential_volumes(ctx, http=http),
+            *model_volumes(opts, dep.name),
         ],
     }
     if affinity is not None:

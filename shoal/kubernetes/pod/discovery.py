@@ -211,6 +211,7 @@ class WakeConfig:
     scaler_url: str | None = None
     timeout_s: float = names.DEFAULT_WAKE_TIMEOUT_S
     demand_interval_s: float = DEMAND_INTERVAL_S
+    scaler_token: str | None = None  # sent as Authorization: Bearer (``$SHOAL_SCALER_TOKEN``)
 
     def __post_init__(self) -> None:
         if not self.timeout_s > 0:
@@ -233,7 +234,7 @@ class WakeConfig:
                                names.ENV_WAKE_TIMEOUT, raw, names.DEFAULT_WAKE_TIMEOUT_S)
                 timeout = names.DEFAULT_WAKE_TIMEOUT_S
         return cls(app=env.get(names.ENV_APP, ""), scaler_url=env.get(names.ENV_SCALER_URL) or None,
-                   timeout_s=timeout)
+                   timeout_s=timeout, scaler_token=(env.get(names.ENV_SCALER_TOKEN) or "").strip() or None)
 
 
 class _PodRouter(Router):
@@ -339,7 +340,8 @@ class _Demand:
                     raise HttpCallError(f"cannot resolve the scaler {host!r}")
                 host = ips[0]
             path = "/demand/" + urllib.parse.quote(deployment, safe="")
-            status, _ = await http_call(host, self.port, "POST", path, timeout=DEMAND_TIMEOUT_S)
+            status, _ = await http_call(host, self.port, "POST", path, timeout=DEMAND_TIMEOUT_S,
+                                        bearer=self.config.scaler_token)
             if status >= 300:
                 raise HttpCallError(f"the scaler answered HTTP {status}")
             self.posted += 1

@@ -83,18 +83,22 @@ class PodCollector:
             yield custom
 
     def _callees(self) -> Iterator[Any]:
-        from prometheus_client.core import GaugeMetricFamily
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
         queued = GaugeMetricFamily(names.METRIC_CALLER_QUEUED,
                                    "Requests this pod holds for a deployment it cannot send them to yet.",
                                    labels=_LABELS)
         in_flight = GaugeMetricFamily(METRIC_IN_FLIGHT, "Requests this pod has in flight to a deployment.",
                                       labels=_LABELS)
+        wake = CounterMetricFamily(names.METRIC_WAKE_TIMEOUTS, "Requests this pod failed because no pod of the "
+                                   "deployment became ready within the wake deadline.", labels=_LABELS)
         for (a, d), router in self.pod.backend.routers():
             queued.add_metric([a, d], router.num_queued)
             in_flight.add_metric([a, d], router.num_in_flight)
+            wake.add_metric([a, d], getattr(router, "wake_timeouts", 0))
         yield queued
         yield in_flight
+        yield wake
 
     def _requests(self, labels: list[str]) -> Iterator[Any]:
         from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily

@@ -27,16 +27,19 @@ def split_url(url: str) -> tuple[str, int, str]:
 
 
 async def http_call(host: str, port: int, method: str, path: str, *, body: bytes = b"", timeout: float = 2.0,
-                    max_bytes: int = MAX_ANSWER_BYTES) -> tuple[int, bytes]:
+                    max_bytes: int = MAX_ANSWER_BYTES, bearer: str | None = None) -> tuple[int, bytes]:
     """``method path`` to ``host:port``; (status, body). Raises :class:`HttpCallError` when the
     connection, the request or the whole answer takes longer than ``timeout`` seconds, the answer
-    is larger than ``max_bytes`` or not HTTP."""
+    is larger than ``max_bytes`` or not HTTP. ``bearer``: a token sent as ``Authorization: Bearer``."""
+    if bearer is not None and any(c in bearer for c in "\r\n"):
+        raise HttpCallError("the bearer token holds a line break")
+    auth = f"Authorization: Bearer {bearer}\r\n" if bearer else ""
     writer: asyncio.StreamWriter | None = None
     try:
         async with asyncio.timeout(timeout):
             reader, writer = await asyncio.open_connection(host, port)
             head = (f"{method} {path} HTTP/1.1\r\nHost: {host}:{port}\r\nConnection: close\r\n"
-                    f"Content-Length: {len(body)}\r\n"
+                    f"Content-Length: {len(body)}\r\n{auth}"
                     + ("Content-Type: application/json\r\n" if body else "") + "\r\n").encode("latin-1")
             writer.write(head + body)
             await writer.drain()

@@ -64,7 +64,7 @@ def load_autoscaling(config_path: str, app: str | None) -> tuple[str, list[str],
 
 
 async def _serve(config_path: str, app: str | None, host: str, port: int, interval: float | None,
-                 scrape_timeout: float, demand_hold: float) -> int:
+                 scrape_timeout: float, demand_hold: float, auth: str = "none") -> int:
     from shoal.exceptions import PodConfigError, PolicyLoadError
     from shoal.kubernetes.pod.discovery import DNSResolver, FileResolver, Resolver
     from shoal.kubernetes.scaler.core import ScalerCore
@@ -93,7 +93,15 @@ async def _serve(config_path: str, app: str | None, host: str, port: int, interv
     except ValueError as e:
         logger.error("%s", e)
         return 2
-    server = ScalerServer(service.handle)
+    token: str | None = None
+    if auth == "bearer":
+        token = (os.environ.get(names.ENV_SCALER_TOKEN) or "").strip()
+        if not token:
+            logger.error("--auth bearer: $%s is not set or empty (the Secret %s, key %r); refusing to serve "
+                         "without it", names.ENV_SCALER_TOKEN, names.scaler_token_secret_name(app_name),
+                         names.SCALER_TOKEN_KEY)
+            return 2
+    server = ScalerServer(service.handle, token=token)
     try:
         await server.start(host, port)
     except OSError as e:
@@ -128,16 +136,19 @@ async def _serve(config_path: str, app: str | None, host: str, port: int, interv
               help="Seconds one pod's /metrics may take before it counts as not answering.")
 @click.option("--demand-hold", type=float, default=10.0, show_default=True,
               help="Seconds one demand signal counts as a held request without a scrape confirming it.")
+@click.option("--auth", type=click.Choice(["none", "bearer"]), default="none", show_default=True,
+              help=f"bearer: every route but the probes needs Authorization: Bearer ${names.ENV_SCALER_TOKEN} "
+                   "(shoal k8s build --scaler-auth bearer sets it from a Secret).")
 @click.option("--log-level", default="INFO", show_default=True,
               type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False))
 def scaler(config_path: str, app: str | None, host: str, port: int, interval: float | None, scrape_timeout: float,
-           demand_hold: float, log_level: str) -> None:
+           demand_hold: float, auth: str, log_level: str) -> None:
     """Autoscale one application's deployments on Kubernetes (the scaler pod's command).
 
     Scrapes every pod's /metrics (requests in replicas, requests callers hold), runs shoal's
     autoscaler (the default or a custom policy, delays, bounds, scale to and from zero) and
     answers KEDA's metrics-api trigger with each deployment's desired replica count. Exit codes:
-    2 for a bad config or policy, 1 when the port cannot be bound.
+    2 for a bad config or policy (or --auth bearer without a token), 1 when the port cannot be bound.
     """
     if scrape_timeout <= 0 or demand_hold <= 0 or (interval is not None and interval <= 0):
         raise click.UsageError("--interval, --scrape-timeout and --demand-hold must be positive")
@@ -150,5 +161,5 @@ def scaler(config_path: str, app: str | None, host: str, port: int, interval: fl
     root.addHandler(handler)
     root.setLevel(logging.WARNING)
     logging.getLogger("shoal").setLevel(log_level.upper())
-    code = asyncio.run(_serve(config_path, app, host, port, interval, scrape_timeout, demand_hold))
+    code = asyncio.run(_serve(config_path, app, host, port, interval, scrape_timeout, demand_hold, auth))
     sys.exit(code)

@@ -8,6 +8,9 @@ Routes (:class:`ScalerService.handle`)::
                                 load at once and decided on (0 -> 1 without waiting for a scrape)
     GET  /status                every deployment's desired and current replicas, load, errors
     GET  /-/healthz, /-/ready   liveness; readiness once the first scrape was taken
+
+With ``shoal k8s scaler --auth bearer`` every route but the two probes needs the bearer token
+(enforced by :class:`~shoal.kubernetes.scaler.server.ScalerServer` before these routes run).
 """
 
 from __future__ import annotations

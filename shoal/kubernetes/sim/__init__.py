@@ -27,6 +27,11 @@ parts of the cluster that matter to shoal's pods, on this machine:
   template) following the strategy's ``maxSurge``/``maxUnavailable``.
 * **LeaderWorkerSets** (gang deployments): groups of pods with LWS's names, labels and
   environment, whole-group recreation, scaling by groups (:mod:`shoal.kubernetes.sim.lws`).
+* **NetworkPolicies**, enforced: every connection to a pod's declared TCP ports (directly or
+  through a ClusterIP Service) is checked against the objects' NetworkPolicies, with the source
+  pod found by who holds the client socket; a denied one is reset (or dropped) and counted in
+  ``sim.firewall.denied`` (:mod:`shoal.kubernetes.sim.firewall`, the evaluator
+  :mod:`shoal.kubernetes.sim.policy`). The containers then listen on a private second address.
 
 Every process the simulation starts is tracked by PID and stopped by :meth:`PodSim.close`
 (and, on Linux, killed if the simulating process dies). Use it as a context manager or from
@@ -35,7 +40,9 @@ a fixture with a finalizer.
 The package's parts: :mod:`~shoal.kubernetes.sim.objects` (pods, ReplicaSets, what every part
 shares), :mod:`~shoal.kubernetes.sim.core` (:class:`PodSim`: objects, the Deployment controller,
 what tests use), :mod:`~shoal.kubernetes.sim.kubelet`, :mod:`~shoal.kubernetes.sim.network`
-(endpoints, DNS, the ClusterIP front) and :mod:`~shoal.kubernetes.sim.lws`.
+(endpoints, DNS, the ClusterIP front), :mod:`~shoal.kubernetes.sim.lws`,
+:mod:`~shoal.kubernetes.sim.policy` (NetworkPolicy semantics, pure) and
+:mod:`~shoal.kubernetes.sim.firewall` (their enforcement).
 """
 
 from __future__ import annotations

@@ -20,9 +20,11 @@ import threading
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Literal
 
 from shoal.exceptions import SimError
 from shoal.kubernetes import names
+from shoal.kubernetes.sim.firewall import Firewall
 from shoal.kubernetes.sim.keda import KedaStandIn
 from shoal.kubernetes.sim.kubelet import Kubelet
 from shoal.kubernetes.sim.lws import LeaderWorkerSets, start_rollouts
@@ -58,6 +60,13 @@ class PodSim:
     data by name (``{"name": {"key": "value"}}``; a Secret that is neither there nor among
     the objects gets a random value per key). ``executables`` maps command names to paths
     (default: ``shoal`` and ``python`` of this environment).
+
+    NetworkPolicies among the objects are enforced on every connection to a pod's address
+    (:mod:`~shoal.kubernetes.sim.firewall`; ``network_policies=False`` turns that off): a denied
+    connection is reset (``denied_connections="reset"``) or held silent until the caller times out
+    (``"drop"``), and counted in ``sim.firewall.denied``. The objects' first namespace is the
+    simulation's; a Deployment in another namespace runs its pods there (for namespaceSelectors,
+    whose namespaces carry ``kubernetes.io/metadata.name`` plus ``namespace_labels``).
     """
 
     def __init__(
@@ -75,6 +84,9 @@ class PodSim:
         prestop_max_s: float = 1.0,
         cluster_domain: str = "cluster.local",
         network: str | None = None,
+        network_policies: bool = True,
+        denied_connections: Literal["reset", "drop"] = "reset",
+        namespace_labels: Mapping[str, Mapping[str, str]] | None = None,
     ) -> None:
         self.lock = threading.RLock()
         self._own_workdir = workdir is None
@@ -104,8 +116,12 @@ class PodSim:
         self.secret_objs: dict[str, Obj] = {}
         self.tls_secrets: set[str] = set()  # kubernetes.io/tls Secrets the pods mount
         self.namespace = "default"
+        self._namespace_set = False
         self.pods: list[Pod] = []
         self.closed = False
+        self.network_policies: dict[tuple[str, str], Obj] = {}
+        self.firewall = Firewall(self, enabled=network_policies, denied=denied_connections,
+                                 namespace_labels=namespace_labels)
         self.network = Services(self, self.resolver_file)
         self.kubelet = Kubelet(self)
         self.lws = LeaderWorkerSets(self)
@@ -126,9 +142,12 @@ class PodSim:
                 self.tls_secrets.update(_tls_volumes(obj))
             meta = obj.get("metadata", {})
             name = meta.get("name", "")
-            if meta.get("namespace"):
+            if meta.get("namespace") and not self._namespace_set:
                 self.namespace = meta["namespace"]
-            if kind == "ConfigMap":
+                self._namespace_set = True
+            if kind == "NetworkPolicy":
+                self.network_policies[(meta.get("namespace") or self.namespace, name)] = copy.deepcopy(obj)
+            elif kind == "ConfigMap":
                 self.config_maps[name] = copy.deepcopy(obj)
             elif kind == "Secret":
                 self.secret_objs[name] = copy.deepcopy(obj)
@@ -157,6 +176,7 @@ class PodSim:
                 self.scaled_objects[name] = copy.deepcopy(obj)
             elif kind == "LeaderWorkerSet" and self.lws.load(obj):
                 changed.append(name)
+        self.firewall.set_policies(self.network_policies.values())
         return changed
 
     def allocate_ip(self) -> str:
@@ -278,6 +298,7 @@ class PodSim:
                 pod._thread.join(5)
             self.kubelet.kill_proc(pod)  # a restart that raced with close
         self.network.close_front()
+        self.firewall.close()
         if self._own_workdir:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
@@ -529,12 +550,14 @@ class PodSim:
         labels = dict(rs.template.get("metadata", {}).get("labels", {}))
         labels["pod-template-hash"] = rs.template_hash
         pod = Pod(name=name, deployment=dep.name, template_hash=rs.template_hash, ip=self.allocate_ip(),
-                  labels=labels, template=rs.template, dir=self.workdir / "pods" / name)
+                  labels=labels, template=rs.template, dir=self.workdir / "pods" / name,
+                  namespace=dep.obj["metadata"].get("namespace") or self.namespace)
         return self.add_pod(pod)
 
     def add_pod(self, pod: Pod) -> Pod:
         """Register a new pod and start its kubelet."""
         pod.dir.mkdir(parents=True, exist_ok=True)
+        self.firewall.attach(pod)
         self.pods.append(pod)
         pod._thread = threading.Thread(target=self.kubelet.run, args=(pod,), daemon=True, name=f"kubelet-{pod.name}")
         pod._thread.start()

@@ -77,6 +77,7 @@ class Kubelet:
             pod.gone = True
             pod.ready = False
             self.sim.update_endpoints()
+            self.sim.firewall.detach(pod)  # its address stops answering
             if pod.group >= 0 and not self.sim.closed:
                 self.sim.lws.reconcile()  # the last pod of a group going away brings the fresh group
 
@@ -113,10 +114,11 @@ class Kubelet:
         self._wait_exit(pod)
 
     def _handler(self, pod: Pod, handler: Obj, limit: float) -> bool:
-        """Run a probe or lifecycle handler; True when it succeeded."""
+        """Run a probe or lifecycle handler; True when it succeeded. (From the node: always allowed by
+        NetworkPolicies, so straight to the container's own address.)"""
         if "httpGet" in handler:
             hg = handler["httpGet"]
-            conn = http.client.HTTPConnection(hg.get("host") or pod.ip, pod.port(hg["port"]), timeout=limit)
+            conn = http.client.HTTPConnection(hg.get("host") or pod.backend_ip, pod.port(hg["port"]), timeout=limit)
             try:
                 conn.request("GET", hg.get("path", "/"))
                 return 200 <= conn.getresponse().status < 400
@@ -127,7 +129,7 @@ class Kubelet:
         if "tcpSocket" in handler:
             ts = handler["tcpSocket"]
             try:
-                with socket.create_connection((ts.get("host") or pod.ip, pod.port(ts["port"])), timeout=limit):
+                with socket.create_connection((ts.get("host") or pod.backend_ip, pod.port(ts["port"])), timeout=limit):
                     return True
             except OSError:
                 return False
@@ -278,10 +280,11 @@ class Kubelet:
             path = source["fieldRef"]["fieldPath"]
             fields = {
                 "metadata.name": pod.name,
-                "metadata.namespace": self.sim.namespace,
+                "metadata.namespace": pod.namespace or self.sim.namespace,
                 "metadata.uid": hashlib.sha256(pod.name.encode()).hexdigest()[:32],
-                "status.podIP": pod.ip,
-                "status.podIPs": pod.ip,
+                # Where the container listens: a private address when the simulation holds pod.ip (sim.firewall).
+                "status.podIP": pod.backend_ip,
+                "status.podIPs": pod.backend_ip,
                 "status.hostIP": "127.0.0.1",
                 "status.hostIPs": "127.0.0.1",
                 "spec.nodeName": "sim-node",

@@ -34,8 +34,10 @@ class Services:
         if not selector:
             return []
         publish_unready = bool(svc["spec"].get("publishNotReadyAddresses", False))
+        ns = self.sim.namespace
         return [p for p in self.sim.pods if not p.deleted and not p.terminating and not p.gone
-                and p.proc is not None and (p.ready or publish_unready) and matches(selector, p.labels)]
+                and p.proc is not None and (p.ready or publish_unready) and matches(selector, p.labels)
+                and (p.namespace or ns) == ns]
 
     def update(self) -> None:
         """Called with the lock held whenever a pod's readiness or existence changes."""
@@ -122,19 +124,21 @@ class Services:
         if self._front_thread is not None:
             self._front_thread.join(5)
 
-    def pick_endpoint(self, service: str, target: int | str) -> tuple[str, int] | None:
+    def pick_endpoint(self, service: str, target: int | str) -> tuple[Pod, int] | None:
         with self.sim.lock:
             svc = self.sim.services[service]
             pods = self.service_pods(svc)
             if not pods:
                 return None
             p = random.choice(pods)
-            return p.ip, p.port(target)
+            return p, p.port(target)
 
 
 def _forwarder(services: Services, service: str, target: int | str) -> Callable[[asyncio.StreamReader,
                                                                                  asyncio.StreamWriter], Any]:
-    """kube-proxy for one Service port: each connection goes to one random ready endpoint."""
+    """kube-proxy for one Service port: each connection goes to one random ready endpoint, if the
+    NetworkPolicies let the client reach that pod's port (sim.firewall; the pod sees the client's
+    address, as with kube-proxy's DNAT)."""
 
     async def pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -154,8 +158,17 @@ def _forwarder(services: Services, service: str, target: int | str) -> Callable[
         if endpoint is None:
             writer.transport.abort()  # no ready endpoint: the connection is refused
             return
+        pod, port = endpoint
+        gate = services.sim.firewall
+        peer, local = writer.get_extra_info("peername"), writer.get_extra_info("sockname")
+        if not gate.admit(peer[:2], local[:2], pod, port):
+            try:
+                await gate.refused(reader, writer)
+            except asyncio.CancelledError:
+                writer.transport.abort()  # the simulation is closing
+            return
         try:
-            up_reader, up_writer = await asyncio.open_connection(*endpoint)
+            up_reader, up_writer = await asyncio.open_connection(pod.backend_ip, port)
         except OSError:
             writer.transport.abort()
             return

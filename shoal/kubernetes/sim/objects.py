@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import math
@@ -46,6 +47,9 @@ class Pod:
     group: int = -1
     injected_env: dict[str, str] = field(default_factory=dict)
     env_overrides: dict[str, str] = field(default_factory=dict)
+    namespace: str = ""  # "": the simulation's namespace
+    # Where the container listens when the simulation holds ``ip`` to enforce NetworkPolicies (sim.firewall).
+    listen_ip: str = ""
     _fails: int = 0
     _passes: int = 0
     _terminate: threading.Event = field(default_factory=threading.Event)
@@ -54,6 +58,11 @@ class Pod:
     @property
     def pid(self) -> int | None:
         return self.proc.pid if self.proc is not None else None
+
+    @property
+    def backend_ip(self) -> str:
+        """The address the container itself listens on (its ``status.podIP`` as the downward API says)."""
+        return self.listen_ip or self.ip
 
     @property
     def log_path(self) -> Path:
@@ -143,6 +152,16 @@ class GroupController(Protocol):
     def records(self, namespace: str, domain: str) -> dict[str, list[str]]: ...
 
 
+class Gate(Protocol):
+    """What the kubelet and the Services see of the NetworkPolicy enforcement (sim.firewall)."""
+
+    def admit(self, peer: tuple[str, int], local: tuple[str, int], dst: Pod, port: int) -> bool: ...
+
+    async def refused(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None: ...
+
+    def detach(self, pod: Pod) -> None: ...
+
+
 class SimHost(Protocol):
     """The simulation as its parts see it: its lock (every change to pods happens under it),
     its objects and pods, its settings, and the few operations the parts call back."""
@@ -168,6 +187,9 @@ class SimHost(Protocol):
 
     @property
     def lws(self) -> GroupController: ...
+
+    @property
+    def firewall(self) -> Gate: ...
 
     def secret_value(self, name: str, key: str) -> str: ...
 
