@@ -268,6 +268,12 @@ def write_markdown(path: str, rows: list[Row], meta: dict[str, Any]) -> None:
                   + ", ".join(f"{k}: {v}" for k, v in meta["leftovers"].items()), ""]
     if meta.get("failures"):
         lines += ["Failures:", ""] + [f"- {k}: {v}" for k, v in meta["failures"].items()] + [""]
+    # Sections other scripts keep in this file (llm_batching.py's) survive the rewrite.
+    with suppress(OSError), open(path) as f:
+        old = f.read()
+        if "<!-- llm-batching:start -->" in old and "<!-- llm-batching:end -->" in old:
+            kept = old[old.index("<!-- llm-batching:start -->"):old.index("<!-- llm-batching:end -->")]
+            lines += ["", kept + "<!-- llm-batching:end -->", ""]
     with open(path, "w") as f:
         f.write("\n".join(lines))
 

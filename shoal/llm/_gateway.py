@@ -61,8 +61,14 @@ from shoal.llm._protocol import (
     sse,
     usage,
 )
-from shoal.llm._ratelimit import RateLimiter, UsageLedger
-from shoal.llm.engines import AdapterNotFoundError, ContextLengthError, GenerationChunk, GenerationRequest
+from shoal.llm._ratelimit import RateLimiter, UsageLedger, estimate_tokens
+from shoal.llm.engines import (
+    AdapterNotFoundError,
+    ContextLengthError,
+    GenerationChunk,
+    GenerationRequest,
+    InvalidParameterError,
+)
 
 __all__ = ["OpenAiIngress"]
 
@@ -71,6 +77,8 @@ logger = logging.getLogger("shoal.llm.gateway")
 _ROUTE = re.compile(r"/v1/(chat/completions|completions|embeddings|models|usage)(?:/(.+))?$")
 _MODEL_INFO_TIMEOUT_S = 3.0
 _METRICS_PATHS = ("/metrics", "/v1/metrics")  # under the route prefix
+# vLLM's server has these next to /v1 (see shoal.llm._tokenize): (method, handler name).
+_SIDE_ROUTES = {"/tokenize": "POST", "/detokenize": "POST", "/health": "GET"}
 #: The ``model`` label (and usage ledger key) of a model that is neither configured nor a known adapter.
 OTHER_MODEL = "other"
 _TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -142,8 +150,9 @@ class _Metrics:
 class _Account:
     """Usage of one request, recorded exactly once (at the end, however it ends)."""
 
-    def __init__(self, gateway: OpenAiIngress, tenant: str, model: str, endpoint: str) -> None:
+    def __init__(self, gateway: OpenAiIngress, tenant: str, model: str, endpoint: str, reserved: float = 0.0) -> None:
         self.gateway = gateway
+        self.reserved = reserved  # tokens the limiter reserved at admission, settled at close
         self.tenant = tenant
         self.model = gateway.model_label(model)
         self.endpoint = endpoint
@@ -161,7 +170,7 @@ class _Account:
         g = self.gateway
         g.ledger.record(self.tenant, self.model, prompt_tokens=self.prompt_tokens,
                         completion_tokens=self.completion_tokens, error=status >= 400)
-        g.limiter.charge(self.tenant, self.prompt_tokens + self.completion_tokens, g.clock())
+        g.limiter.settle(self.tenant, self.reserved, self.prompt_tokens + self.completion_tokens, g.clock())
         m = g.metrics
         m.inc(m.requests, (self.tenant, self.model, self.endpoint, str(status)))
         if self.prompt_tokens:
@@ -179,6 +188,8 @@ def _mask(key: str) -> str:
     return f"{key[:3]}****{key[-4:]}" if len(key) > 10 else "****"
 
 
+# The name is in shoal.runtime.http.errors.OPENAI_INGRESSES: the front's own refusals on the
+# gateway's routes (413) carry OpenAI's error object too.
 @serve.deployment(name="OpenAiIngress", max_ongoing_requests=256)
 class OpenAiIngress:
     """The OpenAI-compatible gateway; see the module docstring. Usually built by
@@ -213,7 +224,10 @@ class OpenAiIngress:
         path = request.scope.get("path", "")
         root = request.scope.get("root_path", "")
         try:
-            if request.method == "GET" and (path[len(root):] if path.startswith(root) else path) in _METRICS_PATHS:
+            local = path[len(root):] if path.startswith(root) else path
+            if local in _SIDE_ROUTES:
+                return await self._side_route(request, local)
+            if request.method == "GET" and local in _METRICS_PATHS:
                 self._require_admin(self._authenticate(request))
                 from prometheus_client import CONTENT_TYPE_LATEST
 
@@ -242,6 +256,19 @@ class OpenAiIngress:
         except Exception as e:  # a bug here: still answer in OpenAI's shape, the traceback goes to the log
             error = self._downstream_error(e, "")
             return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
+
+    async def _side_route(self, request: Request, local: str) -> Response:
+        from shoal.llm import _tokenize
+
+        if request.method != _SIDE_ROUTES[local]:
+            raise OpenAIError(405, f"Invalid URL ({request.method} {request.scope.get('path', '')})")
+        if local == "/health":
+            return await _tokenize.health(self)
+        tenant = self._authenticate(request)
+        body = await self._json(request)
+        if local == "/tokenize":
+            return await _tokenize.tokenize(self, body, tenant)
+        return await _tokenize.detokenize(self, body, tenant)
 
     # -- auth, limits, routing
     def _authenticate(self, request: Request) -> str:
@@ -293,10 +320,12 @@ class OpenAiIngress:
             raise OpenAIError(400, f"The model `{model}` is an embedding model; use /v1/embeddings.", param="model")
         raise self._not_found(model)
 
-    def _admit(self, tenant: str, model: str) -> dict[str, str]:
-        decision = self.limiter.admit(tenant, self.clock())
+    def _admit(self, tenant: str, model: str, reserve: int = 1) -> tuple[dict[str, str], float]:
+        """Admit a request reserving ``reserve`` tokens (its prompt estimate plus ``max_tokens``):
+        its ``x-ratelimit-*`` headers and what was reserved, or a 429."""
+        decision = self.limiter.admit(tenant, self.clock(), reserve)
         if decision.allowed:
-            return decision.headers
+            return decision.headers, decision.reserved
         self.ledger.rate_limited(tenant, self.model_label(model))
         self.metrics.inc(self.metrics.rate_limited, (tenant, decision.limit))
         wait = max(1, math.ceil(decision.retry_after_s))
@@ -324,6 +353,8 @@ class OpenAiIngress:
             return e
         if isinstance(e, ContextLengthError):
             return OpenAIError(400, e.message, code="context_length_exceeded", param=param)
+        if isinstance(e, InvalidParameterError):
+            return OpenAIError(400, e.message, code="invalid_value", param=e.param)
         if isinstance(e, AdapterNotFoundError):
             return OpenAIError(404, e.message, code="model_not_found", param="model")
         if isinstance(e, (BackPressureError, DeploymentUnavailableError)):
@@ -374,6 +405,8 @@ class OpenAiIngress:
                                 "owned_by": str(info.get("owned_by", "shoal"))}
         if parent is not None:
             card["parent"] = parent
+        if info.get("max_model_len"):
+            card["max_model_len"] = int(info["max_model_len"])  # as vLLM's server lists it
         return card
 
     async def _models(self, tenant: str, one: str | None) -> dict[str, Any]:
@@ -400,8 +433,8 @@ class OpenAiIngress:
             if req.model in self.llms and self._allowed(tenant, req.model):
                 raise OpenAIError(400, f"The model `{req.model}` does not support embeddings.", param="model")
             raise self._not_found(req.model)
-        headers = self._admit(tenant, req.model)
-        account = _Account(self, tenant, req.model, "embeddings")
+        headers, reserved = self._admit(tenant, req.model, sum(estimate_tokens(t) for t in req.texts()))
+        account = _Account(self, tenant, req.model, "embeddings", reserved)
         status = 500
         try:
             try:
@@ -447,10 +480,15 @@ class OpenAiIngress:
             req = text_req
         handle, multiplexed_id = self._route_llm(req.model, tenant)
         base = req.model.partition(":")[0]
-        if multiplexed_id and base not in self._infos:
-            await self._fetch_info(base, handle)  # its adapters, once: they become label values
-        headers = self._admit(tenant, req.model)
-        account = _Account(self, tenant, req.model, endpoint)
+        if base not in self._infos:
+            await self._fetch_info(base, handle)  # once: its adapters (label values), its context length
+        prompt_text = "".join(m.get("content") or "" for m in gen.messages) if gen.messages else (gen.prompt or "")
+        reserve = estimate_tokens(prompt_text) + (gen.sampling.max_tokens or 0)
+        context = self._infos.get(base, {}).get("max_model_len")
+        if context:  # a request cannot use more than the context (beyond it the engine answers 400)
+            reserve = min(reserve, int(context))
+        headers, reserved = self._admit(tenant, req.model, reserve)
+        account = _Account(self, tenant, req.model, endpoint, reserved)
         param = "messages" if chat else "prompt"
         started = time.monotonic()
         stream = handle.options(stream=True, multiplexed_model_id=multiplexed_id).generate.remote(gen)

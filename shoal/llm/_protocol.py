@@ -1,9 +1,14 @@
 """The OpenAI wire format: request models, response bodies, stream chunks, errors.
 
-Field names, defaults and error shapes follow OpenAI's API reference, so the official clients
-work unchanged. Fields the gateway does not implement are rejected with a 400 naming the
-field (never silently ignored) when they would change the result (``n > 1``, ``logprobs``,
-``tools``, ``echo``, ``suffix``, JSON mode); unknown extra fields are ignored, as OpenAI does.
+Field names, defaults and error shapes follow OpenAI's API reference (and vLLM's server where
+OpenAI leaves room), so the official clients work unchanged. Every field of a request model
+carries a :class:`Support` that says how the gateway treats it: supported, partly supported
+(other values are a 400 naming the field), rejected with a 400 when set (it would change the
+result and is not implemented: ``tools``, ``logprobs``, ``echo``, ...), or not applicable
+(accepted and without effect here: ``user``, ``store``, ...). The conformance table in
+docs/llm-gateway.md is generated from them (:mod:`shoal.llm.conformance`). JSON ``null`` means
+"the default" for every optional field, as in OpenAI's API; unknown extra fields are ignored,
+as vLLM does. A string holding a lone UTF-16 surrogate (``"\\ud800"``) is a 400 naming where.
 """
 
 from __future__ import annotations
@@ -11,23 +16,34 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from typing import Any, Literal
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic.fields import FieldInfo
 
 from shoal.llm.engines import SamplingParams
 
 __all__ = [
+    "ENDPOINTS",
+    "NOT_APPLICABLE",
+    "PARTIAL",
+    "REJECTED",
+    "STATUSES",
+    "SUPPORTED",
     "ChatCompletionRequest",
     "CompletionRequest",
     "EmbeddingRequest",
     "OpenAIError",
+    "Support",
     "chat_chunk",
     "chat_response",
     "completion_chunk",
     "completion_response",
     "parse_request",
     "sse",
+    "support_of",
 ]
 
 
@@ -59,14 +75,88 @@ def _rebuild_error(status: int, message: str, type: str, code: str | None, param
 #: ``seed`` is an int64 (OpenAI's and vLLM's type; torch's ``manual_seed`` rejects larger values).
 SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
 
+# How the gateway treats a request field (the conformance table's column).
+SUPPORTED = "supported"
+PARTIAL = "partly supported"
+REJECTED = "rejected with 400"
+NOT_APPLICABLE = "not applicable"
+STATUSES = (SUPPORTED, PARTIAL, REJECTED, NOT_APPLICABLE)
+
+
+def _unset(value: Any) -> bool:
+    """Whether a value asks for nothing: null, false, an empty string, list or object (not 0)."""
+    return value is None or value is False or (isinstance(value, (str, list, dict)) and not value)
+
+
+@dataclass(frozen=True)
+class Support:
+    """How the gateway treats one request field; see the module docstring.
+
+    ``refuse`` maps a value to why the gateway refuses it (a 400 naming the field), or None.
+    A :data:`REJECTED` field without one refuses every value that asks for something.
+    """
+
+    status: str
+    note: str = ""
+    refuse: Callable[[Any], str | None] | None = None
+
+    def __post_init__(self) -> None:
+        if self.status not in STATUSES:
+            raise ValueError(f"unknown status {self.status!r}")
+
+    def problem(self, value: Any) -> str | None:
+        if self.refuse is not None:
+            return self.refuse(value)
+        if self.status == REJECTED and not _unset(value):
+            return "not supported by this gateway"
+        return None
+
+
+def support_of(info: FieldInfo) -> Support | None:
+    """The :class:`Support` of a request model's field (None: a field without one)."""
+    return next((m for m in info.metadata if isinstance(m, Support)), None)
+
+
+def _only(allowed: Any, message: str) -> Callable[[Any], str | None]:
+    return lambda v: None if v in allowed else message
+
+
+def _invalid(param: str, problem: str) -> OpenAIError:
+    return OpenAIError(400, f"Invalid value for '{param}': {problem}", param=param, code="invalid_value")
+
+
+def _S(status: str, note: str = "", refuse: Callable[[Any], str | None] | None = None) -> Support:
+    return Support(status, note, refuse)
+
 
 class _Request(BaseModel):
-    # Clients send fields this gateway does not know (e.g. `user`, `metadata`): ignore them.
+    # Clients send fields this gateway does not know: ignore them, as vLLM does.
     model_config = ConfigDict(extra="ignore", protected_namespaces=())
 
+    @model_validator(mode="before")
+    @classmethod
+    def _null_means_default(cls, data: Any) -> Any:
+        # OpenAI marks its optional fields nullable: null asks for the default, like leaving it out.
+        if not isinstance(data, dict):
+            return data
+        fields = cls.model_fields
+        return {k: v for k, v in data.items() if v is not None or k not in fields or fields[k].is_required()}
 
-class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    @model_validator(mode="after")
+    def _supported(self) -> Self:
+        for name, info in type(self).model_fields.items():
+            support = support_of(info)
+            problem = support.problem(getattr(self, name)) if support is not None else None
+            if problem:
+                raise _invalid(name, problem)
+        self._cross_check()
+        return self
+
+    def _cross_check(self) -> None:
+        """Rules between fields (a subclass's); raise :func:`_invalid` for the field at fault."""
+
+
+class StreamOptions(_Request):
     include_usage: bool = False
 
 
@@ -89,26 +179,28 @@ class ChatMessage(BaseModel):
         return "".join(parts)
 
 
-class _Sampling(_Request):
-    model: str
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    n: int = 1
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = None
-    seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
-    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    #: vLLM's extension: keep generating past the end-of-sequence token.
-    ignore_eos: bool = False
+_IGNORED = "accepted; no effect here"
+_PENALTY = "applied by the transformers and vLLM engines; others (mock) answer 400 when it is not 0"
 
-    @field_validator("n")
-    @classmethod
-    def _one_choice(cls, v: int) -> int:
-        if v != 1:
-            raise ValueError("only n=1 is supported")
-        return v
+
+class _Sampling(_Request):
+    model: Annotated[str, _S(SUPPORTED, "a configured model id, or `base:adapter` for a LoRA adapter")]
+    temperature: Annotated[float, _S(SUPPORTED, "0 is greedy decoding")] = Field(1.0, ge=0.0, le=2.0)
+    top_p: Annotated[float, _S(SUPPORTED)] = Field(1.0, gt=0.0, le=1.0)
+    n: Annotated[int, _S(PARTIAL, "1 only", _only((1,), "only n=1 is supported"))] = 1
+    stream: Annotated[bool, _S(SUPPORTED, "Server-Sent Events ending with `data: [DONE]`")] = False
+    stream_options: Annotated[StreamOptions | None, _S(
+        SUPPORTED, "`include_usage`; only with `stream: true` (else 400)")] = None
+    stop: Annotated[str | list[str] | None, _S(SUPPORTED, "a string or up to 4")] = None
+    seed: Annotated[int | None, _S(SUPPORTED, "an int64")] = Field(None, ge=SEED_MIN, le=SEED_MAX)
+    presence_penalty: Annotated[float, _S(PARTIAL, _PENALTY)] = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: Annotated[float, _S(PARTIAL, _PENALTY)] = Field(0.0, ge=-2.0, le=2.0)
+    logit_bias: Annotated[dict[str, float] | None, _S(
+        PARTIAL, "token id → bias in [-100, 100], applied by the transformers engine; others (vLLM, mock) "
+                 "answer 400")] = None
+    user: Annotated[str | None, _S(NOT_APPLICABLE, _IGNORED)] = None
+    #: vLLM's extension: keep generating past the end-of-sequence token.
+    ignore_eos: Annotated[bool, _S(SUPPORTED, "vLLM's extension: generate past the end of sequence")] = False
 
     @field_validator("stop")
     @classmethod
@@ -116,6 +208,20 @@ class _Sampling(_Request):
         if isinstance(v, list) and len(v) > 4:
             raise ValueError("at most 4 stop sequences are allowed")
         return v
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _biases(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        for key, bias in (v or {}).items():
+            if not key.isdigit():
+                raise ValueError(f"keys are token ids (non-negative integers as strings), got {key[:40]!r}")
+            if not -100.0 <= bias <= 100.0:
+                raise ValueError(f"the bias of token {key} is {bias}; biases range from -100 to 100")
+        return v
+
+    def _cross_check(self) -> None:
+        if self.stream_options is not None and not self.stream:
+            raise _invalid("stream_options", "stream_options is only allowed with stream: true")
 
     def stop_list(self) -> tuple[str, ...]:
         if self.stop is None:
@@ -126,38 +232,56 @@ class _Sampling(_Request):
         return bool(self.stream_options and self.stream_options.include_usage)
 
     def sampling(self, max_tokens: int | None) -> SamplingParams:
+        bias = tuple(sorted((int(k), float(v)) for k, v in (self.logit_bias or {}).items()))
         return SamplingParams(max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p,
                               stop=self.stop_list(), seed=self.seed, ignore_eos=self.ignore_eos,
-                              presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty)
+                              presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
+                              logit_bias=bias)
 
 
-def _unsupported(value: Any) -> Any:
-    if value not in (None, False, [], {}):
-        raise ValueError("is not supported by this gateway")
-    return value
+def _text_format(v: dict[str, Any] | None) -> str | None:
+    return None if v is None or v.get("type", "text") == "text" else "only the 'text' response format is supported"
+
+
+def _no_calls(v: Any) -> str | None:
+    return None if v in (None, "none", "auto") else "only 'none' and 'auto' are supported (no tool calls here)"
 
 
 class ChatCompletionRequest(_Sampling):
     """``POST /v1/chat/completions``."""
 
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-    logprobs: bool | None = None
-    tools: list[Any] | None = None
-    response_format: dict[str, Any] | None = None
-
-    @field_validator("logprobs", "tools")
-    @classmethod
-    def _not_implemented(cls, v: Any) -> Any:
-        return _unsupported(v)
-
-    @field_validator("response_format")
-    @classmethod
-    def _text_only(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
-        if v is not None and v.get("type", "text") != "text":
-            raise ValueError("only the 'text' response format is supported")
-        return v
+    messages: Annotated[list[ChatMessage], _S(
+        SUPPORTED, "text content (strings or `text` parts); roles system, developer, user, assistant, tool")] \
+        = Field(min_length=1)
+    max_tokens: Annotated[int | None, _S(
+        SUPPORTED, "default: the engine's `default_max_tokens`, within the context")] \
+        = Field(None, ge=1)
+    max_completion_tokens: Annotated[int | None, _S(SUPPORTED, "wins over `max_tokens`")] = Field(None, ge=1)
+    logprobs: Annotated[bool | None, _S(REJECTED, "`true` is refused")] = None
+    top_logprobs: Annotated[int | None, _S(REJECTED, "needs `logprobs: true`", lambda v: None if v is None else
+                                           "top_logprobs needs logprobs: true, which this gateway does not "
+                                           "support")] = Field(None, ge=0, le=20)
+    tools: Annotated[list[Any] | None, _S(REJECTED, "tool calls are not implemented")] = None
+    tool_choice: Annotated[str | dict[str, Any] | None, _S(PARTIAL, "`none` or `auto`", _no_calls)] = None
+    functions: Annotated[list[Any] | None, _S(REJECTED, "the deprecated form of `tools`")] = None
+    function_call: Annotated[str | dict[str, Any] | None, _S(PARTIAL, "`none` or `auto`", _no_calls)] = None
+    parallel_tool_calls: Annotated[bool | None, _S(NOT_APPLICABLE, "no tool calls here")] = None
+    response_format: Annotated[dict[str, Any] | None, _S(PARTIAL, "`text` only", _text_format)] = None
+    modalities: Annotated[list[str] | None, _S(PARTIAL, "`[\"text\"]` only", lambda v: None if v is None or set(v)
+                                               <= {"text"} else "only the 'text' modality is supported")] = None
+    audio: Annotated[dict[str, Any] | None, _S(REJECTED, "audio output")] = None
+    web_search_options: Annotated[dict[str, Any] | None, _S(REJECTED, "no web search here")] = None
+    moderation: Annotated[dict[str, Any] | None, _S(REJECTED, "no moderation model here")] = None
+    prediction: Annotated[dict[str, Any] | None, _S(NOT_APPLICABLE, "a latency hint; " + _IGNORED)] = None
+    reasoning_effort: Annotated[str | None, _S(NOT_APPLICABLE, "for reasoning models; " + _IGNORED)] = None
+    verbosity: Annotated[str | None, _S(NOT_APPLICABLE, _IGNORED)] = None
+    metadata: Annotated[dict[str, str] | None, _S(NOT_APPLICABLE, _IGNORED)] = None
+    store: Annotated[bool | None, _S(NOT_APPLICABLE, "nothing is stored")] = None
+    service_tier: Annotated[str | None, _S(NOT_APPLICABLE, _IGNORED)] = None
+    safety_identifier: Annotated[str | None, _S(NOT_APPLICABLE, _IGNORED)] = None
+    prompt_cache_key: Annotated[str | None, _S(NOT_APPLICABLE, _IGNORED)] = None
+    prompt_cache_retention: Annotated[str | None, _S(NOT_APPLICABLE, _IGNORED)] = None
+    prompt_cache_options: Annotated[dict[str, Any] | None, _S(NOT_APPLICABLE, _IGNORED)] = None
 
     def max_new_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
@@ -168,34 +292,22 @@ class ChatCompletionRequest(_Sampling):
                      for m in self.messages)
 
 
+def _one_prompt(v: Any) -> str | None:
+    if isinstance(v, list) and len(v) != 1:
+        return "exactly one prompt is supported (a string or a list of one string)"
+    return None
+
+
 class CompletionRequest(_Sampling):
     """``POST /v1/completions`` (the legacy text completion API)."""
 
-    prompt: str | list[str]
-    max_tokens: int | None = Field(16, ge=1)
-    echo: bool = False
-    suffix: str | None = None
-    logprobs: int | None = None
-    best_of: int | None = None
-
-    @field_validator("echo", "suffix", "logprobs")
-    @classmethod
-    def _not_implemented(cls, v: Any) -> Any:
-        return _unsupported(v)
-
-    @field_validator("prompt")
-    @classmethod
-    def _one_prompt(cls, v: str | list[str]) -> str | list[str]:
-        if isinstance(v, list) and len(v) != 1:
-            raise ValueError("exactly one prompt is supported (a string or a list of one string)")
-        return v
-
-    @field_validator("best_of")
-    @classmethod
-    def _best_of(cls, v: int | None) -> int | None:
-        if v not in (None, 1):
-            raise ValueError("only best_of=1 is supported")
-        return v
+    prompt: Annotated[str | list[str], _S(PARTIAL, "one string (or a list of one); token arrays are refused",
+                                          _one_prompt)]
+    max_tokens: Annotated[int, _S(SUPPORTED)] = Field(16, ge=1)
+    echo: Annotated[bool, _S(REJECTED, "`true` is refused")] = False
+    suffix: Annotated[str | None, _S(REJECTED, "insertion is not implemented")] = None
+    logprobs: Annotated[int | None, _S(REJECTED, "any value but null is refused")] = Field(None, ge=0, le=5)
+    best_of: Annotated[int | None, _S(PARTIAL, "1 only", _only((None, 1), "only best_of=1 is supported"))] = None
 
     def text(self) -> str:
         return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
@@ -204,10 +316,12 @@ class CompletionRequest(_Sampling):
 class EmbeddingRequest(_Request):
     """``POST /v1/embeddings``."""
 
-    model: str
-    input: str | list[str]
-    encoding_format: Literal["float", "base64"] = "float"
-    dimensions: int | None = Field(None, ge=1)
+    model: Annotated[str, _S(SUPPORTED, "a configured embedding model id")]
+    input: Annotated[str | list[str], _S(PARTIAL, "strings, each within the model's context (else 400); token "
+                                                  "arrays are refused")]
+    encoding_format: Annotated[Literal["float", "base64"], _S(SUPPORTED)] = "float"
+    dimensions: Annotated[int | None, _S(PARTIAL, "the model's own number only")] = Field(None, ge=1)
+    user: Annotated[str | None, _S(NOT_APPLICABLE, _IGNORED)] = None
 
     @field_validator("input", mode="before")
     @classmethod
@@ -222,15 +336,57 @@ class EmbeddingRequest(_Request):
         return [self.input] if isinstance(self.input, str) else list(self.input)
 
 
+#: The request model of each endpoint (what the conformance table documents).
+ENDPOINTS: dict[str, type[_Request]] = {
+    "/v1/chat/completions": ChatCompletionRequest,
+    "/v1/completions": CompletionRequest,
+    "/v1/embeddings": EmbeddingRequest,
+}
+
+
+def _surrogate_at(value: Any, path: tuple[str, ...] = ()) -> tuple[str, ...] | None:
+    """Where ``value`` (parsed JSON) holds a string with a lone UTF-16 surrogate, or None."""
+    if isinstance(value, str):
+        if value.isascii():
+            return None
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return path
+        return None
+    if isinstance(value, dict):
+        for k, v in value.items():
+            found = _surrogate_at(k, path) or _surrogate_at(v, (*path, str(k)))
+            if found is not None:
+                return found
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            found = _surrogate_at(v, (*path, str(i)))
+            if found is not None:
+                return found
+    return None
+
+
+def _is_type_tag(part: Any) -> bool:
+    # pydantic names the member of a union that failed ("str", "list[str]", "function-after[...]").
+    return isinstance(part, str) and (part in ("str", "int", "float", "bool", "none") or "[" in part)
+
+
 def parse_request(model: type[_Request], body: Any) -> Any:
     """Validate a JSON body; a problem is a 400 naming the first offending field as ``param``."""
     if not isinstance(body, dict):
         raise OpenAIError(400, "The request body must be a JSON object.")
+    where = _surrogate_at(body)
+    if where is not None:
+        param = ".".join(where) or None
+        raise OpenAIError(400, f"Invalid value for '{param}': the string holds a lone UTF-16 surrogate (an "
+                               "unpaired \\ud800-\\udfff escape), which is not valid Unicode text.",
+                          param=param, code="invalid_value")
     try:
         return model.model_validate(body)
     except ValidationError as e:
         err = e.errors()[0]
-        loc = [str(p) for p in err["loc"] if not (isinstance(p, str) and p in ("str", "list[str]", "function-after"))]
+        loc = [str(p) for p in err["loc"] if not _is_type_tag(p)]
         param = ".".join(loc) or None
         msg = err["msg"].removeprefix("Value error, ")
         missing = err["type"] == "missing"

@@ -4,11 +4,19 @@ Two buckets per limited tenant:
 
 * **requests**: ``requests_per_minute`` deep, refilled at ``requests_per_minute / 60`` per
   second; a request takes one token or is refused.
-* **tokens**: ``tokens_per_minute`` deep, refilled likewise. How many tokens a request uses is
-  known only when it ends, so a request is admitted while the bucket holds at least one token
-  and its prompt and completion tokens are charged when it ends; the bucket may go below zero,
-  and then the tenant waits until it has refilled. A tenant can overshoot by one request's
-  tokens, never more.
+* **tokens**: ``tokens_per_minute`` deep, refilled likewise. A request *reserves* what it may
+  use when it is admitted, as OpenAI does: its prompt (estimated, about four characters a
+  token) plus its ``max_tokens`` (capped at the bucket's depth, so a large request waits for a
+  full bucket rather than never running). A request that does not fit is refused with the
+  time until it would. When it ends, the reservation is settled against the real usage: what
+  it did not use goes back, anything beyond (a prompt longer than estimated, or no
+  ``max_tokens`` given, when only the prompt was reserved) is charged, and the bucket may go
+  below zero until it refills. Concurrent requests therefore cannot overshoot a limit by more
+  than their estimates' error.
+
+Each answer carries OpenAI's ``x-ratelimit-limit-*``, ``x-ratelimit-remaining-*`` and
+``x-ratelimit-reset-*`` headers (the reset: the time until that bucket is full again, as
+``1s``, ``6m0s`` or ``20ms``).
 """
 
 from __future__ import annotations
@@ -19,7 +27,7 @@ from typing import Any
 
 from shoal.llm._config import GatewayConfig
 
-__all__ = ["Decision", "RateLimiter", "TokenBucket", "UsageLedger"]
+__all__ = ["Decision", "RateLimiter", "TokenBucket", "UsageLedger", "estimate_tokens", "reset_after"]
 
 
 @dataclass
@@ -57,9 +65,35 @@ class TokenBucket:
         self._refill(now)
         self.level -= n
 
+    def give_back(self, n: float, now: float) -> None:
+        """Return ``n`` unused tokens (never above ``capacity``)."""
+        self._refill(now)
+        self.level = min(self.capacity, self.level + n)
+
     def remaining(self, now: float) -> int:
         self._refill(now)
         return max(0, math.floor(self.level))
+
+    def until_full(self, now: float) -> float:
+        self._refill(now)
+        return max(0.0, (self.capacity - self.level) / self.rate)
+
+
+def estimate_tokens(text: str) -> int:
+    """A prompt's tokens before a tokenizer has seen it: about four characters each."""
+    return max(1, math.ceil(len(text) / 4)) if text else 0
+
+
+def reset_after(seconds: float) -> str:
+    """OpenAI's ``x-ratelimit-reset-*`` duration: ``20ms``, ``1s``, ``6m0s``, ``1h2m3s``."""
+    if seconds < 1:
+        return f"{max(0, math.ceil(seconds * 1000))}ms"
+    total = math.ceil(seconds)
+    hours, rest = divmod(total, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes}m{secs}s"
+    return f"{minutes}m{secs}s" if minutes else f"{secs}s"
 
 
 @dataclass(frozen=True)
@@ -71,6 +105,7 @@ class Decision:
     limit: str = ""  # "requests" or "tokens"
     limit_value: float = 0.0
     headers: dict[str, str] = field(default_factory=dict)
+    reserved: float = 0.0  # tokens taken from the token bucket at admission (settle them at the end)
 
 
 class RateLimiter:
@@ -91,24 +126,38 @@ class RateLimiter:
             tok = self._tokens[tenant] = TokenBucket(limits.tokens_per_minute, limits.tokens_per_minute / 60)
         return req, tok
 
-    def admit(self, tenant: str, now: float) -> Decision:
-        """Admit one request of ``tenant`` (taking a request token) or say why not."""
+    def admit(self, tenant: str, now: float, reserve: int = 1) -> Decision:
+        """Admit one request of ``tenant``, taking a request token and reserving ``reserve``
+        tokens (at most the bucket's depth), or say which limit refuses it and for how long."""
         req, tok = self._buckets(tenant)
+        amount = 0.0
         if tok is not None:
-            wait = tok.wait_for(1, now)
+            amount = float(min(max(1, reserve), tok.capacity))
+            wait = tok.wait_for(amount, now)
             if wait > 0:
                 return Decision(False, wait, "tokens", tok.capacity, self.headers(tenant, now))
         if req is not None:
             wait = req.take(1, now)
             if wait > 0:
                 return Decision(False, wait, "requests", req.capacity, self.headers(tenant, now))
-        return Decision(True, headers=self.headers(tenant, now))
+        if tok is not None:
+            tok.charge(amount, now)
+        return Decision(True, headers=self.headers(tenant, now), reserved=amount)
+
+    def settle(self, tenant: str, reserved: float, used: int, now: float) -> None:
+        """A finished (or cancelled) request used ``used`` prompt plus completion tokens after
+        reserving ``reserved``: give back the rest, or charge what went beyond."""
+        _, tok = self._buckets(tenant)
+        if tok is None:
+            return
+        if used < reserved:
+            tok.give_back(reserved - used, now)
+        elif used > reserved:
+            tok.charge(used - reserved, now)
 
     def charge(self, tenant: str, tokens: int, now: float) -> None:
-        """Charge a finished (or cancelled) request's prompt plus completion tokens."""
-        _, tok = self._buckets(tenant)
-        if tok is not None and tokens > 0:
-            tok.charge(tokens, now)
+        """Charge ``tokens`` that were not reserved."""
+        self.settle(tenant, 0.0, tokens, now)
 
     def headers(self, tenant: str, now: float) -> dict[str, str]:
         """OpenAI's ``x-ratelimit-*`` headers for the tenant's limits (none when it has none)."""
@@ -117,9 +166,11 @@ class RateLimiter:
         if req is not None:
             out["x-ratelimit-limit-requests"] = str(math.floor(req.capacity))
             out["x-ratelimit-remaining-requests"] = str(req.remaining(now))
+            out["x-ratelimit-reset-requests"] = reset_after(req.until_full(now))
         if tok is not None:
             out["x-ratelimit-limit-tokens"] = str(math.floor(tok.capacity))
             out["x-ratelimit-remaining-tokens"] = str(tok.remaining(now))
+            out["x-ratelimit-reset-tokens"] = reset_after(tok.until_full(now))
         return out
 
 

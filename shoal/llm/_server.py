@@ -6,16 +6,19 @@ import logging
 import math
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
 from shoal import serve
 from shoal.llm._config import LLMConfig
+from shoal.llm._serving_metrics import ServingMetrics, waiting_from_stats
 from shoal.llm.engines import (
     AdapterNotFoundError,
     Engine,
     GenerationChunk,
     GenerationRequest,
+    InvalidParameterError,
+    SamplingParams,
     StopMatcher,
     TransformersEngine,
     VLLMEngine,
@@ -61,6 +64,7 @@ class LLMServer:
             engine = cls(self.config.model_loading_config.source, **kwargs)
         self.engine = engine
         self.engine.load()
+        self.serving = ServingMetrics(self.model_id, waiting_from_stats(self.engine))
         self._get_adapter: Callable[[str], Awaitable[Any]] | None = None
         lora = self.config.lora_config
         if lora is not None:
@@ -98,8 +102,19 @@ class LLMServer:
         return await self.engine.load_adapter(name, path)
 
     # -- requests
+    def _check_features(self, sampling: SamplingParams) -> None:
+        """Refuse optional sampling parameters the engine does not apply (never ignore them)."""
+        features: frozenset[str] = getattr(self.engine, "sampling_features", frozenset())
+        asked = [("logit_bias", "logit_bias", bool(sampling.logit_bias)),
+                 ("presence_penalty", "penalties", sampling.presence_penalty != 0.0),
+                 ("frequency_penalty", "penalties", sampling.frequency_penalty != 0.0)]
+        for param, feature, used in asked:
+            if used and feature not in features:
+                raise InvalidParameterError(param, f"{param} is not supported by this engine ({self.engine.name}).")
+
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
         """Stream the generation of ``request``; the last chunk carries ``finish_reason``."""
+        self._check_features(request.sampling)
         model_id = serve.get_multiplexed_model_id()
         adapter = None
         if model_id and model_id != self.model_id:
@@ -111,26 +126,57 @@ class LLMServer:
         else:
             prompt, from_chat = request.prompt or "", False
         matcher = StopMatcher(request.sampling.stop)
+        timer = self.serving.start()
+        reason, generated = "abort", 0
         stream = self.engine.generate(prompt, request.sampling, request.request_id, adapter, from_chat=from_chat)
         try:
             async for out in stream:
+                generated = out.completion_tokens
+                if out.completion_tokens:
+                    timer.token()
                 text, stopped = matcher.feed(out.text)
                 if stopped:
                     # Closing the engine's stream (below) stops generation at once.
+                    reason = "stop"
                     yield GenerationChunk(text, out.prompt_tokens, out.completion_tokens, "stop")
                     return
                 if out.finish_reason is not None:
                     text += matcher.flush()
+                    reason = out.finish_reason
                 if text or out.finish_reason is not None:
                     yield GenerationChunk(text, out.prompt_tokens, out.completion_tokens, out.finish_reason)
         finally:
+            timer.finish(reason, generated)
             await stream.aclose()
 
     def model_info(self) -> dict[str, Any]:
-        """What ``/v1/models`` shows for this model, plus its adapters."""
+        """What ``/v1/models`` shows for this model, plus its adapters and context length."""
+        max_len = getattr(self.engine, "max_model_len", None)
         return {"id": self.model_id, "created": self.created, "engine": self.engine.name,
                 "adapters": self.list_adapters() if self.config.lora_config else [],
+                **({"max_model_len": int(max_len)} if max_len else {}),
                 **self.config.model_metadata}
+
+    # -- /tokenize and /detokenize (vLLM's server has them; the gateway routes them here)
+    def tokenize(self, prompt: str | None = None, messages: tuple[Mapping[str, str], ...] | None = None,
+                 ) -> dict[str, Any]:
+        """The token ids of a prompt, or of chat ``messages`` rendered with the model's template."""
+        encode = getattr(self.engine, "tokenize", None)
+        if encode is None:
+            raise InvalidParameterError("model", f"tokenize is not supported by this engine ({self.engine.name}).")
+        text = self.engine.render_chat(messages) if messages is not None else (prompt or "")
+        tokens = [int(t) for t in encode(text, add_special_tokens=messages is None)]  # as generate does
+        max_len = getattr(self.engine, "max_model_len", None)
+        return {"count": len(tokens), "max_model_len": int(max_len) if max_len else None, "tokens": tokens}
+
+    def detokenize(self, tokens: list[int]) -> dict[str, Any]:
+        decode = getattr(self.engine, "detokenize", None)
+        if decode is None:
+            raise InvalidParameterError("model", f"detokenize is not supported by this engine ({self.engine.name}).")
+        try:
+            return {"prompt": decode([int(t) for t in tokens])}
+        except (ValueError, IndexError, OverflowError) as e:
+            raise InvalidParameterError("tokens", f"Invalid value for 'tokens': {e}") from None
 
     def stats(self) -> dict[str, Any]:
         """The engine's counters in this replica (requests, running, generated tokens, cancelled)."""

@@ -85,6 +85,20 @@ _PANELS: tuple[tuple[str, str, tuple[dict[str, str], ...]], ...] = (
         _q(_rate(m.MODEL_UNLOADS + "_total", _DEP), "evictions {{application}}/{{deployment}}"))),
     ("Multiplexed model load latency p99", "ms", (
         _q(_quantile(0.99, m.MODEL_LOAD_LATENCY, _DEP), "p99 {{application}}/{{deployment}}"),)),
+    # shoal.llm's model servers, under vLLM's names (shoal.llm._serving_metrics).
+    ("LLM time to first token p50 / p99", "s", (
+        _q(_quantile(0.5, "vllm:time_to_first_token_seconds", "model_name"), "p50 {{model_name}}"),
+        _q(_quantile(0.99, "vllm:time_to_first_token_seconds", "model_name"), "p99 {{model_name}}"))),
+    ("LLM time per output token p50 / p99", "s", (
+        _q(_quantile(0.5, "vllm:time_per_output_token_seconds", "model_name"), "p50 {{model_name}}"),
+        _q(_quantile(0.99, "vllm:time_per_output_token_seconds", "model_name"), "p99 {{model_name}}"))),
+    ("LLM end-to-end latency p50 / p99 and queue time p99", "s", (
+        _q(_quantile(0.5, "vllm:e2e_request_latency_seconds", "model_name"), "e2e p50 {{model_name}}"),
+        _q(_quantile(0.99, "vllm:e2e_request_latency_seconds", "model_name"), "e2e p99 {{model_name}}"),
+        _q(_quantile(0.99, "vllm:request_queue_time_seconds", "model_name"), "queue p99 {{model_name}}"))),
+    ("LLM requests running / waiting", "short", (
+        _q(f"sum by (model_name) (vllm:num_requests_running{{{_SEL}}})", "running {{model_name}}"),
+        _q(f"sum by (model_name) (vllm:num_requests_waiting{{{_SEL}}})", "waiting {{model_name}}"))),
 )
 
 

@@ -178,3 +178,24 @@ def test_disconnect_mid_stream_stops_generation(server: str, client: Any) -> Non
     # The gateway billed alice for what was generated before the disconnect, and counted the request.
     usage = httpx.get(f"{server}/v1/usage", headers=ops, timeout=10).json()["tenants"]["alice"]
     assert usage["models"]["tiny-chat"]["completion_tokens"] > 0
+
+
+def test_tokenize_detokenize_health_and_context_length(server: str, client: Any) -> None:
+    alice = {"authorization": f"Bearer {ALICE}"}
+    card = client.models.retrieve("tiny-chat")
+    context = card.model_extra.get("max_model_len") if card.model_extra else None
+    assert isinstance(context, int) and context > 0, card
+    r = httpx.post(f"{server}/tokenize", json={"model": "tiny-chat", "prompt": "hello world"}, headers=alice,
+                   timeout=30)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["count"] == len(body["tokens"]) > 0 and body["max_model_len"] == context
+    back = httpx.post(f"{server}/detokenize", json={"model": "tiny-chat", "tokens": body["tokens"]}, headers=alice,
+                      timeout=30)
+    assert back.status_code == 200 and "hello world" in back.json()["prompt"], back.text
+    # The count matches what a completion bills for the same prompt.
+    done = client.completions.create(model="tiny-chat", prompt="hello world", max_tokens=1, temperature=0)
+    assert done.usage.prompt_tokens == body["count"]
+    bad = httpx.post(f"{server}/detokenize", json={"model": "tiny-chat", "tokens": [10**9]}, headers=alice, timeout=30)
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "tokens"
+    assert httpx.get(f"{server}/health", timeout=30).status_code == 200

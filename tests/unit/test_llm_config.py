@@ -177,10 +177,11 @@ def test_token_bucket() -> None:
     assert b.remaining(10_000.0) == 2  # never above capacity
 
 
-def test_rate_limiter_charges_tokens_after_the_fact() -> None:
+def test_rate_limiter_settles_tokens_after_the_fact() -> None:
     limiter = RateLimiter(GatewayConfig(tenants={"t": {"tokens_per_minute": 120}}))
-    assert limiter.admit("t", 0.0).allowed
-    limiter.charge("t", 150, 0.0)  # 30 tokens in debt
+    first = limiter.admit("t", 0.0)
+    assert first.allowed and first.reserved == 1
+    limiter.settle("t", first.reserved, 150, 0.0)  # used 149 beyond its reservation: 30 tokens in debt
     decision = limiter.admit("t", 0.0)
     assert not decision.allowed and decision.limit == "tokens"
     assert decision.retry_after_s == pytest.approx(15.5)  # (1 + 30) tokens at 2 per second

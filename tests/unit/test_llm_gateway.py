@@ -262,16 +262,22 @@ def test_request_rate_limit_with_retry_after(limited: tuple[testing.LocalRuntime
 def test_token_rate_limit(limited: tuple[testing.LocalRuntime, testing.FakeClock]) -> None:
     rt, clock = limited
     bob = auth("sk-bob-0123456789")
-    # 60 tokens per minute: one request of 70 tokens is admitted (the bucket was positive) ...
+    # 60 tokens per minute. A request reserves its prompt estimate (65 characters: 17 tokens) plus
+    # max_tokens (40): 57 fit, so it is admitted ...
     words = " ".join(["w"] * 33)
     r = rt.http("POST", "/v1/completions", json={"model": "echo", "prompt": words, "temperature": 0,
                                                  "max_tokens": 40}, headers=bob)
     assert r.ok and r.json()["usage"]["total_tokens"] == 66
-    # ... and leaves it 6 tokens in debt: the next waits until it is positive again (7 tokens, 7 s).
+    assert r.headers["x-ratelimit-limit-tokens"] == "60" and r.headers["x-ratelimit-remaining-tokens"] == "3"
+    # ... and settled at 66 it leaves the bucket 6 tokens in debt. The next request reserves its
+    # prompt (1) plus the completions default max_tokens (16): 17 tokens are there after 23 s.
     r = rt.http("POST", "/v1/completions", json={"model": "echo", "prompt": "x"}, headers=bob)
     error = assert_error(r, 429, "rate_limit_exceeded")
-    assert error["type"] == "tokens" and r.headers["retry-after"] == "7"
-    clock.advance(7)
+    assert error["type"] == "tokens" and r.headers["retry-after"] == "23"
+    assert r.headers["x-ratelimit-remaining-tokens"] == "0" and r.headers["x-ratelimit-reset-tokens"] == "1m6s"
+    clock.advance(22)
+    assert rt.http("POST", "/v1/completions", json={"model": "echo", "prompt": "x"}, headers=bob).status_code == 429
+    clock.advance(1)
     assert rt.http("POST", "/v1/completions", json={"model": "echo", "prompt": "x"}, headers=bob).ok
 
 

@@ -18,6 +18,7 @@ __all__ = [
     "EngineOutput",
     "GenerationChunk",
     "GenerationRequest",
+    "InvalidParameterError",
     "SamplingParams",
     "StopMatcher",
     "fallback_chat_prompt",
@@ -27,6 +28,9 @@ __all__ = [
 class ContextLengthError(ValueError):
     """The prompt plus ``max_tokens`` does not fit the model's context window."""
 
+    #: A client error: the HTTP status it answers (replicas log it without a traceback).
+    status_code = 400
+
     def __init__(self, message: str) -> None:
         super().__init__(message)
         self.message = message
@@ -35,9 +39,26 @@ class ContextLengthError(ValueError):
 class AdapterNotFoundError(LookupError):
     """A LoRA adapter was asked for that does not exist (or the engine cannot load adapters)."""
 
+    status_code = 404
+
     def __init__(self, message: str) -> None:
         super().__init__(message)
         self.message = message
+
+
+class InvalidParameterError(ValueError):
+    """A request parameter this engine cannot honour (``logit_bias`` on an engine without it, a
+    token id outside the vocabulary): a 400 naming ``param``."""
+
+    status_code = 400
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(message)
+        self.param = param
+        self.message = message
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.param, self.message))
 
 
 @dataclass(frozen=True)
@@ -51,9 +72,12 @@ class SamplingParams:
     seed: int | None = None
     #: Keep generating past the end-of-sequence token (vLLM's name; for benchmarks and tests).
     ignore_eos: bool = False
-    #: Passed to engines that implement them (vLLM); the transformers engine ignores them.
+    #: Applied by engines whose ``sampling_features`` have ``"penalties"`` (others refuse them).
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    #: (token id, bias) pairs added to the logits; engines whose ``sampling_features`` have
+    #: ``"logit_bias"`` apply them (others refuse them).
+    logit_bias: tuple[tuple[int, float], ...] = ()
 
     @property
     def greedy(self) -> bool:
@@ -100,6 +124,10 @@ class Engine(Protocol):
 
     ``generate`` must stop producing (and free what it holds) when its iterator is closed
     or cancelled: that is how a client disconnect stops generation.
+
+    An engine may also have ``sampling_features``, the optional :class:`SamplingParams` it
+    applies: ``"logit_bias"``, ``"penalties"`` (presence and frequency). A request that uses
+    one the engine lacks is refused with :class:`InvalidParameterError` (none when absent).
     """
 
     name: str

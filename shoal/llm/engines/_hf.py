@@ -8,7 +8,18 @@ Engine kwargs:
 
 * ``device``: ``auto`` (default), ``cpu``, ``cuda``, ``cuda:1``, ``mps``;
 * ``dtype``: ``auto`` (bfloat16 or float16 on CUDA, float32 elsewhere), ``float32``, ``float16``, ``bfloat16``;
-* ``max_concurrency``: generations run at once (default 1; the others wait their turn);
+* ``batching``: continuous batching (``shoal/llm/engines/_hf_batch.py``): one step thread runs
+  every running sequence's next token in one forward pass, new requests joining at the next step
+  and finished or closed ones leaving at once. Default: on for the CPU and CUDA, off for MPS.
+  Requests for a LoRA adapter, and models whose cache is not made of plain dynamic layers
+  (sliding-window or linear-attention layers, quantised caches; transformers < 4.56; the log says
+  so at load) take the path below instead, as do requests with sampling options it lacks
+  (``logit_bias``, penalties);
+* ``max_num_seqs``: sequences in the batch at once (default 16; the others wait);
+* ``max_num_batched_tokens``: tokens per step, prompts being prefilled (padded to the longest)
+  plus one per running sequence (default 2048; a prompt longer than that is prefilled alone);
+* ``max_concurrency``: without batching (``batching: false``, adapters, unsupported models),
+  ``generate`` calls run at once, each in its own thread (default 1; the others wait their turn);
 * ``default_max_tokens``: ``max_tokens`` when a request gives none (default 256, capped by the context);
 * ``torch_threads``: torch's CPU threads (``LLMServer`` defaults it to the replica's ``num_cpus``, 1 unless set);
 * ``trust_remote_code``, ``tokenizer_source``, ``model_kwargs`` (passed to ``from_pretrained``).
@@ -21,6 +32,7 @@ LoRA adapters load through ``peft`` when it is installed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib.util
 import logging
 import threading
@@ -32,9 +44,11 @@ from shoal.llm.engines._base import (
     AdapterNotFoundError,
     ContextLengthError,
     EngineOutput,
+    InvalidParameterError,
     SamplingParams,
     fallback_chat_prompt,
 )
+from shoal.llm.engines._hf_batch import BatchScheduler, batching_supported, check_batching_kwargs
 
 __all__ = ["TransformersEngine", "pick_device"]
 
@@ -115,16 +129,53 @@ class _QueueStreamer:
         self._send(_END)
 
 
+def _logits_adjuster(params: SamplingParams, prompt_tokens: int) -> Any:
+    """A logits processor adding ``logit_bias`` and subtracting the presence and frequency
+    penalties (over the generated tokens, as vLLM does); None when the request has neither.
+    ``generate`` runs it before the temperature and top-p warpers."""
+    presence, frequency = params.presence_penalty, params.frequency_penalty
+    if not params.logit_bias and not presence and not frequency:
+        return None
+    import torch
+    from transformers import LogitsProcessor
+
+    ids = [i for i, _ in params.logit_bias]
+    biases = [b for _, b in params.logit_bias]
+
+    class Adjust(LogitsProcessor):
+        def __call__(self, input_ids: Any, scores: Any) -> Any:
+            if ids:
+                index = torch.tensor(ids, device=scores.device)
+                scores = scores.index_add(1, index, torch.tensor(biases, dtype=scores.dtype, device=scores.device)
+                                          .expand(scores.shape[0], -1))
+            generated = input_ids[:, prompt_tokens:]
+            if (presence or frequency) and generated.shape[1]:
+                ones = torch.ones_like(generated, dtype=scores.dtype)
+                counts = torch.zeros_like(scores).scatter_add(1, generated, ones)
+                scores = scores - frequency * counts - presence * (counts > 0).to(scores.dtype)
+            return scores
+
+    return Adjust()
+
+
 class TransformersEngine:
     """Hugging Face transformers on CPU or GPU; see the module docstring for its kwargs."""
 
     name = "transformers"
+    #: The optional sampling parameters this engine applies (LLMServer refuses the others).
+    sampling_features = frozenset({"logit_bias", "penalties"})
 
     def __init__(self, model_source: str, *, device: str = "auto", dtype: str = "auto", max_concurrency: int = 1,
                  default_max_tokens: int = 256, trust_remote_code: bool = False, torch_threads: int | None = None,
-                 tokenizer_source: str | None = None, model_kwargs: dict[str, Any] | None = None) -> None:
+                 tokenizer_source: str | None = None, model_kwargs: dict[str, Any] | None = None,
+                 batching: bool | None = None, max_num_seqs: int = 16, max_num_batched_tokens: int = 2048) -> None:
         if max_concurrency < 1:
             raise ValueError("max_concurrency must be at least 1")
+        check_batching_kwargs(max_num_seqs, max_num_batched_tokens)
+        self.batching = batching
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self._batcher: BatchScheduler | None = None
         self.model_source = model_source
         self.device_setting = device
         self.dtype_setting = dtype
@@ -178,6 +229,14 @@ class TransformersEngine:
         pad = self.tokenizer.pad_token_id
         self._pad_id = pad if pad is not None else (min(self._eos_ids) if self._eos_ids else None)
         self._pool = ThreadPoolExecutor(max_workers=self.max_concurrency, thread_name_prefix="shoal-llm-generate")
+        auto = self.device == "cpu" or self.device.startswith("cuda")
+        if self.batching if self.batching is not None else auto:
+            why_not = batching_supported(self.model)
+            if why_not is None:
+                self._batcher = BatchScheduler(self, max_num_seqs=self.max_num_seqs,
+                                               max_num_batched_tokens=self.max_num_batched_tokens)
+            else:
+                logger.warning("continuous batching is off for %s: %s", self.model_source, why_not)
         logger.info("loaded %s on %s (%s), context %s", self.model_source, self.device, dtype, self.max_context)
 
     # -- prompts
@@ -277,6 +336,11 @@ class TransformersEngine:
             kwargs.update(do_sample=True, temperature=params.temperature, top_p=params.top_p, top_k=0)
         if params.ignore_eos:
             kwargs["min_new_tokens"] = max_new  # suppresses end-of-sequence until max_new tokens
+        adjust = _logits_adjuster(params, int(input_ids.shape[1]))
+        if adjust is not None:
+            from transformers import LogitsProcessorList
+
+            kwargs["logits_processor"] = LogitsProcessorList([adjust])
         return kwargs
 
     def _max_new_tokens(self, prompt_tokens: int, params: SamplingParams) -> int:
@@ -304,6 +368,20 @@ class TransformersEngine:
         attention_mask = enc["attention_mask"].to(self.device) if "attention_mask" in enc else None
         prompt_tokens = int(input_ids.shape[1])
         max_new = self._max_new_tokens(prompt_tokens, params)
+        vocab = getattr(self.model.config, "vocab_size", None)
+        outside = [i for i, _ in params.logit_bias if vocab is not None and i >= vocab]
+        if outside:
+            raise InvalidParameterError("logit_bias", f"logit_bias names token ids outside the vocabulary of "
+                                                      f"{vocab} tokens: {outside[:5]}.")
+        # logit_bias and the penalties are applied by a logits processor of the path below.
+        adjusted = bool(params.logit_bias or params.presence_penalty or params.frequency_penalty)
+        if (self._batcher is not None and not isinstance(adapter, _Adapter) and not adjusted
+                and self._batcher.handles(params)):
+            prompt_ids = [int(t) for t in enc["input_ids"][0].tolist()]
+            async with contextlib.aclosing(self._batcher.generate(prompt_ids, params, max_new)) as stream:
+                async for out in stream:  # closing this generator closes that one (and drops the sequence)
+                    yield out
+            return
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Any] = asyncio.Queue()
         stop_event = threading.Event()
@@ -355,14 +433,32 @@ class TransformersEngine:
             stop_event.set()
             self._active.discard(stop_event)
             self._running -= 1
-            if not finished:
+            failed = job.done() and not job.cancelled() and job.exception() is not None
+            if not finished and not failed:  # a failed thread's error went to the caller (await job)
                 self._cancelled += 1
                 job.add_done_callback(_log_thread_error)
+
+    @property
+    def max_model_len(self) -> int | None:
+        return int(self.max_context) if self.max_context else None
+
+    def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """As ``generate`` tokenizes: special tokens for a raw prompt, none for a rendered chat."""
+        return [int(t) for t in self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]]
+
+    def detokenize(self, ids: Sequence[int]) -> str:
+        vocab = len(self.tokenizer)
+        bad = [i for i in ids if not 0 <= i < vocab]
+        if bad:
+            raise ValueError(f"token id(s) {bad[:5]} are outside the vocabulary (0..{vocab - 1})")
+        return str(self.tokenizer.decode(list(ids)))
 
     def stats(self) -> dict[str, Any]:
         out = {"engine": self.name, "device": self.device, "requests": self._requests, "running": self._running,
                "generated_tokens": self._generated.value, "cancelled": self._cancelled,
-               "adapters_loaded": sorted(self._adapters)}
+               "adapters_loaded": sorted(self._adapters), "batching": False}
+        if self._batcher is not None:
+            out.update(self._batcher.stats())
         if self.device.startswith("cuda"):
             import torch
 
@@ -373,6 +469,8 @@ class TransformersEngine:
     def shutdown(self) -> None:
         for event in list(self._active):  # generation threads stop within a token
             event.set()
+        if self._batcher is not None:
+            self._batcher.shutdown()
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
 

@@ -51,6 +51,7 @@ class MockEngine:
         self._requests = 0
         self._running = 0
         self._cancelled = 0
+        self._vocab: dict[str, int] = {}
 
     def load(self) -> None:
         return None
@@ -111,6 +112,21 @@ class MockEngine:
             self._running -= 1
             if not done:
                 self._cancelled += 1
+
+    @property
+    def max_model_len(self) -> int:
+        return self.max_context
+
+    def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """One token per word; ids are given out as words are first seen (per replica)."""
+        return [self._vocab.setdefault(word, len(self._vocab)) for word in text.split()]
+
+    def detokenize(self, ids: Sequence[int]) -> str:
+        words = {i: w for w, i in self._vocab.items()}
+        unknown = [i for i in ids if i not in words]
+        if unknown:
+            raise ValueError(f"unknown token id(s) {unknown[:5]} (this engine knows {len(words)} ids)")
+        return " ".join(words[i] for i in ids)
 
     def stats(self) -> dict[str, Any]:
         return {"engine": self.name, "requests": self._requests, "running": self._running,

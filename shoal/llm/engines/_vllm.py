@@ -45,6 +45,8 @@ class VLLMEngine:
     """vLLM's async engine behind shoal's engine interface (untested here; see the module docstring)."""
 
     name = "vllm"
+    #: The optional sampling parameters passed on to vLLM (``logit_bias`` is not, yet: a 400).
+    sampling_features = frozenset({"penalties"})
 
     def __init__(self, model_source: str, *, default_max_tokens: int = 256, **engine_args: Any) -> None:
         self.model_source = model_source
@@ -147,6 +149,25 @@ class VLLMEngine:
                     await self.engine.abort(vllm_id)
                 except Exception as e:  # the request may already be gone
                     logger.debug("abort of %s: %r", vllm_id, e)
+
+    @property
+    def max_model_len(self) -> int | None:
+        """The context length vLLM serves (``max_model_len``, else the model config's)."""
+        if self.engine_args.get("max_model_len"):
+            return int(self.engine_args["max_model_len"])
+        config = getattr(getattr(self.engine, "model_config", None), "max_model_len", None)
+        return int(config) if config else None
+
+    def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """As ``generate`` tokenizes: special tokens (BOS) for a raw prompt, none for a rendered chat."""
+        return [int(t) for t in self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]]
+
+    def detokenize(self, ids: Sequence[int]) -> str:
+        vocab = len(self.tokenizer)
+        bad = [i for i in ids if not 0 <= i < vocab]
+        if bad:
+            raise ValueError(f"token id(s) {bad[:5]} are outside the vocabulary (0..{vocab - 1})")
+        return str(self.tokenizer.decode(list(ids)))
 
     def stats(self) -> dict[str, Any]:
         return {"engine": self.name, "requests": self._requests, "running": self._running,

@@ -127,7 +127,7 @@ class ProxyApp:
             return
         target = self.table.target(route, head.session)
         if self.guard.length_refused(head):
-            await refuse(send, 413, head.request_id)
+            await refuse(send, 413, head.request_id, target[1])
             return
         full = (route[0], *target)
         reserved = None
@@ -140,7 +140,7 @@ class ProxyApp:
             body = await self.guard.read_body(receive, head.declared, lease)
             if isinstance(body, int):
                 if body == TOO_LARGE:
-                    await refuse(send, 413, head.request_id)
+                    await refuse(send, 413, head.request_id, target[1])
                 elif body == BUSY:
                     await self._busy(full, scope, send, head, started)
                 return  # else the client went away while sending

@@ -24,6 +24,10 @@ Headers = list[tuple[bytes, bytes]]
 HINT = "GET /-/routes lists the route prefixes"
 HEALTHY: dict[str, Any] = {"status": "success"}
 _REFUSALS = {401: "unauthorized", 403: "forbidden", 413: "request body too large"}
+#: Ingress deployments whose clients speak OpenAI's API (shoal.llm's gateway): a front's refusals
+#: on their routes carry OpenAI's error object, ``{"error": {message, type, param, code}}``.
+OPENAI_INGRESSES = frozenset({"OpenAiIngress"})
+_OPENAI_REFUSALS = {413: ("Request body too large for this server.", "request_too_large")}
 
 
 def error_status(exc: BaseException) -> tuple[int, str]:
@@ -75,10 +79,18 @@ async def send_json(send: Send, status: int, body: dict[str, Any], request_id: s
     await send({"type": "http.response.body", "body": payload, "more_body": False})
 
 
-async def refuse(send: Send, status: int, request_id: str) -> None:
-    """Answer a request refused before it reached an application, and close the connection
-    (the client may still be sending a body nobody will read)."""
+def refusal_body(status: int, request_id: str, ingress: str = "") -> dict[str, Any]:
+    """The body refusing a request routed to ``ingress`` (``""``: not routed yet)."""
+    if ingress in OPENAI_INGRESSES:
+        message, code = _OPENAI_REFUSALS.get(status, (refusal_text(status).capitalize() + ".", None))
+        return {"error": {"message": message, "type": "invalid_request_error", "param": None, "code": code}}
+    return {"error": refusal_text(status), "request_id": request_id}
+
+
+async def refuse(send: Send, status: int, request_id: str, ingress: str = "") -> None:
+    """Answer a request refused before it reached an application (routed to ``ingress``, when
+    it was), and close the connection (the client may still be sending a body nobody will read)."""
     extra = [(b"connection", b"close")]
     if status == 401:
         extra.append((b"www-authenticate", b"Bearer"))
-    await send_json(send, status, {"error": refusal_text(status), "request_id": request_id}, request_id, extra)
+    await send_json(send, status, refusal_body(status, request_id, ingress), request_id, extra)

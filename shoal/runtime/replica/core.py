@@ -61,9 +61,17 @@ logger = logging.getLogger("shoal.replica")
 
 # How often a drain that waits for callers to go quiet looks again.
 _QUIET_POLL_S = 0.05
+
 # A drain closes its callers' connections once no request came for this long (see drain).
 _CALLERS_QUIET_S = 0.25
 _CALLERS_QUIET_ROUNDS = 8  # at most 2 s
+
+
+def _client_error(exc: BaseException) -> bool:
+    """Whether ``exc`` says the caller asked for something wrong (a ``status_code`` of 4xx, as
+    shoal.llm's ContextLengthError or starlette's HTTPException have): logged without a traceback."""
+    status = getattr(exc, "status_code", None)
+    return isinstance(status, int) and 400 <= status < 500
 
 
 class ReplicaCore:
@@ -313,7 +321,10 @@ class ReplicaCore:
             status = 499 if meta.http else "CANCELLED"
             return  # the caller gave up (or went away); nobody is waiting for an answer
         except Exception as e:
-            logger.error("request %s to %s failed:\n%s", meta.request_id, method, traceback.format_exc())
+            if _client_error(e):
+                logger.warning("request %s to %s refused: %s: %s", meta.request_id, method, type(e).__name__, e)
+            else:
+                logger.error("request %s to %s failed:\n%s", meta.request_id, method, traceback.format_exc())
             exc, tb = error_payload(e)
             try:
                 proto.send_user((ERR, rid, exc, tb))
