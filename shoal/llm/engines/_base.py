@@ -210,3 +210,17 @@ class StopMatcher:
     def flush(self) -> str:
         held, self._held = self._held, ""
         return "" if self.stopped else held
+
+
+def hf_tokenize(tokenizer: Any, text: str, add_special_tokens: bool) -> list[int]:
+    """A Hugging Face tokenizer's ids for ``text`` (the transformers and vLLM engines' ``tokenize``)."""
+    return [int(t) for t in tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]]
+
+
+def hf_detokenize(tokenizer: Any, ids: Sequence[int]) -> str:
+    """The text of ``ids``; an id outside the vocabulary is a ``ValueError`` naming it."""
+    vocab = len(tokenizer)
+    bad = [i for i in ids if not 0 <= i < vocab]
+    if bad:
+        raise ValueError(f"token id(s) {bad[:5]} are outside the vocabulary (0..{vocab - 1})")
+    return str(tokenizer.decode(list(ids)))

@@ -47,6 +47,8 @@ from shoal.llm.engines._base import (
     InvalidParameterError,
     SamplingParams,
     fallback_chat_prompt,
+    hf_detokenize,
+    hf_tokenize,
 )
 from shoal.llm.engines._hf_batch import BatchScheduler, batching_supported, check_batching_kwargs
 
@@ -444,14 +446,10 @@ class TransformersEngine:
 
     def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """As ``generate`` tokenizes: special tokens for a raw prompt, none for a rendered chat."""
-        return [int(t) for t in self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]]
+        return hf_tokenize(self.tokenizer, text, add_special_tokens)
 
     def detokenize(self, ids: Sequence[int]) -> str:
-        vocab = len(self.tokenizer)
-        bad = [i for i in ids if not 0 <= i < vocab]
-        if bad:
-            raise ValueError(f"token id(s) {bad[:5]} are outside the vocabulary (0..{vocab - 1})")
-        return str(self.tokenizer.decode(list(ids)))
+        return hf_detokenize(self.tokenizer, ids)
 
     def stats(self) -> dict[str, Any]:
         out = {"engine": self.name, "device": self.device, "requests": self._requests, "running": self._running,

@@ -20,7 +20,14 @@ import uuid
 from collections.abc import AsyncGenerator, Mapping, Sequence
 from typing import Any
 
-from shoal.llm.engines._base import ContextLengthError, EngineOutput, SamplingParams, fallback_chat_prompt
+from shoal.llm.engines._base import (
+    ContextLengthError,
+    EngineOutput,
+    SamplingParams,
+    fallback_chat_prompt,
+    hf_detokenize,
+    hf_tokenize,
+)
 
 __all__ = ["VLLMEngine", "vllm_available"]
 
@@ -159,15 +166,11 @@ class VLLMEngine:
         return int(config) if config else None
 
     def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        """As ``generate`` tokenizes: special tokens (BOS) for a raw prompt, none for a rendered chat."""
-        return [int(t) for t in self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]]
+        """As ``generate`` tokenizes: special tokens for a raw prompt, none for a rendered chat."""
+        return hf_tokenize(self.tokenizer, text, add_special_tokens)
 
     def detokenize(self, ids: Sequence[int]) -> str:
-        vocab = len(self.tokenizer)
-        bad = [i for i in ids if not 0 <= i < vocab]
-        if bad:
-            raise ValueError(f"token id(s) {bad[:5]} are outside the vocabulary (0..{vocab - 1})")
-        return str(self.tokenizer.decode(list(ids)))
+        return hf_detokenize(self.tokenizer, ids)
 
     def stats(self) -> dict[str, Any]:
         return {"engine": self.name, "requests": self._requests, "running": self._running,
