@@ -36,7 +36,10 @@ DOCS_PAGE = "docs/compatibility.md"
 
 _S, _P, _N = SUPPORTED, PARTIAL, NOT_SUPPORTED
 
-_NO_GRPC = "shoal has no gRPC proxy; `grpc_options` in config files is accepted and ignored"
+_GRPC = ("`port` (0 picks a free port; served on `http_options.host`), `grpc_servicer_functions`, "
+         "`request_timeout_s`, `grpc_servicer_func_callable`; unary and server-streaming methods; started by "
+         "`serve.start(grpc_options=...)` (the `shoal` command does not pass a config file's `grpc_options` yet); "
+         "see the gRPC guide")
 _NO_CONTROLLER_OPTIONS = ("the controller runs in the process that starts shoal, so there is nothing to configure "
                           "apart from that process's environment (Ray's only option is `runtime_env.env_vars`)")
 _NO_DEPLOYMENT_ACTORS = ("deployment-scoped actors are a Ray actor feature and shoal has no actors; "
@@ -97,9 +100,9 @@ TABLE: dict[str, dict[str, tuple[str, str, str]]] = {
         "shutdown": (_S, "shoal.serve.shutdown", "no process is left behind"),
         "shutdown_async": (_S, "shoal.serve.shutdown_async", "the same shutdown as `serve.shutdown()`, awaited"),
         "start": (_P, "shoal.serve.start",
-                  "`http_options` as in Ray, but it is the first positional parameter (Ray's is `proxy_location`); "
-                  "`proxy_location`, `grpc_options`, `logging_config`, `tracing_config`, `controller_options` "
-                  "accepted and ignored; shoal adds `num_gpus`, `strict_cpus`"),
+                  "`http_options` and `grpc_options` as in Ray, but `http_options` is the first positional "
+                  "parameter (Ray's is `proxy_location`); `proxy_location`, `logging_config`, `tracing_config`, "
+                  "`controller_options` accepted and ignored; shoal adds `num_gpus`, `strict_cpus`"),
         "status": (_S, "shoal.serve.status",
                    "`ServeStatus` with Ray's structure and status names (also inside a replica); "
                    "shoal adds `http_address` and `resources`"),
@@ -149,7 +152,7 @@ TABLE: dict[str, dict[str, tuple[str, str, str]]] = {
                                 "`request_routing_stats_period_s`, `request_routing_stats_timeout_s`; shoal adds "
                                 "`choose_replicas_timeout_s` (a router that fails or is late falls back to the "
                                 "default choice)"),
-        "gRPCOptions": (_N, "", _NO_GRPC),
+        "gRPCOptions": (_P, "shoal.config.gRPCOptions", _GRPC),
     },
     "ray.serve.schema": {
         "APIType": (_N, "", _NO_DETAILS),
@@ -203,7 +206,8 @@ TABLE: dict[str, dict[str, tuple[str, str, str]]] = {
         "TaskProcessorConfig": (_N, "", _NO_TASKS),
         "TaskResult": (_N, "", _NO_TASKS),
         "TracingConfig": (_N, "", _NO_TRACING_CONFIG),
-        "gRPCOptionsSchema": (_N, "", _NO_GRPC),
+        "gRPCOptionsSchema": (_P, "shoal.config.gRPCOptions", "the same model as `gRPCOptions`; a config file's "
+                                                              "`grpc_options` is validated with it"),
     },
     "ray.serve.exceptions": {
         "BackPressureError": (_S, "shoal.exceptions.BackPressureError", "HTTP 503 with `Retry-After`"),
@@ -213,7 +217,8 @@ TABLE: dict[str, dict[str, tuple[str, str, str]]] = {
                                     "a request whose replica died fails with `ReplicaDiedError` "
                                     "(alias `ActorDiedError`); this name refers to it"),
         "RequestCancelledError": (_S, "shoal.exceptions.RequestCancelledError", ""),
-        "gRPCStatusError": (_N, "", "shoal has no gRPC proxy"),
+        "gRPCStatusError": (_N, "", "a method that raises answers INTERNAL whatever code it set on "
+                                    "`grpc_context` (Ray's behaviour before this wrapper)"),
     },
     "ray.serve.llm": {
         "CloudMirrorConfig": (_N, "", "weights load from a local directory or a Hugging Face repo id; "

@@ -14,7 +14,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from shoal.config import HTTPOptions
+from shoal.config import HTTPOptions, gRPCOptions
 from shoal.deployment import Application, build_app_spec, format_validation_error
 from shoal.exceptions import NestedInstanceError, RayServeException
 from shoal.handle import DeploymentHandle
@@ -34,6 +34,7 @@ __all__ = [
     "delete",
     "get_app_handle",
     "get_deployment_handle",
+    "grpc_address",
     "http_address",
     "ingress",
     "run",
@@ -85,9 +86,34 @@ def _parse_http_options(http_options: HTTPOptions | dict[str, Any] | None) -> HT
         raise ValueError(format_validation_error(e, "http_options")) from None
 
 
+def _parse_grpc_options(grpc_options: gRPCOptions | dict[str, Any] | None) -> gRPCOptions | None:
+    """The gRPC options, with their servicer functions imported and read now: a problem is a
+    ``ValueError`` naming the field before anything starts."""
+    if grpc_options is None:
+        return None
+    if isinstance(grpc_options, gRPCOptions):
+        opts = grpc_options
+    else:
+        try:
+            opts = gRPCOptions(**grpc_options)
+        except ValidationError as e:
+            raise ValueError(format_validation_error(e, "grpc_options")) from None
+    if opts.enabled:
+        import importlib.util
+
+        if importlib.util.find_spec("grpc") is None:
+            raise ValueError("grpc_options.grpc_servicer_functions: the gRPC ingress needs grpcio; "
+                             "install it with `pip install 'shoal[grpc]'`")
+        from shoal.runtime.grpc_methods import load_methods
+
+        load_methods(list(zip(opts.grpc_servicer_functions, opts.servicer_functions(), strict=True)))
+    return opts
+
+
 def start(
     http_options: HTTPOptions | dict[str, Any] | None = None,
     *,
+    grpc_options: gRPCOptions | dict[str, Any] | None = None,
     detached: bool = False,
     proxy: bool = True,
     num_gpus: int | None = None,
@@ -97,6 +123,10 @@ def start(
 ) -> None:
     """Start the instance in this process (controller thread, HTTP proxy). Idempotent.
 
+    ``grpc_options`` (a :class:`~shoal.config.gRPCOptions` or its dict) starts the gRPC
+    ingress in the proxy process, on the HTTP host; its servicer functions are imported here
+    first, so a wrong import path fails now, naming the field.
+
     shoal extensions: ``num_gpus`` declares GPUs instead of asking ``nvidia-smi``;
     ``strict_cpus`` refuses to place replicas whose ``num_cpus`` exceed the machine's.
     """
@@ -104,15 +134,18 @@ def start(
     _refuse_nested("start")
     with _lock:
         opts = _parse_http_options(http_options)
+        grpc = _parse_grpc_options(grpc_options)
         if _instance is not None:
             if http_options is not None and opts != _instance.settings.http:
                 logger.warning("shoal is already running with other http_options; keeping the running ones")
+            if grpc_options is not None and grpc != _instance.settings.grpc:
+                logger.warning("shoal is already running with other grpc_options; keeping the running ones")
             return
         _ensure_logging()
         _tracing.setup_from_env("shoal-driver")  # $SHOAL_TRACING: handle calls from here start traces
         run_dir = RunDir(_run_dir) if _run_dir else RunDir.for_new_instance()
         settings = Settings(run_dir=run_dir.path, http=opts, start_proxy=proxy and opts.location != "NoServer"
-                            and opts.location != "Disabled", num_gpus=num_gpus, strict_cpus=strict_cpus)
+                            and opts.location != "Disabled", num_gpus=num_gpus, strict_cpus=strict_cpus, grpc=grpc)
         dir_lock = _own(run_dir)
         secret = new_secret()
         run_dir.create_private().write_secret(secret)
@@ -144,6 +177,8 @@ def start(
         atexit.register(shutdown)
         if settings.start_proxy:
             logger.info("shoal is serving HTTP on %s://%s:%d", opts.scheme, opts.host, ctl.http_port)
+            if ctl.front.grpc_port:
+                logger.info("shoal is serving gRPC on %s", grpc_address())
             warning = exposure_warning(opts)
             if warning:
                 logger.warning("%s", warning)
@@ -186,6 +221,19 @@ def http_address() -> str:
     """The base URL the proxy listens on (useful with ``port=0``)."""
     inst = _require()
     return f"{inst.settings.http.scheme}://{inst.settings.http.host}:{inst.controller.http_port}"
+
+
+def grpc_address() -> str:
+    """Where the gRPC ingress listens, as a channel target (``127.0.0.1:9000``; useful with
+    ``grpc_options.port=0``). Raises when shoal serves no gRPC."""
+    from shoal.runtime.grpc_methods import target_address
+
+    inst = _require()
+    port = inst.controller.front.grpc_port
+    if not port:
+        raise RayServeException("shoal serves no gRPC: start it with grpc_options=gRPCOptions("
+                                "grpc_servicer_functions=[...])")
+    return target_address(inst.settings.http.host, port)
 
 
 def run(

@@ -30,6 +30,7 @@ from shoal._autoscaling_config import AutoscalingContext as AutoscalingContext
 from shoal._autoscaling_config import AutoscalingPolicy as AutoscalingPolicy
 from shoal._autoscaling_config import DeploymentID as DeploymentID
 from shoal._autoscaling_config import auto_autoscaling_config as auto_autoscaling_config
+from shoal._grpc_options import gRPCOptions as gRPCOptions
 from shoal._model import Strict as _Strict
 
 __all__ = [
@@ -45,6 +46,7 @@ __all__ = [
     "RayActorOptions",
     "RequestRouterConfig",
     "auto_autoscaling_config",
+    "gRPCOptions",
 ]
 
 # How long a request may wait for a free replica slot, unless the deployment or

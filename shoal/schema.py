@@ -56,6 +56,7 @@ from shoal.config import (
     LoggingConfig,
     RayActorOptions,
     RequestRouterConfig,
+    gRPCOptions,
     validate_route_prefix,
 )
 from shoal.context import ReplicaRank
@@ -414,13 +415,14 @@ class ServeApplicationSchema(_Schema):
 class ServeDeploySchema(_Schema):
     """The whole config file: proxy and logging settings plus one or more applications.
 
-    ``grpc_options`` is accepted for compatibility and not used. ``target_capacity`` (a
-    percentage, 0-100) is accepted for compatibility with Ray's schema.
+    ``grpc_options`` configures the gRPC ingress (:class:`shoal.config.gRPCOptions`; the servicer
+    functions are imported when shoal starts). ``target_capacity`` (a percentage, 0-100) is
+    accepted for compatibility with Ray's schema.
     """
 
     proxy_location: Literal["Disabled", "HeadOnly", "EveryNode"] = "EveryNode"
     http_options: HTTPOptions = Field(default_factory=HTTPOptions)
-    grpc_options: dict[str, Any] = Field(default_factory=dict)
+    grpc_options: gRPCOptions = Field(default_factory=gRPCOptions)
     logging_config: LoggingConfig | None = None
     target_capacity: float | None = Field(default=None, ge=0, le=100)
     applications: list[ServeApplicationSchema] = Field(min_length=1)

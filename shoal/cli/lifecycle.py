@@ -181,6 +181,10 @@ def deploy(config_file: str, address: str | None, canary: float | None, no_wait:
             and "http_options" in (getattr(config, "model_fields_set", set()) or set()):
         click.echo(f"note: the instance serves {current.http_address}; http_options apply at `shoal start`",
                    err=True)
+    if config.grpc_options.grpc_servicer_functions:
+        click.echo("note: grpc_options apply when an instance starts (`shoal run serve.yaml`, or "
+                   "serve.start(grpc_options=...)); `shoal deploy` leaves the running gRPC server as it is",
+                   err=True)
     if no_wait:
         return
     live = [n for n, what in results.items() if what != "deleted"]

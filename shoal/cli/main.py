@@ -114,7 +114,8 @@ def run(target: str, builder_args: tuple[str, ...], name: str | None, route_pref
     output = None
     _install_sigterm()  # SIGTERM stops as Ctrl-C does, also while replicas start
     try:
-        api.start(http_options=http0, num_gpus=num_gpus, strict_cpus=strict_cpus, _run_dir=rd.path)
+        api.start(http_options=http0, grpc_options=_grpc_options(target), num_gpus=num_gpus,
+                  strict_cpus=strict_cpus, _run_dir=rd.path)
         output = None if quiet_replicas else start_output(console, rd)
         for app_name, prefix, application in built:
             console.print(f"deploying application [bold]{app_name}[/bold]")
@@ -146,6 +147,8 @@ def run(target: str, builder_args: tuple[str, ...], name: str | None, route_pref
             docs = api_docs_path(application)
             extra = f"   (API docs: {base}{prefix.rstrip('/')}{docs})" if docs else ""
             console.print(f"  {app_name}: {base}{prefix}{extra}", highlight=False)
+    if _grpc_options(target) is not None:
+        console.print(f"  gRPC: {api.grpc_address()}", highlight=False)
     hint = path_hint()
     if hint:
         console.print(hint, markup=False, highlight=False)
@@ -165,6 +168,16 @@ def _http_options(target: str) -> Any:
     from shoal.schema import load_config_file
 
     return load_config_file(target).http_options if _is_config_file(target) else HTTPOptions()
+
+
+def _grpc_options(target: str) -> Any:
+    """A config file's ``grpc_options`` when it names servicer functions (None: no gRPC server)."""
+    from shoal.schema import load_config_file
+
+    if not _is_config_file(target):
+        return None
+    grpc = load_config_file(target).grpc_options
+    return grpc if grpc.grpc_servicer_functions else None
 
 
 def _wait_for_stop() -> None:

@@ -27,6 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from shoal.context import ReplicaContext, RequestContext, _replica_ctx, _request_ctx
+from shoal.runtime import grpc_call
 from shoal.runtime.wire import RequestMeta
 
 logger = logging.getLogger("shoal.replica")
@@ -200,25 +201,28 @@ class UserCallable:
 
     async def call(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any], meta: RequestMeta) -> Any:
         fn, kind = self._resolve(method)
+        kwargs, grpc_context = grpc_call.prepare(fn, kwargs)  # a request of the gRPC ingress
         token = self._enter(meta)
         try:
             if kind == _ASYNC:
-                return await self._in_context(fn, *args, **kwargs)
-            if kind in (_GEN, _AGEN):
+                result = await self._in_context(fn, *args, **kwargs)
+            elif kind in (_GEN, _AGEN):
                 raise TypeError(
                     f"method {method!r} of {self._ctx.deployment!r} is a generator; "
                     "call it with handle.options(stream=True)"
                 )
-            result = await self.run_sync(fn, *args, **kwargs)
-            if inspect.isawaitable(result):
-                result = await result
-            return result
+            else:
+                result = await self.run_sync(fn, *args, **kwargs)
+                if inspect.isawaitable(result):
+                    result = await result
         finally:
             _request_ctx.reset(token)
+        return grpc_call.reply(result, grpc_context)
 
     async def stream(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any],
                      meta: RequestMeta) -> AsyncIterator[Any]:
         fn, kind = self._resolve(method)
+        kwargs, grpc_context = grpc_call.prepare(fn, kwargs)  # a request of the gRPC ingress
         # A generator may be resumed from different tasks (and so contexts): set the request
         # context again on every resumption instead of resetting a token.
         self._enter(meta)
@@ -246,6 +250,8 @@ class UserCallable:
             raise TypeError(
                 f"stream=True was set but method {method!r} of {self._ctx.deployment!r} is not a generator"
             )
+        if grpc_context is not None:  # the context the method set, after its last item
+            yield grpc_call.reply(None, grpc_context)
 
     async def websocket(self, scope: dict[str, Any], receive: Callable[[], Awaitable[dict[str, Any]]],
                         send: ASGISend, meta: RequestMeta) -> None:

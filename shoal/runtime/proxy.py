@@ -27,6 +27,7 @@ from shoal.observability.logs import EscapingFormatter, Identity, proxy_log_path
 from shoal.observability.logs import setup as setup_log_file
 from shoal.runtime import backend
 from shoal.runtime.client import ControllerClient
+from shoal.runtime.grpc_methods import GRPCFrontOptions
 from shoal.runtime.http.acceptor import STANDBY_DELAY_S, Acceptor
 from shoal.runtime.http.admit import LocalIngress, RouterSource
 from shoal.runtime.http.app import ProxyApp
@@ -74,6 +75,8 @@ class ProxyBootstrap:
     fd_path: str = ""
     # The instance's log folder: the proxy logs into proxy.log there (stdout and stderr too).
     log_dir: str = ""
+    # The gRPC ingress (grpc_options with servicer functions); None: no gRPC server.
+    grpc: GRPCFrontOptions | None = None
 
 
 def serve_listening_fd(path: str, fd: int) -> None:
@@ -304,16 +307,48 @@ class HTTPFront:
         await asyncio.gather(*(self._shut(s) for s in running))
 
 
+async def _follow_toggles(front: HTTPFront, toggles: asyncio.Queue[bool]) -> None:
+    """While every routed app has an ingress replica serving HTTP itself, the proxy stops
+    accepting so that connections land on those replicas; it takes over again whenever an
+    app has none (e.g. scaled to zero) to hold requests and answer 404s."""
+    while True:
+        want = await toggles.get()
+        while not toggles.empty():
+            want = toggles.get_nowait()
+        if want:
+            await front.start()
+        else:
+            # Connections move to the replicas (drained here), and this process stands by
+            # for those the replicas leave: all at their limit, or too busy to accept.
+            front.pause()
+            await front.start(standby=True)
+
+
+def _grpc_front(boot: ProxyBootstrap, client: ControllerClient) -> Any:
+    """The gRPC ingress (shoal.runtime.grpc_front) when gRPC is configured, else None."""
+    if boot.grpc is None:
+        return None
+    from shoal.runtime.grpc_front import load_front
+
+    try:
+        return load_front(client, boot.grpc, boot.http.api_keys, boot.http.auth, boot.http.max_request_body_bytes)
+    except Exception as e:
+        logger.error("cannot start the gRPC ingress: %s", e)
+        raise
+
+
 async def _serve(boot: ProxyBootstrap) -> None:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     app: ProxyApp | None = None
-    front: HTTPFront | None = None
+    grpc_front: Any = None  # shoal.runtime.grpc_front.GRPCFront
     toggles: asyncio.Queue[bool] = asyncio.Queue()
 
     def on_control(msg: Any) -> None:
         if isinstance(msg, Routes) and app is not None:
             app.set_routes(msg)
+            if grpc_front is not None:
+                grpc_front.set_routes(msg)
             toggles.put_nowait(msg.proxy_accepts)
         elif isinstance(msg, Stop):
             stop.set()
@@ -325,6 +360,7 @@ async def _serve(boot: ProxyBootstrap) -> None:
                               on_control=on_control, reconnect_s=0.0 if boot.die_with_parent else ORPHAN_TIMEOUT_S,
                               on_reconnect=on_reconnect)
     app = ProxyApp(client, boot.http)
+    grpc_front = _grpc_front(boot, client)
     _metrics.PROCESS.setup(boot.process_id, routers=client.routers, page_source=client)
     _metrics.PROCESS.start_flusher(loop)
     await client.connect()
@@ -334,34 +370,20 @@ async def _serve(boot: ProxyBootstrap) -> None:
     backend.set_current(client)
     front = HTTPFront(app, boot.fd, boot.http)
     await front.start()
+    if grpc_front is not None:
+        await grpc_front.start()
     client.send(ProxyReady(boot.process_id, 0))
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-
-    async def follow_toggles() -> None:
-        # While every routed app has an ingress replica serving HTTP itself, this process
-        # stops accepting so that connections land on those replicas; it takes over again
-        # whenever an app has none (e.g. scaled to zero) to hold requests and answer 404s.
-        while True:
-            want = await toggles.get()
-            while not toggles.empty():
-                want = toggles.get_nowait()
-            if want:
-                await front.start()
-            else:
-                # Connections move to the replicas (drained here), and this process stands by
-                # for those the replicas leave: all at their limit, or too busy to accept.
-                front.pause()
-                await front.start(standby=True)
-
-    follower = loop.create_task(follow_toggles())
+    follower = loop.create_task(_follow_toggles(front, toggles))
     closed = loop.create_task(client.closed.wait())
     stopping = loop.create_task(stop.wait())
     await asyncio.wait({closed, stopping}, return_when=asyncio.FIRST_COMPLETED)
     follower.cancel()
     # With no route left (the instance shuts down) nobody would serve an idle connection's
     # next request: no drain grace then.
-    await front.stop(PROXY_STOP_S, None if app.table.entries else 0.0)
+    await asyncio.gather(front.stop(PROXY_STOP_S, None if app.table.entries else 0.0),
+                         *([grpc_front.stop(PROXY_STOP_S)] if grpc_front is not None else []))
     client.close()
 
 

@@ -150,7 +150,7 @@ def test_full_config_loads(tmp_path: Path) -> None:
     assert cfg.proxy_location == "HeadOnly"
     assert cfg.http_options.port == 8123
     assert cfg.http_options.request_timeout_s == 30
-    assert cfg.grpc_options == {"port": 9000, "grpc_servicer_functions": []}
+    assert cfg.grpc_options.port == 9000 and cfg.grpc_options.grpc_servicer_functions == []
     assert cfg.logging_config is not None and cfg.logging_config.log_level == "DEBUG"
     assert cfg.target_capacity == 50
     app1, app2 = cfg.applications
@@ -183,7 +183,7 @@ def test_defaults() -> None:
     cfg = ServeDeploySchema.from_dict({"applications": [{"import_path": "m:app"}]})
     assert cfg.proxy_location == "EveryNode"
     assert (cfg.http_options.host, cfg.http_options.port) == ("127.0.0.1", 8000)
-    assert cfg.grpc_options == {} and cfg.logging_config is None
+    assert not cfg.grpc_options.enabled and cfg.logging_config is None
     (app,) = cfg.applications
     assert (app.name, app.route_prefix, app.args, app.deployments) == ("default", "/", {}, [])
     assert app.runtime_env == {} and app.external_scaler_enabled is False and app.logging_config is None

@@ -17,6 +17,7 @@ from shoal.runtime.controller.clock import Clock
 from shoal.runtime.controller.records import MAX_PROXY_RESTARTS, ProxyRecord, Settings
 from shoal.runtime.controller.standin import StandIn
 from shoal.runtime.controller.supervisor import Supervisor
+from shoal.runtime.grpc_methods import GRPCFrontOptions
 from shoal.runtime.rundir import RunDir
 from shoal.runtime.state import ProcessRow, Store
 
@@ -39,6 +40,10 @@ class Front:
         self.proxy: ProxyRecord | None = None
         self.listen_sock: socket.socket | None = None
         self.http_port = 0
+        # The gRPC port, held (bound with SO_REUSEPORT, not listening) while the instance
+        # runs, so that a restarted proxy gets it back; the proxy's server listens on it.
+        self.grpc_sock: socket.socket | None = None
+        self.grpc_port = 0
         # Whether something else (an ingress replica serving HTTP) accepts on the socket.
         self.others_accept: Callable[[], bool] = lambda: False
         self.standin = StandIn(self._down_message)
@@ -82,6 +87,31 @@ class Front:
         self.http_port = sock.getsockname()[1]
         self.store.set_meta("http_port", str(self.http_port))
 
+    def reserve_grpc(self) -> None:
+        """Hold the gRPC port (``grpc_options.port``; 0 picks a free one), once."""
+        grpc = self.settings.grpc
+        if grpc is None or not grpc.enabled or self.grpc_sock is not None:
+            return
+        host = self.settings.http.host
+        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        try:
+            sock.bind((host, grpc.port))
+        except OSError as e:
+            sock.close()
+            raise RuntimeError(f"cannot listen for gRPC on {host}:{grpc.port}: {e.strerror}. Is another server "
+                               "using it? Choose another port with grpc_options.port.") from None
+        self.grpc_sock = sock
+        self.grpc_port = sock.getsockname()[1]
+
+    def _grpc_options(self) -> GRPCFrontOptions | None:
+        grpc = self.settings.grpc
+        if grpc is None or not grpc.enabled:
+            return None
+        self.reserve_grpc()
+        return GRPCFrontOptions(self.settings.http.host, self.grpc_port, tuple(grpc.grpc_servicer_functions),
+                                grpc.request_timeout_s)
+
     def spawn_proxy(self) -> None:
         """Start a proxy process on the listening socket (a restart keeps the crash streak)."""
         assert self.listen_sock is not None
@@ -95,7 +125,7 @@ class Front:
         boot = ProxyBootstrap(run_dir.controller_socket, self.secret, process_id, self.listen_sock.fileno(),
                               FrontOptions.of(self.settings.http),
                               os.getpid(), self.settings.die_with_parent, self.settings.log_level, list(sys.path),
-                              fd_path=self.fd_path, log_dir=run_dir.logs_dir)
+                              fd_path=self.fd_path, log_dir=run_dir.logs_dir, grpc=self._grpc_options())
         proc = self.supervisor.spawn("shoal.runtime.proxy", boot, pass_fds=(self.listen_sock.fileno(),))
         restarts = self.proxy.restarts if self.proxy else 0
         if self.proxy is not None:
@@ -118,6 +148,10 @@ class Front:
         self.proxy = ProxyRecord(row.process_id, self.supervisor.adopt(row.pid), ready=True,
                                  started_at=self.clock.monotonic())
         logger.info("adopted the HTTP proxy (pid %d) on port %d", row.pid, self.http_port)
+        try:
+            self.reserve_grpc()  # the adopted proxy serves it already (both sockets share the port)
+        except RuntimeError as e:
+            logger.warning("%s", e)
         return True
 
     async def wait_ready(self, timeout: float) -> None:
@@ -182,3 +216,6 @@ class Front:
         self.standin.stop()
         if self.listen_sock is not None:
             self.listen_sock.close()
+        if self.grpc_sock is not None:
+            self.grpc_sock.close()
+            self.grpc_sock = None

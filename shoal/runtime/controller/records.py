@@ -7,7 +7,7 @@ import hashlib
 import sys
 from dataclasses import dataclass, field
 
-from shoal.config import HTTPOptions
+from shoal.config import HTTPOptions, gRPCOptions
 from shoal.deployment import AppSpec, DeploymentSpec
 from shoal.runtime.gang import RankRecord
 from shoal.runtime.processes import Proc
@@ -48,6 +48,8 @@ class Settings:
     run_dir: str
     http: HTTPOptions = field(default_factory=HTTPOptions)
     start_proxy: bool = True
+    # The gRPC ingress, served by the proxy process (None, or no servicer functions: none).
+    grpc: gRPCOptions | None = None
     # Replica processes kept booted (imports done) and waiting for a deployment, so that a
     # new replica skips interpreter start-up: cold start, scale-up and recovery get faster.
     spare_replicas: int = 1

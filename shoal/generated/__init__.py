@@ -1,0 +1,6 @@
+"""Protocol buffers shoal serves (Ray Serve's ``ray.serve.generated``).
+
+``serve_pb2`` holds the messages of the gRPC ingress's built-in ``ray.serve.RayServeAPIService``
+(``ListApplications``, ``Healthz``), ``serve_pb2_grpc`` its stub and servicer helpers, with the
+names of Ray's generated modules. ``serve.proto`` is their definition.
+"""
