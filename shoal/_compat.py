@@ -104,7 +104,8 @@ TABLE: dict[str, dict[str, tuple[str, str, str]]] = {
                   "parameter (Ray's is `proxy_location`); `proxy_location`, `logging_config`, `tracing_config`, "
                   "`controller_options` accepted and ignored; shoal adds `num_gpus`, `strict_cpus`"),
         "status": (_S, "shoal.serve.status",
-                   "`ServeStatus` with Ray's structure and status names (also inside a replica); "
+                   "`ServeStatus` with Ray's structure and status names (also inside a replica, and in a "
+                   "Kubernetes pod, where it shows the app as cluster DNS does: ready pods per deployment); "
                    "shoal adds `http_address` and `resources`"),
     },
     "ray.serve.handle": {

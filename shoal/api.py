@@ -369,6 +369,10 @@ def status() -> ServeStatus:
             # Inside a replica (or the proxy), or attached: the instance's status, from its controller.
             got: ServeStatus = _call_blocking(current, "status")
             return got
+        source = getattr(current, "status_source", None)
+        if source is not None:  # a Kubernetes pod: the app as cluster DNS shows it (pod/status.py)
+            seen: ServeStatus = _run_blocking(getattr(current, "loop", None), source, "status")
+            return seen
         return ServeStatus()
     inst = _instance
 
@@ -396,15 +400,20 @@ def _app_info() -> dict[str, tuple[str, str | None]]:
 
 
 def _call_blocking(client: ControllerClient, op: str, **args: Any) -> Any:
+    return _run_blocking(client.loop, lambda: client.call(op), op)
+
+
+def _run_blocking(loop: Any, make: Any, op: str) -> Any:
+    """``await make()`` on the process's event loop ``loop`` from a thread that is not running it."""
     import asyncio
 
     try:
         running = asyncio.get_running_loop()
     except RuntimeError:
         running = None
-    if running is client.loop:
+    if running is loop:
         raise RuntimeError(f"serve.{op}() blocks; call it from sync code or a thread in a replica")
-    return asyncio.run_coroutine_threadsafe(client.call(op), client.loop).result(30)
+    return asyncio.run_coroutine_threadsafe(make(), loop).result(30)
 
 
 def get_app_handle(name: str) -> DeploymentHandle:

@@ -66,7 +66,11 @@ class Ingress:
     def __init__(self, a: DeploymentHandle) -> None:
         self.a = a
 
-    async def __call__(self, request: Request) -> dict[str, str]:
+    async def __call__(self, request: Request) -> Any:
+        if request.query_params.get("status"):  # serve.status() as this pod sees the app
+            st = (await asyncio.to_thread(serve.status)).applications["pipe"]
+            return {"app": st.status.value, "deployments": {n: [d.status.value, d.replica_states.get("RUNNING", 0)]
+                                                            for n, d in st.deployments.items()}}
         result: dict[str, str] = await self.a.remote(request.query_params.get("q", ""))
         return {**result, "ingress": _pod()}
 

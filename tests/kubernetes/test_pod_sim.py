@@ -6,13 +6,14 @@ Counts, not latencies, are asserted (these machines are noisy); each phase print
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sys
 from collections.abc import Iterator
 
 import pytest
-from k8s_sim_support import Traffic, build_objects, metric, running, wait_for
+from k8s_sim_support import Traffic, build_objects, get, metric, running, wait_for
 
 from shoal.kubernetes import names
 from shoal.kubernetes.pod import METRIC_IN_FLIGHT
@@ -50,6 +51,15 @@ def test_requests_flow_through_every_pod(sim: PodSim, traffic: Traffic) -> None:
     seen = {key: {b[key] for b in traffic.bodies} for key in ("ingress", "a", "b")}
     for key, dep in (("ingress", "pipe-ingress"), ("a", "pipe-a"), ("b", "pipe-b")):
         assert seen[key] == {p.name for p in sim.pods_of(dep)}, key
+
+
+def test_serve_status_inside_a_pod(sim: PodSim) -> None:
+    host, port = sim.service_address(names.ingress_service_name(APP))
+    status, body = get(host, port, "/?status=1")
+    assert status == 200, body
+    seen = json.loads(body)
+    assert seen == {"app": "RUNNING", "deployments": {"Ingress": ["HEALTHY", 2], "A": ["HEALTHY", 2],
+                                                      "B": ["HEALTHY", 2]}}, seen
 
 
 def test_scaling_b_up_and_down_fails_nothing(sim: PodSim, traffic: Traffic) -> None:

@@ -25,7 +25,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -384,6 +384,8 @@ class PodBackend:
         self._lock = threading.Lock()
         self.wake = wake if wake is not None else WakeConfig.from_env()
         self.demand = _Demand(self, self.wake)
+        # What serve.status() answers in this pod (set by the pod's replica; see pod/status.py).
+        self.status_source: Callable[[], Awaitable[Any]] | None = None
 
     def router(self, app: str, deployment: str) -> Router:
         key = (app, deployment)

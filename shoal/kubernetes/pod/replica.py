@@ -23,6 +23,7 @@ from shoal.kubernetes.pod.admin import AdminAnswer, AdminServer, needs_loopback
 from shoal.kubernetes.pod.config import PodSettings
 from shoal.kubernetes.pod.discovery import CalleeConfig, DNSResolver, FileResolver, PodBackend
 from shoal.kubernetes.pod.metrics import PodCollector
+from shoal.kubernetes.pod.status import pod_status
 from shoal.observability.metrics import PROCESS
 from shoal.runtime import backend as backend_mod
 from shoal.runtime.callable import UserCallable
@@ -98,6 +99,8 @@ class PodReplica:
         self.resolver = FileResolver(s.resolver_file) if s.resolver_file else DNSResolver()
         self.backend = PodBackend(self.loop, s.secret, s.namespace, s.cluster_domain, self.resolver, callees,
                                   rpc_port=s.rpc_port)
+        self.backend.status_source = lambda: pod_status(spec, self.resolver, s.namespace, s.cluster_domain,
+                                                        dspec.name, self.constructed)
         self.core = ReplicaCore(channel=NoControl(), routers=self.backend, replica_id=s.pod_name, quiet_s=DRAIN_QUIET_S)
         self.core.configure(dspec.config, (spec.name, dspec.name))
         self.http_socks: list[socket.socket] = []
