@@ -145,6 +145,8 @@ class TenantConfig(_Strict):
     allowed_models: list[str] | None = None
     #: May read ``/v1/usage`` and ``/metrics``.
     admin: bool = False
+    #: This tenant's share of a busy model, against the others' (weighted fair queuing).
+    weight: PositiveFloat = 1.0
 
 
 def hash_api_key(key: str) -> str:
@@ -161,6 +163,12 @@ class GatewayConfig(_Strict):
     tenants: dict[str, TenantConfig] = Field(default_factory=dict)
     #: Limits of tenants named by a key but absent from ``tenants``.
     default_tenant: TenantConfig = Field(default_factory=TenantConfig)
+    #: Generations a gateway replica runs at once per model; beyond, requests wait at the gateway
+    #: and take turns by tenant ``weight`` (weighted fair queuing). ``None``: no gate (first come,
+    #: first served in the engine's queue).
+    max_in_flight_per_model: PositiveInt | None = 64
+    #: How long a request waits for its turn at a busy model before a 503.
+    queue_timeout_s: PositiveFloat = 60.0
 
     @field_validator("api_keys")
     @classmethod

@@ -47,6 +47,7 @@ from shoal import serve
 from shoal.exceptions import BackPressureError, DeploymentUnavailableError, RequestCancelledError
 from shoal.handle import DeploymentHandle, DeploymentResponse, DeploymentResponseGenerator
 from shoal.llm._config import ANONYMOUS_TENANT, GatewayConfig, hash_api_key
+from shoal.llm._fairness import FairGate, QueueTimeout
 from shoal.llm._protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -152,6 +153,7 @@ class _Account:
 
     def __init__(self, gateway: OpenAiIngress, tenant: str, model: str, endpoint: str, reserved: float = 0.0) -> None:
         self.gateway = gateway
+        self.gate: FairGate | None = None  # held while the generation runs; released at close
         self.reserved = reserved  # tokens the limiter reserved at admission, settled at close
         self.tenant = tenant
         self.model = gateway.model_label(model)
@@ -167,6 +169,8 @@ class _Account:
         if self.closed:
             return
         self.closed = True
+        if self.gate is not None:
+            self.gate.release()
         g = self.gateway
         g.ledger.record(self.tenant, self.model, prompt_tokens=self.prompt_tokens,
                         completion_tokens=self.completion_tokens, error=status >= 400)
@@ -218,6 +222,7 @@ class OpenAiIngress:
         self.metrics = _Metrics()
         self._infos: dict[str, dict[str, Any]] = {}
         self._refresh: asyncio.Future[Any] | None = None
+        self._gates: dict[str, FairGate] = {}  # per base model: weighted fair queuing between tenants
 
     # -- HTTP entry point
     async def __call__(self, request: Request) -> Response:
@@ -319,6 +324,25 @@ class OpenAiIngress:
         if model in self.embedders and self._allowed(tenant, model):
             raise OpenAIError(400, f"The model `{model}` is an embedding model; use /v1/embeddings.", param="model")
         raise self._not_found(model)
+
+    async def _take_turn(self, base: str, tenant: str, account: _Account) -> None:
+        """Wait for this tenant's turn at a busy model (weighted fair queuing; a 503 past the deadline)."""
+        limit = self.config.max_in_flight_per_model
+        if limit is None:
+            return
+        gate = self._gates.get(base)
+        if gate is None:
+            gate = self._gates[base] = FairGate(limit, self.config.queue_timeout_s)
+        try:
+            await gate.acquire(tenant, self.config.tenant(tenant).weight)
+        except QueueTimeout as e:
+            account.close(503)  # settles the reservation: nothing was used
+            raise OpenAIError(503, f"The model `{base}` is busy: {e}. Please try again.", type="server_error",
+                              code="model_overloaded", headers={"retry-after": "1"}) from None
+        except BaseException:
+            account.close(499)
+            raise
+        account.gate = gate
 
     def _admit(self, tenant: str, model: str, reserve: int = 1) -> tuple[dict[str, str], float]:
         """Admit a request reserving ``reserve`` tokens (its prompt estimate plus ``max_tokens``):
@@ -489,6 +513,7 @@ class OpenAiIngress:
             reserve = min(reserve, int(context))
         headers, reserved = self._admit(tenant, req.model, reserve)
         account = _Account(self, tenant, req.model, endpoint, reserved)
+        await self._take_turn(base, tenant, account)
         param = "messages" if chat else "prompt"
         started = time.monotonic()
         stream = handle.options(stream=True, multiplexed_model_id=multiplexed_id).generate.remote(gen)
