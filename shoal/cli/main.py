@@ -16,6 +16,7 @@ import shoal.cli.logs as logs_cli
 from shoal.cli.common import _admin, resolve_address
 from shoal.kubernetes.cli import k8s as k8s_command
 from shoal.kubernetes.pod import replica as replica_command
+from shoal.kubernetes.pod.front import front as front_command
 from shoal.runtime.rundir import RunDir
 
 
@@ -528,6 +529,7 @@ def delete(name: str, address: str | None) -> None:
 
 
 cli.add_command(replica_command)
+cli.add_command(front_command)
 cli.add_command(k8s_command)
 cli.add_command(logs_cli.logs)
 cli.add_command(config_cli.config)

@@ -105,6 +105,9 @@ def _build_options(f: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--wake-timeout", "wake_timeout_s", type=float, default=120.0, show_default=True,
                      help="Seconds callers hold a request for a deployment with no pod (scaled to zero) "
                           "before answering 503 with Retry-After."),
+        click.option("--ingress-at-zero", type=click.Choice(["front", "keep-one"]), default="front", show_default=True,
+                     help="An HTTP ingress with min_replicas 0 (KEDA): keep it at zero behind a holding front pod "
+                          "that holds requests while it wakes, or raise its min_replicas to 1."),
         click.option("--scaler-auth", type=click.Choice(["bearer", "none"]), default="bearer", show_default=True,
                      help="How KEDA and the app's pods authenticate to the app's scaler: a bearer token from "
                           "Secret <app>-scaler-token (key token; --create-secret makes it) through a KEDA "

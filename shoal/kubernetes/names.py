@@ -99,6 +99,12 @@ def scaler_name(app: str) -> str:
     """Name of the scaler's Deployment and ClusterIP Service of application ``app``."""
     return dns_label(app, "shoal-scaler")
 
+
+def front_name(app: str) -> str:
+    """Name of the holding front's Deployment and headless Service of application ``app`` (built
+    when its HTTP ingress scales to zero: ``shoal front``); the scaler scrapes it by this name."""
+    return dns_label(app, "shoal-front")
+
 _DNS1035 = re.compile(r"[^a-z0-9-]+")
 
 

@@ -354,11 +354,17 @@ def test_hpa_cannot_scale_to_zero(demo: LoadedApp) -> None:
         build(demo, autoscaler="hpa")
 
 
-def test_ingress_min_replicas_zero_is_raised_to_one() -> None:
+def test_ingress_min_replicas_zero_is_raised_to_one_with_keep_one() -> None:
     app = _single(name="Front", autoscaling_config={"min_replicas": 0, "max_replicas": 2})
-    res = compile_app(app.spec, app.entry, BASE)
+    res = compile_app(app.spec, app.entry, dataclasses.replace(BASE, ingress_at_zero="keep-one"))
     assert one(res.objects, "ScaledObject", "one-front")["spec"]["minReplicaCount"] == 1
     assert any("min_replicas 0 raised to 1" in w for w in res.warnings)
+    assert not find(res.objects, "Deployment", names.front_name("one"))
+    # By default (--ingress-at-zero front) it stays at zero behind the holding front (test_k8s_front.py).
+    res = compile_app(app.spec, app.entry, BASE)
+    assert one(res.objects, "ScaledObject", "one-front")["spec"]["minReplicaCount"] == 0
+    assert not any("raised to 1" in w for w in res.warnings)
+    one(res.objects, "Deployment", names.front_name("one"))
 
 
 def test_num_replicas_auto_uses_ray_defaults() -> None:

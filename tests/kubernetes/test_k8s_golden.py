@@ -47,6 +47,9 @@ CASES: dict[str, list[str]] = {
                            "--model-volume", "Model=image:registry.example.com/models/tokenizer:v1:/opt/tokenizer",
                            "--monitor-label", "release=kube-prometheus-stack", "--alert-p99-seconds", "30",
                            "--scaler-auth", "none"],
+    # An HTTP ingress that scales to zero behind its holding front (shoal front), scaler token on.
+    "zero-front": ["tests.kubernetes.k8s_zero_app:app", *COMMON, "--version", "v1", "--gateway", "web",
+                   "--gateway-namespace", "infra"],
     # Version v2 as a 10 % canary beside the running v1.
     "demo-canary": ["tests.kubernetes.k8s_demo_app:app", *COMMON, "--version", "v2", "--canary-of", "v1",
                     "--weight", "10", "--gateway", "web", "--gpu-resource", "nvidia.com/mig-1g.10gb"],

@@ -17,7 +17,8 @@ headless ``Service`` on the RPC port (callers discover pod IPs through its DNS r
 ``NetworkPolicy`` plus DNS egress, with KEDA and autoscaling deployments the shoal scaler's
 ``Deployment``, ``Service`` and NetworkPolicies and KEDA ``TriggerAuthentication`` (:mod:`.autoscaling`),
 for the ingress deployment a ClusterIP ``Service`` with a Gateway API ``HTTPRoute`` (or a classic
-``Ingress``), and a Prometheus Operator ``PodMonitor`` and ``PrometheusRule`` (:mod:`.monitoring`).
+``Ingress``), with an ingress that scales to zero the holding front in front of it (:mod:`.front`),
+and a Prometheus Operator ``PodMonitor`` and ``PrometheusRule`` (:mod:`.monitoring`).
 Names, ports and environment variables come from :mod:`shoal.kubernetes.names`, the contract with the pod runtime.
 """
 
@@ -37,6 +38,7 @@ from shoal.kubernetes.compiler.autoscaling import (
     check_autoscaling_options,
     keda_query,
     scaler_bearer,
+    scaler_env,
     scaler_network_policies,
     scaler_objects,
 )
@@ -64,6 +66,7 @@ from shoal.kubernetes.compiler.common import (
     prune_selector,
 )
 from shoal.kubernetes.compiler.credentials import api_keys, cert_manager_objects, generated_secrets, hash_gateway_keys
+from shoal.kubernetes.compiler.front import front_objects
 from shoal.kubernetes.compiler.monitoring import pod_monitor, prometheus_rule
 from shoal.kubernetes.compiler.scheduling import check_pod_options, check_targets
 from shoal.kubernetes.compiler.traffic import (
@@ -155,6 +158,7 @@ def compile_app(spec: AppSpec, entry: Mapping[str, Any], opts: CompileOptions, *
         objects.append(pdb(ctx, dep))
         objects.extend(autoscaler(ctx, dep))
     objects.extend(scaler_objects(ctx, config_text))
+    objects.extend(front_objects(ctx, config_text, scaler_env(ctx)))
     if spec.route_prefix is not None:
         objects.extend(http_objects(ctx))
     if opts.pod_monitor:

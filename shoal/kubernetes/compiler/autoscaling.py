@@ -43,9 +43,10 @@ from shoal.kubernetes.compiler.common import (
     promql_string,
     seconds,
 )
+from shoal.kubernetes.compiler.front import uses_front
 
 __all__ = ["SCALER_LABEL", "add_scaler_env", "autoscaler", "behavior", "check_autoscaling_options", "keda_query",
-           "scaler_bearer", "scaler_network_policies", "scaler_objects", "scaler_url"]
+           "scaler_bearer", "scaler_env", "scaler_network_policies", "scaler_objects", "scaler_url"]
 
 # The scaler pod's app.kubernetes.io/name (no deployment may take it: their selectors use that label).
 SCALER_LABEL = "shoal-scaler"
@@ -62,11 +63,13 @@ SCALER_STORAGE = "1280Mi"
 
 
 def check_autoscaling_options(opts: CompileOptions) -> None:
-    """Raise :class:`CompileError` naming a bad ``--keda-namespace`` or ``--wake-timeout``."""
+    """Raise :class:`CompileError` naming a bad ``--keda-namespace``, ``--wake-timeout`` or ``--ingress-at-zero``."""
     if not _DNS1123_LABEL.match(opts.keda_namespace) or len(opts.keda_namespace) > 63:
         raise CompileError(f"--keda-namespace {opts.keda_namespace!r} is not a valid namespace name")
     if not (isinstance(opts.wake_timeout_s, int | float) and 0 < opts.wake_timeout_s <= 3600):
         raise CompileError(f"--wake-timeout must be in (0, 3600] seconds, got {opts.wake_timeout_s!r}")
+    if opts.ingress_at_zero not in ("front", "keep-one"):
+        raise CompileError(f"--ingress-at-zero must be 'front' or 'keep-one', got {opts.ingress_at_zero!r}")
 
 
 def uses_scaler(ctx: AppContext) -> bool:
@@ -163,10 +166,11 @@ def autoscaler(ctx: AppContext, dep: DeploymentSpec) -> list[Obj]:
                   "name": names.gang_name(ctx.instance, dep.name)}
     if ctx.opts.autoscaler == "hpa":
         return [_hpa(ctx, dep, auto, target)]
-    if min_replicas == 0 and dep.ingress and ctx.spec.route_prefix is not None:
+    if min_replicas == 0 and dep.ingress and ctx.spec.route_prefix is not None and not uses_front(ctx):
         ctx.warnings.append(
-            f"deployment {dep.name!r} is the HTTP ingress of {ctx.app!r}: min_replicas 0 raised to 1, since "
-            "nothing holds HTTP requests while it has no pod"
+            f"deployment {dep.name!r} is the HTTP ingress of {ctx.app!r}: min_replicas 0 raised to 1 "
+            "(--ingress-at-zero keep-one); the default --ingress-at-zero front keeps it at zero behind a holding "
+            "front that holds HTTP requests while it has no pod"
         )
         min_replicas = 1
     return [_scaled_object(ctx, dep, auto, target, min_replicas)]
@@ -319,7 +323,8 @@ def _scaler_pod(ctx: AppContext, config_hash: str) -> Obj:
         "image": opts.image,
         "imagePullPolicy": opts.image_pull_policy,
         "command": ["shoal", "k8s", "scaler"],
-        "args": ["--port", str(names.SCALER_PORT), *(["--auth", "bearer"] if scaler_bearer(ctx) else [])],
+        "args": ["--port", str(names.SCALER_PORT), *(["--auth", "bearer"] if scaler_bearer(ctx) else []),
+                 *(["--ingress-at-zero", "front"] if uses_front(ctx) else [])],
         "env": _scaler_env(ctx),
         "ports": [{"name": "http", "containerPort": names.SCALER_PORT, "protocol": "TCP"}],
         # Importing the application may take a while (the scaler builds it, never runs it).
@@ -356,9 +361,9 @@ def _scaler_pod(ctx: AppContext, config_hash: str) -> Obj:
             "spec": spec}
 
 
-def add_scaler_env(ctx: AppContext, workload: Obj) -> Obj:
-    """Tell a workload's replica containers the wake deadline and, with a scaler, where it is (and
-    its token with ``--scaler-auth bearer``)."""
+def scaler_env(ctx: AppContext) -> list[Obj]:
+    """What a caller of the app's deployments is told: the wake deadline and, with a scaler, where
+    it is (and its token with ``--scaler-auth bearer``)."""
     env: list[Obj] = [{"name": names.ENV_WAKE_TIMEOUT, "value": f"{ctx.opts.wake_timeout_s:g}"}]
     if uses_scaler(ctx):
         env.append({"name": names.ENV_SCALER_URL, "value": scaler_url(ctx)})
@@ -366,6 +371,12 @@ def add_scaler_env(ctx: AppContext, workload: Obj) -> Obj:
         # Optional here: without the Secret the app still serves (its demand posts are refused, the
         # scaler still sees held requests in /metrics); the scaler itself does not start.
         env.append(_token_env(ctx, optional=True))
+    return env
+
+
+def add_scaler_env(ctx: AppContext, workload: Obj) -> Obj:
+    """Add :func:`scaler_env` to a workload's replica containers."""
+    env = scaler_env(ctx)
     for container in _replica_containers(workload):
         container.setdefault("env", []).extend(env)
     return workload

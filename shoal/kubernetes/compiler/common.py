@@ -158,6 +158,9 @@ class CompileOptions:
     # How KEDA (and the app's callers) authenticate to the scaler: "bearer" (a token from the Secret
     # <app>-scaler-token, through a KEDA TriggerAuthentication) or "none" (the NetworkPolicy only).
     scaler_auth: Literal["bearer", "none"] = "bearer"
+    # An HTTP ingress deployment with min_replicas 0 (KEDA): "front" keeps it at zero behind the app's
+    # holding front (compiler/front.py); "keep-one" raises its min_replicas to 1 (warned).
+    ingress_at_zero: Literal["front", "keep-one"] = "front"
     # NetworkPolicy peers (traffic.network_policies). HTTP port: these namespaces; empty: the Gateway's
     # namespace (--gateway), the app's own (no route) or any (--ingress-class, warned); "*": any.
     http_from_namespaces: tuple[str, ...] = ()

@@ -1,6 +1,7 @@
 """How a compiled application is reached: NetworkPolicies (callers, the Gateway's namespace or CIDRs
 on HTTP, the monitoring namespace on metrics, configurable DNS egress), the HTTP Service with its
-HTTPRoute (``timeouts`` per --gateway-api-version) or Ingress, and the Grafana dashboard.
+HTTPRoute (``timeouts`` per --gateway-api-version) or Ingress (the Service selects the holding front
+of compiler/front.py when the ingress scales to zero), and the Grafana dashboard.
 Autoscaling is compiler/autoscaling.py, the PodMonitor and alerts compiler/monitoring.py."""
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from shoal.kubernetes.compiler.common import (
     label_value,
     ns_peer,
 )
+from shoal.kubernetes.compiler.front import front_network_policy, front_selector, uses_front
 
 # --- network policies --------------------------------------------------------------------------
 
@@ -51,14 +53,17 @@ def network_policies(ctx: AppContext) -> list[Obj]:
     for caller, callee in ctx.spec.edges():
         if caller not in callers[callee]:
             callers[callee].append(caller)
+    # An ingress at zero behind the holding front (compiler/front.py): HTTP reaches the front, which
+    # calls the ingress pods on RPC; nothing from outside the app reaches their HTTP port.
+    front = uses_front(ctx)
     for dep in ctx.spec.deployments.values():
         ingress_rules: list[Obj] = []
-        if callers[dep.name]:
-            ingress_rules.append({
-                "from": [{"podSelector": {"matchLabels": ctx.selector(c)}} for c in callers[dep.name]],
-                "ports": [{"protocol": "TCP", "port": names.RPC_PORT}],
-            })
-        if dep.ingress and ctx.spec.route_prefix is not None:
+        peers = [{"podSelector": {"matchLabels": ctx.selector(c)}} for c in callers[dep.name]]
+        if front and dep.ingress:
+            peers.append({"podSelector": {"matchLabels": front_selector(ctx)}})
+        if peers:
+            ingress_rules.append({"from": peers, "ports": [{"protocol": "TCP", "port": names.RPC_PORT}]})
+        if dep.ingress and ctx.spec.route_prefix is not None and not front:
             ingress_rules.append({"from": http_peers(ctx), "ports": [{"protocol": "TCP", "port": names.HTTP_PORT}]})
         ingress_rules.append({"from": ns_peer(opts.metrics_from_namespaces),
                               "ports": [{"protocol": "TCP", "port": names.ADMIN_PORT}]})
@@ -83,6 +88,8 @@ def network_policies(ctx: AppContext) -> list[Obj]:
                 ctx.meta(names.gang_name(ctx.instance, dep.name), component="network-policy", dep=dep.name),
                 ctx.selector(dep.name), metrics_from=ns_peer(opts.metrics_from_namespaces),
                 callees=[ctx.selector(c) for c in dep.calls]))
+    if front:
+        policies.append(front_network_policy(ctx, http_peers(ctx)))
     return policies
 
 
@@ -135,7 +142,9 @@ def http_objects(ctx: AppContext) -> list[Obj]:
     prefix = ctx.spec.route_prefix or "/"
     out: list[Obj] = []
     svc_name = names.ingress_service_name(ctx.instance)
-    out.append(http_service(ctx, svc_name, ctx.serving_selector(ctx.spec.deployments[ingress_dep]), ingress_dep))
+    # With an ingress at zero the Service (the route's backend) selects the holding front, which is always there.
+    selector = front_selector(ctx) if uses_front(ctx) else ctx.serving_selector(ctx.spec.deployments[ingress_dep])
+    out.append(http_service(ctx, svc_name, selector, ingress_dep))
     backends: list[Obj] = [{"name": svc_name, "port": names.HTTP_PORT}]
     if ctx.canary and opts.canary_of is not None:
         old_instance = instance_name(ctx.app, opts.canary_of, True)

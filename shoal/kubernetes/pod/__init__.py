@@ -39,6 +39,8 @@ The parts: :mod:`~shoal.kubernetes.pod.config` (settings, the config file),
 :mod:`~shoal.kubernetes.pod.discovery` (callees' pods from DNS), :mod:`~shoal.kubernetes.pod.admin`
 (the admin port), :mod:`~shoal.kubernetes.pod.metrics`, :mod:`~shoal.kubernetes.pod.replica`
 (the replica core composed for a pod) and :mod:`~shoal.kubernetes.pod.command` (the click command).
+:mod:`~shoal.kubernetes.pod.front` is ``shoal front``, the holding front of an app whose HTTP
+ingress scales to zero (it forwards HTTP to the ingress pods through a :class:`PodBackend`).
 """
 
 

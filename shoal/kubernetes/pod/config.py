@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from shoal.config import HTTPOptions
     from shoal.deployment import AppSpec, DeploymentSpec
 
-__all__ = ["PodConfigError", "PodSettings", "load_deployment", "secret_from_env"]
+__all__ = ["PodConfigError", "PodSettings", "http_options_for", "load_deployment", "pick_app", "secret_from_env"]
 
 
 @dataclass(frozen=True)
@@ -70,7 +70,7 @@ def load_deployment(settings: PodSettings) -> tuple[AppSpec, DeploymentSpec, HTT
         config = load_config_file(settings.config_path)
     except ConfigError as e:
         raise PodConfigError(str(e)) from None
-    index, app_schema = _pick_app(settings, config.applications)
+    index, app_schema = pick_app(settings, config.applications)
     app_name = app_schema.name
     try:
         application = build_application(app_schema, source=settings.config_path, index=index)
@@ -80,14 +80,7 @@ def load_deployment(settings: PodSettings) -> tuple[AppSpec, DeploymentSpec, HTT
     if settings.deployment not in spec.deployments:
         raise PodConfigError(f"application {app_name!r} has no deployment {settings.deployment!r} "
                              f"(it has: {', '.join(spec.deployments)})")
-    http_options = config.http_options
-    if settings.api_keys_file:
-        # The keys are kept out of the ConfigMap: they come from a Secret mounted into this pod.
-        http_options = http_options.model_copy(update={"api_keys_file": settings.api_keys_file})
-        try:
-            http_options.resolved_api_keys()
-        except ValueError as e:
-            raise PodConfigError(f"{e} (${names.ENV_API_KEYS_FILE}, from the application's API-keys Secret)") from None
+    http_options = http_options_for(settings, config.http_options)
     world_size = spec.deployments[settings.deployment].config.world_size
     if world_size != settings.world_size:
         raise PodConfigError(
@@ -98,7 +91,20 @@ def load_deployment(settings: PodSettings) -> tuple[AppSpec, DeploymentSpec, HTT
     return spec, spec.deployments[settings.deployment], http_options, _callees(spec, config.applications)
 
 
-def _pick_app(settings: PodSettings, applications: Sequence[Any]) -> tuple[int, Any]:
+def http_options_for(settings: PodSettings, http_options: HTTPOptions) -> HTTPOptions:
+    """The config file's ``http_options`` with the API keys of ``$SHOAL_API_KEYS_FILE`` (kept out
+    of the ConfigMap: they come from a Secret mounted into the pod); PodConfigError if unreadable."""
+    if not settings.api_keys_file:
+        return http_options
+    http_options = http_options.model_copy(update={"api_keys_file": settings.api_keys_file})
+    try:
+        http_options.resolved_api_keys()
+    except ValueError as e:
+        raise PodConfigError(f"{e} (${names.ENV_API_KEYS_FILE}, from the application's API-keys Secret)") from None
+    return http_options
+
+
+def pick_app(settings: PodSettings, applications: Sequence[Any]) -> tuple[int, Any]:
     """(index, schema) of the application this pod serves: the one named, or the only one."""
     apps = {a.name: (i, a) for i, a in enumerate(applications)}
     if settings.app is None:

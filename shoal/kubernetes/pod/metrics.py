@@ -15,7 +15,7 @@ from shoal.kubernetes.pod.discovery import PodBackend
 from shoal.runtime.replica.core import ReplicaCore
 from shoal.runtime.wire import LATENCY_BUCKETS_MS
 
-__all__ = ["PodCollector", "PodView"]
+__all__ = ["PodCollector", "PodView", "callee_metrics"]
 
 # Metrics beyond the two in the contract (names.METRIC_*); counters get a _total suffix.
 METRIC_IN_FLIGHT = "shoal_handle_in_flight_requests"
@@ -26,6 +26,27 @@ METRIC_LATENCY = "shoal_replica_request_latency_seconds"
 METRIC_READY = "shoal_replica_ready"
 
 _LABELS = ["app", "deployment"]
+
+
+def callee_metrics(backend: PodBackend) -> Iterator[Any]:
+    """Per callee of a pod (its routers): requests held for it (``names.METRIC_CALLER_QUEUED``,
+    which the scaler reads), requests in flight to it, and requests failed at the wake deadline."""
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+    queued = GaugeMetricFamily(names.METRIC_CALLER_QUEUED,
+                               "Requests this pod holds for a deployment it cannot send them to yet.",
+                               labels=_LABELS)
+    in_flight = GaugeMetricFamily(METRIC_IN_FLIGHT, "Requests this pod has in flight to a deployment.",
+                                  labels=_LABELS)
+    wake = CounterMetricFamily(names.METRIC_WAKE_TIMEOUTS, "Requests this pod failed because no pod of the "
+                               "deployment became ready within the wake deadline.", labels=_LABELS)
+    for (a, d), router in backend.routers():
+        queued.add_metric([a, d], router.num_queued)
+        in_flight.add_metric([a, d], router.num_in_flight)
+        wake.add_metric([a, d], getattr(router, "wake_timeouts", 0))
+    yield queued
+    yield in_flight
+    yield wake
 
 
 class PodView(Protocol):
@@ -83,22 +104,7 @@ class PodCollector:
             yield custom
 
     def _callees(self) -> Iterator[Any]:
-        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-
-        queued = GaugeMetricFamily(names.METRIC_CALLER_QUEUED,
-                                   "Requests this pod holds for a deployment it cannot send them to yet.",
-                                   labels=_LABELS)
-        in_flight = GaugeMetricFamily(METRIC_IN_FLIGHT, "Requests this pod has in flight to a deployment.",
-                                      labels=_LABELS)
-        wake = CounterMetricFamily(names.METRIC_WAKE_TIMEOUTS, "Requests this pod failed because no pod of the "
-                                   "deployment became ready within the wake deadline.", labels=_LABELS)
-        for (a, d), router in self.pod.backend.routers():
-            queued.add_metric([a, d], router.num_queued)
-            in_flight.add_metric([a, d], router.num_in_flight)
-            wake.add_metric([a, d], getattr(router, "wake_timeouts", 0))
-        yield queued
-        yield in_flight
-        yield wake
+        return callee_metrics(self.pod.backend)
 
     def _requests(self, labels: list[str]) -> Iterator[Any]:
         from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily

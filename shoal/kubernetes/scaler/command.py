@@ -3,7 +3,9 @@
 It reads the serve config the replica pods read (the application's ConfigMap), builds the
 application to learn each deployment's autoscaling config (custom policies are imported here,
 as in local mode's controller), then scrapes the pods and serves KEDA
-(:mod:`shoal.kubernetes.scaler.service`) until SIGTERM.
+(:mod:`shoal.kubernetes.scaler.service`) until SIGTERM. With ``--ingress-at-zero front`` the HTTP
+ingress may scale to zero, and the app's holding front (``shoal front``) is scraped too: the
+requests it holds for the ingress count as the ingress's load.
 """
 
 from __future__ import annotations
@@ -26,12 +28,16 @@ __all__ = ["load_autoscaling", "scaler"]
 
 logger = logging.getLogger("shoal.scaler")
 
+# The scrape target of the holding front's pods (not a deployment: only the requests they hold count).
+FRONT_TARGET = "(front)"
 
-def load_autoscaling(config_path: str, app: str | None) -> tuple[str, list[str], dict[str, AutoscalingConfig],
-                                                                  AutoscalingPolicy | None]:
+
+def load_autoscaling(config_path: str, app: str | None, ingress_at_zero: str = "keep-one",
+                     ) -> tuple[str, list[str], dict[str, AutoscalingConfig], AutoscalingPolicy | None]:
     """(application name, every deployment, the autoscaling config of those that autoscale, the
     application-level policy) from the serve config file; :class:`~shoal.exceptions.PodConfigError`
-    naming what is wrong."""
+    naming what is wrong. ``ingress_at_zero``: as compiled (``shoal k8s build --ingress-at-zero``):
+    ``front`` keeps an HTTP ingress's ``min_replicas: 0``, ``keep-one`` raises it to 1."""
     from shoal.deployment import build_app_spec
     from shoal.exceptions import PodConfigError
     from shoal.loader import build_application
@@ -56,15 +62,17 @@ def load_autoscaling(config_path: str, app: str | None) -> tuple[str, list[str],
     for name, dep in spec.deployments.items():
         auto = dep.config.resolved_autoscaling()
         if auto is not None:
-            if dep.ingress and spec.route_prefix is not None and auto.min_replicas == 0:
-                # As compiled (compiler/autoscaling.py): nothing holds HTTP requests for an ingress at zero.
+            if dep.ingress and spec.route_prefix is not None and auto.min_replicas == 0 and ingress_at_zero != "front":
+                # As compiled (compiler/autoscaling.py): without the holding front nothing holds HTTP
+                # requests for an ingress at zero.
                 auto = auto.model_copy(update={"min_replicas": 1})
             configs[name] = auto
     return schema.name, list(spec.deployments), configs, spec.autoscaling_policy
 
 
 async def _serve(config_path: str, app: str | None, host: str, port: int, interval: float | None,
-                 scrape_timeout: float, demand_hold: float, auth: str = "none") -> int:
+                 scrape_timeout: float, demand_hold: float, auth: str = "none", ingress_at_zero: str = "keep-one",
+                 ) -> int:
     from shoal.exceptions import PodConfigError, PolicyLoadError
     from shoal.kubernetes.pod.discovery import DNSResolver, FileResolver, Resolver
     from shoal.kubernetes.scaler.core import ScalerCore
@@ -74,7 +82,7 @@ async def _serve(config_path: str, app: str | None, host: str, port: int, interv
     from shoal.serving.app_policy import AppPolicy
 
     try:
-        app_name, deployments, configs, app_policy = load_autoscaling(config_path, app)
+        app_name, deployments, configs, app_policy = load_autoscaling(config_path, app, ingress_at_zero)
         policy = None if app_policy is None else AppPolicy(app_name, app_policy)
         core = ScalerCore(app_name, configs, demand_hold_s=demand_hold, policy=policy)
     except (PodConfigError, PolicyLoadError, ValueError) as e:
@@ -88,6 +96,9 @@ async def _serve(config_path: str, app: str | None, host: str, port: int, interv
     resolver_file = os.environ.get(names.ENV_RESOLVER_FILE)
     resolver: Resolver = FileResolver(resolver_file) if resolver_file else DNSResolver()
     targets = dns_targets(app_name, deployments, namespace, domain, timeout_s=scrape_timeout)
+    if ingress_at_zero == "front" and FRONT_TARGET not in targets.dns_names:
+        # The holding front's pods: the requests they hold for the ingress count as its load.
+        targets.dns_names[FRONT_TARGET] = f"{names.front_name(app_name)}.{namespace}.svc.{domain}"
     try:
         service = ScalerService(core, targets, resolver, interval_s=interval)
     except ValueError as e:
@@ -139,10 +150,13 @@ async def _serve(config_path: str, app: str | None, host: str, port: int, interv
 @click.option("--auth", type=click.Choice(["none", "bearer"]), default="none", show_default=True,
               help=f"bearer: every route but the probes needs Authorization: Bearer ${names.ENV_SCALER_TOKEN} "
                    "(shoal k8s build --scaler-auth bearer sets it from a Secret).")
+@click.option("--ingress-at-zero", type=click.Choice(["front", "keep-one"]), default="keep-one", show_default=True,
+              help="front: the HTTP ingress may scale to zero (its holding front is scraped too); keep-one: an "
+                   "ingress's min_replicas 0 counts as 1 (as `shoal k8s build --ingress-at-zero` compiled it).")
 @click.option("--log-level", default="INFO", show_default=True,
               type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False))
 def scaler(config_path: str, app: str | None, host: str, port: int, interval: float | None, scrape_timeout: float,
-           demand_hold: float, auth: str, log_level: str) -> None:
+           demand_hold: float, auth: str, log_level: str, ingress_at_zero: str = "keep-one") -> None:
     """Autoscale one application's deployments on Kubernetes (the scaler pod's command).
 
     Scrapes every pod's /metrics (requests in replicas, requests callers hold), runs shoal's
@@ -161,5 +175,6 @@ def scaler(config_path: str, app: str | None, host: str, port: int, interval: fl
     root.addHandler(handler)
     root.setLevel(logging.WARNING)
     logging.getLogger("shoal").setLevel(log_level.upper())
-    code = asyncio.run(_serve(config_path, app, host, port, interval, scrape_timeout, demand_hold, auth))
+    code = asyncio.run(_serve(config_path, app, host, port, interval, scrape_timeout, demand_hold, auth,
+                              ingress_at_zero))
     sys.exit(code)
