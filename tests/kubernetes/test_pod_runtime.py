@@ -110,12 +110,18 @@ def test_ready_follows_check_health_and_liveness_fails_after_three_in_a_row(tmp_
         assert wait_for(lambda: sim.resolver_records()[dns] == [pod.ip])
         assert pod.restarts == 0
         # Three failures in a row (Ray's threshold): the liveness endpoint fails for good, so the
-        # kubelet restarts the container, as Ray Serve replaces such a replica.
+        # kubelet (the simulation's runs the livenessProbe) restarts the container, as Ray Serve
+        # replaces such a replica: a wedged replica gives its GPU back.
+        pid = pod.pid
         sick.touch()
-        assert wait_for(lambda: admin(pod, "/-/healthz")[0] == 503, 30)
-        assert b"check_health failed 3 times in a row" in admin(pod, "/-/healthz")[1]
-        sick.unlink()
-        assert admin(pod, "/-/ready")[0] == 503 and admin(pod, "/-/healthz")[0] == 503
+        assert wait_for(lambda: pod.restarts == 1 or admin(pod, "/-/healthz")[0] == 503, 30)
+        if pod.restarts == 0:
+            assert b"check_health failed 3 times in a row" in admin(pod, "/-/healthz")[1]
+        sick.unlink()  # the fresh container's check passes again
+        assert wait_for(lambda: pod.restarts == 1 and pod.ready, 60), sim.describe()
+        assert pod.pid != pid and pod.exit_codes == [-9]
+        assert "livenessProbe failed 3 times in a row" in pod.log_path.read_text()
+        assert admin(pod, "/-/healthz")[0] == 200 and admin(pod, "/-/ready")[0] == 200
 
 
 def test_caller_holds_requests_while_callee_has_no_pods(tmp_path: Path) -> None:

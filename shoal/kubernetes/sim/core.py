@@ -67,6 +67,10 @@ class PodSim:
     (``"drop"``), and counted in ``sim.firewall.denied``. The objects' first namespace is the
     simulation's; a Deployment in another namespace runs its pods there (for namespaceSelectors,
     whose namespaces carry ``kubernetes.io/metadata.name`` plus ``namespace_labels``).
+
+    Probes run every ``probe_period_s`` (startup and readiness) and, for ``livenessProbe``, every
+    ``liveness_period_s`` (None: never): ``failureThreshold`` failures in a row restart the
+    container in place, as the kubelet does (``pod.restarts`` counts it; its log says why).
     """
 
     def __init__(
@@ -82,6 +86,7 @@ class PodSim:
         probe_period_s: float = 0.1,
         probe_timeout_s: float = 1.0,
         prestop_max_s: float = 1.0,
+        liveness_period_s: float | None = 2.0,
         cluster_domain: str = "cluster.local",
         network: str | None = None,
         network_policies: bool = True,
@@ -98,6 +103,7 @@ class PodSim:
         self.probe_period_s = probe_period_s
         self.probe_timeout_s = probe_timeout_s
         self.prestop_max_s = prestop_max_s
+        self.liveness_period_s = liveness_period_s
         self.cluster_domain = cluster_domain
         bindir = Path(sys.executable).parent
         self.executables = {"shoal": str(bindir / "shoal"), "python": sys.executable, "python3": sys.executable}

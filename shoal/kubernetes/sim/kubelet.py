@@ -157,6 +157,7 @@ class Kubelet:
             if startup is not None and not self._handler(pod, startup, self._timeout(startup)):
                 return
             pod.started = True
+        self._liveness(pod, container)
         readiness = container.get("readinessProbe")
         if readiness is None:
             ok = True
@@ -181,10 +182,35 @@ class Kubelet:
                     pod.ready = False
                     self.sim.update_endpoints()
 
+    def _liveness(self, pod: Pod, container: Obj) -> None:
+        """The livenessProbe, every ``liveness_period_s`` once started: ``failureThreshold`` failures
+        in a row kill the container, which the loop in :meth:`run` restarts in place."""
+        probe = container.get("livenessProbe")
+        period = self.sim.liveness_period_s
+        if probe is None or period is None or time.monotonic() < pod._live_next:
+            return
+        pod._live_next = time.monotonic() + period
+        # Its own timeout (a liveness failure costs a restart): the probe's, at most 5 s.
+        if self._handler(pod, probe, min(float(probe.get("timeoutSeconds", 1)), 5.0)):
+            pod._live_fails = 0
+            return
+        pod._live_fails += 1
+        threshold = int(probe.get("failureThreshold", 3))
+        if pod._live_fails < threshold or pod.terminating or pod.deleted:
+            return
+        logger.warning("pod %s failed its livenessProbe %d times in a row: restarting its container", pod.name,
+                       pod._live_fails)
+        with open(pod.log_path, "a") as f:
+            f.write(f"[sim] livenessProbe failed {pod._live_fails} times in a row: restarting the container\n")
+        pod._live_fails = 0
+        self.kill_proc(pod)
+
     def _timeout(self, probe: Obj) -> float:
         return min(float(probe.get("timeoutSeconds", 1)), self.sim.probe_timeout_s)
 
     def _spawn(self, pod: Pod) -> None:
+        pod._live_fails = 0
+        pod._live_next = time.monotonic() + (self.sim.liveness_period_s or 0.0)
         container = pod.container()
         spec = pod.template["spec"]
         mounts = self._volumes(pod, spec, container)

@@ -52,6 +52,8 @@ class Pod:
     listen_ip: str = ""
     _fails: int = 0
     _passes: int = 0
+    _live_fails: int = 0  # livenessProbe failures in a row (reset when the container restarts)
+    _live_next: float = 0.0  # when the livenessProbe runs next (monotonic)
     _terminate: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
 
@@ -184,6 +186,7 @@ class SimHost(Protocol):
     probe_period_s: float
     probe_timeout_s: float
     prestop_max_s: float
+    liveness_period_s: float | None
 
     @property
     def lws(self) -> GroupController: ...
