@@ -126,7 +126,7 @@ def test_a_newcomers_session(newcomer: tuple[Path, dict[str, str]]) -> None:
         assert bad is not None and bad.status_code == 500
         where = f'File "{path}", line {line_of(fixed, "must not be negative")}, in __call__'
         assert run.wait_for(re.escape(where), 30), run.text()
-        assert re.search(r"\(Front pid=\d+\) ValueError: x must not be negative", run.text()), run.text()
+        assert run.wait_for(r"\(Front pid=\d+\) ValueError: x must not be negative", 30), run.text()
 
         # 5. A module that fails to import: file and line shown, the previous version keeps serving.
         app.write_text(fixed + "\nsettings = load_settings()\n")
