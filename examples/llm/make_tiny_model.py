@@ -1,9 +1,10 @@
 """Build a tiny chat model from a config, offline: a BPE tokenizer and a 2-layer Llama.
 
 Nothing is downloaded. The tokenizer is trained with the ``tokenizers`` library on the short
-corpus below; the model is a ``LlamaConfig`` with 2 layers and a 64-wide hidden state (about
-100k parameters), trained for a few seconds on the same corpus so that it babbles
-corpus-like words and ends its answers, instead of emitting random tokens forever. The
+corpus below (a few lines of it are JSON objects, so that JSON mode has something to follow);
+the model is a ``LlamaConfig`` with 2 layers and a 64-wide hidden state (about 100k
+parameters), trained for a few seconds on the same corpus so that it babbles corpus-like
+words and ends its answers, instead of emitting random tokens forever. The
 tokenizer carries a chat template, so chat requests use it.
 
     python examples/llm/make_tiny_model.py [OUT_DIR] [--train-steps N] [--no-chat-template]
@@ -49,6 +50,9 @@ hello, how can i help you today?
 i am a tiny model, and i know a little about serving models.
 the quick brown fox jumps over the lazy dog.
 models, prompts, tokens and replicas are the words i know best.
+{"model": "tiny", "replicas": 2, "stream": true}
+{"tenant": "team-a", "tokens": [16, 256], "limit": null}
+{"answer": "a replica is a process", "ok": true}
 """
 
 
@@ -64,7 +68,9 @@ def build_tokenizer(vocab_size: int = 512) -> Any:
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Metaspace()
     tok.decoder = decoders.Metaspace()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False)
+    # JSON's punctuation and digits are in the alphabet whatever the corpus (JSON mode needs them).
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
+                                  initial_alphabet=list('{}[]":,.-+0123456789'))
     tok.train_from_iterator(corpus_lines() * 4, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
                                   pad_token="<pad>", additional_special_tokens=SPECIAL_TOKENS[4:])

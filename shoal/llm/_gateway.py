@@ -46,6 +46,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from shoal import serve
 from shoal.exceptions import BackPressureError, DeploymentUnavailableError, RequestCancelledError
 from shoal.handle import DeploymentHandle, DeploymentResponse, DeploymentResponseGenerator
+from shoal.llm._choices import Choices
 from shoal.llm._config import ANONYMOUS_TENANT, GatewayConfig, hash_api_key
 from shoal.llm._fairness import FairGate, QueueTimeout
 from shoal.llm._protocol import (
@@ -53,14 +54,9 @@ from shoal.llm._protocol import (
     CompletionRequest,
     EmbeddingRequest,
     OpenAIError,
-    chat_chunk,
-    chat_response,
-    completion_chunk,
-    completion_response,
     new_id,
     parse_request,
     sse,
-    usage,
 )
 from shoal.llm._ratelimit import RateLimiter, UsageLedger, estimate_tokens
 from shoal.llm.engines import (
@@ -496,7 +492,8 @@ class OpenAiIngress:
             except ValueError as e:
                 raise OpenAIError(400, f"Invalid value for 'messages': {e}", param="messages") from None
             sampling = chat_req.sampling(chat_req.max_new_tokens())
-            gen = GenerationRequest(request_id, messages=messages, sampling=sampling)
+            gen = GenerationRequest(request_id, messages=messages, sampling=sampling, tools=chat_req.tool_list(),
+                                    tool_choice=chat_req.tool_choice)
             req = chat_req
         else:
             text_req: CompletionRequest = parse_request(CompletionRequest, body)
@@ -507,10 +504,10 @@ class OpenAiIngress:
         if base not in self._infos:
             await self._fetch_info(base, handle)  # once: its adapters (label values), its context length
         prompt_text = "".join(m.get("content") or "" for m in gen.messages) if gen.messages else (gen.prompt or "")
-        reserve = estimate_tokens(prompt_text) + (gen.sampling.max_tokens or 0)
+        reserve = estimate_tokens(prompt_text) + (gen.sampling.max_tokens or 0) * gen.sampling.n
         context = self._infos.get(base, {}).get("max_model_len")
-        if context:  # a request cannot use more than the context (beyond it the engine answers 400)
-            reserve = min(reserve, int(context))
+        if context:  # a choice cannot use more than the context (beyond it the engine answers 400)
+            reserve = min(reserve, int(context) * gen.sampling.n)
         headers, reserved = self._admit(tenant, req.model, reserve)
         account = _Account(self, tenant, req.model, endpoint, reserved)
         await self._take_turn(base, tenant, account)
@@ -535,28 +532,23 @@ class OpenAiIngress:
                 raise
             raise error from None
         self.metrics.observe_ttft(account.model, time.monotonic() - started)
-        rid = new_id("chatcmpl" if chat else "cmpl")
+        choices = Choices(new_id("chatcmpl" if chat else "cmpl"), req.model, chat=chat, n=gen.sampling.n,
+                          logprobs=gen.sampling.logprobs is not None, include_usage=req.include_usage())
         if req.stream:
-            events = self._events(stream, first, account, rid, req.model, chat, req.include_usage(), param)
+            events = self._events(stream, first, account, choices, param)
             return StreamingResponse(events, media_type="text/event-stream",
                                      headers={"cache-control": "no-cache", "x-accel-buffering": "no", **headers})
-        return await self._collect(stream, first, account, rid, req.model, chat, param, headers)
+        return await self._collect(stream, first, account, choices, param, headers)
 
     async def _collect(self, stream: DeploymentResponseGenerator, first: GenerationChunk | None, account: _Account,
-                       rid: str, model: str, chat: bool, param: str, headers: dict[str, str]) -> Response:
-        parts: list[str] = []
-        last = first
+                       choices: Choices, param: str, headers: dict[str, str]) -> Response:
         status = 499
         try:
             chunk = first
             while chunk is not None:
-                parts.append(chunk.text)
-                account.update(chunk.prompt_tokens, chunk.completion_tokens)
-                last = chunk
-                if chunk.finish_reason is not None:
-                    await anext(stream, None)  # the end of the stream, so that the call completes
-                    break
-                chunk = await anext(stream, None)
+                choices.add(chunk)
+                account.update(choices.prompt_tokens, choices.completion_tokens)
+                chunk = await anext(stream, None)  # to the end of the stream, so that the call completes
             status = 200
         except Exception as e:
             error = self._downstream_error(e, param)
@@ -566,46 +558,23 @@ class OpenAiIngress:
             account.close(status)
             if status != 200:
                 stream.cancel()
-        text = "".join(parts)
-        reason = last.finish_reason if last is not None else "stop"
-        build = chat_response if chat else completion_response
-        body = build(rid, model, text, reason, account.prompt_tokens, account.completion_tokens)
-        return JSONResponse(body, headers=headers)
+        return JSONResponse(choices.body(), headers=headers)
 
     async def _events(self, stream: DeploymentResponseGenerator, first: GenerationChunk | None, account: _Account,
-                      rid: str, model: str, chat: bool, include_usage: bool, param: str) -> AsyncIterator[str]:
-        created = int(time.time())
+                      choices: Choices, param: str) -> AsyncIterator[str]:
         status = 499  # unless it ends: a client that disconnects cancels this generator
-
-        def piece(text: str, reason: str | None = None, delta: dict[str, Any] | None = None) -> str:
-            if chat:
-                return sse(chat_chunk(rid, model, created, delta if delta is not None else {"content": text}, reason,
-                                      with_usage=include_usage))
-            return sse(completion_chunk(rid, model, created, text, reason, with_usage=include_usage))
-
         try:
-            if chat:
-                yield piece("", delta={"role": "assistant", "content": ""})
+            for piece in choices.first_chunks():
+                yield sse(piece)
             chunk = first
             while chunk is not None:
-                account.update(chunk.prompt_tokens, chunk.completion_tokens)
-                if chunk.finish_reason is not None:
-                    if chat:
-                        if chunk.text:
-                            yield piece(chunk.text)
-                        yield piece("", chunk.finish_reason, delta={})
-                    else:
-                        yield piece(chunk.text, chunk.finish_reason)
-                    await anext(stream, None)  # the end of the stream, so that the call completes
-                    break
-                if chunk.text:
-                    yield piece(chunk.text)
-                chunk = await anext(stream, None)
-            if include_usage:
-                final: dict[str, Any] = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
-                         "created": created, "model": model, "system_fingerprint": None, "choices": [],
-                         "usage": usage(account.prompt_tokens, account.completion_tokens)}
-                yield sse(final)
+                pieces = choices.stream_chunks(chunk)
+                account.update(choices.prompt_tokens, choices.completion_tokens)
+                for piece in pieces:
+                    yield sse(piece)
+                chunk = await anext(stream, None)  # to the end of the stream, so that the call completes
+            if choices.include_usage:
+                yield sse(choices.usage_chunk())
             status = 200
             yield sse("[DONE]")
         except Exception as e:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -11,7 +12,9 @@ from typing import Any
 
 from shoal import serve
 from shoal.llm._config import LLMConfig
+from shoal.llm._outputs import ChoiceText, EngineOutputs
 from shoal.llm._serving_metrics import ServingMetrics, waiting_from_stats
+from shoal.llm._tool_calls import plan_tools
 from shoal.llm.engines import (
     AdapterNotFoundError,
     Engine,
@@ -19,7 +22,6 @@ from shoal.llm.engines import (
     GenerationRequest,
     InvalidParameterError,
     SamplingParams,
-    StopMatcher,
     TransformersEngine,
     VLLMEngine,
     engine_class,
@@ -102,19 +104,55 @@ class LLMServer:
         return await self.engine.load_adapter(name, path)
 
     # -- requests
-    def _check_features(self, sampling: SamplingParams) -> None:
+    def _check_features(self, request: GenerationRequest) -> None:
         """Refuse optional sampling parameters the engine does not apply (never ignore them)."""
         features: frozenset[str] = getattr(self.engine, "sampling_features", frozenset())
-        asked = [("logit_bias", "logit_bias", bool(sampling.logit_bias)),
-                 ("presence_penalty", "penalties", sampling.presence_penalty != 0.0),
-                 ("frequency_penalty", "penalties", sampling.frequency_penalty != 0.0)]
+        s = request.sampling
+        asked = [("logit_bias", "logit_bias", bool(s.logit_bias)),
+                 ("presence_penalty", "penalties", s.presence_penalty != 0.0),
+                 ("frequency_penalty", "penalties", s.frequency_penalty != 0.0),
+                 ("logprobs", "logprobs", s.logprobs is not None),
+                 ("top_k", "top_k", s.top_k > 0),
+                 ("min_p", "min_p", s.min_p > 0.0),
+                 ("repetition_penalty", "repetition_penalty", s.repetition_penalty != 1.0),
+                 ("min_tokens", "min_tokens", s.min_tokens > 0),
+                 ("stop_token_ids", "stop_token_ids", bool(s.stop_token_ids)),
+                 ("skip_special_tokens", "skip_special_tokens", not s.skip_special_tokens),
+                 ("allowed_token_ids", "allowed_token_ids", bool(s.allowed_token_ids))]
+        if s.structured is not None:
+            kind = s.structured.kind
+            asked.append((s.structured.param, "json_object" if kind == "json_object" else "structured_outputs", True))
         for param, feature, used in asked:
             if used and feature not in features:
-                raise InvalidParameterError(param, f"{param} is not supported by this engine ({self.engine.name}).")
+                what = param
+                if s.structured is not None and param == s.structured.param:
+                    what = f"{param} {s.structured.kind}"
+                hint = "; the vLLM engine supports it" if self.engine.name != "vllm" else ""
+                raise InvalidParameterError(param, f"{what} is not supported by this engine (the {self.engine.name} "
+                                                   f"engine){hint}.")
+
+    def _streams(self, prompt: str, sampling: SamplingParams, request_id: str, adapter: Any,
+                 from_chat: bool) -> EngineOutputs:
+        """The engine's outputs for every choice: one stream when the engine makes ``n`` itself, else
+        ``n`` streams (choice ``i`` seeded with ``seed + i``)."""
+        features: frozenset[str] = getattr(self.engine, "sampling_features", frozenset())
+        if sampling.n == 1 or "n" in features:
+            return EngineOutputs([self.engine.generate(prompt, sampling, request_id, adapter, from_chat=from_chat)],
+                            relabel=False)
+        streams = []
+        for i in range(sampling.n):
+            seed = None if sampling.seed is None else (sampling.seed + i + 2**63) % 2**64 - 2**63  # int64
+            streams.append(self.engine.generate(prompt, dataclasses.replace(sampling, n=1, seed=seed),
+                                                f"{request_id}-{i}", adapter, from_chat=from_chat))
+        return EngineOutputs(streams, relabel=True)
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
-        """Stream the generation of ``request``; the last chunk carries ``finish_reason``."""
-        self._check_features(request.sampling)
+        """Stream the generation of ``request``; each choice's last chunk carries ``finish_reason``."""
+        plan = plan_tools(request.tools, request.tool_choice, self.engine) if request.messages is not None else None
+        sampling = request.sampling
+        if plan is not None and plan.structured is not None:
+            sampling = dataclasses.replace(sampling, structured=plan.structured)
+        self._check_features(dataclasses.replace(request, sampling=sampling))
         model_id = serve.get_multiplexed_model_id()
         adapter = None
         if model_id and model_id != self.model_id:
@@ -122,32 +160,38 @@ class LLMServer:
                 raise AdapterNotFoundError(f"The model `{model_id}` does not exist.")
             adapter = await self._get_adapter(model_id)
         if request.messages is not None:
-            prompt, from_chat = self.engine.render_chat(request.messages), True
+            if request.tools:
+                prompt = self.engine.render_chat(request.messages, tools=request.tools)  # type: ignore[call-arg]
+            else:
+                prompt = self.engine.render_chat(request.messages)
+            from_chat = True
         else:
             prompt, from_chat = request.prompt or "", False
-        matcher = StopMatcher(request.sampling.stop)
+        choices = [ChoiceText(i, sampling, hold=plan is not None) for i in range(sampling.n)]
         timer = self.serving.start()
-        reason, generated = "abort", 0
-        stream = self.engine.generate(prompt, request.sampling, request.request_id, adapter, from_chat=from_chat)
+        reason = "abort"
+        outputs = self._streams(prompt, sampling, request.request_id, adapter, from_chat)
         try:
-            async for out in stream:
-                generated = out.completion_tokens
+            async for index, out in outputs:
+                choice = choices[index]
+                if choice.done:
+                    continue
                 if out.completion_tokens:
                     timer.token()
-                text, stopped = matcher.feed(out.text)
-                if stopped:
-                    # Closing the engine's stream (below) stops generation at once.
-                    reason = "stop"
-                    yield GenerationChunk(text, out.prompt_tokens, out.completion_tokens, "stop")
-                    return
-                if out.finish_reason is not None:
-                    text += matcher.flush()
-                    reason = out.finish_reason
-                if text or out.finish_reason is not None:
-                    yield GenerationChunk(text, out.prompt_tokens, out.completion_tokens, out.finish_reason)
+                chunk = choice.feed(out)
+                if chunk is not None and plan is not None:
+                    text, calls, why = plan.calls(chunk.text, chunk.finish_reason or "stop", self.engine)
+                    chunk = dataclasses.replace(chunk, text=text, tool_calls=tuple(calls), finish_reason=why)
+                if chunk is not None:
+                    yield chunk
+                if choice.done:
+                    await outputs.stop(index)  # closing an engine's stream stops its generation at once
+                    if all(c.done for c in choices):
+                        reason = choice.reason or "stop"
+                        return
         finally:
-            timer.finish(reason, generated)
-            await stream.aclose()
+            timer.finish(reason, sum(c.tokens for c in choices))
+            await outputs.aclose()
 
     def model_info(self) -> dict[str, Any]:
         """What ``/v1/models`` shows for this model, plus its adapters and context length."""
@@ -158,7 +202,7 @@ class LLMServer:
                 **self.config.model_metadata}
 
     # -- /tokenize and /detokenize (vLLM's server has them; the gateway routes them here)
-    def tokenize(self, prompt: str | None = None, messages: tuple[Mapping[str, str], ...] | None = None,
+    def tokenize(self, prompt: str | None = None, messages: tuple[Mapping[str, Any], ...] | None = None,
                  ) -> dict[str, Any]:
         """The token ids of a prompt, or of chat ``messages`` rendered with the model's template."""
         encode = getattr(self.engine, "tokenize", None)

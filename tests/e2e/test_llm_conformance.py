@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import glob
 import json
+import math
 import os
 import re
 import shutil
@@ -332,3 +333,135 @@ def test_unknown_model_names_do_not_grow_the_metric_series(gw: Gateway) -> None:
     assert len(after) == count, sorted(set(after))
     labels = set(re.findall(r'model="([^"]*)"', "\n".join(after)))
     assert labels <= {"tiny", "faulty", "echo", "minilm", "other"} and "other" in labels, labels
+
+
+# -- Build 3: n, logprobs, JSON mode and vLLM's sampling parameters on the transformers engine ----
+
+def test_n_choices_on_the_tiny_model(gw: Gateway) -> None:
+    chat = gw.client.chat.completions.create
+    kwargs: dict[str, Any] = {"model": "tiny", "messages": MSG, "temperature": 1.0, "max_tokens": 12}
+    out = chat(**kwargs, n=3, seed=5)
+    assert [c.index for c in out.choices] == [0, 1, 2]
+    singles = [chat(**kwargs, seed=5 + i) for i in range(3)]  # choice i is seeded with seed + i
+    assert [c.message.content for c in out.choices] == [s.choices[0].message.content for s in singles]
+    assert len({c.message.content for c in out.choices}) > 1
+    assert out.usage.prompt_tokens == singles[0].usage.prompt_tokens  # the prompt counts once
+    assert out.usage.completion_tokens == sum(s.usage.completion_tokens for s in singles)
+    texts = ["", ""]
+    chunks = list(chat(**kwargs, n=2, seed=5, stream=True, stream_options={"include_usage": True}))
+    for chunk in chunks:
+        for choice in chunk.choices:
+            texts[choice.index] += choice.delta.content or ""
+    assert texts == [c.message.content for c in out.choices[:2]]
+    assert chunks[-1].usage.completion_tokens == sum(s.usage.completion_tokens for s in singles[:2])
+    done = gw.client.completions.create(model="tiny", prompt="the proxy", n=2, seed=9, max_tokens=6,
+                                        extra_body={"ignore_eos": True})
+    assert [c.index for c in done.choices] == [0, 1] and done.usage.completion_tokens == 12
+
+
+def test_chat_logprobs_are_the_raw_distributions(gw: Gateway) -> None:
+    from transformers import AutoTokenizer
+
+    kwargs: dict[str, Any] = {"model": "tiny", "messages": [{"role": "user", "content": "hello"}], "temperature": 0,
+                              "max_tokens": 8, "logprobs": True, "top_logprobs": 3, "extra_body": {"ignore_eos": True}}
+    out = gw.client.chat.completions.create(**kwargs)
+    content = out.choices[0].logprobs.content
+    assert len(content) == out.usage.completion_tokens == 8
+    assert "".join(t.token for t in content).strip() == out.choices[0].message.content.strip()
+    for t in content:
+        assert len(t.top_logprobs) == 3 and t.bytes == list(t.token.encode())
+        assert [a.logprob for a in t.top_logprobs] == sorted((a.logprob for a in t.top_logprobs), reverse=True)
+        assert (t.token, t.logprob) == (t.top_logprobs[0].token, t.top_logprobs[0].logprob)  # greedy: the top one
+        assert sum(math.exp(a.logprob) for a in t.top_logprobs) <= 1.0 + 1e-6
+    chunks = list(gw.client.chat.completions.create(**kwargs, stream=True))
+    streamed = [t for c in chunks if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.content]
+    assert [(t.token, t.logprob) for t in streamed] == [(t.token, t.logprob) for t in content]
+    # logit_bias forces " replica": its log probability stays the model's own (not the biased one).
+    forced = AutoTokenizer.from_pretrained(gw.model_dir).encode(" replica", add_special_tokens=False)[-1]
+    biased = gw.client.chat.completions.create(**{**kwargs, "max_tokens": 2}, logit_bias={str(forced): 100})
+    first = biased.choices[0].logprobs.content[0]
+    assert first.token == " replica" and first.logprob < first.top_logprobs[0].logprob < 0
+    none = gw.client.chat.completions.create(model="tiny", messages=MSG, max_tokens=2)
+    assert none.choices[0].logprobs is None
+
+
+def test_completion_logprobs(gw: Gateway) -> None:
+    out = gw.client.completions.create(model="tiny", prompt="the proxy", temperature=0, max_tokens=6, logprobs=2,
+                                       extra_body={"ignore_eos": True})
+    lp = out.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == 6
+    assert lp.text_offset[0] == 0
+    assert all(b == a + len(t) for a, b, t in zip(lp.text_offset, lp.text_offset[1:], lp.tokens, strict=False))
+    for token, logprob, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs, strict=True):
+        assert 2 <= len(top) <= 3 and top[token] == logprob == max(top.values())  # greedy: the most likely
+    assert "".join(lp.tokens).strip() == out.choices[0].text.strip()
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_json_mode_output_parses(gw: Gateway, stream: bool) -> None:
+    kwargs: dict[str, Any] = {"model": "tiny", "response_format": {"type": "json_object"}, "max_tokens": 200}
+    for prompt, extra in [("what is a replica?", {"temperature": 0}), ("the tenant", {"temperature": 0}),
+                          ("hello", {"temperature": 1.0, "seed": 4})]:
+        messages = [{"role": "user", "content": prompt}]
+        if stream:
+            chunks = list(gw.client.chat.completions.create(**kwargs, **extra, messages=messages, stream=True))
+            text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+            reason = next(c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason)
+        else:
+            out = gw.client.chat.completions.create(**kwargs, **extra, messages=messages)
+            text, reason = out.choices[0].message.content, out.choices[0].finish_reason
+        assert reason == "stop", (prompt, text)
+        assert isinstance(json.loads(text), dict), text
+    plain = gw.client.chat.completions.create(model="tiny", messages=MSG, temperature=0, max_tokens=30)
+    with pytest.raises(ValueError):  # without JSON mode the same model answers prose
+        json.loads(plain.choices[0].message.content)
+
+
+def test_what_the_transformers_engine_leaves_to_vllm_is_a_400(gw: Gateway) -> None:
+    chat = gw.client.chat.completions.create
+    schema = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}}
+    body = bad_request(lambda: chat(model="tiny", messages=MSG, response_format=schema), "response_format")
+    assert "transformers engine" in body["message"] and "vLLM engine supports it" in body["message"], body
+    tools = [{"type": "function", "function": {"name": "now", "parameters": {"type": "object"}}}]
+    body = bad_request(lambda: chat(model="tiny", messages=MSG, tools=tools), "tools")
+    assert "vLLM engine supports it" in body["message"]
+    bad_request(lambda: gw.client.completions.create(model="tiny", prompt="x", extra_body={
+        "structured_outputs": {"regex": "[a-z]+"}}), "structured_outputs")
+    bad_request(lambda: chat(model="tiny", messages=MSG, n=17), "n")
+    bad_request(lambda: chat(model="tiny", messages=MSG, extra_body={"stop_token_ids": [10**6]}), "stop_token_ids")
+    bad_request(lambda: chat(model="echo", messages=MSG, extra_body={"top_k": 3}), "top_k")
+
+
+def test_vllms_extra_sampling_parameters_on_the_transformers_engine(gw: Gateway) -> None:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(gw.model_dir)
+
+    def complete(prompt: str = "the proxy", **extra: Any) -> Any:
+        body = {"ignore_eos": True, **extra.pop("extra", {})}
+        out = gw.client.completions.create(model="tiny", prompt=prompt, extra_body=body, **{"max_tokens": 12, **extra})
+        return out.choices[0]
+
+    greedy = complete(temperature=0).text
+    assert complete(temperature=1.5, seed=3, extra={"top_k": 1}).text == greedy  # only the most likely token
+    assert complete(temperature=1.0, seed=3, extra={"min_p": 1.0}).text == greedy  # the same through min_p
+    # A stop token ends the answer without its text.
+    ids = tokenizer.encode(greedy, add_special_tokens=False)
+    stopped = complete(temperature=0, extra={"stop_token_ids": [ids[3]]})
+    assert stopped.finish_reason == "stop" and greedy.startswith(stopped.text) and len(stopped.text) < len(greedy)
+    # allowed_token_ids, and special tokens shown or not.
+    user = tokenizer.convert_tokens_to_ids("<|user|>")
+    assert complete(temperature=0, max_tokens=3, extra={"allowed_token_ids": [user]}).text == ""
+    shown = complete(temperature=0, max_tokens=3, extra={"allowed_token_ids": [user], "skip_special_tokens": False})
+    assert shown.text == "<|user|>" * 3
+    assert complete("the", temperature=0, max_tokens=40, extra={"repetition_penalty": 2.0}).text != \
+        complete("the", temperature=0, max_tokens=40).text
+    # min_tokens holds the end of sequence back: this greedy answer ends after a few tokens.
+    chat = gw.client.chat.completions.create
+    short = chat(model="tiny", messages=MSG, temperature=0, max_tokens=40)
+    assert short.choices[0].finish_reason == "stop" and short.usage.completion_tokens < 20
+    longer = chat(model="tiny", messages=MSG, temperature=0, max_tokens=40, extra_body={"min_tokens": 20})
+    assert longer.usage.completion_tokens >= 20
+    kept = gw.client.completions.create(model="echo", prompt="a b c d", temperature=0, stop=["c"],
+                                        extra_body={"include_stop_str_in_output": True})
+    assert kept.choices[0].text == "a b c"

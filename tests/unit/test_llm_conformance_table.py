@@ -115,14 +115,37 @@ def test_fields_without_effect_are_accepted(path: str, name: str) -> None:
 
 
 @pytest.mark.parametrize(("body", "param"), [
-    ({"n": 2}, "n"),
+    ({"n": 17}, "n"),
+    ({"n": 0}, "n"),
     ({"logprobs": False, "top_logprobs": 0}, "top_logprobs"),
+    ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
     ({"top_logprobs": 3}, "top_logprobs"),
     ({"stream_options": {"include_usage": True}}, "stream_options"),
     ({"stream": False, "stream_options": {}}, "stream_options"),
     ({"tool_choice": "required"}, "tool_choice"),
+    ({"tool_choice": {"type": "function", "function": {"name": "f"}}}, "tool_choice"),
+    ({"tools": [{"type": "function", "function": {"name": "g"}}],
+      "tool_choice": {"type": "function", "function": {"name": "f"}}}, "tool_choice"),
+    ({"tools": [{"type": "function", "function": {"name": "g"}}], "tool_choice": "any"}, "tool_choice"),
+    ({"tools": [{"type": "function"}]}, "tools"),
+    ({"tools": [{"type": "function", "function": {"name": "g", "parameters": "x"}}]}, "tools"),
+    ({"tools": [{"type": "function", "function": {"name": "g"}}], "tool_choice": "required",
+      "response_format": {"type": "json_object"}}, "tool_choice"),
     ({"function_call": {"name": "f"}}, "function_call"),
-    ({"response_format": {"type": "json_object"}}, "response_format"),
+    ({"response_format": {"type": "xml"}}, "response_format"),
+    ({"response_format": {"type": "json_schema"}}, "response_format"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": 3}}}, "response_format"),
+    ({"response_format": {"type": "json_object"}, "structured_outputs": {"regex": "a"}}, "structured_outputs"),
+    ({"structured_outputs": {"regex": "a", "choice": ["b"]}}, "structured_outputs"),
+    ({"structured_outputs": {}}, "structured_outputs"),
+    ({"structured_outputs": {"choice": []}}, "structured_outputs"),
+    ({"structured_outputs": {"json": "{not json"}}, "structured_outputs"),
+    ({"top_k": -2}, "top_k"),
+    ({"min_p": 1.5}, "min_p"),
+    ({"repetition_penalty": 0}, "repetition_penalty"),
+    ({"min_tokens": 5, "max_tokens": 4}, "min_tokens"),
+    ({"stop_token_ids": [-1]}, "stop_token_ids"),
+    ({"allowed_token_ids": [3, -4]}, "allowed_token_ids"),
     ({"modalities": ["text", "audio"]}, "modalities"),
     ({"logit_bias": {"x": 1}}, "logit_bias"),
     ({"logit_bias": {"5": -101}}, "logit_bias"),
@@ -139,13 +162,49 @@ def test_partly_supported_fields_take_their_supported_values() -> None:
         "response_format": {"type": "text"}, "modalities": ["text"], "stream": True,
         "stream_options": {"include_usage": None}, "logit_bias": {"7": -100, "3": 2.5}, "logprobs": False})
     assert chat.sampling(None).logit_bias == ((3, 2.5), (7, -100.0))
+    assert chat.sampling(None).logprobs is None and chat.sampling(None).structured is None
     assert not chat.include_usage()
     text = parse_request(ENDPOINTS["/v1/completions"], {"model": "m", "prompt": ["one"], "best_of": 1,
                                                         "echo": False, "max_tokens": None})
     assert text.text() == "one" and text.max_tokens == 16
     assert refused("/v1/completions", {"prompt": ["a", "b"]}).param == "prompt"
-    assert refused("/v1/completions", {"logprobs": 0}).param == "logprobs"
+    assert refused("/v1/completions", {"logprobs": 6}).param == "logprobs"
     assert refused("/v1/completions", {"echo": True}).param == "echo"
+
+
+def test_sampling_parameters_reach_the_engine() -> None:
+    chat = parse_request(ENDPOINTS["/v1/chat/completions"], {
+        **REQUIRED["/v1/chat/completions"], "n": 3, "logprobs": True, "top_logprobs": 4, "top_k": -1, "min_p": 0.05,
+        "repetition_penalty": 1.1, "min_tokens": 2, "stop_token_ids": [9, 8], "skip_special_tokens": False,
+        "allowed_token_ids": [1, 2], "include_stop_str_in_output": True, "max_tokens": 9,
+        "response_format": {"type": "json_schema", "json_schema": {"name": "s", "schema": {"type": "object"}}}})
+    s = chat.sampling(chat.max_new_tokens())
+    assert (s.n, s.logprobs, s.top_k, s.min_p, s.repetition_penalty, s.min_tokens) == (3, 4, 0, 0.05, 1.1, 2)
+    assert (s.stop_token_ids, s.allowed_token_ids, s.skip_special_tokens) == ((9, 8), (1, 2), False)
+    assert s.include_stop_str_in_output and s.max_tokens == 9
+    assert s.structured is not None and (s.structured.kind, s.structured.param) == ("json", "response_format")
+    assert json.loads(s.structured.spec) == {"type": "object"}
+    plain = parse_request(ENDPOINTS["/v1/chat/completions"], {**REQUIRED["/v1/chat/completions"], "logprobs": True})
+    assert plain.sampling(None).logprobs == 0  # logprobs without top_logprobs: the token's own only
+    mode = parse_request(ENDPOINTS["/v1/chat/completions"], {**REQUIRED["/v1/chat/completions"],
+                                                             "response_format": {"type": "json_object"}})
+    assert mode.sampling(None).structured is not None and mode.sampling(None).structured.kind == "json_object"
+    text = parse_request(ENDPOINTS["/v1/completions"], {"model": "m", "prompt": "p", "logprobs": 0, "top_k": 5,
+                                                        "structured_outputs": {"choice": ["yes", "no"]}})
+    t = text.sampling(text.max_tokens)
+    assert t.logprobs == 0 and t.top_k == 5 and t.structured is not None
+    assert (t.structured.kind, json.loads(t.structured.spec), t.structured.param) == (
+        "choice", ["yes", "no"], "structured_outputs")
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+    call = [{"id": "c", "type": "function"}]
+    called = parse_request(ENDPOINTS["/v1/chat/completions"], {
+        **REQUIRED["/v1/chat/completions"], "tools": tools,
+        "tool_choice": {"type": "function", "function": {"name": "f"}},
+        "messages": [{"role": "assistant", "content": None, "tool_calls": call},
+                     {"role": "tool", "tool_call_id": "c", "content": "42"}]})
+    assert called.tool_list() == tuple(tools)
+    assert called.chat_messages() == ({"role": "assistant", "content": "", "tool_calls": call},
+                                      {"role": "tool", "content": "42", "tool_call_id": "c"})
 
 
 @pytest.mark.parametrize(("path", "body", "param"), [

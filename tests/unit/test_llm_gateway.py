@@ -160,7 +160,7 @@ def test_embeddings_float_and_base64(rt: testing.LocalRuntime) -> None:
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}]}, 400, "missing_required_parameter",
      "model"),
     ("/v1/chat/completions", chat("echo", "x", temperature=3), 400, "invalid_value", "temperature"),
-    ("/v1/chat/completions", chat("echo", "x", n=2), 400, "invalid_value", "n"),
+    ("/v1/chat/completions", chat("echo", "x", n=17), 400, "invalid_value", "n"),
     ("/v1/chat/completions", chat("echo", "x", tools=[{"type": "function"}]), 400, "invalid_value", "tools"),
     ("/v1/chat/completions", chat("echo", "x", max_tokens=10_000), 400, "context_length_exceeded", "messages"),
     ("/v1/chat/completions", chat("emb", "x"), 400, None, "model"),

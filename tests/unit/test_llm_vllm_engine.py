@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from shoal.llm.engines import ContextLengthError, SamplingParams, VLLMEngine
+from shoal.llm.engines._base import StructuredOutput
 
 
 @dataclass
@@ -126,3 +127,158 @@ def test_context_errors_and_adapters(engine: VLLMEngine) -> None:
     assert adapter == ("pirate", 1, "/adapters/pirate") and engine.engine.loras == [adapter]  # type: ignore[attr-defined]
     collect(engine, "hi", SamplingParams(max_tokens=1), adapter=adapter)
     assert engine.engine.calls[-1][3] == adapter  # type: ignore[attr-defined]
+
+
+# -- sampling parameters, n, logprobs, structured outputs and tools ------------------------------
+
+class FakeStructuredOutputsParams(FakeSamplingParams):
+    pass
+
+
+def with_structured(monkeypatch: pytest.MonkeyPatch, name: str) -> type:
+    module = types.ModuleType("vllm.sampling_params")
+    cls = type(name, (FakeSamplingParams,), {})
+    setattr(module, name, cls)
+    monkeypatch.setitem(sys.modules, "vllm.sampling_params", module)
+    return cls
+
+
+def test_every_sampling_parameter_reaches_vllm(engine: VLLMEngine, monkeypatch: pytest.MonkeyPatch) -> None:
+    structured = with_structured(monkeypatch, "StructuredOutputsParams")
+    params = SamplingParams(
+        max_tokens=7, temperature=0.5, top_p=0.9, stop=("x",), seed=3, ignore_eos=True, presence_penalty=0.1,
+        frequency_penalty=0.2, logit_bias=((5, -100.0), (9, 2.0)), n=3, logprobs=4, top_k=20, min_p=0.05,
+        repetition_penalty=1.2, min_tokens=2, stop_token_ids=(11, 12), skip_special_tokens=False,
+        allowed_token_ids=(1, 2, 3), include_stop_str_in_output=True,
+        structured=StructuredOutput("json", '{"type": "object"}'))
+    got = engine._sampling_params(params).__dict__
+    assert got.pop("structured_outputs").__dict__ == {"json": {"type": "object"}}
+    assert got == {"n": 3, "max_tokens": 7, "temperature": 0.5, "top_p": 0.9, "top_k": 20, "min_p": 0.05,
+                   "stop": ["x"], "stop_token_ids": [11, 12], "include_stop_str_in_output": True, "seed": 3,
+                   "ignore_eos": True, "min_tokens": 2, "presence_penalty": 0.1, "frequency_penalty": 0.2,
+                   "repetition_penalty": 1.2, "logit_bias": {5: -100.0, 9: 2.0}, "allowed_token_ids": [1, 2, 3],
+                   "logprobs": 4, "skip_special_tokens": False}
+    assert isinstance(engine._sampling_params(params).structured_outputs, structured)
+    defaults = engine._sampling_params(SamplingParams()).__dict__
+    assert (defaults["top_k"], defaults["logit_bias"], defaults["logprobs"], defaults["max_tokens"]) == (
+        -1, None, None, 256)
+    assert "structured_outputs" not in defaults and "guided_decoding" not in defaults
+
+
+@pytest.mark.parametrize(("spec", "expected"), [
+    (StructuredOutput("json_object", param="response_format"), {"json_object": True}),
+    (StructuredOutput("regex", "a+b"), {"regex": "a+b"}),
+    (StructuredOutput("choice", '["yes", "no"]'), {"choice": ["yes", "no"]}),
+    (StructuredOutput("grammar", "root ::= 'a'"), {"grammar": "root ::= 'a'"}),
+])
+def test_older_vllm_gets_guided_decoding_params(engine: VLLMEngine, monkeypatch: pytest.MonkeyPatch,
+                                                 spec: StructuredOutput, expected: dict[str, Any]) -> None:
+    guided = with_structured(monkeypatch, "GuidedDecodingParams")  # vLLM < 0.11: no StructuredOutputsParams
+    got = engine._sampling_params(SamplingParams(structured=spec))
+    assert isinstance(got.guided_decoding, guided) and got.guided_decoding.__dict__ == expected
+
+
+@dataclass
+class Logprob:
+    logprob: float
+    rank: int | None
+    decoded_token: str | None
+
+
+@dataclass
+class TwoChoices(FakeAsyncLLM):
+    """n=2: each step's RequestOutput carries both completions, cumulative, with their logprobs."""
+
+    async def generate(self, prompt: Any, params: Any, request_id: str, lora_request: Any = None
+                       ) -> AsyncIterator[RequestOutput]:
+        self.calls.append((prompt, params, request_id, lora_request))
+        steps = [("a", " b", " c"), ("x", " y")]
+        for step in range(3):
+            outs = []
+            for index, words in enumerate(steps):
+                done = min(step + 1, len(words))
+                logprobs = [{10 + i: Logprob(-0.5 * (i + 1), 2, words[i]), 99: Logprob(-0.1, 1, " top")}
+                            for i in range(done)]
+                reason = ("length" if index == 0 else "stop") if done == len(words) else None
+                outs.append(Completion("".join(words[:done]), [10 + i for i in range(done)], reason))
+                outs[-1].index = index  # type: ignore[attr-defined]
+                outs[-1].logprobs = logprobs  # type: ignore[attr-defined]
+            yield RequestOutput([1, 2], outs, step == 2)
+            await asyncio.sleep(0)
+
+
+def test_n_choices_and_their_logprobs(engine: VLLMEngine) -> None:
+    engine.engine = TwoChoices()
+    outs = collect(engine, "hi", SamplingParams(max_tokens=3, n=2, logprobs=1))
+    by_index: dict[int, list[Any]] = {0: [], 1: []}
+    for o in outs:
+        by_index[o.index].append(o)
+    assert "".join(o.text for o in by_index[0]) == "a b c" and by_index[0][-1].finish_reason == "length"
+    assert "".join(o.text for o in by_index[1]) == "x y" and by_index[1][-1].finish_reason == "stop"
+    assert len(by_index[1]) == 2  # nothing after its end
+    assert [o.completion_tokens for o in by_index[0]] == [1, 2, 3]
+    tokens = [t for o in by_index[0] for t in o.logprobs]
+    assert [(t.token, t.logprob) for t in tokens] == [("a", -0.5), (" b", -1.0), (" c", -1.5)]
+    assert all(t.top == ((" top", -0.1),) for t in tokens)  # rank 1 only: logprobs=1
+    assert engine.stats()["generated_tokens"] == 5
+
+
+def test_tools_reach_the_chat_template_and_vllms_parser(engine: VLLMEngine, monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: dict[str, Any] = {}
+
+    class Tokenizer:
+        chat_template = "{{ messages }}"
+
+        def apply_chat_template(self, messages: Any, **kwargs: Any) -> str:
+            seen.update(kwargs)
+            return "PROMPT"
+
+    @dataclass
+    class Function:
+        name: str
+        arguments: str
+
+    @dataclass
+    class Call:
+        function: Function
+
+    @dataclass
+    class Info:
+        tools_called: bool
+        tool_calls: list[Call]
+        content: str | None
+
+    class Parser:
+        def __init__(self, tokenizer: Any) -> None:
+            seen["parser_tokenizer"] = tokenizer
+
+        def extract_tool_calls(self, text: str, request: Any) -> Info:
+            seen["request"] = request
+            if "<call>" not in text:
+                return Info(False, [], text)
+            return Info(True, [Call(Function("get_weather", '{"city": "Oslo"}'))], "thinking")
+
+    class Manager:
+        @staticmethod
+        def get_tool_parser(name: str) -> type:
+            assert name == "hermes"
+            return Parser
+
+    parsers = types.ModuleType("vllm.tool_parsers")
+    parsers.ToolParserManager = Manager  # type: ignore[attr-defined]
+    protocol = types.ModuleType("vllm.entrypoints.openai.protocol")
+    protocol.ChatCompletionRequest = lambda **kw: kw  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "vllm.tool_parsers", parsers)
+    monkeypatch.setitem(sys.modules, "vllm.entrypoints", types.ModuleType("vllm.entrypoints"))
+    monkeypatch.setitem(sys.modules, "vllm.entrypoints.openai", types.ModuleType("vllm.entrypoints.openai"))
+    monkeypatch.setitem(sys.modules, "vllm.entrypoints.openai.protocol", protocol)
+    tools = ({"type": "function", "function": {"name": "get_weather"}},)
+    engine.tokenizer = Tokenizer()
+    engine.tool_call_parser = "hermes"
+    assert engine.render_chat([{"role": "user", "content": "hi"}], tools=tools) == "PROMPT"
+    assert seen["tools"] == [dict(tools[0])] and seen["add_generation_prompt"] is True
+    assert engine.extract_tool_calls("x <call>", tools) == (
+        "thinking", [{"name": "get_weather", "arguments": '{"city": "Oslo"}'}])
+    assert seen["request"]["tools"] == [dict(tools[0])] and seen["request"]["tool_choice"] == "auto"
+    assert engine.extract_tool_calls("plain answer", tools) == ("plain answer", [])
+    assert {"tools", "n", "logprobs", "structured_outputs", "logit_bias"} <= VLLMEngine.sampling_features

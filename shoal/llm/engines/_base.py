@@ -21,6 +21,8 @@ __all__ = [
     "InvalidParameterError",
     "SamplingParams",
     "StopMatcher",
+    "StructuredOutput",
+    "TokenLogprob",
     "fallback_chat_prompt",
 ]
 
@@ -62,8 +64,25 @@ class InvalidParameterError(ValueError):
 
 
 @dataclass(frozen=True)
+class StructuredOutput:
+    """A constraint on the generated text: ``kind`` ``json_object`` (any JSON object: OpenAI's JSON
+    mode), ``json`` (``spec`` is a JSON schema, as JSON text), ``regex``, ``choice`` (``spec`` is a
+    JSON array of strings) or ``grammar`` (vLLM's names). ``param`` is the request field it
+    came from (what a refusal names)."""
+
+    kind: str
+    spec: str = ""
+    param: str = "structured_outputs"
+
+
+@dataclass(frozen=True)
 class SamplingParams:
-    """How to sample. ``temperature == 0`` means greedy decoding."""
+    """How to sample. ``temperature == 0`` means greedy decoding.
+
+    The fields after ``frequency_penalty`` are optional: an engine applies those its
+    ``sampling_features`` name, and :class:`~shoal.llm.LLMServer` refuses a request that sets
+    one it lacks (a 400 naming the request field), so none is ever silently ignored.
+    """
 
     max_tokens: int | None = None
     temperature: float = 1.0
@@ -78,10 +97,43 @@ class SamplingParams:
     #: (token id, bias) pairs added to the logits; engines whose ``sampling_features`` have
     #: ``"logit_bias"`` apply them (others refuse them).
     logit_bias: tuple[tuple[int, float], ...] = ()
+    #: Completions to generate; an engine with the ``"n"`` feature generates them itself, for
+    #: the others ``LLMServer`` runs ``n`` generations (choice ``i`` seeded with ``seed + i``).
+    n: int = 1
+    #: Log probabilities of each generated token with this many alternatives (0: the token's own
+    #: only); None: none. Feature ``"logprobs"``.
+    logprobs: int | None = None
+    #: vLLM's extra sampling parameters, each its own feature of the same name.
+    top_k: int = 0  # 0: off
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    min_tokens: int = 0
+    stop_token_ids: tuple[int, ...] = ()
+    skip_special_tokens: bool = True
+    allowed_token_ids: tuple[int, ...] = ()  # empty: every token
+    #: Applied by ``LLMServer`` (stop strings are matched there) for every engine.
+    include_stop_str_in_output: bool = False
+    #: Feature ``"json_object"`` for JSON mode, ``"structured_outputs"`` for the other kinds.
+    structured: StructuredOutput | None = None
 
     @property
     def greedy(self) -> bool:
         return self.temperature <= 0.0
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One generated token's log probability and its most likely alternatives (``top``: (token
+    text, log probability) pairs, most likely first). ``token`` is the token's text; ``raw`` its
+    bytes when they are not whole UTF-8 characters on their own (a piece of a multi-byte one)."""
+
+    token: str
+    logprob: float
+    top: tuple[tuple[str, float], ...] = ()
+    raw: bytes | None = None
+
+    def token_bytes(self) -> list[int]:
+        return list(self.raw if self.raw is not None else self.token.encode("utf-8"))
 
 
 @dataclass(frozen=True)
@@ -90,8 +142,13 @@ class GenerationRequest:
 
     request_id: str
     prompt: str | None = None
-    messages: tuple[Mapping[str, str], ...] | None = None
+    messages: tuple[Mapping[str, Any], ...] | None = None
     sampling: SamplingParams = field(default_factory=SamplingParams)
+    #: OpenAI's ``tools`` (function definitions) and ``tool_choice`` (``"none"``, ``"auto"``,
+    #: ``"required"`` or ``{"type": "function", "function": {"name": ...}}``): engines with the
+    #: ``"tools"`` feature (vLLM) only.
+    tools: tuple[Mapping[str, Any], ...] = ()
+    tool_choice: str | Mapping[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -100,22 +157,31 @@ class GenerationChunk:
 
     ``prompt_tokens`` and ``completion_tokens`` are running totals; ``finish_reason`` is set
     on the last chunk (``"stop"``: end of sequence or a stop sequence, ``"length"``: ``max_tokens``).
+    With ``n > 1`` the chunks of the choices interleave: ``index`` says whose, and
+    ``completion_tokens`` counts that choice's tokens. ``logprobs`` are the tokens' that made
+    this text (when asked for); ``tool_calls`` (OpenAI's shape) come on a choice's last chunk.
     """
 
     text: str
     prompt_tokens: int
     completion_tokens: int
     finish_reason: str | None = None
+    index: int = 0
+    logprobs: tuple[TokenLogprob, ...] = ()
+    tool_calls: tuple[Mapping[str, Any], ...] = ()
 
 
 @dataclass(frozen=True)
 class EngineOutput:
-    """A delta from an engine: new text, how many tokens it took, the running totals."""
+    """A delta from an engine: new text, how many tokens it took, the running totals; ``index``
+    the choice (engines with the ``"n"`` feature), ``logprobs`` those of the new tokens."""
 
     text: str
     prompt_tokens: int
     completion_tokens: int
     finish_reason: str | None = None
+    index: int = 0
+    logprobs: tuple[TokenLogprob, ...] = ()
 
 
 @runtime_checkable
@@ -126,8 +192,12 @@ class Engine(Protocol):
     or cancelled: that is how a client disconnect stops generation.
 
     An engine may also have ``sampling_features``, the optional :class:`SamplingParams` it
-    applies: ``"logit_bias"``, ``"penalties"`` (presence and frequency). A request that uses
-    one the engine lacks is refused with :class:`InvalidParameterError` (none when absent).
+    applies: ``"logit_bias"``, ``"penalties"`` (presence and frequency), ``"n"``,
+    ``"logprobs"``, ``"json_object"``, ``"structured_outputs"``, ``"tools"``, and vLLM's
+    ``"top_k"``, ``"min_p"``, ``"repetition_penalty"``, ``"min_tokens"``, ``"stop_token_ids"``,
+    ``"skip_special_tokens"``, ``"allowed_token_ids"``. A request that uses one the engine lacks
+    is refused with :class:`InvalidParameterError` (none when absent); without ``"n"``,
+    ``LLMServer`` runs ``n`` generations itself.
     """
 
     name: str
@@ -163,7 +233,7 @@ def fallback_chat_prompt(messages: Sequence[Mapping[str, str]]) -> str:
         User: Hi!
         Assistant:
     """
-    lines = [f"{m.get('role', 'user').capitalize()}: {m.get('content', '')}" for m in messages]
+    lines = [f"{m.get('role', 'user').capitalize()}: {m.get('content') or ''}" for m in messages]
     lines.append("Assistant:")
     return "\n".join(lines)
 
@@ -181,8 +251,9 @@ class StopMatcher:
         m.feed("\\nmore")       # -> ("", True): stopped; nothing after it is emitted
     """
 
-    def __init__(self, stop: Sequence[str]) -> None:
+    def __init__(self, stop: Sequence[str], *, include: bool = False) -> None:
         self._stops = [s for s in stop if s]
+        self._include = include  # keep the stop sequence itself (vLLM's include_stop_str_in_output)
         self._held = ""
         self.stopped = False
 
@@ -192,11 +263,12 @@ class StopMatcher:
         if not self._stops:
             return delta, False
         text = self._held + delta
-        cut = min((i for i in (text.find(s) for s in self._stops) if i >= 0), default=-1)
-        if cut >= 0:
+        found = [(i, -len(s)) for i, s in ((text.find(s), s) for s in self._stops) if i >= 0]
+        if found:
+            cut, minus_len = min(found)
             self._held = ""
             self.stopped = True
-            return text[:cut], True
+            return text[:cut - minus_len if self._include else cut], True
         # Hold back the longest suffix of text that is a proper prefix of some stop sequence.
         keep = 0
         for s in self._stops:

@@ -51,6 +51,8 @@ from shoal.llm.engines._base import (
     hf_tokenize,
 )
 from shoal.llm.engines._hf_batch import BatchScheduler, batching_supported, check_batching_kwargs
+from shoal.llm.engines._hf_logits import LogprobRecorder, TokenTexts, logits_processors
+from shoal.llm.engines._json_mode import JsonMode
 
 __all__ = ["TransformersEngine", "pick_device"]
 
@@ -107,10 +109,12 @@ class _QueueStreamer:
     ``generate`` first puts the prompt (skipped here), then one token per step, then calls ``end``.
     """
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[Any], generated: _Counter) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[Any], generated: _Counter,
+                 recorder: LogprobRecorder | None = None) -> None:
         self._loop = loop
         self._queue = queue
         self._generated = generated
+        self._recorder = recorder
         self._prompt_seen = False
 
     def _send(self, item: Any) -> None:
@@ -125,47 +129,21 @@ class _QueueStreamer:
             return
         ids = [int(t) for t in value.reshape(-1).tolist()]
         self._generated.add(len(ids))
-        self._send(ids)
+        self._send((ids, self._recorder.take(ids) if self._recorder is not None else []))
 
     def end(self) -> None:
         self._send(_END)
-
-
-def _logits_adjuster(params: SamplingParams, prompt_tokens: int) -> Any:
-    """A logits processor adding ``logit_bias`` and subtracting the presence and frequency
-    penalties (over the generated tokens, as vLLM does); None when the request has neither.
-    ``generate`` runs it before the temperature and top-p warpers."""
-    presence, frequency = params.presence_penalty, params.frequency_penalty
-    if not params.logit_bias and not presence and not frequency:
-        return None
-    import torch
-    from transformers import LogitsProcessor
-
-    ids = [i for i, _ in params.logit_bias]
-    biases = [b for _, b in params.logit_bias]
-
-    class Adjust(LogitsProcessor):
-        def __call__(self, input_ids: Any, scores: Any) -> Any:
-            if ids:
-                index = torch.tensor(ids, device=scores.device)
-                scores = scores.index_add(1, index, torch.tensor(biases, dtype=scores.dtype, device=scores.device)
-                                          .expand(scores.shape[0], -1))
-            generated = input_ids[:, prompt_tokens:]
-            if (presence or frequency) and generated.shape[1]:
-                ones = torch.ones_like(generated, dtype=scores.dtype)
-                counts = torch.zeros_like(scores).scatter_add(1, generated, ones)
-                scores = scores - frequency * counts - presence * (counts > 0).to(scores.dtype)
-            return scores
-
-    return Adjust()
 
 
 class TransformersEngine:
     """Hugging Face transformers on CPU or GPU; see the module docstring for its kwargs."""
 
     name = "transformers"
-    #: The optional sampling parameters this engine applies (LLMServer refuses the others).
-    sampling_features = frozenset({"logit_bias", "penalties"})
+    #: The optional sampling parameters this engine applies (LLMServer refuses the others:
+    #: ``structured_outputs`` other than JSON mode, ``tools``). ``n`` is LLMServer's: n generations.
+    sampling_features = frozenset({"logit_bias", "penalties", "logprobs", "json_object", "top_k", "min_p",
+                                   "repetition_penalty", "min_tokens", "stop_token_ids", "skip_special_tokens",
+                                   "allowed_token_ids"})
 
     def __init__(self, model_source: str, *, device: str = "auto", dtype: str = "auto", max_concurrency: int = 1,
                  default_max_tokens: int = 256, trust_remote_code: bool = False, torch_threads: int | None = None,
@@ -193,6 +171,8 @@ class TransformersEngine:
         self.max_context: int | None = None
         self._eos_ids: set[int] = set()
         self._pad_id: int | None = None
+        self._token_texts: TokenTexts | None = None
+        self._json_vocabulary: Any = None  # built on the first JSON-mode request (_hf_logits.json_vocabulary)
         self._pool: ThreadPoolExecutor | None = None
         self._slots: asyncio.Semaphore | None = None
         # peft switches adapters on the shared model, so generations must not overlap once one is loaded.
@@ -240,6 +220,13 @@ class TransformersEngine:
             else:
                 logger.warning("continuous batching is off for %s: %s", self.model_source, why_not)
         logger.info("loaded %s on %s (%s), context %s", self.model_source, self.device, dtype, self.max_context)
+
+    @property
+    def token_texts(self) -> TokenTexts:
+        """Each token's text (log probabilities, JSON mode), built on first use."""
+        if self._token_texts is None:
+            self._token_texts = TokenTexts(self.tokenizer)
+        return self._token_texts
 
     # -- prompts
     def render_chat(self, messages: Sequence[Mapping[str, str]]) -> str:
@@ -314,15 +301,21 @@ class TransformersEngine:
         return switched()
 
     def _generate_kwargs(self, input_ids: Any, attention_mask: Any, params: SamplingParams, max_new: int,
-                         streamer: _QueueStreamer, stop_event: threading.Event) -> dict[str, Any]:
-        from transformers import StoppingCriteria, StoppingCriteriaList
+                         streamer: _QueueStreamer, stop_event: threading.Event, processors: list[Any],
+                         json_mode: JsonMode | None) -> dict[str, Any]:
+        from transformers import LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
+
+        prompt_tokens = int(input_ids.shape[1])
 
         class Cancelled(StoppingCriteria):
             def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
                 import torch
 
-                return torch.full((input_ids.shape[0],), stop_event.is_set(), dtype=torch.bool,
-                                  device=input_ids.device)
+                done = stop_event.is_set()
+                if json_mode is not None and not done:  # the JSON object is complete: stop there
+                    json_mode.advance([int(t) for t in input_ids[0, prompt_tokens:].tolist()])
+                    done = json_mode.complete
+                return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
 
         kwargs: dict[str, Any] = {
             "input_ids": input_ids,
@@ -335,14 +328,15 @@ class TransformersEngine:
         if params.greedy:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         else:
-            kwargs.update(do_sample=True, temperature=params.temperature, top_p=params.top_p, top_k=0)
-        if params.ignore_eos:
-            kwargs["min_new_tokens"] = max_new  # suppresses end-of-sequence until max_new tokens
-        adjust = _logits_adjuster(params, int(input_ids.shape[1]))
-        if adjust is not None:
-            from transformers import LogitsProcessorList
-
-            kwargs["logits_processor"] = LogitsProcessorList([adjust])
+            kwargs.update(do_sample=True, temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
+                          min_p=params.min_p or None)
+        if params.stop_token_ids:  # end-of-sequence (unless ignored) and the request's stop tokens end it
+            ends = set(params.stop_token_ids) | (set() if params.ignore_eos else self._eos_ids)
+            kwargs["eos_token_id"] = sorted(ends)
+        # ignore_eos and min_tokens mask end-of-sequence in the processors (transformers' own
+        # min_new_tokens processor would run before the log-probability recorder).
+        if processors:
+            kwargs["logits_processor"] = LogitsProcessorList(processors)
         return kwargs
 
     def _max_new_tokens(self, prompt_tokens: int, params: SamplingParams) -> int:
@@ -370,15 +364,8 @@ class TransformersEngine:
         attention_mask = enc["attention_mask"].to(self.device) if "attention_mask" in enc else None
         prompt_tokens = int(input_ids.shape[1])
         max_new = self._max_new_tokens(prompt_tokens, params)
-        vocab = getattr(self.model.config, "vocab_size", None)
-        outside = [i for i, _ in params.logit_bias if vocab is not None and i >= vocab]
-        if outside:
-            raise InvalidParameterError("logit_bias", f"logit_bias names token ids outside the vocabulary of "
-                                                      f"{vocab} tokens: {outside[:5]}.")
-        # logit_bias and the penalties are applied by a logits processor of the path below.
-        adjusted = bool(params.logit_bias or params.presence_penalty or params.frequency_penalty)
-        if (self._batcher is not None and not isinstance(adapter, _Adapter) and not adjusted
-                and self._batcher.handles(params)):
+        self._check_token_ids(params)
+        if self._batcher is not None and not isinstance(adapter, _Adapter) and self._batcher.handles(params):
             prompt_ids = [int(t) for t in enc["input_ids"][0].tolist()]
             async with contextlib.aclosing(self._batcher.generate(prompt_ids, params, max_new)) as stream:
                 async for out in stream:  # closing this generator closes that one (and drops the sequence)
@@ -387,8 +374,10 @@ class TransformersEngine:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Any] = asyncio.Queue()
         stop_event = threading.Event()
-        streamer = _QueueStreamer(loop, queue, self._generated)
-        kwargs = self._generate_kwargs(input_ids, attention_mask, params, max_new, streamer, stop_event)
+        processors, recorder, json_mode = logits_processors(self, params, prompt_tokens)
+        streamer = _QueueStreamer(loop, queue, self._generated, recorder)
+        kwargs = self._generate_kwargs(input_ids, attention_mask, params, max_new, streamer, stop_event, processors,
+                                       json_mode)
         adapter_name = adapter.name if isinstance(adapter, _Adapter) else None
 
         if self._slots is None:
@@ -409,28 +398,33 @@ class TransformersEngine:
         self._running += 1
         self._active.add(stop_event)
         ids: list[int] = []
+        logprobs: list[Any] = []
         emitted = ""
         finished = False
+        ends = set(params.stop_token_ids) | (set() if params.ignore_eos else self._eos_ids)
         try:
             while True:
                 item = await next_item(queue, job)
                 if item is _END:
                     break
-                ids.extend(item)
-                text = self.tokenizer.decode(ids, skip_special_tokens=True)
+                ids.extend(item[0])
+                logprobs.extend(item[1])
+                shown = ids[:-1] if ids[-1] in ends else ids  # a stop token's text is not part of the answer
+                text = self.tokenizer.decode(shown, skip_special_tokens=params.skip_special_tokens)
                 if text.endswith("\ufffd"):
                     continue  # an incomplete multi-byte character: wait for the next token
                 delta = text[len(emitted):] if text.startswith(emitted) else ""
                 emitted = text
                 if delta:
-                    yield EngineOutput(delta, prompt_tokens, len(ids))
+                    yield EngineOutput(delta, prompt_tokens, len(ids), logprobs=tuple(logprobs))
+                    logprobs = []
             await job  # re-raise an error of the generation thread
-            if ids and ids[-1] in self._eos_ids and not params.ignore_eos:
+            if (ids and ids[-1] in ends) or (json_mode is not None and json_mode.complete):
                 reason = "stop"
             else:
                 reason = "length" if len(ids) >= max_new else "stop"
             finished = True
-            yield EngineOutput("", prompt_tokens, len(ids), reason)
+            yield EngineOutput("", prompt_tokens, len(ids), reason, logprobs=tuple(logprobs))
         finally:
             stop_event.set()
             self._active.discard(stop_event)
@@ -439,6 +433,18 @@ class TransformersEngine:
             if not finished and not failed:  # a failed thread's error went to the caller (await job)
                 self._cancelled += 1
                 job.add_done_callback(_log_thread_error)
+
+    def _check_token_ids(self, params: SamplingParams) -> None:
+        """A 400 naming the field that names a token id outside the vocabulary."""
+        vocab = getattr(self.model.config, "vocab_size", None)
+        if vocab is None:
+            return
+        for param, ids in (("logit_bias", [i for i, _ in params.logit_bias]),
+                           ("stop_token_ids", params.stop_token_ids), ("allowed_token_ids", params.allowed_token_ids)):
+            outside = [i for i in ids if i >= vocab]
+            if outside:
+                raise InvalidParameterError(param, f"{param} names token ids outside the vocabulary of {vocab} "
+                                                   f"tokens: {outside[:5]}.")
 
     @property
     def max_model_len(self) -> int | None:

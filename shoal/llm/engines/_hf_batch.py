@@ -236,11 +236,13 @@ class BatchScheduler:
                     raise BatchStepError(f"generation failed in the batching step thread: {item!r}") from item
                 token, reason = item
                 seq.read += 1
+                if reason == "stop" and token in seq.stop_ids:
+                    continue  # a stop token's text is not part of the answer (and reason ends the loop)
                 delta = decoder.add(token)
                 if delta:
-                    yield EngineOutput(delta, prompt_tokens, decoder.count)
+                    yield EngineOutput(delta, prompt_tokens, seq.read)
             finished = True
-            yield EngineOutput("", prompt_tokens, decoder.count, reason)
+            yield EngineOutput("", prompt_tokens, seq.read, reason)
         finally:
             engine._running -= 1
             if not finished:
