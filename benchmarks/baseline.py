@@ -162,6 +162,9 @@ METRICS: tuple[Metric, ...] = (
     Metric("coldstart", "cold start (median)", "coldstart", ("median_s",), False, "s"),
     Metric("memory", "idle memory (PSS)", "memory", ("pss_mb",), False, "MB"),
     Metric("idle_cpu", "idle CPU", "memory", ("idle_cpu_cores",), False, "cores", floor=0.01),
+    Metric("grpc_unary_c1_p50", "gRPC unary c1 p50", "grpc", ("unary", "c1", "p50_ms"), False, "ms"),
+    Metric("grpc_unary_c16", "gRPC unary c16", "grpc", ("unary", "c16", "calls_per_s"), True, "calls/s"),
+    Metric("grpc_stream_c16", "gRPC streaming c16", "grpc", ("stream", "c16", "messages_per_s"), True, "messages/s"),
 )
 
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-WORKLOADS = ("echo", "pipeline3", "handle", "payload", "stream", "batch", "coldstart", "memory")
+WORKLOADS = ("echo", "pipeline3", "handle", "payload", "stream", "batch", "coldstart", "memory", "grpc")
 FRAMEWORKS = ("shoal", "ray", "bare")
 
 
@@ -31,6 +31,8 @@ class Settings:
     stream_tokens: int = 1000
     coldstart_runs: int = 3
     idle_s: float = 5.0
+    grpc_callers: tuple[int, ...] = (1, 16)  # concurrent grpc.aio callers, unary and streaming alike
+    grpc_stream_messages: int = 100  # replies per server-streaming call
     startup_timeout_s: float = 180.0
 
     @staticmethod

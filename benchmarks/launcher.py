@@ -3,7 +3,9 @@
     BENCH_FRAMEWORK=shoal|ray [BENCH_ROOT=TREE] python benchmarks/launcher.py APP --port PORT [--bench handle|batch ...]
 
 The launcher is the driver process: it calls ``serve.start(http_options=...)`` and
-``serve.run(app)`` from the app module (``benchmarks/apps/APP.py``), prints ``READY`` and then
+``serve.run(app)`` from the app module (``benchmarks/apps/APP.py``; with ``--grpc-port``, also
+``grpc_options=gRPCOptions(port=..., grpc_servicer_functions=APP.GRPC_SERVICER_FUNCTIONS)``,
+the class the app imported from its framework), prints ``READY`` and then
 either blocks until SIGTERM/SIGINT, or, with ``--bench``, drives the app through the handle that
 ``serve.run`` returned and writes the measurements as JSON to ``--out``. Either way it ends with
 ``serve.shutdown()`` (and ``ray.shutdown()`` for Ray). The runner starts it in a new session
@@ -123,6 +125,8 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=500)
     parser.add_argument("--callers", type=int, default=64)
     parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--grpc-port", type=int, default=None,
+                        help="also serve gRPC on this port: grpc_options with the app's GRPC_SERVICER_FUNCTIONS")
     parser.add_argument("--ray-num-cpus", type=int, default=None,
                         help="Ray only: logical CPUs for ray.init (each Ray replica reserves 1 by default)")
     args = parser.parse_args()
@@ -149,7 +153,11 @@ def main() -> None:
     serve = module.serve
     result: dict[str, Any] | None = None
     try:
-        serve.start(http_options={"host": "127.0.0.1", "port": args.port})
+        options: dict[str, Any] = {"http_options": {"host": "127.0.0.1", "port": args.port}}
+        if args.grpc_port is not None:  # the same gRPCOptions fields for both (the app imports the class)
+            options["grpc_options"] = module.gRPCOptions(port=args.grpc_port,
+                                                         grpc_servicer_functions=module.GRPC_SERVICER_FUNCTIONS)
+        serve.start(**options)
         handle = serve.run(module.app, name="bench", route_prefix="/")
         # Installed only now: ray.init() puts in its own SIGTERM handler, which would end the driver
         # without serve.shutdown() and orphan some of Ray's processes.

@@ -57,6 +57,10 @@ def _fmt_rps(r: dict[str, Any] | None, unit: str = "req/s") -> str:
     return text
 
 
+def _grpc_errors(v: dict[str, Any]) -> str:
+    return f" ({v['errors']} failed calls, first: {v['first_error']})" if v.get("errors") else ""
+
+
 def build_rows(results: dict[str, Any]) -> list[Row]:
     rows: list[Row] = []
 
@@ -142,6 +146,26 @@ def build_rows(results: dict[str, Any]) -> list[Row]:
                                       for fw, v in st.items()},
                     q, f"{q:.2f}x tokens/s" if q else "—", "tokens/s better than Ray's",
                     None if q is None else q > 1, q, 1.0))
+    # gRPC echo (grpc_echo.py): unary and server streaming through each framework's gRPC ingress.
+    for kind in ("unary", "stream"):
+        for c in sorted({int(k[1:]) for fw in ("shoal", "ray")
+                         for k in (_get(results, "grpc", fw, kind) or {})}):
+            g = {fw: _get(results, "grpc", fw, kind, f"c{c}") for fw in ("shoal", "ray")}
+            callers = f"{c} caller{'s' if c > 1 else ''}"
+            if kind == "unary":
+                metric, label = "calls_per_s", f"gRPC unary echo, {callers} (calls/s, p50 / p99)"
+                cells = {fw: f"{v['calls_per_s']:,.0f} calls/s, {v['p50_ms']:.2f} / {v['p99_ms']:.2f} ms"
+                         + _grpc_errors(v) if v else "—" for fw, v in g.items()}
+            else:
+                n = _get(results, "grpc", "shoal", "messages_per_stream") or _get(
+                    results, "grpc", "ray", "messages_per_stream")
+                metric = "messages_per_s"
+                label = f"gRPC server streaming, {n} messages per call, {callers} (messages/s, first message p50)"
+                cells = {fw: f"{v['messages_per_s']:,.0f} messages/s, {v['ttfm_p50_ms']:.2f} ms" + _grpc_errors(v)
+                         if v else "—" for fw, v in g.items()}
+            q = ratio(g["shoal"] and g["shoal"][metric], g["ray"] and g["ray"][metric])
+            rows.append(Row(f"grpc_{kind}_c{c}", label, {**cells, "bare": "—"}, q,
+                            f"{q:.1f}x {metric.split('_')[0]}/s" if q else "—", "", None))
     # Batching.
     bt = {fw: results.get("batch", {}).get(fw) for fw in ("shoal", "ray")}
     q = ratio(bt["shoal"] and bt["shoal"]["fraction_of_ideal"], bt["ray"] and bt["ray"]["fraction_of_ideal"])
@@ -222,11 +246,12 @@ def machine_info() -> dict[str, str]:
 def write_markdown(path: str, rows: list[Row], meta: dict[str, Any]) -> None:
     m = meta["machine"]
     cfg = meta["settings"]
+    command = meta.get("command") or ("python benchmarks/run.py" + (" --quick" if cfg["quick"] else "")
+                                      + (f" --baseline {meta['baseline']['ref']}" if meta.get("baseline") else ""))
     lines = [
         "# shoal vs Ray Serve: benchmark results",
         "",
-        "Produced by `python benchmarks/run.py" + (" --quick" if cfg["quick"] else "")
-        + (f" --baseline {meta['baseline']['ref']}" if meta.get("baseline") else "") + "` "
+        f"Produced by `{command}` "
         "(see [README.md](README.md) for what each workload does and how it is measured).",
         "",
         f"- Machine: {m.get('cpu', '?')}, {m['cores']} cores, {m.get('ram', '?')} RAM; {m['os']}",
@@ -239,11 +264,15 @@ def write_markdown(path: str, rows: list[Row], meta: dict[str, Any]) -> None:
         f"- Date: {m['date']}; suite wall time {meta['wall_s'] / 60:.1f} min; "
         f"wrk runs of {cfg['duration_s']:g} s after a {cfg['warmup_s']:g} s warm-up, one wrk thread",
     ]
+    if meta.get("rounds"):
+        lines.append(f"- {len(meta['rounds'])} rounds: each number of this run is the median of its rounds "
+                     "(results.json keeps every round under `rounds`)")
     for run in meta.get("earlier_runs") or []:
         rm = run.get("machine", {})
-        lines.append(f"- Merged with an earlier run: {rm.get('date', '?')}, shoal {rm.get('shoal', '?')}, "
+        lines.append(f"- Merged with an earlier run: {rm.get('date', '?')}"
+                     + (f" (`{run['command']}`)" if run.get("command") else "") + f", shoal {rm.get('shoal', '?')}, "
                      f"{run.get('wall_s', 0) / 60:.1f} min; the entries measured in the latest run are "
-                     f"{', '.join(meta['measured'])}")
+                     f"{', '.join(dict.fromkeys(meta['measured']))}")
     bg = meta.get("background_cpu") or []
     if bg:
         lines.append(f"- CPU busy with other processes just before each measurement: mean {statistics.fmean(bg):.0%}, "
@@ -268,12 +297,13 @@ def write_markdown(path: str, rows: list[Row], meta: dict[str, Any]) -> None:
                   + ", ".join(f"{k}: {v}" for k, v in meta["leftovers"].items()), ""]
     if meta.get("failures"):
         lines += ["Failures:", ""] + [f"- {k}: {v}" for k, v in meta["failures"].items()] + [""]
-    # Sections other scripts keep in this file (llm_batching.py's) survive the rewrite.
+    # Sections other scripts keep in this file (llm_batching.py's, payload_shm.py's) survive the rewrite.
     with suppress(OSError), open(path) as f:
         old = f.read()
-        if "<!-- llm-batching:start -->" in old and "<!-- llm-batching:end -->" in old:
-            kept = old[old.index("<!-- llm-batching:start -->"):old.index("<!-- llm-batching:end -->")]
-            lines += ["", kept + "<!-- llm-batching:end -->", ""]
+        for name in ("llm-batching", "payload-shm"):
+            start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+            if start in old and end in old:
+                lines += ["", old[old.index(start):old.index(end)] + end, ""]
     with open(path, "w") as f:
         f.write("\n".join(lines))
 

@@ -3,7 +3,7 @@
     python benchmarks/run.py [--quick] [--only NAME,...] [--framework shoal|ray|bare|baseline|both|all|LIST]
                              [--baseline REF [--baseline-tolerance FRACTION]]
 
-Workloads (``--only``): echo, pipeline3, handle, payload, stream, batch, coldstart, memory.
+Workloads (``--only``): echo, pipeline3, handle, payload, stream, batch, coldstart, memory, grpc.
 Frameworks: ``both`` (the default) and ``all`` mean shoal, Ray Serve and the bare-uvicorn limit.
 ``--baseline REF`` adds shoal at the git ref REF (a worktree of it; see ``baseline.py``) as one
 more column, measured next to the working tree's shoal workload by workload, and a table of the
@@ -42,6 +42,7 @@ if ROOT not in sys.path:  # run as a script, sys.path[0] is benchmarks/ and not 
     sys.path.insert(0, ROOT)
 
 from benchmarks import baseline as bl  # noqa: E402
+from benchmarks import grpc_echo  # noqa: E402
 from benchmarks.common import FRAMEWORKS, WORKLOADS, Settings, log  # noqa: E402
 from benchmarks.load import sequential_gets, streams, wrk, wrk_series  # noqa: E402
 from benchmarks.procs import (  # noqa: E402
@@ -132,6 +133,10 @@ class Server:
         if SHOAL_FILES.get(self.framework) != path:
             log(f"  {self.framework}: shoal imported from {path}")
             SHOAL_FILES[self.framework] = path
+
+    def exited(self) -> int | None:
+        """The launcher's exit code once it has ended, else None."""
+        return None if self.proc is None else self.proc.poll()
 
     def log_tail(self, n: int = 30) -> str:
         with open(self.log_path, errors="replace") as f:
@@ -330,6 +335,27 @@ def w_batch(fw: str, cfg: Settings, workdir: str) -> dict[str, Any]:
     return res
 
 
+def w_grpc(fw: str, cfg: Settings, workdir: str) -> dict[str, Any]:
+    """gRPC echo (``grpc_echo.py``): unary and server-streaming calls through the framework's gRPC ingress."""
+    folder = grpc_echo.compile_proto(workdir)
+    grpc_port = free_port()
+    server = Server(fw, grpc_echo.APP, workdir, extra=["--grpc-port", str(grpc_port)])
+    if fw == bl.BASELINE and not os.path.exists(os.path.join(server.tree, "shoal", "grpc_util.py")):
+        raise RuntimeError(f"shoal in {server.tree} has no gRPC ingress (no shoal/grpc_util.py)")
+    # The generated modules, for the launcher, the proxy and the replicas (Ray's workers inherit it too).
+    server.env["PYTHONPATH"] = os.pathsep.join((server.env["PYTHONPATH"], folder))
+    target = f"127.0.0.1:{grpc_port}"
+    server.start()
+    try:
+        waited = grpc_echo.wait_ready(target, folder, server, cfg.startup_timeout_s)
+        server.check_tree()
+        log(f"    first gRPC answer {waited:.1f} s after spawn")
+        return grpc_echo.drive(target, folder, cfg.grpc_callers, cfg.grpc_stream_messages, cfg.duration_s,
+                               cfg.warmup_s)
+    finally:
+        server.stop()
+
+
 def w_coldstart(fw: str, cfg: Settings, workdir: str) -> dict[str, Any]:
     times = []
     for _ in range(cfg.coldstart_runs):
@@ -366,7 +392,7 @@ def w_memory(fw: str, cfg: Settings, workdir: str) -> dict[str, Any]:
 
 RUNNERS: dict[str, Callable[[str, Settings, str], dict[str, Any]]] = {
     "echo": w_echo, "pipeline3": w_pipeline3, "handle": w_handle, "payload": w_payload, "stream": w_stream,
-    "batch": w_batch, "coldstart": w_coldstart, "memory": w_memory,
+    "batch": w_batch, "coldstart": w_coldstart, "memory": w_memory, "grpc": w_grpc,
 }
 
 
@@ -407,7 +433,7 @@ class Suite:
             return Suite({}, {}, {}, [], [], [])
         with open(json_path) as f:
             old = json.load(f)
-        previous = {k: old[k] for k in ("machine", "wall_s", "measured") if k in old}
+        previous = {k: old[k] for k in ("machine", "wall_s", "measured", "command") if k in old}
         return Suite(old.get("results", {}), old.get("failures", {}), old.get("leftovers", {}),
                      [*old.get("earlier_runs", []), previous], [], [])
 
@@ -548,7 +574,8 @@ def main() -> None:
     if machine["shoal"] != shoal_at_start:
         log(f"shoal changed during the run: {shoal_at_start} -> {machine['shoal']}")
         machine["shoal"] = f"{shoal_at_start} (at the start; {machine['shoal']} at the end)"
-    meta = {"machine": machine, "settings": cfg.__dict__, "wall_s": wall, "failures": suite.failures,
+    meta = {"command": " ".join(["python benchmarks/run.py", *sys.argv[1:]]),
+            "machine": machine, "settings": cfg.__dict__, "wall_s": wall, "failures": suite.failures,
             "leftovers": suite.leftovers, "workdir": workdir, "background_cpu": suite.background,
             "measured": suite.measured, "earlier_runs": suite.earlier_runs, "baseline": baseline_meta,
             "shoal_imported_from": dict(SHOAL_FILES), "rounds": rounds if len(rounds) > 1 else None}
