@@ -5,7 +5,8 @@ It opens with a mutual HMAC handshake on the instance secret (or, during a rotat
 of the secrets both peers accept); until it succeeds, frames are compared as raw bytes and
 nothing is unpickled. Over TCP (between pods) the connection may run inside mutual TLS
 (:class:`TcpSecurity`), the handshake then running inside it. After it, payloads are pickles (protocol 5,
-cloudpickle for user values so classes from ``__main__`` travel by value).
+cloudpickle for user values so classes from ``__main__`` travel by value); on a Unix socket, user
+values with large buffers (numpy arrays, tensors) travel through shared memory (:mod:`shoal.runtime.shm`).
 
 Data-plane messages are plain tuples (cheap to pickle), their first two fields always the
 kind and the per-connection request id:
@@ -45,6 +46,9 @@ from enum import StrEnum
 from typing import Any, NamedTuple
 
 from shoal.observability.buckets import LATENCY_BUCKETS_MS as _LATENCY_BUCKETS_MS
+from shoal.runtime.shm import ShmLink, attach
+from shoal.runtime.wire_address import join_host_port as join_host_port
+from shoal.runtime.wire_address import split_host_port as split_host_port
 from shoal.runtime.wire_auth import HANDSHAKE_MAX, KEY_ID, NONCE, mac, refusals, tcp_ring
 from shoal.runtime.wire_auth import MAC as MAC
 from shoal.runtime.wire_auth import MAX_SECRETS as MAX_SECRETS
@@ -57,7 +61,7 @@ from shoal.runtime.wire_auth import same_user_only as same_user_only
 from shoal.runtime.wire_auth import secret_ring as secret_ring
 from shoal.runtime.wire_auth import set_tcp_security as set_tcp_security
 from shoal.runtime.wire_auth import tcp_security as tcp_security
-from shoal.runtime.wire_codec import IN_PLACE_BYTES, OOB, OOB_HEAD, OOB_LEN, decode
+from shoal.runtime.wire_codec import IN_PLACE_BYTES, OOB, OOB_HEAD, OOB_LEN, PICKLE, decode
 from shoal.runtime.wire_codec import dumps as dumps
 from shoal.runtime.wire_codec import dumps_user as dumps_user
 
@@ -282,6 +286,8 @@ class FramedProtocol(asyncio.Protocol):
     # read; a reason to refuse the peer (closes the connection, fails ``ready`` with
     # AuthError) or None. Unix sockets refuse peers of another user (:func:`same_user_only`).
     peer_check: Callable[[asyncio.BaseTransport], str | None] | None = None
+    # Local (Unix-socket) connections: large user values travel through shared memory (shoal.runtime.shm).
+    shm: ShmLink | None = None
 
     def __init__(
         self,
@@ -338,18 +344,18 @@ class FramedProtocol(asyncio.Protocol):
             if self._state == 2:
                 try:
                     if size < IN_PLACE_BYTES:
-                        frame = buf[start:pos]
-                        msg = pickle.loads(frame) if frame[0] != OOB else decode(memoryview(frame), 0, size)
+                        f = buf[start:pos]
+                        msg = pickle.loads(f) if f[0] == PICKLE else decode(memoryview(f), 0, size, self.shm)
                     else:
                         # Decoded in place: a large frame is not copied whole before unpickling.
                         with memoryview(buf) as view:
-                            msg = decode(view, start, pos)
+                            msg = decode(view, start, pos, self.shm)
                 except Exception:
                     logger.exception("undecodable frame; closing connection")
                     self._abort()
                     return
                 self.frame_size = size
-                if self.on_message is not None:
+                if self.on_message is not None and msg is not None:
                     try:
                         self.on_message(self, msg)
                     except Exception:
@@ -364,6 +370,8 @@ class FramedProtocol(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        if self.shm is not None:
+            self.shm.lost()
         if not self.ready.done():
             self.ready.set_exception(exc or ConnectionError("connection closed during handshake"))
             self.ready.exception()  # mark retrieved
@@ -444,8 +452,11 @@ class FramedProtocol(asyncio.Protocol):
         self.send_bytes(dumps(msg))
 
     def send_user(self, msg: Any) -> None:
-        """Send a message that carries user values."""
-        self.send_bytes(dumps_user(msg))
+        """Send a message that carries user values (large ones through shared memory, where local)."""
+        if self.shm is not None:
+            self.shm.send(msg)
+        else:
+            self.send_bytes(dumps_user(msg))
 
     def send_oob(self, msg: Any) -> None:
         """Send a message of plain data whose ``pickle.PickleBuffer`` values (request bodies)
@@ -499,6 +510,7 @@ async def connect_unix(
     def factory() -> FramedProtocol:
         proto = FramedProtocol(secret, False, on_message, on_close)
         proto.peer_check = same_user_only(path, server_side=False)
+        attach(proto, path)
         return proto
 
     return await _handshaken(loop.create_unix_connection(factory, path), timeout)
@@ -530,6 +542,7 @@ async def serve_unix(
     def factory() -> FramedProtocol:
         proto = FramedProtocol(secret, True, on_ready=on_connect)
         proto.peer_check = same_user_only(path, server_side=True)  # before the nonce is sent
+        attach(proto, path)
         return proto
 
     if os.path.exists(path):
@@ -541,23 +554,6 @@ async def serve_unix(
         os.umask(old)
     os.chmod(path, 0o600)
     return server
-
-
-def split_host_port(address: str) -> tuple[str, int] | None:
-    """``("host", port)`` for a ``host:port`` (or ``[v6]:port``) address; None for a Unix socket path."""
-    if address.startswith("/") or ":" not in address:
-        return None
-    host, _, port = address.rpartition(":")
-    if not port.isdigit() or not host:
-        return None
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    return host, int(port)
-
-
-def join_host_port(host: str, port: int) -> str:
-    """The ``host:port`` form of an address (IPv6 hosts in brackets)."""
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 async def connect_tcp(

@@ -9,7 +9,7 @@ from typing import Any
 
 import cloudpickle
 
-__all__ = ["IN_PLACE_BYTES", "OOB", "OOB_HEAD", "OOB_LEN", "decode", "dumps", "dumps_user"]
+__all__ = ["ACK", "IN_PLACE_BYTES", "OOB", "OOB_HEAD", "OOB_LEN", "PICKLE", "SHM", "decode", "dumps", "dumps_user"]
 
 
 def dumps(msg: Any) -> bytes:
@@ -29,14 +29,23 @@ def dumps_user(msg: Any) -> bytes:
 # out-of-band buffers: (OOB, pickle length, buffer count), each buffer's length, the pickle,
 # then the buffers (FramedProtocol.send_oob).
 OOB = 0
+# A frame whose first byte is SHM carries a message whose buffers lie in a shared-memory segment,
+# one whose first byte is ACK says such a segment was mapped (shoal.runtime.shm; local connections only).
+SHM, ACK = 1, 2
+PICKLE = 0x80  # the first byte of every pickle (protocol 2 and up)
 # Frames from this size on are unpickled in place in the receive buffer (smaller ones are copied).
 IN_PLACE_BYTES = 64 * 1024
 OOB_HEAD = struct.Struct(">BII")
 OOB_LEN = struct.Struct(">Q")
 
 
-def decode(view: memoryview, start: int, end: int) -> Any:
-    """The message in ``view[start:end]``, a frame's payload."""
+def decode(view: memoryview, start: int, end: int, link: Any = None) -> Any:
+    """The message in ``view[start:end]``, a frame's payload (None: nothing for the connection's
+    owner). ``link``: the connection's :class:`~shoal.runtime.shm.ShmLink`, None if it has none."""
+    if view[start] in (SHM, ACK):
+        if link is None:
+            raise ValueError("shared-memory frame on a connection that cannot carry one")
+        return link.receive(view[start:end])
     if view[start] != OOB:
         return pickle.loads(view[start:end])
     _, head_len, count = OOB_HEAD.unpack_from(view, start)

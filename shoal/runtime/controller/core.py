@@ -20,6 +20,7 @@ from typing import Any
 from shoal.deployment import AppSpec
 from shoal.exceptions import DeployError
 from shoal.observability.controller_metrics import ControllerMetrics
+from shoal.runtime import shm
 from shoal.runtime.controller import health
 from shoal.runtime.controller.admin import Handler, admin_table, serve_call
 from shoal.runtime.controller.availability import Supply, progress, status_message, unavailable
@@ -145,6 +146,7 @@ class Controller:
     # ---- start / stop -----------------------------------------------------------------------
     async def start(self) -> None:
         os.makedirs(self.settings.run_dir, mode=0o700, exist_ok=True)
+        shm.prepare(self.settings.run_dir)  # checks $SHOAL_SHM_THRESHOLD_BYTES; removes dead processes' segments
         self.metrics.prepare()
         # The API keys variable: fronts get the keys over their socket, no child needs it.
         withhold_env(self.settings.http.api_keys_env)
@@ -207,6 +209,7 @@ class Controller:
         self.store.clear()  # a deliberate shutdown: the next start begins empty
         self.store.close()
         self.metrics.remove()
+        shm.remove_dir(self.settings.run_dir)
         self.stopped.set()
 
     # ---- a detached instance's memory: restore and adopt --------------------------------------
