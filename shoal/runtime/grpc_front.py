@@ -123,8 +123,10 @@ class GRPCFront:
     """The gRPC server of a proxy process: routes calls to ingress deployments by router."""
 
     def __init__(self, source: RouterSource, options: GRPCFrontOptions, methods: dict[str, MethodSpec],
-                 api_keys: Sequence[str] = (), auth: str = "", max_message_bytes: int = 100 * 1024 * 1024) -> None:
+                 api_keys: Sequence[str] = (), auth: str = "", max_message_bytes: int = 100 * 1024 * 1024,
+                 credentials: Any = None) -> None:
         self.source = source
+        self.credentials = credentials  # grpc.ServerCredentials: TLS as the HTTP port has it; None: plaintext
         self.options = options
         self.methods = methods
         self.table = RouteTable()
@@ -145,14 +147,16 @@ class GRPCFront:
         ])
         server.add_generic_rpc_handlers((_Dispatch(self._handlers),))
         try:
-            port = server.add_insecure_port(self.options.address)
+            port = (server.add_secure_port(self.options.address, self.credentials) if self.credentials is not None
+                    else server.add_insecure_port(self.options.address))
         except RuntimeError as e:
             raise RuntimeError(f"cannot serve gRPC on {self.options.address}: {e}") from None
         if not port:
             raise RuntimeError(f"cannot serve gRPC on {self.options.address}")
         await server.start()
         self.server, self.port = server, port
-        logger.info("serving gRPC on %s (%d methods)", self.options.address, len(self.methods))
+        logger.info("serving gRPC%s on %s (%d methods)", " over TLS" if self.credentials is not None else "",
+                    self.options.address, len(self.methods))
         return int(port)
 
     async def stop(self, grace: float | None) -> None:
@@ -358,9 +362,35 @@ class _Dispatch(grpc.GenericRpcHandler):  # type: ignore[misc]
         return self._handlers.get(handler_call_details.method)
 
 
+def server_credentials(http: Any) -> Any:
+    """gRPC server credentials from the HTTP options' TLS settings (``ssl_certfile``, ``ssl_keyfile``,
+    ``ssl_keyfile_password``; ``ssl_ca_certs`` requires client certificates, mutual TLS), so the
+    gRPC port is as protected as the HTTP one; None without TLS."""
+    if not getattr(http, "ssl_certfile", None):
+        return None
+    with open(http.ssl_certfile, "rb") as f:
+        cert = f.read()
+    with open(http.ssl_keyfile, "rb") as f:
+        key = f.read()
+    if http.ssl_keyfile_password:
+        try:
+            from cryptography.hazmat.primitives import serialization
+        except ImportError:
+            raise RuntimeError("gRPC over TLS with an encrypted ssl_keyfile needs the `cryptography` package "
+                               "(pip install 'shoal[grpc]')") from None
+        private = serialization.load_pem_private_key(key, password=http.ssl_keyfile_password.encode())
+        key = private.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                    serialization.NoEncryption())
+    ca = None
+    if http.ssl_ca_certs:
+        with open(http.ssl_ca_certs, "rb") as f:
+            ca = f.read()
+    return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=ca is not None)
+
+
 def load_front(source: RouterSource, options: GRPCFrontOptions, api_keys: Sequence[str] = (), auth: str = "",
                max_message_bytes: int = 100 * 1024 * 1024,
-               importer: Callable[[str, str], Callable[..., Any]] | None = None) -> GRPCFront:
+               importer: Callable[[str, str], Callable[..., Any]] | None = None, credentials: Any = None) -> GRPCFront:
     """A :class:`GRPCFront` for ``options``: its servicer functions imported and read."""
     from shoal._grpc_options import import_servicer_function
     from shoal.runtime.grpc_methods import load_methods
@@ -368,4 +398,4 @@ def load_front(source: RouterSource, options: GRPCFrontOptions, api_keys: Sequen
     get = importer or import_servicer_function
     field = "grpc_options.grpc_servicer_functions"
     functions = [(path, get(path, f"{field}[{i}]")) for i, path in enumerate(options.servicer_functions)]
-    return GRPCFront(source, options, load_methods(functions, field), api_keys, auth, max_message_bytes)
+    return GRPCFront(source, options, load_methods(functions, field), api_keys, auth, max_message_bytes, credentials)

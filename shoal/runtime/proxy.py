@@ -328,10 +328,11 @@ def _grpc_front(boot: ProxyBootstrap, client: ControllerClient) -> Any:
     """The gRPC ingress (shoal.runtime.grpc_front) when gRPC is configured, else None."""
     if boot.grpc is None:
         return None
-    from shoal.runtime.grpc_front import load_front
+    from shoal.runtime.grpc_front import load_front, server_credentials
 
     try:
-        return load_front(client, boot.grpc, boot.http.api_keys, boot.http.auth, boot.http.max_request_body_bytes)
+        return load_front(client, boot.grpc, boot.http.api_keys, boot.http.auth, boot.http.max_request_body_bytes,
+                          credentials=server_credentials(boot.http))
     except Exception as e:
         logger.error("cannot start the gRPC ingress: %s", e)
         raise
