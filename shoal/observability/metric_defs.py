@@ -28,6 +28,10 @@ HTTP_ERRORS = "ray_serve_num_http_error_requests"
 HTTP_DEPLOYMENT_ERRORS = "ray_serve_num_deployment_http_error_requests"
 HTTP_LATENCY = "ray_serve_http_request_latency_ms"
 HTTP_ONGOING = "ray_serve_num_ongoing_http_requests"
+# gRPC, written by the proxy process's gRPC ingress (``method`` is the RPC's path, ``status_code`` its code's name).
+GRPC_REQUESTS = "ray_serve_num_grpc_requests"
+GRPC_ERRORS = "ray_serve_num_grpc_error_requests"
+GRPC_LATENCY = "ray_serve_grpc_request_latency_ms"
 # Replicas.
 REQUESTS = "ray_serve_deployment_request_counter"
 ERRORS = "ray_serve_deployment_error_counter"
@@ -98,6 +102,11 @@ METRICS: tuple[MetricDef, ...] = (
               "Time from receiving an HTTP request to its response's end, in milliseconds.", "http",
               LATENCY_BUCKETS_MS),
     MetricDef(HTTP_ONGOING, "gauge", _WHO, "HTTP requests this process is serving now.", "http"),
+    MetricDef(GRPC_REQUESTS, "counter", _HTTP, "gRPC calls answered, by route, RPC method and status code.", "grpc"),
+    MetricDef(GRPC_ERRORS, "counter", _HTTP, "gRPC calls answered with a status other than OK.", "grpc"),
+    MetricDef(GRPC_LATENCY, "histogram", _HTTP,
+              "Time from receiving a gRPC call to its last response message, in milliseconds.", "grpc",
+              LATENCY_BUCKETS_MS),
     MetricDef(REQUESTS, "counter", (*_DEP, "replica", "route", *_WHO), "Requests the replica finished.", "replica"),
     MetricDef(ERRORS, "counter", (*_DEP, "replica", "route", *_WHO),
               "Requests the replica finished with an exception (HTTP: a 5xx response).", "replica"),

@@ -69,6 +69,9 @@ from shoal.observability.metric_defs import (
     DEPLOYMENT_STATUS_CODES,
     ERRORS,
     FLUSH_INTERVAL_S,
+    GRPC_ERRORS,
+    GRPC_LATENCY,
+    GRPC_REQUESTS,
     HTTP_DEPLOYMENT_ERRORS,
     HTTP_ERRORS,
     HTTP_LATENCY,
@@ -116,6 +119,9 @@ __all__ = [
     "DEPLOYMENT_STATUS_CODES",
     "ERRORS",
     "FLUSH_INTERVAL_S",
+    "GRPC_ERRORS",
+    "GRPC_LATENCY",
+    "GRPC_REQUESTS",
     "HTTP_DEPLOYMENT_ERRORS",
     "HTTP_ERRORS",
     "HTTP_LATENCY",
@@ -217,6 +223,7 @@ class ProcessMetrics:
         self.autoscaler_metrics = True
         # (app, deployment, route, method, status) -> latency histogram (ms) of finished HTTP requests.
         self.http: dict[tuple[str, str, str, str, int], _Hist] = {}
+        self.grpc: dict[tuple[str, str, str, str, str], _Hist] = {}
         # route -> latency histogram (ms) of requests this replica finished; ``errors`` counts failures.
         self.requests: dict[str, _Hist] = {}
         self.batches: dict[str, _Batch] = {}
@@ -282,6 +289,17 @@ class ProcessMetrics:
         h.n += 1
         h.total += ms
 
+    def grpc_done(self, app: str, deployment: str, route: str, method: str, code: str, started: float) -> None:
+        """A gRPC call to RPC ``method`` (its path) answered with status ``code`` (its name)."""
+        ms = (time.monotonic() - started) * 1000.0
+        key = (app, deployment, route, method, code)
+        h = self.grpc.get(key)
+        if h is None:
+            h = self.grpc[key] = _Hist(LATENCY_BUCKETS_MS)
+        h.counts[bisect_left(LATENCY_BUCKETS_MS, ms)] += 1
+        h.n += 1
+        h.total += ms
+
     def request_done(self, route: str, started: float, failed: bool) -> None:
         """A request this replica finished; ``started`` is its ``time.monotonic()``."""
         ms = (time.monotonic() - started) * 1000.0
@@ -337,6 +355,15 @@ class ProcessMetrics:
             if status >= 400:
                 prom.inc(HTTP_ERRORS, labels, h.n)
                 prom.inc(HTTP_DEPLOYMENT_ERRORS, labels, h.n)
+            h.reset()
+        for (app, dep, route, method, code), h in list(self.grpc.items()):
+            if not h.n:
+                continue
+            labels = (app, app, dep, route, method, code, ns, pod)
+            prom.inc(GRPC_REQUESTS, labels, h.n)
+            prom.add_hist(GRPC_LATENCY, labels, h)
+            if code != "OK":
+                prom.inc(GRPC_ERRORS, labels, h.n)
             h.reset()
         fronts = list(self.fronts)
         if fronts:

@@ -33,6 +33,7 @@ from shoal.exceptions import (
     RequestCancelledError,
 )
 from shoal.grpc_util import RayServegRPCContext
+from shoal.observability import metrics as _metrics
 from shoal.observability.logs import log_access
 from shoal.runtime.grpc_call import GRPC_KWARG, GRPCReply
 from shoal.runtime.grpc_methods import GRPCFrontOptions, MethodSpec
@@ -239,8 +240,10 @@ class GRPCFront:
         if not (0 < len(rid) <= _MAX_ID and rid.isascii() and rid.isprintable() and " " not in rid):
             rid = new_request_id()
 
-        async def refuse(code: grpc.StatusCode, details: str, route: str = "") -> NoReturn:
-            log_access("GRPC", spec.path, code.name, started, rid, route)
+        route_of: Route | None = None
+
+        async def refuse(code: grpc.StatusCode, details: str) -> NoReturn:
+            self._record(spec.path, code.name, started, rid, route_of)
             await context.abort(code, details, trailing_metadata=(("request_id", rid),))
             raise _Answered()  # not reached: abort raises
 
@@ -250,11 +253,11 @@ class GRPCFront:
         route, problem = self._route(values.get("application", ""), values.get("x-session-id", ""))
         if route is None:
             await refuse(grpc.StatusCode.NOT_FOUND, problem)
+        route_of = route
         try:
             request = spec.deserialize(raw) if spec.deserialize is not None else raw
         except Exception as e:
-            await refuse(grpc.StatusCode.INVALID_ARGUMENT, f"the request is not a valid message for {spec.path}: {e}",
-                         route[0])
+            await refuse(grpc.StatusCode.INVALID_ARGUMENT, f"the request is not a valid message for {spec.path}: {e}")
         ctx = RayServegRPCContext(md, context.peer() or "", spec.path)
         meta = RequestMeta(rid, stream=spec.response_streaming,
                            multiplexed_model_id=values.get("multiplexed_model_id", ""), route=route[0])
@@ -317,7 +320,7 @@ class GRPCFront:
         code, details = grpc_status(exc, call.timeout_s)
         if code is grpc.StatusCode.INTERNAL and not isinstance(exc, BadAnswer | RayTaskError):
             logger.error("gRPC request %s to %s failed: %s", call.meta.request_id, call.spec.path, details)
-        log_access("GRPC", call.spec.path, code.name, call.started, call.meta.request_id, call.route[0])
+        self._record(call.spec.path, code.name, call.started, call.meta.request_id, call.route)
         await context.abort(code, details, trailing_metadata=call.trailer)
         raise _Answered()  # not reached: abort raises
 
@@ -326,13 +329,20 @@ class GRPCFront:
         trailing = (*(_metadata_out(final.trailing_metadata()) if final is not None else ()), *call.trailer)
         code = _status_code(final.code()) if final is not None else None
         details = final.details() if final is not None else ""
-        log_access("GRPC", call.spec.path, (code or grpc.StatusCode.OK).name, call.started, call.meta.request_id,
-                   call.route[0])
+        self._record(call.spec.path, (code or grpc.StatusCode.OK).name, call.started, call.meta.request_id,
+                     call.route)
         if code is not None and code is not grpc.StatusCode.OK:
             await context.abort(code, details, trailing_metadata=trailing)
         context.set_trailing_metadata(trailing)
         if details:
             context.set_details(details)
+
+    @staticmethod
+    def _record(path: str, code: str, started: float, request_id: str, route: Route | None) -> None:
+        """The access-log line and the gRPC metrics of an answered call."""
+        log_access("GRPC", path, code, started, request_id, route[0] if route is not None else "")
+        app, deployment = (route[1], route[2]) if route is not None else ("", "")
+        _metrics.PROCESS.grpc_done(app, deployment, route[0] if route is not None else "", path, code, started)
 
     # -- ray.serve.RayServeAPIService
     async def _list_applications(self, raw: bytes, context: Any) -> bytes:

@@ -315,3 +315,30 @@ def test_bad_servicer_function_is_refused_before_start(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"grpc_options\.grpc_servicer_functions\[0\]: cannot import module "
                                          r"'no_such_module_pb2_grpc'"):
         api._parse_grpc_options({"grpc_servicer_functions": ["no_such_module_pb2_grpc.add_XServicer_to_server"]})
+
+
+def test_calls_are_counted_under_rays_grpc_metric_names(inst: GRPCInstance) -> None:
+    import httpx
+
+    inst.stub.Say(pb().EchoRequest(text="m"), metadata=md("a"), timeout=30)
+    with pytest.raises(grpc.RpcError):
+        inst.stub.Fail(pb().EchoRequest(text="m"), metadata=md("a"), timeout=30)
+    url = serve.status().http_address + "/metrics"
+
+    def page() -> str:
+        r = httpx.get(url, headers={"authorization": f"Bearer {KEY}"}, timeout=10)
+        return r.text if r.status_code == 200 else ""
+
+    def count(name: str, method: str, code: str) -> float:
+        total = 0.0
+        for line in page().splitlines():
+            if line.startswith(name + "{") and f'method="{method}"' in line and f'status_code="{code}"' in line \
+                    and 'deployment="Greeter"' in line:
+                total += float(line.rsplit(" ", 1)[1])
+        return total
+
+    assert wait_until(lambda: count("ray_serve_num_grpc_requests_total", "/shoaltest.Echo/Say", "OK") >= 1, 30)
+    assert wait_until(lambda: count("ray_serve_num_grpc_error_requests_total", "/shoaltest.Echo/Fail",
+                                    "INTERNAL") >= 1, 30)
+    assert count("ray_serve_grpc_request_latency_ms_count", "/shoaltest.Echo/Say", "OK") >= 1
+    assert count("ray_serve_num_grpc_error_requests_total", "/shoaltest.Echo/Say", "OK") == 0
