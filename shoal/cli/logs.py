@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import glob
 import os
-import stat
 import sys
 import time
 import zlib
@@ -23,7 +22,7 @@ from typing import IO
 import click
 
 from shoal.observability.logs import is_live, proxy_log_path, safe_name
-from shoal.observability.safefiles import open_for_reading, own_link_target
+from shoal.observability.safefiles import log_files, open_for_reading
 from shoal.observability.safetext import escape
 from shoal.runtime.rundir import InstanceNotFoundError, RunDir
 
@@ -85,20 +84,7 @@ def _linked_dir(d: str) -> bool:
 def _replica_files(directory: str) -> list[str]:
     """The log files in a deployment's folder, oldest first: regular files, and the links
     shoal made into a ``logs_dir`` (not anyone else's)."""
-    files: list[tuple[float, str]] = []
-    for p in glob.glob(os.path.join(glob.escape(directory), "*.log")):
-        try:
-            st = os.lstat(p)
-            if stat.S_ISLNK(st.st_mode):
-                target = own_link_target(p, st)
-                if target is None:
-                    continue
-                st = os.lstat(target)
-            if stat.S_ISREG(st.st_mode):
-                files.append((st.st_mtime, p))
-        except OSError:
-            continue
-    return [p for _, p in sorted(files)]
+    return [p for p, _ in sorted(log_files(directory), key=lambda f: (f[1], f[0]))]
 
 
 def _label(path: str) -> str:

@@ -13,18 +13,16 @@ hold secrets. :func:`scan` is the pure part (file contents in, entries out).
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 import re
-import stat
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from shoal.observability.logs import safe_name
-from shoal.observability.safefiles import open_for_reading, own_link_target
+from shoal.observability.safefiles import log_files, open_for_reading
 from shoal.observability.safetext import escape, escape_line
 
 __all__ = [
@@ -224,19 +222,7 @@ def deployment_files(logs_dir: str, app: str, deployment: str, live: Sequence[st
     directory = os.path.join(logs_dir, safe_name(app), safe_name(deployment))
     if os.path.islink(directory) or os.path.islink(os.path.dirname(directory)) or not os.path.isdir(directory):
         return []
-    found: list[tuple[str, str, float]] = []
-    for path in glob.glob(os.path.join(glob.escape(directory), "*.log")):
-        try:
-            st = os.lstat(path)
-            if stat.S_ISLNK(st.st_mode):
-                target = own_link_target(path, st)
-                if target is None:
-                    continue
-                st = os.lstat(target)
-            if stat.S_ISREG(st.st_mode):
-                found.append((os.path.basename(path)[:-4], path, st.st_mtime))
-        except OSError:
-            continue
+    found = [(os.path.basename(path)[:-4], path, mtime) for path, mtime in log_files(directory)]
     wanted = {safe_name(r) for r in live}
     found.sort(key=lambda f: (f[0] not in wanted, -f[2], f[0]))
     return found[:max(0, limit)]

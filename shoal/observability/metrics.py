@@ -204,6 +204,18 @@ class _Batch:
         self.execution = _Hist(LATENCY_BUCKETS_MS)
 
 
+def _observe_ms(hists: dict[Any, _Hist], key: Any, started: float) -> _Hist:
+    """Count the milliseconds since ``started`` (its ``time.monotonic()``) into ``hists[key]``."""
+    ms = (time.monotonic() - started) * 1000.0
+    h = hists.get(key)
+    if h is None:
+        h = hists[key] = _Hist(LATENCY_BUCKETS_MS)
+    h.counts[bisect_left(LATENCY_BUCKETS_MS, ms)] += 1
+    h.n += 1
+    h.total += ms
+    return h
+
+
 class ProcessMetrics:
     """This process's metrics: plain counters the request path adds to, flushed into
     prometheus-client once a second (or when a page is rendered).
@@ -278,37 +290,17 @@ class ProcessMetrics:
     # -- the request path: plain arithmetic only
     def http_done(self, app: str, deployment: str, route: str, method: str, status: int, started: float) -> None:
         """An HTTP request answered with ``status``; ``started`` is its ``time.monotonic()``."""
-        ms = (time.monotonic() - started) * 1000.0
         if method not in HTTP_METHODS:
             method = "OTHER"
-        key = (app, deployment, route, method, status)
-        h = self.http.get(key)
-        if h is None:
-            h = self.http[key] = _Hist(LATENCY_BUCKETS_MS)
-        h.counts[bisect_left(LATENCY_BUCKETS_MS, ms)] += 1
-        h.n += 1
-        h.total += ms
+        _observe_ms(self.http, (app, deployment, route, method, status), started)
 
     def grpc_done(self, app: str, deployment: str, route: str, method: str, code: str, started: float) -> None:
         """A gRPC call to RPC ``method`` (its path) answered with status ``code`` (its name)."""
-        ms = (time.monotonic() - started) * 1000.0
-        key = (app, deployment, route, method, code)
-        h = self.grpc.get(key)
-        if h is None:
-            h = self.grpc[key] = _Hist(LATENCY_BUCKETS_MS)
-        h.counts[bisect_left(LATENCY_BUCKETS_MS, ms)] += 1
-        h.n += 1
-        h.total += ms
+        _observe_ms(self.grpc, (app, deployment, route, method, code), started)
 
     def request_done(self, route: str, started: float, failed: bool) -> None:
         """A request this replica finished; ``started`` is its ``time.monotonic()``."""
-        ms = (time.monotonic() - started) * 1000.0
-        h = self.requests.get(route)
-        if h is None:
-            h = self.requests[route] = _Hist(LATENCY_BUCKETS_MS)
-        h.counts[bisect_left(LATENCY_BUCKETS_MS, ms)] += 1
-        h.n += 1
-        h.total += ms
+        h = _observe_ms(self.requests, route, started)
         if failed:
             h.errors += 1
 

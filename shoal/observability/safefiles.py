@@ -22,7 +22,7 @@ import fcntl
 import os
 import stat
 
-__all__ = ["UnsafeLogPath", "is_loose", "open_dir", "open_for_reading", "open_log", "own_link_target"]
+__all__ = ["UnsafeLogPath", "is_loose", "log_files", "open_dir", "open_for_reading", "open_log", "own_link_target"]
 
 _DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 _WRITE = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
@@ -207,6 +207,27 @@ def own_link_target(path: str, st: os.stat_result) -> str | None:
     if not stat.S_ISLNK(st.st_mode) or st.st_uid not in (0, os.geteuid()):
         return None
     return os.path.join(os.path.dirname(path), os.readlink(path))
+
+
+def log_files(directory: str) -> list[tuple[str, float]]:
+    """``(path, mtime)`` of the ``*.log`` files in ``directory`` that can be read: regular files,
+    and the links shoal made into a ``logs_dir`` (not anyone else's); unsorted."""
+    import glob
+
+    found: list[tuple[str, float]] = []
+    for path in glob.glob(os.path.join(glob.escape(directory), "*.log")):
+        try:
+            st = os.lstat(path)
+            if stat.S_ISLNK(st.st_mode):
+                target = own_link_target(path, st)
+                if target is None:
+                    continue
+                st = os.lstat(target)
+            if stat.S_ISREG(st.st_mode):
+                found.append((path, st.st_mtime))
+        except OSError:
+            continue
+    return found
 
 
 def open_for_reading(path: str) -> int:

@@ -10,6 +10,7 @@ import signal
 import socket
 import sys
 import time
+from typing import Any
 
 import click
 
@@ -103,20 +104,41 @@ def run_pod(settings: PodSettings, limits: AdminLimits | None = None) -> int:
     return code
 
 
-async def serve_pod(settings: PodSettings, limits: AdminLimits | None = None) -> int:
-    """Open the admin port, load the deployment, then run its :class:`PodReplica`; the exit code."""
+async def open_admin(settings: PodSettings, limits: AdminLimits | None) -> tuple[AdminServer, asyncio.Event] | None:
+    """A pod's first step: SIGTERM/SIGINT set the returned event (until the pod installs its own
+    handlers), and the admin port answers from the start, 503 on both probes while the pod
+    starts. None (logged) when the port cannot be opened."""
     loop = asyncio.get_running_loop()
-    t0 = time.monotonic()
     stopping = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
-    # The admin port answers from the start: 503 on both probes until the replica is constructed.
     admin = AdminServer(starting, limits)
     try:
         await admin.start(settings.host, settings.admin_port)
     except OSError as e:
         logger.error("cannot listen on the admin port %s:%d: %s", settings.host, settings.admin_port, e)
+        return None
+    return admin, stopping
+
+
+async def run_started(pod: Any, tls: PodTls | None) -> int:
+    """Run a started pod (its own signal handlers on) while its TLS certificates are watched."""
+    pod.install_signals()
+    watch = asyncio.get_running_loop().create_task(tls.watch()) if tls is not None else None
+    try:
+        return int(await pod.run())
+    finally:
+        if watch is not None:
+            watch.cancel()
+
+
+async def serve_pod(settings: PodSettings, limits: AdminLimits | None = None) -> int:
+    """Open the admin port, load the deployment, then run its :class:`PodReplica`; the exit code."""
+    t0 = time.monotonic()
+    opened = await open_admin(settings, limits)
+    if opened is None:
         return 1
+    admin, stopping = opened
     try:
         tls = _tcp_security(settings)
     except PodConfigError as e:
@@ -135,14 +157,7 @@ async def serve_pod(settings: PodSettings, limits: AdminLimits | None = None) ->
     if stopping.is_set():
         admin.close()
         return 0
-    pod = PodReplica(settings, spec, dspec, http, callees, admin)
-    pod.install_signals()
-    watch = loop.create_task(tls.watch()) if tls is not None else None
-    try:
-        return await pod.run()
-    finally:
-        if watch is not None:
-            watch.cancel()
+    return await run_started(PodReplica(settings, spec, dspec, http, callees, admin), tls)
 
 
 def _tcp_security(settings: PodSettings) -> PodTls | None:

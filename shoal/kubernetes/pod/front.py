@@ -46,7 +46,6 @@ from shoal.kubernetes.pod.admin import (
     AdminLimits,
     AdminServer,
     needs_loopback,
-    starting,
 )
 from shoal.kubernetes.pod.config import PodSettings, http_options_for, pick_app
 from shoal.kubernetes.pod.discovery import CalleeConfig, DNSResolver, FileResolver, PodBackend
@@ -243,18 +242,12 @@ class FrontPod:
 async def serve_front(settings: PodSettings, ingress: IngressTarget, limits: AdminLimits | None = None,
                       drain_timeout_s: float = DRAIN_TIMEOUT_S) -> int:
     """Open the admin port, read the config, then run the :class:`FrontPod`; the exit code."""
-    from shoal.kubernetes.pod.command import _tcp_security
+    from shoal.kubernetes.pod.command import _tcp_security, open_admin, run_started
 
-    loop = asyncio.get_running_loop()
-    stopping = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stopping.set)
-    admin = AdminServer(starting, limits)
-    try:
-        await admin.start(settings.host, settings.admin_port)
-    except OSError as e:
-        logger.error("cannot listen on the admin port %s:%d: %s", settings.host, settings.admin_port, e)
+    opened = await open_admin(settings, limits)
+    if opened is None:
         return 1
+    admin, stopping = opened
     try:
         tls = _tcp_security(settings)
         app, prefix, http = load_front(settings)
@@ -266,13 +259,7 @@ async def serve_front(settings: PodSettings, ingress: IngressTarget, limits: Adm
     if stopping.is_set():
         admin.close()
         return 0
-    pod.install_signals()
-    watch = loop.create_task(tls.watch()) if tls is not None else None
-    try:
-        return await pod.run()
-    finally:
-        if watch is not None:
-            watch.cancel()
+    return await run_started(pod, tls)
 
 
 @click.command("front", context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
