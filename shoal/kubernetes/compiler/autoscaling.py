@@ -36,6 +36,7 @@ from shoal.kubernetes.compiler.common import (
     AppContext,
     CompileOptions,
     Obj,
+    check_reserved,
     container_security_context,
     identity_env,
     label_value,
@@ -256,24 +257,13 @@ def _scaled_object(ctx: AppContext, dep: DeploymentSpec, auto: AutoscalingConfig
 # --- per application: the scaler -----------------------------------------------------------------
 
 
-def _check_scaler_names(ctx: AppContext) -> None:
-    name = names.scaler_name(ctx.instance)
-    for dep in ctx.spec.deployments:
-        if label_value(dep) == SCALER_LABEL:
-            raise CompileError(f"application {ctx.app!r}: deployment {dep!r} takes the label of the autoscaler pod "
-                               f"({SCALER_LABEL!r}); rename the deployment")
-        if ctx.workload(dep) == name:
-            raise CompileError(f"application {ctx.app!r}: deployment {dep!r} maps to {name!r}, the name of the "
-                               "application's scaler; rename the deployment")
-
-
 def scaler_objects(ctx: AppContext, config_text: str) -> list[Obj]:
     """The scaler's Deployment and Service (none when the app does not autoscale or with HPAs);
     ``config_text``: the serve config it reads (a change restarts it)."""
     if not uses_scaler(ctx):
         return []
     config_hash = hashlib.sha256(config_text.encode()).hexdigest()[:16]
-    _check_scaler_names(ctx)
+    check_reserved(ctx, SCALER_LABEL, names.scaler_name(ctx.instance), "the application's scaler")
     name = names.scaler_name(ctx.instance)
     meta = ctx.meta(name, component="autoscaler")
     meta["labels"][L_NAME] = SCALER_LABEL

@@ -505,3 +505,15 @@ class AppContext:
             selector[names.LWS_LABEL_WORKER_INDEX] = "0"
         return selector
 
+
+
+def check_reserved(ctx: AppContext, label: str, name: str, what: str) -> None:
+    """No deployment of the app may take the pod label or the object name of a per-app pod that
+    the compiler adds (``what``: "the application's scaler", ...)."""
+    for dep in ctx.spec.deployments:
+        if label_value(dep) == label:
+            raise CompileError(f"application {ctx.app!r}: deployment {dep!r} takes the label of {what}'s pods "
+                               f"({label!r}); rename the deployment")
+        if ctx.workload(dep) == name:
+            raise CompileError(f"application {ctx.app!r}: deployment {dep!r} maps to {name!r}, the name of "
+                               f"{what}; rename the deployment")

@@ -25,7 +25,6 @@ import math
 
 import yaml
 
-from shoal.exceptions import CompileError
 from shoal.kubernetes import names
 from shoal.kubernetes.compiler.common import (
     A_APP,
@@ -39,9 +38,9 @@ from shoal.kubernetes.compiler.common import (
     TMP_DIR,
     AppContext,
     Obj,
+    check_reserved,
     container_security_context,
     identity_env,
-    label_value,
     ns_peer,
     process_env,
 )
@@ -85,17 +84,6 @@ def drain_seconds(ctx: AppContext) -> int:
     return max(MIN_DRAIN_S, math.ceil(ctx.opts.wake_timeout_s))
 
 
-def _check_names(ctx: AppContext) -> None:
-    name = names.front_name(ctx.instance)
-    for dep in ctx.spec.deployments:
-        if label_value(dep) == FRONT_LABEL:
-            raise CompileError(f"application {ctx.app!r}: deployment {dep!r} takes the label of the holding front's "
-                               f"pods ({FRONT_LABEL!r}); rename the deployment")
-        if ctx.workload(dep) == name:
-            raise CompileError(f"application {ctx.app!r}: deployment {dep!r} maps to {name!r}, the name of the "
-                               "application's holding front; rename the deployment")
-
-
 def _config_hash(ctx: AppContext, config_text: str) -> str:
     """What the front's pods read: the image, ``http_options`` and the app's name and route."""
     doc = yaml.safe_load(config_text)
@@ -111,7 +99,7 @@ def front_objects(ctx: AppContext, config_text: str, caller_env: list[Obj]) -> l
     is told (the wake deadline, the scaler and its token: compiler.autoscaling.scaler_env)."""
     if not uses_front(ctx):
         return []
-    _check_names(ctx)
+    check_reserved(ctx, FRONT_LABEL, names.front_name(ctx.instance), "the application's holding front")
     name = names.front_name(ctx.instance)
     config_hash = _config_hash(ctx, config_text)
     version = config_hash[:10] if ctx.opts.version is None else ctx.version
