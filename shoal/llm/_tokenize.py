@@ -27,6 +27,7 @@ OpenAiIngress = Any
 __all__ = ["DetokenizeRequest", "TokenizeRequest", "detokenize", "health", "tokenize"]
 
 HEALTH_TIMEOUT_S = 3.0
+CALL_TIMEOUT_S = 30.0  # a /tokenize or /detokenize call to the model server (a scaled-to-zero one wakes meanwhile)
 MAX_TOKEN_IDS = 1_000_000
 
 
@@ -52,7 +53,10 @@ async def _call(gateway: OpenAiIngress, model: str, tenant: str, method: str, pa
     handle, multiplexed_id = gateway._route_llm(model, tenant)
     target = handle.options(multiplexed_model_id=multiplexed_id) if multiplexed_id else handle
     try:
-        return await getattr(target, method).remote(**kwargs)
+        return await asyncio.wait_for(_await(getattr(target, method).remote(**kwargs)), CALL_TIMEOUT_S)
+    except TimeoutError:
+        raise OpenAIError(503, f"The model `{model}` did not answer {method} within {CALL_TIMEOUT_S:g}s.",
+                          type="server_error", code="timeout", headers={"retry-after": "1"}) from None
     except Exception as e:
         raise gateway._downstream_error(e, param) from None
 

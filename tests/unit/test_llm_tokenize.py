@@ -100,3 +100,12 @@ def test_serving_metrics_under_vllm_names(rt: testing.LocalRuntime) -> None:
     assert sample("vllm:time_per_output_token_seconds_count", model_name="echo") >= 1  # three tokens
     assert sample("vllm:request_success_total", model_name="echo", finished_reason="stop") == stops + 1
     assert sample("vllm:num_requests_running", model_name="echo") == 0  # back to idle
+
+
+def test_a_model_server_that_does_not_answer_is_a_503(rt: testing.LocalRuntime,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    from shoal.llm import _tokenize
+
+    monkeypatch.setattr(_tokenize, "CALL_TIMEOUT_S", 0.0)  # every call "takes too long"
+    err = assert_error(rt.http("POST", "/tokenize", json={"model": "echo", "prompt": "x"}), 503, "timeout")
+    assert "did not answer tokenize" in err["message"]
