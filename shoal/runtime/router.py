@@ -47,6 +47,11 @@ logger = logging.getLogger("shoal.router")
 # How long a replica that refused a request is skipped, unless one of ours finishes there first.
 REJECT_BACKOFF_S = 0.02
 CLOCK_SLACK_S = 0.002
+# A request whose custom router picked no free replica asks it again after this long (doubling
+# up to CUSTOM_RETRY_MAX_S) even when nothing woke it: a router may be waiting for something
+# shoal does not see (its own state, stats it asked for), as Ray's routers retry with backoff.
+CUSTOM_RETRY_S = 0.025
+CUSTOM_RETRY_MAX_S = 0.5
 
 __all__ = ["ReplicaConnection", "Reservation", "Router", "resolve_arguments"]
 
@@ -95,6 +100,10 @@ class Router:
         self._max_wait = 0.0  # seconds a request may wait for a free replica (0: no bound)
         self._gone = ""
         self._waiters: deque[list[asyncio.Future[None]]] = deque()
+        # Counts wake-ups: a request that awaited a custom router's answer compares it before
+        # and after, so that a wake-up that came meanwhile (a membership with fresh routing
+        # stats, a released slot) is not lost.
+        self._wakes = 0
         self._rng = rng or random.Random()
         self._wake_handle: asyncio.TimerHandle | None = None
         self.metrics_interval_s = 0.0
@@ -303,6 +312,7 @@ class Router:
         loop = asyncio.get_running_loop()
         if self._gone:
             raise DeploymentUnavailableError(self._gone)
+        seen = self._wakes
         if not self._waiters:
             slot = (self._choose(loop.time(), model_id) if pending is None
                     else await self._pick_custom(pending, model_id))
@@ -314,6 +324,10 @@ class Router:
         # A waiter keeps its place in line across wake-ups: its future is replaced in place.
         waiter: list[asyncio.Future[None]] = [loop.create_future()]
         self._waiters.append(waiter)
+        retry_s = CUSTOM_RETRY_S
+        retry: asyncio.TimerHandle | None = None
+        if pending is not None:
+            retry = self._ask_again(waiter[0], seen, retry_s)
         if not self._slots and self.on_cold_wait is not None:
             self.on_cold_wait(self)
         got = False
@@ -329,6 +343,7 @@ class Router:
                 await waiter[0]
                 if self._gone:
                     raise DeploymentUnavailableError(self._gone)
+                seen = self._wakes
                 slot = (self._choose(loop.time(), model_id) if pending is None
                         else await self._pick_custom(pending, model_id, waiter))
                 if slot is not None:
@@ -341,15 +356,30 @@ class Router:
                     expired[0] = False
                     deadline = loop.call_later(self._max_wait, _expire, waiter, expired)
                 waiter[0] = loop.create_future()
+                if pending is not None:
+                    retry_s = min(retry_s * 2, CUSTOM_RETRY_MAX_S)
+                    retry = self._ask_again(waiter[0], seen, retry_s) or retry
                 self._schedule_unblock(loop)
         finally:
             if deadline is not None:
                 deadline.cancel()
+            if retry is not None:
+                retry.cancel()
             self._waiters.remove(waiter)
             # Pass the turn on: after a success there may be more room, after a failure
             # (cancellation, timeout) our wake-up must not be lost.
             if self._waiters and (not got or self._choose(loop.time(), model_id) is not None):
                 self._wake()
+
+    def _ask_again(self, fut: asyncio.Future[None], seen: int, after_s: float) -> asyncio.TimerHandle | None:
+        """After a custom router picked nothing: wake ``fut`` now if a wake-up came while the
+        router was being asked (``seen``: the count before), else after ``after_s``."""
+        if self._policy is None:
+            return None
+        if self._wakes != seen:
+            fut.set_result(None)
+            return None
+        return asyncio.get_running_loop().call_later(after_s, _retry, fut) if self._slots else None
 
     async def _pick_custom(self, pending: PendingRequest, model_id: str,
                            waiter: list[asyncio.Future[None]] | None = None) -> _Slot | None:
@@ -382,6 +412,7 @@ class Router:
             self._release(held.pop())
 
     def _wake(self, all_waiters: bool = False) -> None:
+        self._wakes += 1
         for waiter in self._waiters:
             fut = waiter[0]
             if not fut.done():
@@ -491,6 +522,12 @@ class Router:
 
 def _in_flight(slot: _Slot) -> int:
     return slot.in_flight
+
+
+def _retry(fut: asyncio.Future[None]) -> None:
+    """Ask a custom router again (:data:`CUSTOM_RETRY_S`)."""
+    if not fut.done():
+        fut.set_result(None)
 
 
 def _expire(waiter: list[asyncio.Future[None]], expired: list[bool]) -> None:

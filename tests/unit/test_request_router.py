@@ -348,6 +348,51 @@ async def test_a_waiting_request_takes_the_chosen_replica_once_it_has_room(fakes
     r.close()
 
 
+class NeedsStats(RequestRouter):
+    """Offers only replicas that reported routing stats; the test decides when an answer returns."""
+
+    entered: asyncio.Event
+    answer: asyncio.Event
+
+    async def choose_replicas(self, candidate_replicas: list[RunningReplica],
+                              pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
+        ready = [r for r in candidate_replicas if r.routing_stats]
+        NeedsStats.entered.set()
+        await NeedsStats.answer.wait()
+        return [ready]
+
+
+async def test_stats_that_arrive_while_the_router_is_asked_are_not_missed(fakes: list[FakeReplica]) -> None:
+    # No max_queue_wait_s: a lost wake-up would leave the request waiting for good.
+    NeedsStats.entered, NeedsStats.answer = asyncio.Event(), asyncio.Event()
+    r = router_for(NeedsStats, fakes[:1])
+    request = asyncio.ensure_future(call(r))
+    await asyncio.wait_for(NeedsStats.entered.wait(), PATIENCE_S)
+    # The first stats come while choose_replicas() is still deciding on the old (empty) ones.
+    r.update(Membership("app", "dep", 2, (fakes[0].endpoint(),), request_router=r._policy_blob,
+                        routing_stats={"r0": {"load": 1}}))
+    NeedsStats.answer.set()
+    assert await request == "r0"
+    r.close()
+
+
+class NotYet(RequestRouter):
+    """Offers nothing until its own state says so (nothing shoal sees changes)."""
+
+    open_at = 0.0
+
+    async def choose_replicas(self, candidate_replicas: list[RunningReplica],
+                              pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
+        return [candidate_replicas] if asyncio.get_running_loop().time() >= NotYet.open_at else [[]]
+
+
+async def test_a_router_that_offers_nothing_is_asked_again(fakes: list[FakeReplica]) -> None:
+    NotYet.open_at = asyncio.get_running_loop().time() + 0.2
+    r = router_for(NotYet, fakes)
+    assert await call(r) in {"r0", "r1", "r2"}
+    r.close()
+
+
 @pytest.mark.parametrize(("cls", "says"), [(Raises, "raised RuntimeError: router bug"), (Garbage, "not a list")])
 async def test_a_failing_router_falls_back_to_the_default_choice(fakes: list[FakeReplica], cls: Any, says: str,
                                                                 caplog: pytest.LogCaptureFixture) -> None:
