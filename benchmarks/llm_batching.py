@@ -1,6 +1,7 @@
 """Continuous batching in the transformers engine: total tokens/s and TTFT with 1, 4 and 16 streams.
 
     python benchmarks/llm_batching.py [--max-tokens 128] [--streams 1,4,16] [--rounds 3]
+                                      [--device cpu|cuda] [--size tiny|small] [--max-num-seqs 16]
                                       [--json OUT] [--write-results]
 
 It builds the LLM example's tiny model (a 2-layer Llama with a 64-wide hidden state) with random
@@ -13,6 +14,11 @@ Per setting it reports the total completion tokens over the wall time of the who
 streams (median of ``--rounds`` rounds; the settings are interleaved round by round so that
 other load on the machine hits them alike) and the time to first token of every stream (p50
 over all rounds). The engine is called directly: no HTTP, no gateway.
+
+On a GPU machine, ``--device cuda`` loads both engines on the GPU (bfloat16: the engine's
+``dtype: auto`` on CUDA); ``--size small`` builds a bigger random Llama with the same tokenizer
+(12 layers, hidden 1024, about 170 M parameters, bfloat16), where a decode step costs real
+GPU work rather than only kernel launches. ``--write-results`` is for the CPU row only.
 
 The target (issue 20) is 16 streams ≥ 6x the tokens/s of one stream, with batching on.
 ``--write-results`` puts the table, with the command, into ``benchmarks/RESULTS.md`` between
@@ -66,12 +72,35 @@ async def group(engine: Any, streams: int, max_tokens: int) -> tuple[float, int,
     return wall, sum(r[0] for r in results), [r[1] for r in results]
 
 
-def measure(model_dir: str, streams: list[int], rounds: int, max_tokens: int) -> dict[str, Any]:
+def build_small_model(out_dir: Path) -> Path:
+    """A random 12-layer Llama (hidden 1024) with the tiny model's tokenizer, saved in bfloat16."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from examples.llm.make_tiny_model import build_tiny_model
+
+    tiny = build_tiny_model(out_dir, train_steps=0, seed=0)
+    base = LlamaConfig.from_pretrained(tiny)
+    config = LlamaConfig(vocab_size=base.vocab_size, hidden_size=1024, intermediate_size=2816, num_hidden_layers=12,
+                         num_attention_heads=16, num_key_value_heads=4, max_position_embeddings=2048,
+                         rms_norm_eps=1e-5, bos_token_id=base.bos_token_id, eos_token_id=base.eos_token_id,
+                         pad_token_id=base.pad_token_id, tie_word_embeddings=True, torch_dtype="bfloat16")
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).to(torch.bfloat16)
+    model.generation_config.eos_token_id = base.eos_token_id
+    model.generation_config.pad_token_id = base.pad_token_id
+    model.save_pretrained(tiny)
+    return tiny
+
+
+def measure(model_dir: str, streams: list[int], rounds: int, max_tokens: int, device: str = "cpu",
+            max_num_seqs: int = 16) -> dict[str, Any]:
     from shoal.llm.engines._hf import TransformersEngine
 
     engines = {}
     for mode in ("on", "off"):
-        engine = TransformersEngine(model_dir, device="cpu", torch_threads=1, batching=mode == "on")
+        engine = TransformersEngine(model_dir, device=device, torch_threads=1, batching=mode == "on",
+                                    max_num_seqs=max_num_seqs)
         engine.load()
         engines[mode] = engine
     samples: dict[str, dict[int, list[tuple[float, int, list[float]]]]] = {m: {n: [] for n in streams} for m in engines}
@@ -106,7 +135,7 @@ def markdown(result: dict[str, Any], command: str) -> str:
     single = result["on"][str(streams[0])]["tokens_per_s"]
     lines = [
         START_MARK,
-        "## LLM continuous batching (transformers engine, CPU)",
+        f"## LLM continuous batching (transformers engine, {result.get('device', 'cpu').upper()})",
         "",
         f"Produced by `{command}` ([llm_batching.py](llm_batching.py) says what it measures); "
         f"{result['date']}, {result['cpus']} CPUs, load average {result['load_average_1m'][0]} -> "
@@ -148,6 +177,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--streams", default="1,4,16", help="comma-separated stream counts (default 1,4,16)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--model-dir", help="an existing model directory (default: build the tiny one)")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where the engines run (default cpu)")
+    parser.add_argument("--size", default="tiny", choices=["tiny", "small"],
+                        help="the model built when --model-dir is not given (default tiny)")
+    parser.add_argument("--max-num-seqs", type=int, default=16, help="the batching engine's max_num_seqs (default 16)")
     parser.add_argument("--json", help="also write the results to this file")
     parser.add_argument("--write-results", action="store_true", help="update the section in benchmarks/RESULTS.md")
     args = parser.parse_args(argv)
@@ -160,11 +193,18 @@ def main(argv: list[str] | None = None) -> int:
 
     from examples.llm.make_tiny_model import build_tiny_model
 
-    model_dir = args.model_dir or str(build_tiny_model(Path(tempfile.mkdtemp(prefix="tiny-bench-")) / "tiny",
-                                                       train_steps=0, seed=0))
+    if args.write_results and (args.device != "cpu" or args.size != "tiny"):
+        parser.error("--write-results writes the CPU row of the tiny model only")
+    where = Path(tempfile.mkdtemp(prefix="tiny-bench-")) / "model"
+    model_dir = args.model_dir or str(build_small_model(where) if args.size == "small"
+                                      else build_tiny_model(where, train_steps=0, seed=0))
     load_before = os.getloadavg()[0]
-    result = measure(model_dir, streams, args.rounds, args.max_tokens)
-    result.update(max_tokens=args.max_tokens, rounds=args.rounds, cpus=os.cpu_count(),
+    result = measure(model_dir, streams, args.rounds, args.max_tokens, args.device, args.max_num_seqs)
+    if args.device == "cuda":
+        result.update(device_name=torch.cuda.get_device_name(0),
+                      cuda_max_memory_allocated=torch.cuda.max_memory_allocated())
+    result.update(max_tokens=args.max_tokens, rounds=args.rounds, cpus=os.cpu_count(), device=args.device,
+                  size=args.size, max_num_seqs=args.max_num_seqs,
                   load_average_1m=[round(load_before, 2), round(os.getloadavg()[0], 2)],
                   torch=torch.__version__, transformers=transformers.__version__,
                   date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
