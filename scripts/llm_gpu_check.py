@@ -13,6 +13,9 @@ directory, serves it with ``build_openai_app`` — one ``LLMServer`` replica wit
 * a chat completion (non-streaming);
 * streamed chat completions of ``TOKENS`` tokens each (``ignore_eos``), measuring the time to
   the first content chunk and the decode rate;
+* ``CONCURRENT`` streamed chat completions at once (``CONCURRENT_TOKENS`` tokens each, from
+  threads), giving the total tokens/s over HTTP with the engine's continuous batching and the
+  peak number of sequences it ran in one batch;
 * ``GET /v1/usage``, whose engine counters say which device the replica generated on.
 
 It prints (and writes) one JSON report: the device name, TTFT, tokens/s and ``ok`` — true when
@@ -40,6 +43,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 DRY = os.environ.get("LLM_GPU_CHECK_DRY") == "1"
 TOKENS = 512
 RUNS = 3
+CONCURRENT = 16
+CONCURRENT_TOKENS = 256
 MESSAGES = [{"role": "user", "content": "what is a replica?"}]
 
 
@@ -116,12 +121,26 @@ def check(report: dict[str, Any]) -> None:
         report["request_tokens_per_s"] = round(statistics.median(r[2] / (r[0] + r[1]) for r in runs), 1)
         report["stream_text_head"] = runs[0][3][:120]
 
+        from concurrent.futures import ThreadPoolExecutor
+
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(CONCURRENT) as pool:
+            together = list(pool.map(lambda _: stream_once(url, CONCURRENT_TOKENS), range(CONCURRENT)))
+        wall = time.perf_counter() - t0
+        report["concurrent_streams"] = CONCURRENT
+        report["concurrent_tokens"] = [r[2] for r in together]
+        report["concurrent_total_tokens_per_s"] = round(sum(r[2] for r in together) / wall, 1)
+        report["concurrent_ttft_p50_ms"] = round(1000 * statistics.median(r[0] for r in together), 2)
+        report["concurrent_vs_single_stream"] = round(
+            report["concurrent_total_tokens_per_s"] / report["request_tokens_per_s"], 2)
+
         usage = httpx.get(f"{url}/v1/usage", timeout=30).json()
         engine = usage["engines"]["tiny-chat"]
         report["engine"] = engine
         on_gpu = str(engine.get("device", "")).startswith("cuda")
         report["ok"] = (chat.status_code == 200 and bool(report["chat_text"])
-                        and all(r[2] == TOKENS for r in runs) and (on_gpu or DRY))
+                        and all(r[2] == TOKENS for r in runs) and (on_gpu or DRY)
+                        and all(r[2] == CONCURRENT_TOKENS for r in together))
     finally:
         serve.shutdown()
 
