@@ -275,6 +275,16 @@ class Router:
     def num_in_flight(self) -> int:
         return sum(s.in_flight for s in self._slots.values())
 
+    @property
+    def custom_router_config(self) -> Any:
+        """The RequestRouterConfig of the custom router in use, or None (shoal's own routing)."""
+        return self._policy.config if self._policy is not None else None
+
+    def connection(self, replica_id: str) -> ReplicaConnection | None:
+        """The connection to a listed replica that is reachable and answering, else None."""
+        slot = self._slots.get(replica_id)
+        return slot.conn if slot is not None and slot.health.usable and not slot.removed else None
+
     # -- choice
     def _choose(self, now: float, model_id: str = "") -> _Slot | None:
         # uvloop's clock has millisecond granularity: a slot whose block ends within the
@@ -321,6 +331,13 @@ class Router:
                 return slot
         if self._max_queued != -1 and len(self._waiters) >= self._max_queued:
             raise BackPressureError(len(self._waiters), self._max_queued)
+        return await self._wait_in_line(model_id, began, pending, seen)
+
+    async def _wait_in_line(self, model_id: str, began: float | None, pending: PendingRequest | None,
+                            seen: int) -> _Slot:
+        """:meth:`_acquire` for a request that found no free replica: wait for one, in line;
+        ``seen``: the wake-up count before the custom router was first asked."""
+        loop = asyncio.get_running_loop()
         # A waiter keeps its place in line across wake-ups: its future is replaced in place.
         waiter: list[asyncio.Future[None]] = [loop.create_future()]
         self._waiters.append(waiter)
