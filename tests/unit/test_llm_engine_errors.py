@@ -166,3 +166,24 @@ def test_a_handle_gets_the_engine_error() -> None:
         with pytest.raises(Exception, match="the generation thread raised"):
             streaming: Any = runtime.handle.options(stream=True)
             list(streaming.generate.remote(request))
+
+
+def test_cuda_switch_interval_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    from shoal.llm.engines._hf import CUDA_SWITCH_INTERVAL_S, apply_switch_interval
+
+    before = sys.getswitchinterval()
+    try:
+        monkeypatch.delenv("SHOAL_LLM_SWITCH_INTERVAL_S", raising=False)
+        assert apply_switch_interval() == pytest.approx(CUDA_SWITCH_INTERVAL_S)
+        monkeypatch.setenv("SHOAL_LLM_SWITCH_INTERVAL_S", "0.002")
+        assert apply_switch_interval() == pytest.approx(0.002)
+        monkeypatch.setenv("SHOAL_LLM_SWITCH_INTERVAL_S", "0")  # 0: leave what is in force
+        assert apply_switch_interval() == pytest.approx(0.002)
+        for bad, says in (("fast", "not a number"), ("-1", ">= 0")):
+            monkeypatch.setenv("SHOAL_LLM_SWITCH_INTERVAL_S", bad)
+            with pytest.raises(ValueError, match=f"SHOAL_LLM_SWITCH_INTERVAL_S.*{says}"):
+                apply_switch_interval()
+    finally:
+        sys.setswitchinterval(before)

@@ -35,6 +35,7 @@ import asyncio
 import contextlib
 import importlib.util
 import logging
+import sys
 import threading
 from collections.abc import AsyncGenerator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -62,6 +63,31 @@ _END = object()
 
 #: How long the reader waits for the next token before it checks that the generation thread still runs.
 _POLL_S = 1.0
+
+
+#: The interpreter's thread switch interval in a process whose batching engine runs on CUDA
+#: (Python's default is 5 ms); ``$SHOAL_LLM_SWITCH_INTERVAL_S`` overrides it, 0 leaves Python's.
+#: On a GPU the step thread is mostly Python (kernel launches), so it holds the GIL; the
+#: replica's event loop, which streams the tokens out, then waits up to a whole interval for it
+#: at every wake-up.
+CUDA_SWITCH_INTERVAL_S = 0.0001
+
+
+def apply_switch_interval() -> float:
+    """Set the switch interval for a CUDA batching engine (see :data:`CUDA_SWITCH_INTERVAL_S`);
+    returns the interval in force."""
+    import os
+
+    raw = os.environ.get("SHOAL_LLM_SWITCH_INTERVAL_S", "")
+    try:
+        value = float(raw) if raw else CUDA_SWITCH_INTERVAL_S
+    except ValueError:
+        raise ValueError(f"SHOAL_LLM_SWITCH_INTERVAL_S={raw!r} is not a number of seconds") from None
+    if value < 0:
+        raise ValueError(f"SHOAL_LLM_SWITCH_INTERVAL_S={raw!r} must be >= 0 (0: Python's default)")
+    if value > 0:
+        sys.setswitchinterval(value)
+    return sys.getswitchinterval()
 
 
 def pick_device(device: str) -> str:
@@ -215,6 +241,8 @@ class TransformersEngine:
         if self.batching if self.batching is not None else auto:
             why_not = batching_supported(self.model)
             if why_not is None:
+                if self.device.startswith("cuda"):
+                    apply_switch_interval()
                 self._batcher = BatchScheduler(self, max_num_seqs=self.max_num_seqs,
                                                max_num_batched_tokens=self.max_num_batched_tokens)
             else:
@@ -468,6 +496,7 @@ class TransformersEngine:
 
             out["cuda_device_name"] = torch.cuda.get_device_name(self.model.device)
             out["cuda_memory_allocated"] = int(torch.cuda.memory_allocated(self.model.device))
+            out["switch_interval_s"] = sys.getswitchinterval()
         return out
 
     def shutdown(self) -> None:

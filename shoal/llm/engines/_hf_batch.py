@@ -192,6 +192,7 @@ class BatchScheduler:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self.steps = 0  # decode steps run
+        self.lead_waits = 0  # pauses because every reader was MAX_LEAD tokens behind
         self.prefills = 0
         self.batched_rows = 0  # sum over decode steps of the rows in the step
         self.peak_running = 0
@@ -319,7 +320,7 @@ class BatchScheduler:
         return {"batching": True, "max_num_seqs": self.max_num_seqs,
                 "max_num_batched_tokens": self.max_num_batched_tokens, "batch_running": running,
                 "batch_waiting": waiting, "batch_peak_running": self.peak_running, "batch_steps": self.steps,
-                "batch_prefills": self.prefills, "batch_failures": self.failures,
+                "batch_prefills": self.prefills, "batch_failures": self.failures, "batch_lead_waits": self.lead_waits,
                 "batch_mean_rows": round(self.batched_rows / self.steps, 2) if self.steps else 0.0}
 
     def shutdown(self) -> None:
@@ -349,6 +350,7 @@ class BatchScheduler:
                         self._prefill(group)
                     group = []
                     if self._rows and all(s.generated - s.read >= MAX_LEAD for s in self._rows):
+                        self.lead_waits += 1
                         with self._cond:  # every reader is behind: let them catch up
                             self._cond.wait(LEAD_WAIT_S)
                     elif self._rows:
