@@ -17,7 +17,8 @@ Endpoints (under the application's route prefix):
 
 Requests route by ``model`` to the deployment serving it; ``base:adapter`` goes to ``base``'s
 deployment with the multiplexed model id ``base:adapter`` (a LoRA adapter). API keys map to
-tenants; each tenant may have request and token rate limits (429 with ``Retry-After``).
+tenants; each tenant may have request and token rate limits (429 with ``Retry-After``), shared
+by the deployment's replicas (:mod:`shoal.llm._shared_limits`).
 
 The counters name tenants, so they stay in the gateway replica's memory: never in shoal's
 multiprocess files, hence never on the instance-wide ``/metrics`` page, which answers whoever
@@ -44,6 +45,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from shoal import serve
+from shoal.context import _get_internal_replica_context
 from shoal.exceptions import BackPressureError, DeploymentUnavailableError, RequestCancelledError
 from shoal.handle import DeploymentHandle, DeploymentResponse, DeploymentResponseGenerator
 from shoal.llm._choices import Choices
@@ -58,7 +60,8 @@ from shoal.llm._protocol import (
     parse_request,
     sse,
 )
-from shoal.llm._ratelimit import RateLimiter, UsageLedger, estimate_tokens
+from shoal.llm._ratelimit import Decision, UsageLedger, estimate_tokens
+from shoal.llm._shared_limits import GatewayLimits
 from shoal.llm.engines import (
     AdapterNotFoundError,
     ContextLengthError,
@@ -147,10 +150,10 @@ class _Metrics:
 class _Account:
     """Usage of one request, recorded exactly once (at the end, however it ends)."""
 
-    def __init__(self, gateway: OpenAiIngress, tenant: str, model: str, endpoint: str, reserved: float = 0.0) -> None:
+    def __init__(self, gateway: OpenAiIngress, tenant: str, model: str, endpoint: str, admitted: Decision) -> None:
         self.gateway = gateway
         self.gate: FairGate | None = None  # held while the generation runs; released at close
-        self.reserved = reserved  # tokens the limiter reserved at admission, settled at close
+        self.admitted = admitted  # what the limits reserved at admission, settled at close
         self.tenant = tenant
         self.model = gateway.model_label(model)
         self.endpoint = endpoint
@@ -170,7 +173,7 @@ class _Account:
         g = self.gateway
         g.ledger.record(self.tenant, self.model, prompt_tokens=self.prompt_tokens,
                         completion_tokens=self.completion_tokens, error=status >= 400)
-        g.limiter.settle(self.tenant, self.reserved, self.prompt_tokens + self.completion_tokens, g.clock())
+        g.limits.settle(self.tenant, self.admitted, self.prompt_tokens + self.completion_tokens)
         m = g.metrics
         m.inc(m.requests, (self.tenant, self.model, self.endpoint, str(status)))
         if self.prompt_tokens:
@@ -213,8 +216,11 @@ class OpenAiIngress:
         self.clock: Callable[[], float] = clock or time.monotonic
         self.created = int(time.time())
         self._keys = self.config.key_hashes()
-        self.limiter = RateLimiter(self.config)
-        self.ledger = UsageLedger()
+        # Shared by the deployment's replicas through the controller, or a pod's share (_shared_limits).
+        self.limits = GatewayLimits.for_process(self.config, self.clock)
+        self.ledger = UsageLedger()  # this replica's (its id is in /v1/usage)
+        ctx = _get_internal_replica_context()
+        self._replica = ctx.replica_tag if ctx is not None else ""
         self.metrics = _Metrics()
         self._infos: dict[str, dict[str, Any]] = {}
         self._refresh: asyncio.Future[Any] | None = None
@@ -245,7 +251,7 @@ class OpenAiIngress:
                 return JSONResponse(await self._models(tenant, rest))
             if endpoint == "usage":
                 self._require_admin(tenant)
-                return JSONResponse({"object": "usage", "tenants": self.ledger.snapshot(),
+                return JSONResponse({"object": "usage", "replica": self._replica, "tenants": self.ledger.snapshot(),
                                      "engines": await self._engine_stats()})
             body = await self._json(request)
             request_id = request.headers.get("x-request-id") or new_id("req")
@@ -340,12 +346,12 @@ class OpenAiIngress:
             raise
         account.gate = gate
 
-    def _admit(self, tenant: str, model: str, reserve: int = 1) -> tuple[dict[str, str], float]:
+    async def _admit(self, tenant: str, model: str, reserve: int = 1) -> Decision:
         """Admit a request reserving ``reserve`` tokens (its prompt estimate plus ``max_tokens``):
-        its ``x-ratelimit-*`` headers and what was reserved, or a 429."""
-        decision = self.limiter.admit(tenant, self.clock(), reserve)
+        the decision (its ``x-ratelimit-*`` headers, what was reserved), or a 429."""
+        decision = await self.limits.admit(tenant, reserve)
         if decision.allowed:
-            return decision.headers, decision.reserved
+            return decision
         self.ledger.rate_limited(tenant, self.model_label(model))
         self.metrics.inc(self.metrics.rate_limited, (tenant, decision.limit))
         wait = max(1, math.ceil(decision.retry_after_s))
@@ -453,8 +459,9 @@ class OpenAiIngress:
             if req.model in self.llms and self._allowed(tenant, req.model):
                 raise OpenAIError(400, f"The model `{req.model}` does not support embeddings.", param="model")
             raise self._not_found(req.model)
-        headers, reserved = self._admit(tenant, req.model, sum(estimate_tokens(t) for t in req.texts()))
-        account = _Account(self, tenant, req.model, "embeddings", reserved)
+        admitted = await self._admit(tenant, req.model, sum(estimate_tokens(t) for t in req.texts()))
+        headers = admitted.headers
+        account = _Account(self, tenant, req.model, "embeddings", admitted)
         status = 500
         try:
             try:
@@ -508,8 +515,9 @@ class OpenAiIngress:
         context = self._infos.get(base, {}).get("max_model_len")
         if context:  # a choice cannot use more than the context (beyond it the engine answers 400)
             reserve = min(reserve, int(context) * gen.sampling.n)
-        headers, reserved = self._admit(tenant, req.model, reserve)
-        account = _Account(self, tenant, req.model, endpoint, reserved)
+        admitted = await self._admit(tenant, req.model, reserve)
+        headers = admitted.headers
+        account = _Account(self, tenant, req.model, endpoint, admitted)
         await self._take_turn(base, tenant, account)
         param = "messages" if chat else "prompt"
         started = time.monotonic()

@@ -23,11 +23,26 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
-from shoal.llm._config import GatewayConfig
+__all__ = ["Decision", "LimitSource", "RateLimiter", "TenantLimits", "TokenBucket", "UsageLedger",
+           "estimate_tokens", "reset_after"]
 
-__all__ = ["Decision", "RateLimiter", "TokenBucket", "UsageLedger", "estimate_tokens", "reset_after"]
+
+class TenantLimits(Protocol):
+    """One tenant's limits (a :class:`~shoal.llm.TenantConfig`, or the controller's copy of one)."""
+
+    @property
+    def requests_per_minute(self) -> float | None: ...
+
+    @property
+    def tokens_per_minute(self) -> float | None: ...
+
+
+class LimitSource(Protocol):
+    """Where a :class:`RateLimiter` finds each tenant's limits (a :class:`~shoal.llm.GatewayConfig`)."""
+
+    def tenant(self, name: str) -> TenantLimits: ...
 
 
 @dataclass
@@ -106,12 +121,14 @@ class Decision:
     limit_value: float = 0.0
     headers: dict[str, str] = field(default_factory=dict)
     reserved: float = 0.0  # tokens taken from the token bucket at admission (settle them at the end)
+    shared: bool = False  # admitted by the budgets shared across gateway replicas (settle it there)
 
 
 class RateLimiter:
-    """Token buckets per tenant, from a :class:`GatewayConfig`. Not thread-safe (one event loop)."""
+    """Token buckets per tenant, from a :class:`~shoal.llm.GatewayConfig` (or any
+    :class:`LimitSource`). Not thread-safe (one event loop)."""
 
-    def __init__(self, config: GatewayConfig) -> None:
+    def __init__(self, config: LimitSource) -> None:
         self._config = config
         self._requests: dict[str, TokenBucket] = {}
         self._tokens: dict[str, TokenBucket] = {}
@@ -125,6 +142,11 @@ class RateLimiter:
         if tok is None and limits.tokens_per_minute:
             tok = self._tokens[tenant] = TokenBucket(limits.tokens_per_minute, limits.tokens_per_minute / 60)
         return req, tok
+
+    def forget(self, tenant: str) -> None:
+        """Drop the tenant's buckets (its limits changed): the next request starts full ones."""
+        self._requests.pop(tenant, None)
+        self._tokens.pop(tenant, None)
 
     def admit(self, tenant: str, now: float, reserve: int = 1) -> Decision:
         """Admit one request of ``tenant``, taking a request token and reserving ``reserve``

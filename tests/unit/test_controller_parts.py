@@ -118,7 +118,8 @@ def test_admin_dispatch_table() -> None:
 def test_controller_admin_table_has_every_operation(tmp_path: Path) -> None:
     ctl = Controller(Settings(run_dir=str(tmp_path), num_gpus=0), b"s" * 32)
     assert set(ctl.admin) == {"status", "delete", "shutdown", "app_info", "apply", "promote", "rollback",
-                              "metrics", "app_graphs", "config", "deployment_detail"}
+                              "metrics", "app_graphs", "config", "deployment_detail", "llm_limits_admit",
+                              "llm_limits_settle"}
 
 
 # ---- canary -----------------------------------------------------------------------------

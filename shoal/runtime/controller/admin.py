@@ -13,6 +13,7 @@ from shoal.runtime.controller.availability import status_message
 from shoal.runtime.controller.canary import AppKey
 from shoal.runtime.controller.clock import Clock
 from shoal.runtime.controller.records import AppRecord, DeploymentRecord, ReplicaRecord
+from shoal.runtime.controller.shared_limits import shared_limit_handlers
 from shoal.runtime.wire import Call, FramedProtocol, Reply
 from shoal.status import ReplicaState, ServeStatus
 
@@ -170,4 +171,4 @@ def admin_table(ctl: AdminTarget) -> dict[str, Handler]:
 
     return {"status": status, "delete": delete, "shutdown": shutdown, "app_info": app_info, "apply": apply,
             "promote": promote, "rollback": rollback, "metrics": metrics, "app_graphs": app_graphs,
-            "config": config, "deployment_detail": deployment_detail}
+            "config": config, "deployment_detail": deployment_detail, **shared_limit_handlers(ctl)}
