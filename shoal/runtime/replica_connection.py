@@ -29,6 +29,8 @@ from shoal.runtime.wire import (
     PONG,
     REJECT,
     REQUEST,
+    STATS,
+    STATS_REPLY,
     FramedProtocol,
     ReplicaEndpoint,
     RequestMeta,
@@ -75,6 +77,8 @@ class ReplicaConnection:
         self._pending: dict[int, asyncio.Future[Any] | _StreamSink] = {}
         # rid -> the client messages of a websocket request, sent as WS_IN frames
         self._inboxes: dict[int, ClientMessages] = {}
+        # rid -> a routing-stats question waiting for its answer (ask_routing_stats)
+        self._asks: dict[int, asyncio.Future[dict[str, Any] | None]] = {}
         self._watch: ProbeTimer | None = None
         self.on_event: Callable[[ReplicaConnection, ConnEvent, str], None] | None = None
 
@@ -132,6 +136,11 @@ class ReplicaConnection:
             self._watch.heard()
         if kind == PONG:
             return
+        if kind == STATS_REPLY:
+            ask = self._asks.pop(rid, None)
+            if ask is not None and not ask.done():
+                ask.set_result(msg[2] if isinstance(msg[2], dict) else None)
+            return
         if kind == CREDIT:  # a websocket's application took client messages (wschannel)
             inbox = self._inboxes.get(rid)
             if inbox is not None:
@@ -174,6 +183,10 @@ class ReplicaConnection:
         err = ReplicaDiedError(f"replica {self.replica.replica_id} died or closed its connection "
                                "while handling the request")
         pending, self._pending = self._pending, {}
+        asks, self._asks = self._asks, {}
+        for ask in asks.values():
+            if not ask.done():
+                ask.set_exception(ConnectionError(f"replica {self.replica.replica_id} closed its connection"))
         for rid in list(self._inboxes):
             self._detach(rid)
         for sink in pending.values():
@@ -233,6 +246,26 @@ class ReplicaConnection:
             self._inboxes[rid] = inbox
             inbox.attach(proto.send_bytes, rid)
         return rid
+
+    async def ask_routing_stats(self, timeout: float) -> dict[str, Any] | None:
+        """What the replica's ``record_routing_stats()`` last returned (None: nothing yet), asked
+        on this connection (connected first if need be) within ``timeout`` seconds. Raises
+        TimeoutError (a replica that does not know the question never answers) or
+        ConnectionError (it cannot be reached, or the connection closed first)."""
+        async with asyncio.timeout(timeout):
+            try:
+                proto = await self.connect()
+            except _Unreachable as e:
+                raise ConnectionError(str(e)) from None
+            self._next += 1
+            rid = self._next
+            ask: asyncio.Future[dict[str, Any] | None] = asyncio.get_running_loop().create_future()
+            self._asks[rid] = ask
+            try:
+                proto.send((STATS, rid))
+                return await ask
+            finally:
+                self._asks.pop(rid, None)
 
     def _detach(self, rid: int) -> None:
         inbox = self._inboxes.pop(rid, None)

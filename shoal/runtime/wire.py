@@ -73,6 +73,8 @@ CREDIT = 7
 WS_IN = 8
 # A router's liveness probe and the replica's answer (numbered apart from the request kinds).
 PING, PONG = 16, 17
+# A caller asks a replica for what its record_routing_stats() last returned (pods: no controller relays it).
+STATS, STATS_REPLY = 18, 19
 _HEADER = struct.Struct(">I")
 MAX_FRAME = 1 << 31
 # A TCP peer that has not authenticated within this long is disconnected.

@@ -30,6 +30,10 @@ application, constructs its own deployment and serves it, and Kubernetes does th
   deployment from zero through KEDA), then fail with a 503 at the ingress.
 * **Gang ranks** (``--rank-from-env``, a LeaderWorkerSet pod): rank 0 runs every request on
   ranks 1..N-1 too and is ready only while they are; see :mod:`shoal.kubernetes.gang_pod`.
+* **Replica ranks** of a plain Deployment's pod (``get_replica_context().rank``): its place,
+  by address, among its deployment's ready pods (:mod:`~shoal.kubernetes.pod.ranks`).
+* **Routing stats** of custom request routers: kept by the callee pod, asked for by callers
+  over RPC (:mod:`~shoal.kubernetes.pod.routing_stats`).
 * **SIGTERM** drains: ``/-/ready`` turns 503, new requests are refused, in-flight ones finish
   within ``graceful_shutdown_timeout_s``, then the process exits 0.
 

@@ -32,6 +32,7 @@ from typing import Any, Protocol
 from shoal.config import DEFAULT_MAX_QUEUE_WAIT_S
 from shoal.exceptions import DeploymentUnavailableError
 from shoal.kubernetes import names
+from shoal.kubernetes.pod.routing_stats import StatsFetcher
 from shoal.runtime.router import Router
 from shoal.runtime.wire import Membership, ReplicaEndpoint, join_host_port
 
@@ -130,9 +131,26 @@ class _Watcher:
         self.backoff: dict[str, tuple[float, float]] = {}
         self.wake = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
+        # A custom request router's routing stats, asked of the callee's pods (routing_stats.py).
+        self.stats: StatsFetcher | None = None
+        self.stats_task: asyncio.Task[None] | None = None
+        self._stats_push: asyncio.Handle | None = None
 
     def start(self) -> None:
         self.task = self.backend.loop.create_task(self._run())
+        if self.config.request_router:
+            self.stats = StatsFetcher(self.router, lambda: self.listed, self._stats_changed)
+            self.stats_task = self.backend.loop.create_task(self.stats.run())
+
+    def _stats_changed(self) -> None:
+        """New routing stats: one membership push for every answer that came meanwhile."""
+        if self._stats_push is None:
+            self._stats_push = self.backend.loop.call_soon(self._push_stats)
+
+    def _push_stats(self) -> None:
+        self._stats_push = None
+        self.pushed = None
+        self._push(self.backend.loop.time())
 
     def kick(self) -> None:
         self.wake.set()
@@ -182,10 +200,14 @@ class _Watcher:
         self.epoch += 1
         port = self.backend.rpc_port
         replicas = tuple(ReplicaEndpoint(ip, join_host_port(ip, port), self.config.max_ongoing) for ip in replica_ids)
+        stats = self.stats.stats if self.stats is not None else {}
         self.router.update(Membership(self.router.app, self.router.deployment, self.epoch, replicas,
                                       max_queued_requests=self.config.max_queued,
                                       max_queue_wait_s=self.config.max_queue_wait_s,
-                                      request_router=self.config.request_router))
+                                      request_router=self.config.request_router,
+                                      routing_stats={ip: stats[ip] for ip in replica_ids if ip in stats}))
+        if self.stats is not None:
+            self.stats.pods_changed()
 
 
 @dataclass(frozen=True)
@@ -425,7 +447,8 @@ class PodBackend:
 
     def close(self) -> None:
         for watcher in self._watchers.values():
-            if watcher.task is not None:
-                watcher.task.cancel()
+            for task in (watcher.task, watcher.stats_task):
+                if task is not None:
+                    task.cancel()
         for router in self._routers.values():
             router.close()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import os
 import signal
 import socket
 import traceback
@@ -18,11 +19,14 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from shoal.context import ReplicaContext, set_process_replica_context
+from shoal.kubernetes import names
 from shoal.kubernetes.gang_pod import GangLeader, linger
 from shoal.kubernetes.pod.admin import AdminAnswer, AdminServer, needs_loopback
 from shoal.kubernetes.pod.config import PodSettings
 from shoal.kubernetes.pod.discovery import CalleeConfig, DNSResolver, FileResolver, PodBackend
 from shoal.kubernetes.pod.metrics import PodCollector
+from shoal.kubernetes.pod.ranks import RankTracker, own_address
+from shoal.kubernetes.pod.routing_stats import keeper
 from shoal.kubernetes.pod.status import pod_status
 from shoal.observability.metrics import PROCESS
 from shoal.runtime import backend as backend_mod
@@ -32,6 +36,7 @@ from shoal.runtime.replica.autoscaling_stats import StatsCaller
 from shoal.runtime.replica.core import ReplicaCore
 from shoal.runtime.replica.logconfig import apply_logging_config
 from shoal.runtime.replica.ports import NoControl, TcpTransport
+from shoal.runtime.replica.routing_stats import RoutingStatsReporter, routing_stats_method
 from shoal.runtime.wire import Routes
 from shoal.serving import multiplex
 
@@ -104,12 +109,20 @@ class PodReplica:
         self.core = ReplicaCore(channel=NoControl(), routers=self.backend, replica_id=s.pod_name, quiet_s=DRAIN_QUIET_S)
         self.core.configure(dspec.config, (spec.name, dspec.name))
         self.http_socks: list[socket.socket] = []
+        self.grpc: Any = None  # shoal.runtime.grpc_front.GRPCFront (grpc_options; shoal.kubernetes.pod.grpc_ingress)
         self.registry: Any = None
         self.stop_requested = asyncio.Event()
         self.gang_leader: GangLeader | None = None  # on rank 0 of a gang
         # What record_autoscaling_stats() last returned (autoscaling deployments that define it),
         # exported on /metrics for the application's scaler.
         self.custom_stats: tuple[tuple[str, float], ...] = ()
+        # Ray's replica ranks in a plain Deployment (not a gang): from its ready pods (ranks.py).
+        # Where DNS lists this pod: status.podIP (the pod simulation says where it holds it).
+        own = own_address(os.environ.get(names.ENV_POD_ADDRESS) or s.host)
+        self.ranks: RankTracker | None = None
+        if s.world_size == 1 and own is not None:
+            self.ranks = RankTracker(self.resolver, names.service_dns(spec.name, dspec.name, s.namespace,
+                                                                      s.cluster_domain), own, self._rank_changed)
 
     # -- readiness (PodView for the metrics)
     @property
@@ -119,6 +132,17 @@ class PodReplica:
     @property
     def rank(self) -> int:
         return self.settings.rank
+
+    @property
+    def replica_rank(self) -> tuple[int, int]:
+        """``(rank, world_size)`` user code sees: the rank in the gang, or among the deployment's pods."""
+        if self.settings.world_size > 1 or self.ranks is None:
+            return self.settings.rank, self.settings.world_size
+        return self.ranks.current
+
+    def _rank_changed(self, rank: int, world_size: int) -> None:
+        if self.core.user is not None:
+            self.core.user.update_context(rank=rank, world_size=world_size)
 
     @property
     def draining(self) -> bool:
@@ -192,7 +216,8 @@ class PodReplica:
         # The autoscaler metrics (names.METRIC_*) come from PodCollector; shoal.observability.metrics adds the rest.
         PROCESS.setup(s.pod_name, namespace=s.namespace, app=self.spec.name, deployment=self.dspec.name,
                       server=self.core, routers=self.backend.routers, autoscaler_metrics=False)
-        ctx = ReplicaContext(self.spec.name, self.dspec.name, s.pod_name, rank=s.rank, world_size=s.world_size)
+        rank, world_size = self.replica_rank
+        ctx = ReplicaContext(self.spec.name, self.dspec.name, s.pod_name, rank=rank, world_size=world_size)
         set_process_replica_context(ctx)
         apply_logging_config(cfg.logging_config, ctx)
         multiplex.models_changed_hook = self.core.models_changed
@@ -209,8 +234,10 @@ class PodReplica:
                                 is_function=self.dspec.is_function, context=ctx)
             self.core.user = user
             await user.initialize(cfg.user_config)
+            rank, world_size = self.replica_rank  # it may have changed while the constructor ran
+            user.update_context(rank=rank, world_size=world_size)
             set_process_replica_context(ReplicaContext(self.spec.name, self.dspec.name, s.pod_name, user.instance,
-                                                       rank=s.rank, world_size=s.world_size))
+                                                       rank=rank, world_size=world_size))
             if s.rank == 0 and s.world_size > 1:
                 self.gang_leader = GangLeader(self.core, pod_name=s.pod_name, gang=s.gang, namespace=s.namespace,
                                               cluster_domain=s.cluster_domain, world_size=s.world_size,
@@ -221,6 +248,10 @@ class PodReplica:
             # A gang's callers reach it through rank 0 only.
             if self.spec.ingress == self.dspec.name and self.spec.route_prefix is not None and s.rank == 0:
                 await self._start_http()
+                from shoal.kubernetes.pod.grpc_ingress import start_grpc
+
+                self.grpc = await start_grpc(self.backend, s, self.http, self.spec.name, self.dspec.name,
+                                             self.spec.route_prefix, lambda: self.ready)
         except BaseException:
             logger.error("replica %s of %s/%s failed to start:\n%s", s.pod_name, self.spec.name, self.dspec.name,
                          traceback.format_exc())
@@ -231,6 +262,8 @@ class PodReplica:
         """Serve until SIGTERM, then drain; the exit code."""
         s = self.settings
         cfg: DeploymentConfig = self.dspec.config
+        if self.ranks is not None:
+            await self.ranks.first()
         if not await self._construct(self._set_up()):
             self.admin.close()
             return 1
@@ -240,19 +273,25 @@ class PodReplica:
             self.gang_leader.start()
         health = self.loop.create_task(self._health_loop(cfg))
         stats = self.loop.create_task(self._custom_stats_loop(cfg))
-        logger.info("replica %s of %s/%s constructed; RPC on %s:%d%s", s.pod_name, self.spec.name, self.dspec.name,
-                    s.host, s.rpc_port, f", HTTP on :{s.http_port}" if self.core.fronts else "")
+        background = [self.loop.create_task(self.ranks.run())] if self.ranks is not None else []
+        background += self._start_routing_stats(cfg)
+        logger.info("replica %s of %s/%s constructed; RPC on %s:%d%s%s", s.pod_name, self.spec.name, self.dspec.name,
+                    s.host, s.rpc_port, f", HTTP on :{s.http_port}" if self.core.fronts else "",
+                    f", gRPC on :{self.grpc.port}" if self.grpc is not None else "")
         await self.stop_requested.wait()
         if s.rank > 0:  # serve what rank 0 still sends until it is gone (it drains first)
             await linger(self.core, cfg.graceful_shutdown_timeout_s)
         logger.info("draining (graceful_shutdown_timeout_s=%s)", cfg.graceful_shutdown_timeout_s)
-        await self.core.drain()
+        stopping = [self.grpc.stop(cfg.graceful_shutdown_timeout_s)] if self.grpc is not None else []
+        await asyncio.gather(self.core.drain(), *stopping)
         for sock in self.http_socks:
             sock.close()
         if self.gang_leader is not None:
             self.gang_leader.close()
         health.cancel()
         stats.cancel()
+        for task in background:
+            task.cancel()
         self.backend.close()
         self.admin.heartbeat.stop()
         self.admin.close()
@@ -270,6 +309,17 @@ class PodReplica:
         while not self.core.draining:
             self.custom_stats = await caller.call()
             await asyncio.sleep(max(0.05, auto.metrics_interval_s))
+
+    def _start_routing_stats(self, cfg: DeploymentConfig) -> list[asyncio.Task[None]]:
+        """A custom request router's record_routing_stats(), kept for callers that ask
+        (:mod:`~shoal.kubernetes.pod.routing_stats`; a gang's rank 0 only)."""
+        rc = cfg.custom_router()
+        user = self.core.user
+        fn = routing_stats_method(user) if rc is not None and user is not None else None
+        if rc is None or user is None or fn is None or self.settings.rank != 0:
+            return []
+        reporter = RoutingStatsReporter(self.settings.pod_name, user, fn, rc, keeper(self.core))
+        return [self.loop.create_task(reporter.run(lambda: self.core.draining))]
 
     async def _start_http(self) -> None:
         from shoal.runtime.proxy import FrontOptions

@@ -112,6 +112,8 @@ class ReplicaCore:
         self.server: asyncio.AbstractServer | None = None
         self.fronts: list[Any] = []  # proxy.HTTPFront when serving HTTP itself
         self.proxy_app: Any = None  # its http.app.ProxyApp
+        # What record_routing_stats() last returned, for callers that ask (pods; None: nothing yet).
+        self.routing_stats: dict[str, Any] | None = None
 
     # -- what metrics and the HTTP front read (LocalIngress)
     @property
@@ -295,6 +297,8 @@ class ReplicaCore:
                 running.cancel()
         elif kind == wire.PING:
             proto.send((wire.PONG, msg[1]))  # the router's liveness probe: this loop is running
+        elif kind == wire.STATS:  # a caller's custom router wants this replica's routing stats
+            proto.send_user((wire.STATS_REPLY, msg[1], self.routing_stats))
 
     def _done(self, key: tuple[int, int], _task: asyncio.Task[None]) -> None:
         # Normally _handle released the slot already; this covers a task cancelled before it ran.
