@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-WORKLOADS = ("echo", "pipeline3", "handle", "payload", "stream", "batch", "coldstart", "memory", "grpc")
+WORKLOADS = ("echo", "pipeline3", "handle", "payload", "stream", "batch", "coldstart", "memory", "grpc", "control")
 FRAMEWORKS = ("shoal", "ray", "bare")
 
 

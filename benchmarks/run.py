@@ -3,7 +3,8 @@
     python benchmarks/run.py [--quick] [--only NAME,...] [--framework shoal|ray|bare|baseline|both|all|LIST]
                              [--baseline REF [--baseline-tolerance FRACTION]]
 
-Workloads (``--only``): echo, pipeline3, handle, payload, stream, batch, coldstart, memory, grpc.
+Workloads (``--only``): echo, pipeline3, handle, payload, stream, batch, coldstart, memory, grpc, control
+(the last shoal only: ``control_plane.py``).
 Frameworks: ``both`` (the default) and ``all`` mean shoal, Ray Serve and the bare-uvicorn limit.
 ``--baseline REF`` adds shoal at the git ref REF (a worktree of it; see ``baseline.py``) as one
 more column, measured next to the working tree's shoal workload by workload, and a table of the
@@ -59,6 +60,10 @@ from benchmarks.report import build_rows, machine_info, write_chart, write_markd
 LAUNCHER = os.path.join(HERE, "launcher.py")
 # The workloads the bare-uvicorn limit takes part in (it has no handles, pipelines or batching).
 BARE_WORKLOADS = {"echo", "payload", "stream", "memory"}
+# Workloads of shoal alone (the control plane at scale: control_plane.py).
+SHOAL_ONLY = {"control"}
+# Where RESULTS.md goes (--out-dir): control_plane.py writes its section and chart there.
+OUT_DIR = [HERE]
 PAYLOAD_BYTES = 1 << 20
 
 
@@ -390,9 +395,31 @@ def w_memory(fw: str, cfg: Settings, workdir: str) -> dict[str, Any]:
     return res
 
 
+def w_control(fw: str, cfg: Settings, workdir: str) -> dict[str, Any]:
+    """The control plane at scale (``control_plane.py``: a controller with fake replicas, each point in
+    its own process); it writes control_plane.json, control_plane.png and its section of RESULTS.md."""
+    cmd = [sys.executable, os.path.join(HERE, "control_plane.py"), "--write-results", "--out-dir", OUT_DIR[0],
+           *(["--quick"] if cfg.quick else [])]
+    with open(os.path.join(workdir, "control_plane.log"), "wb") as logf:
+        code = subprocess.run(cmd, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
+                              timeout=3600).returncode
+    if code != 0:
+        raise RuntimeError(f"control_plane.py failed ({code}); its log: {workdir}/control_plane.log")
+    with open(os.path.join(OUT_DIR[0], "control_plane.json")) as f:
+        points = json.load(f)["points"]
+    res = {str(p["replicas"]): {"tick_p50_ms": p["steady"]["tick_ms"]["p50"],
+                                "tick_max_ms": p["steady"]["tick_ms"]["max"],
+                                "status_p50_ms": p["status"]["ms"]["p50"], "rss_growth_mb": p["rss_growth_mb"]}
+           for p in points}
+    top = points[-1]
+    log(f"    {top['replicas']} replicas: tick p50 {top['steady']['tick_ms']['p50']:.1f} ms, "
+        f"status {top['status']['ms']['p50']:.1f} ms")
+    return {"points": res}
+
+
 RUNNERS: dict[str, Callable[[str, Settings, str], dict[str, Any]]] = {
     "echo": w_echo, "pipeline3": w_pipeline3, "handle": w_handle, "payload": w_payload, "stream": w_stream,
-    "batch": w_batch, "coldstart": w_coldstart, "memory": w_memory, "grpc": w_grpc,
+    "batch": w_batch, "coldstart": w_coldstart, "memory": w_memory, "grpc": w_grpc, "control": w_control,
 }
 
 
@@ -461,7 +488,7 @@ def measure(suite: Suite, workloads: list[str], frameworks: list[str], cfg: Sett
     results: dict[str, Any] = {}
     for i, wl in enumerate(workloads):
         for fw in bl.interleave(frameworks, i + round_no):
-            if fw == "bare" and wl not in BARE_WORKLOADS:
+            if (fw == "bare" and wl not in BARE_WORKLOADS) or (wl in SHOAL_ONLY and fw != "shoal"):
                 continue
             key = f"{wl}/{fw}"
             log(f"{key}")
@@ -549,6 +576,7 @@ def main() -> None:
     frameworks = parse_frameworks(args.framework, args.baseline is not None)
     check_prerequisites(workloads, frameworks)
     cfg = Settings.make(args.quick)
+    OUT_DIR[0] = args.out_dir
     suite = Suite.load(os.path.join(args.out_dir, "results.json"), args.merge)
     workdir = tempfile.mkdtemp(prefix="shoal-bench-")
     log(f"logs and scratch files in {workdir}")

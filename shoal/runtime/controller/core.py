@@ -31,7 +31,13 @@ from shoal.runtime.controller.deployments import autoscale_app, plan_app_policy,
 from shoal.runtime.controller.front import Front
 from shoal.runtime.controller.guard import ReplicaGuard
 from shoal.runtime.controller.lifecycle import Lifecycle
-from shoal.runtime.controller.membership import Publisher, build_membership, build_routes
+from shoal.runtime.controller.membership import (
+    Publisher,
+    build_membership,
+    build_routes,
+    membership_key,
+    running_endpoints,
+)
 from shoal.runtime.controller.overview import serve_status
 from shoal.runtime.controller.placement import Launcher
 from shoal.runtime.controller.records import (
@@ -383,6 +389,9 @@ class Controller:
     def _reconcile_deployment(self, app: str, dep: DeploymentRecord, now: float) -> bool:
         name = dep.spec.name
         mine = self.registry.of(app, name)
+        if not dep.resource_blocked and _at_target(dep, mine):
+            self._tell_world_size(dep, mine)
+            return False  # what reconcile() would say: nothing to do (the common case, each tick)
         views = [ReplicaView(r.replica_id, r.version, r.state, r.replica_rank) for r in mine]
         can_start = dep.ready_once or dep.failures < MAX_START_FAILURES
         actions = reconcile(dep.target, dep.version, views, can_start=can_start and not self.stopping)
@@ -448,14 +457,21 @@ class Controller:
                 self.publish_membership(app.spec.name, dep.spec.name, dep)
 
     def _deployment_status(self, app: str, dep: DeploymentRecord, now: float) -> DeploymentStatus:
-        mine = self.registry.of(app, dep.spec.name)
-        current = [r for r in mine if r.version == dep.version and r.state != ReplicaState.STOPPING]
-        running = sum(1 for r in current if r.state == ReplicaState.RUNNING)
+        running = current = others = 0
+        starting: list[float] = []  # start times of current replicas still starting
+        for r in self.registry.of(app, dep.spec.name):  # one pass: this runs for every deployment, each tick
+            if r.version != dep.version:
+                others += 1
+            elif r.state != ReplicaState.STOPPING:
+                current += 1
+                if r.state == ReplicaState.RUNNING:
+                    running += 1
+                elif r.state == ReplicaState.STARTING:
+                    starting.append(r.started_at)
         facts = DeploymentFacts(dep.target, dep.ready_once, dep.failures, dep.scaling, running=running,
-                                current=len(current), others=sum(1 for r in mine if r.version != dep.version))
+                                current=current, others=others)
         status = deployment_status(facts, MAX_START_FAILURES)
-        dep.waiting = progress([r.started_at for r in current if r.state == ReplicaState.STARTING],
-                               running, dep.target, now)
+        dep.waiting = progress(starting, running, dep.target, now) if starting else ""
         if status == DeploymentStatus.HEALTHY:
             dep.scaling = ""
             dep.unhealthy = False
@@ -468,10 +484,17 @@ class Controller:
     # ---- membership and routes --------------------------------------------------------------
     def membership(self, app: str, name: str, dep: DeploymentRecord) -> Membership:
         mine = self.registry.of(app, name)
+        gone = self._unavailable(app, name, dep, mine)
+        return build_membership(app, name, dep, mine, self.publisher.next_epoch(), gone)
+
+    @staticmethod
+    def _unavailable(app: str, name: str, dep: DeploymentRecord, mine: list[ReplicaRecord]) -> str:
+        if any(r.state == ReplicaState.RUNNING for r in mine):
+            return ""  # unavailable()'s first answer, without building its Supply (every deployment, each tick)
         failed = not dep.ready_once and dep.failures >= MAX_START_FAILURES
         supply = Supply(tuple(r.state for r in mine), dep.target, failed, dep.message, dep.resource_blocked,
                         failing=dep.failures >= MAX_START_FAILURES)
-        return build_membership(app, name, dep, mine, self.publisher.next_epoch(), unavailable(app, name, supply))
+        return unavailable(app, name, supply)
 
     def settled(self, app: str, name: str) -> bool:
         """False while adopted replicas of the deployment have not reconnected yet: until then
@@ -479,14 +502,19 @@ class Controller:
         return not any(r.adopt_deadline for r in self.registry.of(app, name))
 
     def publish_membership(self, app: str, name: str, dep: DeploymentRecord) -> None:
-        if not self.settled(app, name):
-            return
-        m = self.membership(app, name, dep)
-        key = (m.replicas, m.max_queued_requests, m.metrics_interval_s, m.gone)
+        """Send the deployment's membership to its routers if it changed (called every tick for
+        every deployment: the comparison is made on its key, the whole message built only to send)."""
+        mine = self.registry.of(app, name)
+        if any(r.adopt_deadline for r in mine):
+            return  # not settled(): routers keep what the previous controller gave them
+        gone = self._unavailable(app, name, dep, mine)
+        running = running_endpoints(dep, mine)
+        key = membership_key(dep, running, gone)
         if key == dep.published:
             return
         dep.published = key
-        self.publisher.send_membership(m)
+        self.publisher.send_membership(build_membership(app, name, dep, mine, self.publisher.next_epoch(), gone,
+                                                        running))
         if dep.spec.ingress:
             self.publish_routes()
 
@@ -569,8 +597,22 @@ class Controller:
         asyncio.get_running_loop().create_task(serve_call(self.admin, proto, call))
 
     def status(self) -> ServeStatus:
-        return serve_status(self.registry, self.canaries, self.proxy, self.settings.http, self.http_port,
-                            self.ledger.summary(), self.front.restart_message(), self.clock.monotonic())
+        out = serve_status(self.registry, self.canaries, self.proxy, self.settings.http, self.http_port,
+                           self.ledger.summary(), self.front.restart_message(), self.clock.monotonic())
+        if self.proxy is not None and self.front.grpc_port:
+            from shoal.runtime.grpc_methods import target_address
+
+            out.grpc_address = target_address(self.settings.http.host, self.front.grpc_port)
+        return out
+
+
+_LIVE = (ReplicaState.STARTING, ReplicaState.RUNNING)
+
+
+def _at_target(dep: DeploymentRecord, mine: list[ReplicaRecord]) -> bool:
+    """Exactly ``dep.target`` replicas, all of the current version and starting or running: a
+    case where :func:`reconcile` plans nothing, checked without building its views."""
+    return len(mine) == dep.target and all(r.version == dep.version and r.state in _LIVE for r in mine)
 
 
 def _log_failed_world_size(task: asyncio.Task[Any]) -> None:

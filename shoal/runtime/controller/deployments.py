@@ -77,6 +77,8 @@ def autoscale_app(app: AppRecord, replicas_of: Callable[[str], list[ReplicaRecor
     inputs: dict[str, DeploymentInput] = {}
     loads: dict[str, float] = {}
     for dep in app.deployments.values():
+        if dep.autoscaler is None:
+            continue  # not autoscaled: nothing to record (and no list of its replicas to make, each tick)
         got = _record_load(dep, replicas_of(dep.spec.name), handle_stats_of(dep.spec.name), now)
         if got is not None:
             inputs[dep.spec.name], loads[dep.spec.name] = got

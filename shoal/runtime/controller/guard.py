@@ -43,7 +43,8 @@ class ReplicaGuard:
             if why:
                 self.lifecycle.evict(rec, why, now)
                 evicted = True
-        watched = [Watched(r.replica_id, r.proc.pid, self._limit(r)) for r in live if r.state in _LIVE]
+        limits: dict[tuple[str, str], int] = {}  # per deployment, once a tick
+        watched = [Watched(r.replica_id, r.proc.pid, self._limit(r, limits)) for r in live if r.state in _LIVE]
         for finding in self.watchdog.scan(watched, now):
             found = self.registry.replicas.get(finding.replica_id)
             if found is not None:
@@ -51,9 +52,15 @@ class ReplicaGuard:
                 evicted = True
         return evicted
 
-    def _limit(self, rec: ReplicaRecord) -> int:
-        dep = self.registry.deployment(rec.app, rec.deployment)
-        return memory_limit(dep.spec.config) if dep is not None and not rec.ranks else 0
+    def _limit(self, rec: ReplicaRecord, limits: dict[tuple[str, str], int]) -> int:
+        if rec.ranks:
+            return 0
+        key = (rec.app, rec.deployment)
+        limit = limits.get(key)
+        if limit is None:
+            dep = self.registry.deployment(rec.app, rec.deployment)
+            limit = limits[key] = memory_limit(dep.spec.config) if dep is not None else 0
+        return limit
 
     def _start_overdue(self, rec: ReplicaRecord, now: float) -> str:
         if rec.state != ReplicaState.STARTING or rec.adopted:

@@ -15,19 +15,40 @@ from shoal.runtime.wire import FramedProtocol, Membership, ReplicaEndpoint, Rout
 from shoal.status import ReplicaState
 
 
-def build_membership(app: str, name: str, dep: DeploymentRecord, replicas: Iterable[ReplicaRecord],
-                     epoch: int, unavailable: str = "") -> Membership:
-    """The deployment's RUNNING replicas (sorted by replica id) and its queueing limits;
-    ``unavailable`` (why it cannot serve, e.g. it failed to deploy) makes routers refuse at once."""
+def running_endpoints(dep: DeploymentRecord, replicas: Iterable[ReplicaRecord]) -> tuple[ReplicaEndpoint, ...]:
+    """The deployment's RUNNING replicas as routers see them, sorted by replica id."""
     cfg = dep.spec.config
-    running = tuple(sorted(
+    return tuple(sorted(
         (ReplicaEndpoint(r.replica_id, r.socket_path, cfg.max_ongoing_requests, r.model_ids)
          for r in replicas if r.state == ReplicaState.RUNNING),
         key=lambda a: a.replica_id,
     ))
-    auto = cfg.resolved_autoscaling()
-    return Membership(app, name, epoch, running, cfg.max_queued_requests, gone=unavailable,
-                      metrics_interval_s=auto.metrics_interval_s if auto else 0.0,
+
+
+def metrics_interval(dep: DeploymentRecord) -> float:
+    """How often callers report their load (0: the deployment does not autoscale)."""
+    auto = dep.spec.config.resolved_autoscaling()
+    return auto.metrics_interval_s if auto else 0.0
+
+
+MembershipKey = tuple[tuple[ReplicaEndpoint, ...], int, float, str]
+
+
+def membership_key(dep: DeploymentRecord, running: tuple[ReplicaEndpoint, ...], unavailable: str) -> MembershipKey:
+    """What a membership is compared by, to send it only when it changed: its replicas, its queue
+    bound, its load-report interval and its refusal (cheaper than a whole :class:`Membership`)."""
+    return running, dep.spec.config.max_queued_requests, metrics_interval(dep), unavailable
+
+
+def build_membership(app: str, name: str, dep: DeploymentRecord, replicas: Iterable[ReplicaRecord],
+                     epoch: int, unavailable: str = "",
+                     running: tuple[ReplicaEndpoint, ...] | None = None) -> Membership:
+    """The deployment's RUNNING replicas (sorted by replica id; ``running`` when already made
+    by :func:`running_endpoints`) and its queueing limits; ``unavailable`` (why it cannot
+    serve, e.g. it failed to deploy) makes routers refuse at once."""
+    cfg = dep.spec.config
+    return Membership(app, name, epoch, running_endpoints(dep, replicas) if running is None else running,
+                      cfg.max_queued_requests, gone=unavailable, metrics_interval_s=metrics_interval(dep),
                       max_queue_wait_s=cfg.resolved_max_queue_wait_s(),
                       request_router=router_blob(dep))
 
