@@ -81,8 +81,9 @@ TABLE: dict[str, dict[str, tuple[str, str, str]]] = {
         "get_replica_context": (_P, "shoal.serve.get_replica_context",
                                 "`app_name`, `deployment`, `replica_tag`, `replica_id`, `servable_object`, `rank`, "
                                 "`world_size` as in Ray; no `gang_context` (in a gang, `rank` and `world_size` are "
-                                "the gang's) or `code_version`; on Kubernetes a pod of a plain Deployment is "
-                                "rank 0 of world size 1 (pods have no ordinal)"),
+                                "the gang's) or `code_version`; on Kubernetes a plain Deployment's pods rank "
+                                "themselves 0..N-1 by address among its ready pods (a rank can move when pods come "
+                                "or go; Ray keeps it for the replica's life)"),
         "get_trace_context": (_N, "", "the request's trace context is not handed out; with SHOAL_TRACING on, "
                                       "spans started with the OpenTelemetry API in a replica are children "
                                       "of the request's span"),
@@ -152,7 +153,8 @@ TABLE: dict[str, dict[str, tuple[str, str, str]]] = {
                                 "`request_router_class` (import path or class), `request_router_kwargs`, "
                                 "`request_routing_stats_period_s`, `request_routing_stats_timeout_s`; shoal adds "
                                 "`choose_replicas_timeout_s` (a router that fails or is late falls back to the "
-                                "default choice)"),
+                                "default choice); on Kubernetes callers ask each target pod for its "
+                                "`record_routing_stats()` on the same period"),
         "gRPCOptions": (_P, "shoal.config.gRPCOptions", _GRPC),
     },
     "ray.serve.schema": {
@@ -218,8 +220,9 @@ TABLE: dict[str, dict[str, tuple[str, str, str]]] = {
                                     "a request whose replica died fails with `ReplicaDiedError` "
                                     "(alias `ActorDiedError`); this name refers to it"),
         "RequestCancelledError": (_S, "shoal.exceptions.RequestCancelledError", ""),
-        "gRPCStatusError": (_N, "", "a method that raises answers INTERNAL whatever code it set on "
-                                    "`grpc_context` (Ray's behaviour before this wrapper)"),
+        "gRPCStatusError": (_S, "shoal.exceptions.gRPCStatusError",
+                            "a method that sets a code on `grpc_context` and raises answers with that code; "
+                            "raising it answers with its `code` and `details`"),
     },
     "ray.serve.llm": {
         "CloudMirrorConfig": (_N, "", "weights load from a local directory or a Hugging Face repo id; "

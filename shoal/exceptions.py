@@ -5,6 +5,7 @@
     ├── DeploymentUnavailableError    the deployment is gone or cannot start
     ├── RequestCancelledError         the request was cancelled or timed out
     ├── ReplicaDiedError              the replica serving the request died (alias ActorDiedError)
+    ├── gRPCStatusError               a gRPC method's error with the status code it set
     ├── RayTaskError                  mixin base of re-raised user exceptions
     ├── ConfigError (ValueError)      a config file or dict is unreadable or invalid
     ├── PolicyLoadError (ValueError)  an autoscaling ``policy`` import path cannot be used
@@ -52,6 +53,7 @@ __all__ = [
     "ReplicaDiedError",
     "RequestCancelledError",
     "SimError",
+    "gRPCStatusError",
 ]
 
 
@@ -96,6 +98,47 @@ class ReplicaDiedError(RayServeException):
 
 
 ActorDiedError = ReplicaDiedError
+
+
+class gRPCStatusError(RayServeException):
+    """An exception of a deployment method serving a gRPC call, with the status the call answers.
+
+    A method that sets a code on its ``grpc_context`` (other than ``OK``) and then raises makes
+    its replica raise this, wrapping the exception: the gRPC client gets that code and the
+    details set (not ``INTERNAL``). A method may also raise it itself:
+    ``raise gRPCStatusError(KeyError(name), grpc.StatusCode.NOT_FOUND, f"{name} is not known")``.
+    ``code`` is a ``grpc.StatusCode`` (None: ``INTERNAL``); ``details`` None means the
+    exception's own ``Type: message``. ``str()`` is the original exception's.
+    """
+
+    def __init__(self, original_exception: BaseException, code: Any = None, details: str | None = None) -> None:
+        self._original_exception = original_exception
+        self._grpc_code = code
+        self._grpc_details = details
+        # What the method set with grpc_context.set_trailing_metadata (filled in by the replica).
+        self._trailing_metadata: tuple[tuple[str, Any], ...] = ()
+        super().__init__(str(original_exception))
+
+    @property
+    def original_exception(self) -> BaseException:
+        """The exception the method raised."""
+        return self._original_exception
+
+    @property
+    def grpc_code(self) -> Any:
+        """The status code to answer with (a ``grpc.StatusCode``), or None."""
+        return self._grpc_code
+
+    @property
+    def grpc_details(self) -> str | None:
+        """The details to answer with, or None."""
+        return self._grpc_details
+
+    def __str__(self) -> str:
+        return str(self._original_exception)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self._original_exception, self._grpc_code, self._grpc_details), self.__dict__)
 
 
 class RayTaskError(RayServeException):

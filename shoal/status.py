@@ -88,6 +88,8 @@ class ServeStatus:
     applications: dict[str, ApplicationStatusOverview] = field(default_factory=dict)
     target_capacity: float | None = None
     http_address: str = ""
+    # shoal: where the gRPC ingress listens (host:port); "" when it serves no gRPC.
+    grpc_address: str = ""
     # shoal: the machine's resources and what replicas hold (CPUs oversubscribed, GPUs shared).
     resources: str = ""
 

@@ -29,6 +29,10 @@ ADDONS: dict[str, Addon] = {
     "HTTPRoute": Addon("httproutes.gateway.networking.k8s.io", "install the Gateway API CRDs (standard channel) and "
                        "a Gateway controller, or build with --ingress-class",
                        "https://gateway-api.sigs.k8s.io/guides/#installing-gateway-api"),
+    "GRPCRoute": Addon("grpcroutes.gateway.networking.k8s.io", "install the Gateway API CRDs (standard channel, "
+                       "v1.1 or later) and a Gateway controller that serves GRPCRoute, or build with "
+                       "--gateway-api-version 1.0 (no gRPC route)",
+                       "https://gateway-api.sigs.k8s.io/guides/#installing-gateway-api"),
     "LeaderWorkerSet": Addon("leaderworkersets.leaderworkerset.x-k8s.io", "install LeaderWorkerSet (gang "
                              "deployments need it)", "https://lws.sigs.k8s.io/docs/installation/"),
     "Certificate": Addon("certificates.cert-manager.io", "install cert-manager, or build with --tls secret",

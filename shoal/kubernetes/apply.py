@@ -71,6 +71,7 @@ REQUEST_TIMEOUT_S = 30.0
 # Kinds shoal generates and may prune, in the order they are deleted (routes first).
 PRUNE_KINDS: tuple[tuple[str, str], ...] = (
     ("gateway.networking.k8s.io/v1", "HTTPRoute"),
+    ("gateway.networking.k8s.io/v1", "GRPCRoute"),
     ("networking.k8s.io/v1", "Ingress"),
     ("monitoring.coreos.com/v1", "PodMonitor"),
     ("monitoring.coreos.com/v1", "PrometheusRule"),

@@ -216,7 +216,7 @@ def _compile(target: str | None, rayservice: str | None, name: str | None, route
              kw: dict[str, Any]) -> tuple[Any, list[Any], Any]:
     """Load the target, compile it; returns (CompileResult, loaded apps, options)."""
     from shoal.kubernetes.compiler import CompileOptions, compile_apps
-    from shoal.kubernetes.targets import load_apps
+    from shoal.kubernetes.targets import grpc_options_of, load_apps
 
     kw = dict(kw)
     kw["labels"] = _key_values(kw.pop("labels"), "--label")
@@ -238,7 +238,8 @@ def _compile(target: str | None, rayservice: str | None, name: str | None, route
         bearer = opts.autoscaler == "keda" and opts.scaler_auth == "bearer"
         stored = _stored_secrets(secrets_dir, opts, {a.spec.name: bearer and _autoscales(a.spec) for a in apps})
         opts = dataclasses.replace(opts, secret_material=stored)
-    result = compile_apps([(a.spec, a.entry) for a in apps], opts, http_options=http_options)
+    result = compile_apps([(a.spec, a.entry) for a in apps], opts, http_options=http_options,
+                          grpc_options=grpc_options_of(target, rayservice=rayservice))
     return result, apps, opts
 
 

@@ -3,7 +3,7 @@
 Written here from each CRD's documentation for the fields shoal uses, strict
 (``additionalProperties: false`` wherever the field set is known): KEDA ``ScaledObject``
 (with the prometheus and metrics-api triggers, fallback and HPA behavior) and
-``TriggerAuthentication``, Gateway API ``HTTPRoute``, Prometheus Operator ``PodMonitor`` and
+``TriggerAuthentication``, Gateway API ``HTTPRoute`` and ``GRPCRoute``, Prometheus Operator ``PodMonitor`` and
 ``PrometheusRule``, ``LeaderWorkerSet`` and cert-manager ``Issuer`` / ``Certificate``. The
 TriggerAuthentication and PrometheusRule schemas follow the openAPIV3Schema of the projects' CRDs
 (config/crd/bases/keda.sh_triggerauthentications.yaml of KEDA,
@@ -302,6 +302,62 @@ HTTP_ROUTE = _object("gateway.networking.k8s.io/v1", "HTTPRoute", {
     },
 })
 
+_ROUTE_SPEC = HTTP_ROUTE["properties"]["spec"]["properties"]
+_MATCH_TYPE = {"enum": ["Exact", "RegularExpression"]}
+# GRPCRoute (standard channel since Gateway API v1.1, config/crd/standard/gateway.networking.k8s.io_grpcroutes.yaml).
+GRPC_ROUTE = _object("gateway.networking.k8s.io/v1", "GRPCRoute", {
+    "type": "object",
+    "additionalProperties": False,
+    "properties": {
+        "parentRefs": _ROUTE_SPEC["parentRefs"],
+        "hostnames": _ROUTE_SPEC["hostnames"],
+        "rules": {
+            "type": "array",
+            "maxItems": 16,
+            "items": {
+                "type": "object",
+                "additionalProperties": False,
+                "properties": {
+                    "matches": {
+                        "type": "array",
+                        "maxItems": 8,
+                        "items": {
+                            "type": "object",
+                            "additionalProperties": False,
+                            "properties": {
+                                "method": {
+                                    "type": "object",
+                                    "additionalProperties": False,
+                                    "properties": {"type": _MATCH_TYPE,
+                                                   "service": {"type": "string", "maxLength": 1024},
+                                                   "method": {"type": "string", "maxLength": 1024}},
+                                },
+                                "headers": {
+                                    "type": "array",
+                                    "maxItems": 16,
+                                    "items": {
+                                        "type": "object",
+                                        "additionalProperties": False,
+                                        "required": ["name", "value"],
+                                        "properties": {
+                                            "type": _MATCH_TYPE,
+                                            "name": {"type": "string", "minLength": 1, "maxLength": 256,
+                                                     "pattern": r"^[A-Za-z0-9!#$%&'*+\-.^_\x60|~]+$"},
+                                            "value": {"type": "string", "minLength": 1, "maxLength": 4096},
+                                        },
+                                    },
+                                },
+                            },
+                        },
+                    },
+                    "filters": {"type": "array", "maxItems": 16},
+                    "backendRefs": _ROUTE_SPEC["rules"]["items"]["properties"]["backendRefs"],
+                },
+            },
+        },
+    },
+})
+
 POD_MONITOR = _object("monitoring.coreos.com/v1", "PodMonitor", {
     "type": "object",
     "required": ["selector"],
@@ -544,6 +600,7 @@ CRD_SCHEMAS: dict[tuple[str, str], Obj] = {
     ("keda.sh/v1alpha1", "ScaledObject"): SCALED_OBJECT,
     ("keda.sh/v1alpha1", "TriggerAuthentication"): TRIGGER_AUTHENTICATION,
     ("gateway.networking.k8s.io/v1", "HTTPRoute"): HTTP_ROUTE,
+    ("gateway.networking.k8s.io/v1", "GRPCRoute"): GRPC_ROUTE,
     ("monitoring.coreos.com/v1", "PodMonitor"): POD_MONITOR,
     ("monitoring.coreos.com/v1", "PrometheusRule"): PROMETHEUS_RULE,
     ("leaderworkerset.x-k8s.io/v1", "LeaderWorkerSet"): LEADER_WORKER_SET,

@@ -13,6 +13,9 @@ import re
 RPC_PORT = 9000  # framed RPC between deployments (shoal.runtime.wire over TCP)
 HTTP_PORT = 8000  # HTTP on the ingress deployment's pods only
 ADMIN_PORT = 8001  # /-/healthz (liveness), /-/ready (readiness), /metrics on every pod
+# gRPC (grpc_options) on the pods that serve the app's HTTP ingress (and its holding front); not
+# grpc_options.port, which is the port of the app's Service (Ray's default 9000 is RPC_PORT here).
+GRPC_PORT = 9001
 # Gang replicas: rank 0 (the LeaderWorkerSet's leader) listens here for torch.distributed's
 # env:// rendezvous (MASTER_PORT); every pod has its own network namespace, so one fixed port.
 RENDEZVOUS_PORT = 29500
@@ -35,6 +38,9 @@ ENV_TLS_SECRET = "SHOAL_TLS_SECRET"
 ENV_INSECURE_NO_TLS = "SHOAL_INSECURE_NO_TLS"
 # Ingress pods only: the file of HTTP API keys (the app's API-keys Secret, mounted).
 ENV_API_KEYS_FILE = "SHOAL_API_KEYS_FILE"
+# Pods serving gRPC: the application's name as gRPC clients give it in the `application` metadata
+# (the app's own name; the pods of a canary run under another one).
+ENV_GRPC_APP = "SHOAL_GRPC_APP"
 ENV_CLUSTER_DOMAIN = "SHOAL_CLUSTER_DOMAIN"  # default "cluster.local"
 # Gang replicas: the LeaderWorkerSet's name. LWS names rank i's pod "<leader pod name>-<i>"
 # and gives it that hostname under a headless Service named after the LWS (the DNS name
@@ -44,6 +50,10 @@ ENV_GANG = "SHOAL_GANG"
 # getaddrinfo, rewritten by the simulator as pods come and go (what cluster DNS does for
 # headless Services). Never set by the compiler.
 ENV_RESOLVER_FILE = "SHOAL_RESOLVER_FILE"
+# Test hook for the pod simulation: the address other pods reach this pod at (what its DNS records
+# say) where the simulation holds it and the container listens on another (sim.firewall); in a
+# cluster both are status.podIP. Never set by the compiler.
+ENV_POD_ADDRESS = "SHOAL_POD_ADDRESS"
 
 # What the LeaderWorkerSet controller gives every pod of a group (leaderworkerset.x-k8s.io/v1):
 # environment variables, prepended to each container's own (so "$(LWS_WORKER_INDEX)" expands in

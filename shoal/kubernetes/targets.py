@@ -15,7 +15,7 @@ from shoal.deployment import Application, AppSpec, build_app_spec
 from shoal.loader import build_application, build_config_dict, import_attr
 from shoal.schema import ConfigError, ServeApplicationSchema, ServeDeploySchema, load_config_file
 
-__all__ = ["LoadedApp", "is_config_file", "load_apps", "load_schema", "schema_entry"]
+__all__ = ["LoadedApp", "grpc_options_of", "is_config_file", "load_apps", "load_schema", "schema_entry"]
 
 
 @dataclass
@@ -94,3 +94,13 @@ def load_apps(target: str | None, *, rayservice: str | None = None, name: str | 
             entry = schema_entry(app_schema)
         apps.append(LoadedApp(spec=spec, entry=entry, runtime_envs=_runtime_envs(app_schema)))
     return apps, http_options
+
+
+def grpc_options_of(target: str | None, *, rayservice: str | None = None) -> dict[str, Any] | None:
+    """The target's ``grpc_options`` as written (JSON form), or None when it sets none (a
+    ``module:app`` target never does). Imports nothing."""
+    if target is not None and rayservice is None and not is_config_file(target):
+        return None
+    config, _ = load_schema(target, rayservice=rayservice)
+    options = config.grpc_options.model_dump(mode="json", exclude_unset=True)
+    return options or None

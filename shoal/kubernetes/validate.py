@@ -7,7 +7,7 @@ resources shoal emits are not in that set, so each gets a JSON schema of the fie
 the field set is known from the CRD's documentation):
 
 * KEDA ``ScaledObject`` and ``TriggerAuthentication`` (keda.sh/v1alpha1)
-* Gateway API ``HTTPRoute`` (gateway.networking.k8s.io/v1)
+* Gateway API ``HTTPRoute`` and ``GRPCRoute`` (gateway.networking.k8s.io/v1)
 * Prometheus Operator ``PodMonitor`` and ``PrometheusRule`` (monitoring.coreos.com/v1)
 * ``LeaderWorkerSet`` (leaderworkerset.x-k8s.io/v1), whose two pod templates are then checked
   against the Kubernetes schema of a ``PodTemplateSpec`` (strict, like a Deployment's)

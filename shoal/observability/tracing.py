@@ -19,7 +19,8 @@ whose OpenTelemetry tracer provider was already configured (a driver script that
 own) keeps it: shoal's spans go there.
 
 What is traced: the HTTP front (a ``SERVER`` span per request, child of the request's W3C
-``traceparent`` header when it has one), each request a replica serves (a ``SERVER`` span, child
+``traceparent`` header when it has one), the gRPC front (a ``SERVER`` span per call, child of
+its ``traceparent`` metadata when it has one), each request a replica serves (a ``SERVER`` span, child
 of its caller's span), and each handle call (a ``CLIENT`` span, child of whatever span is current
 where ``.remote()`` was called: in a replica, the request it is serving). The caller's span
 context crosses processes as a W3C ``traceparent`` in ``RequestMeta.trace``; user code in a
@@ -178,6 +179,35 @@ def start_http(scope: dict[str, Any], meta: RequestMeta, app: str, deployment: s
 def end_http(span: Any, status: int) -> None:
     span.set_attribute("http.response.status_code", status)
     if status >= 500:
+        _error(span)
+    span.end()
+
+
+def start_grpc(traceparent_value: str, tracestate: str, meta: RequestMeta, path: str, app: str,
+               deployment: str) -> tuple[Any, RequestMeta]:
+    """The gRPC front's span for one call to ``path`` (``/package.Service/Method``; child of the
+    call's ``traceparent`` metadata), and the call's metadata carrying it to the replica."""
+    from opentelemetry.trace import SpanKind
+
+    name = path.lstrip("/")
+    service, _, method = name.rpartition("/")
+    span = _tracer.start_span(
+        name, context=_parent(traceparent_value, tracestate), kind=SpanKind.SERVER,
+        attributes={"rpc.system": "grpc", "rpc.service": service, "rpc.method": method,
+                    "shoal.application": app, "shoal.deployment": deployment, "shoal.request_id": meta.request_id})
+    return span, meta._replace(trace=traceparent(span))
+
+
+# The codes that mark a gRPC server span as an error (OpenTelemetry's gRPC conventions); the
+# others (NOT_FOUND, INVALID_ARGUMENT, ...) are the client's.
+_GRPC_SERVER_ERRORS = frozenset({"UNKNOWN", "DEADLINE_EXCEEDED", "UNIMPLEMENTED", "INTERNAL", "UNAVAILABLE",
+                                 "DATA_LOSS"})
+
+
+def end_grpc(span: Any, code: Any) -> None:
+    """End a :func:`start_grpc` span with the call's status (a ``grpc.StatusCode``)."""
+    span.set_attribute("rpc.grpc.status_code", int(code.value[0]))
+    if code.name in _GRPC_SERVER_ERRORS:
         _error(span)
     span.end()
 

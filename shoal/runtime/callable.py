@@ -215,6 +215,10 @@ class UserCallable:
                 result = await self.run_sync(fn, *args, **kwargs)
                 if inspect.isawaitable(result):
                     result = await result
+        except Exception as e:  # a gRPC request's code set on grpc_context goes with the error
+            if grpc_context is None or (out := grpc_call.failure(e, grpc_context)) is e:
+                raise
+            raise out from None
         finally:
             _request_ctx.reset(token)
         return grpc_call.reply(result, grpc_context)
@@ -226,30 +230,35 @@ class UserCallable:
         # A generator may be resumed from different tasks (and so contexts): set the request
         # context again on every resumption instead of resetting a token.
         self._enter(meta)
-        if kind == _AGEN:
-            agen = self._in_context(fn, *args, **kwargs)
-            try:
-                async for item in agen:
-                    yield item
-                    self._enter(meta)
-            finally:
-                await agen.aclose()
-        elif kind == _GEN:
-            gen = await self.run_sync(fn, *args, **kwargs)
-            done = object()
-            try:
-                while True:
-                    item = await self.run_sync(next, gen, done)
-                    if item is done:
-                        break
-                    yield item
-                    self._enter(meta)
-            finally:
-                await self.run_sync(gen.close)
-        else:
-            raise TypeError(
-                f"stream=True was set but method {method!r} of {self._ctx.deployment!r} is not a generator"
-            )
+        try:
+            if kind == _AGEN:
+                agen = self._in_context(fn, *args, **kwargs)
+                try:
+                    async for item in agen:
+                        yield item
+                        self._enter(meta)
+                finally:
+                    await agen.aclose()
+            elif kind == _GEN:
+                gen = await self.run_sync(fn, *args, **kwargs)
+                done = object()
+                try:
+                    while True:
+                        item = await self.run_sync(next, gen, done)
+                        if item is done:
+                            break
+                        yield item
+                        self._enter(meta)
+                finally:
+                    await self.run_sync(gen.close)
+            else:
+                raise TypeError(
+                    f"stream=True was set but method {method!r} of {self._ctx.deployment!r} is not a generator"
+                )
+        except Exception as e:  # a gRPC request's code set on grpc_context goes with the error
+            if grpc_context is None or (out := grpc_call.failure(e, grpc_context)) is e:
+                raise
+            raise out from None
         if grpc_context is not None:  # the context the method set, after its last item
             yield grpc_call.reply(None, grpc_context)
 

@@ -23,7 +23,7 @@ import sys
 import time
 from typing import Any
 
-from shoal.config import HTTPOptions
+from shoal.config import HTTPOptions, gRPCOptions
 from shoal.runtime.backend import new_event_loop
 from shoal.runtime.controller import Controller, Settings
 from shoal.runtime.httpguard import exposure_warning
@@ -181,6 +181,7 @@ async def _serve(opts: dict[str, Any], rd: RunDir) -> int:
         http=HTTPOptions(**opts.get("http", {})),
         num_gpus=opts.get("num_gpus"),
         strict_cpus=bool(opts.get("strict_cpus", False)),
+        grpc=gRPCOptions(**opts["grpc"]) if opts.get("grpc") else None,  # checked by `shoal start`
         die_with_parent=False,
         state_path=rd.state_db,
     )
@@ -205,6 +206,8 @@ async def _serve(opts: dict[str, Any], rd: RunDir) -> int:
         logger.error("cannot write %s (%s); serving anyway", rd.controller_pid, e.strerror or e)
     logger.info("controller pid %d serving %s; HTTP on %s://%s:%d", os.getpid(), run_dir, settings.http.scheme,
                 settings.http.host, controller.http_port)
+    if controller.front.grpc_port:
+        logger.info("gRPC on %s:%d", settings.http.host, controller.front.grpc_port)
     warning = exposure_warning(settings.http)
     if warning:
         logger.warning("%s", warning)

@@ -5,13 +5,20 @@ is answered by the method of the same name of an application's ingress deploymen
 through the deployment's router like a handle call: the request message goes in, the returned
 message (or, for a server-streaming method, each yielded message) comes back. The application
 is the one named by the ``application`` metadata key, or the only one running. The built-in
-``ray.serve.RayServeAPIService`` answers ``ListApplications`` and ``Healthz``.
+``ray.serve.RayServeAPIService`` answers ``ListApplications`` and ``Healthz``, the standard
+``grpc.health.v1.Health`` ``Check`` and ``Watch`` (:mod:`shoal.runtime.grpc_health`).
 
 Status codes: a user exception is ``INTERNAL`` with its message; an unknown application
 ``NOT_FOUND``; a full queue ``RESOURCE_EXHAUSTED``; an unavailable deployment ``UNAVAILABLE``;
 ``request_timeout_s`` or the client's deadline ``DEADLINE_EXCEEDED``; missing or wrong API keys
 (``http_options.api_keys``, sent as ``authorization: Bearer KEY`` or ``x-api-key`` metadata)
-``UNAUTHENTICATED``. A client that cancels cancels the call in the replica.
+``UNAUTHENTICATED``; a :class:`~shoal.exceptions.gRPCStatusError` (raised by the method, or by
+its replica for a method that set a code on ``grpc_context`` and raised) its own code. A client
+that cancels cancels the call in the replica.
+
+Each answered call writes an access-log line (``GRPC /pkg.Service/Method CODE 1.2ms``) and is
+counted under Ray's gRPC metric names; while tracing is on (:mod:`shoal.observability.tracing`)
+each routed call gets a ``SERVER`` span, child of the call's ``traceparent`` metadata.
 """
 
 from __future__ import annotations
@@ -31,9 +38,11 @@ from shoal.exceptions import (
     RayTaskError,
     ReplicaDiedError,
     RequestCancelledError,
+    gRPCStatusError,
 )
 from shoal.grpc_util import RayServegRPCContext
 from shoal.observability import metrics as _metrics
+from shoal.observability import tracing as _tracing
 from shoal.observability.logs import log_access
 from shoal.runtime.grpc_call import GRPC_KWARG, GRPCReply
 from shoal.runtime.grpc_methods import GRPCFrontOptions, MethodSpec
@@ -66,6 +75,11 @@ class BadAnswer(Exception):
 def grpc_status(exc: BaseException, timeout_s: float | None = None) -> tuple[grpc.StatusCode, str]:
     """The gRPC status code and details for an exception (the gRPC twin of
     :func:`shoal.runtime.http.errors.error_status`)."""
+    if isinstance(exc, gRPCStatusError):
+        code = _status_code(exc.grpc_code)
+        if code is None or code is grpc.StatusCode.OK:  # no code, or OK with an error: the error wins
+            code = grpc.StatusCode.INTERNAL
+        return code, exc.grpc_details if exc.grpc_details is not None else _describe(exc.original_exception)
     if isinstance(exc, BackPressureError):
         return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc) or "service overloaded: too many queued requests"
     if isinstance(exc, DeploymentUnavailableError):
@@ -79,9 +93,14 @@ def grpc_status(exc: BaseException, timeout_s: float | None = None) -> tuple[grp
         return grpc.StatusCode.DEADLINE_EXCEEDED, f"request timed out{after}"
     if isinstance(exc, BadAnswer):
         return grpc.StatusCode.INTERNAL, str(exc)
+    return grpc.StatusCode.INTERNAL, _describe(exc)
+
+
+def _describe(exc: BaseException) -> str:
+    """``Type: message`` of a user's exception (of its cause for one re-raised from a replica)."""
     cause = exc.cause if isinstance(exc, RayTaskError) and getattr(exc, "cause", None) is not None else exc
     text = str(cause)
-    return grpc.StatusCode.INTERNAL, f"{type(cause).__name__}: {text}" if text else type(cause).__name__
+    return f"{type(cause).__name__}: {text}" if text else type(cause).__name__
 
 
 def _status_code(code: Any) -> grpc.StatusCode | None:
@@ -114,6 +133,7 @@ class _Call:
     meta: RequestMeta
     timeout_s: float | None
     started: float
+    span: Any = None  # the call's trace span while tracing is on
 
     @property
     def trailer(self) -> tuple[tuple[str, str], ...]:
@@ -136,6 +156,10 @@ class GRPCFront:
         self.draining = False
         self.server: Any = None
         self.port = 0
+        # grpc.health.v1.Health (shoal.runtime.grpc_health) says SERVING while this is true and the
+        # server is not draining; a pod sets it to its readiness. More addresses to listen on, too.
+        self.ready: Callable[[], bool] = lambda: True
+        self.also_listen: tuple[str, ...] = ()
         self._handlers = self._build_handlers()
 
     # -- lifecycle
@@ -154,6 +178,12 @@ class GRPCFront:
             raise RuntimeError(f"cannot serve gRPC on {self.options.address}: {e}") from None
         if not port:
             raise RuntimeError(f"cannot serve gRPC on {self.options.address}")
+        for address in self.also_listen:
+            try:
+                server.add_secure_port(address, self.credentials) if self.credentials is not None \
+                    else server.add_insecure_port(address)
+            except RuntimeError as e:
+                logger.warning("cannot also serve gRPC on %s: %s", address, e)
         await server.start()
         self.server, self.port = server, port
         logger.info("serving gRPC%s on %s (%d methods)", " over TLS" if self.credentials is not None else "",
@@ -181,6 +211,11 @@ class GRPCFront:
             out[path] = self._handler(spec)
         out[f"/{API_SERVICE}/ListApplications"] = grpc.unary_unary_rpc_method_handler(self._list_applications)
         out[f"/{API_SERVICE}/Healthz"] = grpc.unary_unary_rpc_method_handler(self._healthz)
+        from shoal.runtime.grpc_health import HealthService
+
+        health = HealthService(lambda: not self.draining and self.ready(), {s.service for s in self.methods.values()},
+                               closing=lambda: self.draining)
+        out.update(health.handlers())
         return out
 
     def _handler(self, spec: MethodSpec) -> Any:
@@ -209,6 +244,9 @@ class GRPCFront:
                 out = await router.call(spec.name, (call.request,), {GRPC_KWARG: call.context}, call.meta)
             result, final = (out.result, out.context) if isinstance(out, GRPCReply) else (out, None)
             payload = self._serialize(spec, result)
+        except asyncio.CancelledError:  # the client cancelled (or went away)
+            self._done(call, grpc.StatusCode.CANCELLED)
+            raise
         except Exception as e:
             await self._fail(context, call, e)
         await self._finish(context, call, final)
@@ -225,6 +263,9 @@ class GRPCFront:
                         final = item.context
                         continue
                     await context.write(self._serialize(spec, item))
+        except asyncio.CancelledError:  # the client cancelled (or went away)
+            self._done(call, grpc.StatusCode.CANCELLED)
+            raise
         except Exception as e:
             await self._fail(context, call, e)
         await self._finish(context, call, final)
@@ -261,7 +302,11 @@ class GRPCFront:
         ctx = RayServegRPCContext(md, context.peer() or "", spec.path)
         meta = RequestMeta(rid, stream=spec.response_streaming,
                            multiplexed_model_id=values.get("multiplexed_model_id", ""), route=route[0])
-        return _Call(spec, route, request, ctx, meta, self._timeout(context), started)
+        span = None
+        if _tracing.enabled:
+            span, meta = _tracing.start_grpc(values.get("traceparent", ""), values.get("tracestate", ""), meta,
+                                             spec.path, route[1], route[2])
+        return _Call(spec, route, request, ctx, meta, self._timeout(context), started, span)
 
     def _timeout(self, context: Any) -> float | None:
         """``request_timeout_s``, or the client's deadline when it comes first."""
@@ -318,10 +363,13 @@ class GRPCFront:
     async def _fail(self, context: Any, call: _Call, exc: BaseException) -> NoReturn:
         """Answer with the status of ``exc`` (raises, as ``context.abort`` does)."""
         code, details = grpc_status(exc, call.timeout_s)
-        if code is grpc.StatusCode.INTERNAL and not isinstance(exc, BadAnswer | RayTaskError):
+        if code is grpc.StatusCode.INTERNAL and not isinstance(exc, BadAnswer | RayTaskError | gRPCStatusError):
             logger.error("gRPC request %s to %s failed: %s", call.meta.request_id, call.spec.path, details)
-        self._record(call.spec.path, code.name, call.started, call.meta.request_id, call.route)
-        await context.abort(code, details, trailing_metadata=call.trailer)
+        trailing = call.trailer
+        if isinstance(exc, gRPCStatusError) and exc._trailing_metadata:
+            trailing = (*_metadata_out(exc._trailing_metadata), *call.trailer)
+        self._done(call, code)
+        await context.abort(code, details, trailing_metadata=trailing)
         raise _Answered()  # not reached: abort raises
 
     async def _finish(self, context: Any, call: _Call, final: RayServegRPCContext | None) -> None:
@@ -329,13 +377,20 @@ class GRPCFront:
         trailing = (*(_metadata_out(final.trailing_metadata()) if final is not None else ()), *call.trailer)
         code = _status_code(final.code()) if final is not None else None
         details = final.details() if final is not None else ""
-        self._record(call.spec.path, (code or grpc.StatusCode.OK).name, call.started, call.meta.request_id,
-                     call.route)
+        self._done(call, code or grpc.StatusCode.OK)
         if code is not None and code is not grpc.StatusCode.OK:
             await context.abort(code, details, trailing_metadata=trailing)
         context.set_trailing_metadata(trailing)
         if details:
             context.set_details(details)
+
+    @classmethod
+    def _done(cls, call: _Call, code: grpc.StatusCode) -> None:
+        """An admitted call ended with ``code``: its access-log line, metrics and trace span."""
+        cls._record(call.spec.path, code.name, call.started, call.meta.request_id, call.route)
+        if call.span is not None:
+            span, call.span = call.span, None
+            _tracing.end_grpc(span, code)
 
     @staticmethod
     def _record(path: str, code: str, started: float, request_id: str, route: Route | None) -> None:

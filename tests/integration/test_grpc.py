@@ -23,6 +23,7 @@ from conftest import child_pids, wait_until  # noqa: E402
 
 from shoal import api, serve  # noqa: E402
 from shoal.config import gRPCOptions  # noqa: E402
+from shoal.exceptions import gRPCStatusError  # noqa: E402
 from shoal.grpc_util import RayServegRPCContext  # noqa: E402
 
 MODULE = "shoal_grpc_test"
@@ -52,6 +53,8 @@ service Echo {
   rpc Sleep(EchoRequest) returns (EchoReply);
   rpc Lookup(EchoRequest) returns (EchoReply);
   rpc Wrong(EchoRequest) returns (EchoReply);
+  rpc Refuse(EchoRequest) returns (EchoReply);
+  rpc RepeatRefuse(EchoRequest) returns (stream EchoReply);
 }
 """
 
@@ -107,6 +110,25 @@ class Greeter:
     def Wrong(self, request: Any) -> Any:
         return "not a message"
 
+    async def Refuse(self, request: Any, grpc_context: RayServegRPCContext) -> Any:
+        if request.count == 3:  # raised by a deployment called through a handle, not caught here
+            return await serve.get_deployment_handle("Busy", "b").Strict.remote(request)
+        if request.count == 0:  # a code set on the context, then an exception
+            grpc_context.set_code(grpc.StatusCode.NOT_FOUND)
+            grpc_context.set_details(f"{request.text} is not known")
+            grpc_context.set_trailing_metadata([("hint", "add it first")])
+            raise KeyError(request.text)
+        if request.count == 1:  # raised directly
+            raise gRPCStatusError(ValueError(request.text), grpc.StatusCode.FAILED_PRECONDITION, "not ready")
+        grpc_context.set_code(grpc.StatusCode.OK)  # OK, then an exception: the exception wins
+        raise ValueError(request.text)
+
+    def RepeatRefuse(self, request: Any, grpc_context: RayServegRPCContext) -> Any:
+        yield pb().EchoReply(text="first")
+        grpc_context.set_code(grpc.StatusCode.ABORTED)
+        grpc_context.set_details("stopped after one")
+        raise RuntimeError("stop")
+
 
 @serve.deployment(max_ongoing_requests=1, max_queued_requests=1)
 class Busy:
@@ -116,6 +138,9 @@ class Busy:
     async def Sleep(self, request: Any) -> Any:
         await asyncio.sleep(request.count)
         return pb().EchoReply(text="slept")
+
+    def Strict(self, request: Any) -> Any:
+        raise gRPCStatusError(ValueError(request.text), grpc.StatusCode.PERMISSION_DENIED)
 
 
 @dataclass
@@ -232,6 +257,29 @@ def test_grpc_context_code_details_and_trailing_metadata(inst: GRPCInstance) -> 
     assert reply.text == "foo" and trailing(call)["num"] == "0" and trailing(call)["request_id"]
 
 
+def test_code_set_before_raising_reaches_the_client(inst: GRPCInstance) -> None:
+    with pytest.raises(grpc.RpcError) as err:
+        inst.stub.Refuse(pb().EchoRequest(text="zed", count=0), metadata=md("a", ("request_id", "r-set")), timeout=30)
+    assert (err.value.code(), err.value.details()) == (grpc.StatusCode.NOT_FOUND, "zed is not known")
+    assert trailing(err.value)["hint"] == "add it first" and trailing(err.value)["request_id"] == "r-set"
+    with pytest.raises(grpc.RpcError) as err:
+        inst.stub.Refuse(pb().EchoRequest(text="zed", count=1), metadata=md("a"), timeout=30)
+    assert (err.value.code(), err.value.details()) == (grpc.StatusCode.FAILED_PRECONDITION, "not ready")
+    with pytest.raises(grpc.RpcError) as err:
+        inst.stub.Refuse(pb().EchoRequest(text="zed", count=2), metadata=md("a"), timeout=30)
+    assert (err.value.code(), err.value.details()) == (grpc.StatusCode.INTERNAL, "ValueError: zed")
+    with pytest.raises(grpc.RpcError) as err:
+        inst.stub.Refuse(pb().EchoRequest(text="zed", count=3), metadata=md("a"), timeout=30)
+    assert (err.value.code(), err.value.details()) == (grpc.StatusCode.PERMISSION_DENIED, "ValueError: zed")
+    # A streaming method: the items before the error arrive, then its code.
+    got = []
+    with pytest.raises(grpc.RpcError) as err:
+        for reply in inst.stub.RepeatRefuse(pb().EchoRequest(text="s"), metadata=md("a"), timeout=30):
+            got.append(reply.text)
+    assert got == ["first"]
+    assert (err.value.code(), err.value.details()) == (grpc.StatusCode.ABORTED, "stopped after one")
+
+
 def test_list_applications_and_healthz(inst: GRPCInstance) -> None:
     from shoal.generated.serve_pb2 import HealthzRequest, ListApplicationsRequest
     from shoal.generated.serve_pb2_grpc import RayServeAPIServiceStub
@@ -342,3 +390,14 @@ def test_calls_are_counted_under_rays_grpc_metric_names(inst: GRPCInstance) -> N
                                     "INTERNAL") >= 1, 30)
     assert count("ray_serve_grpc_request_latency_ms_count", "/shoaltest.Echo/Say", "OK") >= 1
     assert count("ray_serve_num_grpc_error_requests_total", "/shoaltest.Echo/Say", "OK") == 0
+
+
+def test_the_standard_health_service_answers_on_the_proxy(inst: GRPCInstance) -> None:
+    """grpc.health.v1.Health (shoal.runtime.grpc_health) on the local proxy's gRPC server, without credentials."""
+    from shoal.runtime.grpc_health import check
+
+    assert check(inst.channel, "", timeout=10) == "SERVING"
+    assert check(inst.channel, "shoaltest.Echo", timeout=10) == "SERVING"
+    with pytest.raises(grpc.RpcError) as err:
+        check(inst.channel, "no.such.Service", timeout=10)
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND

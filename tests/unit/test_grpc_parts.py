@@ -171,6 +171,49 @@ def test_status_codes_of_errors() -> None:
     assert grpc_status(wrap_remote_exception(TimeoutError("db"), "tb")) == (code.INTERNAL, "TimeoutError: db")
 
 
+def test_grpc_status_error_carries_the_code_the_method_set() -> None:
+    import pickle
+
+    grpc = pytest.importorskip("grpc")
+    from shoal.exceptions import RayServeException, gRPCStatusError
+    from shoal.runtime.grpc_front import grpc_status
+
+    code = grpc.StatusCode
+    ctx = RayServegRPCContext([], "peer", "/p.S/M")
+    err = KeyError("k")
+    assert grpc_call.failure(err, ctx) is err  # no code set: the error as it is (INTERNAL)
+    assert grpc_call.failure(err, None) is err  # not a gRPC request
+    ctx.set_code(code.OK)
+    assert grpc_call.failure(err, ctx) is err  # OK and an error: the error wins
+    ctx.set_code(code.NOT_FOUND)
+    ctx.set_details("no k")
+    ctx.set_trailing_metadata([("hint", "h")])
+    wrapped = grpc_call.failure(err, ctx)
+    assert isinstance(wrapped, gRPCStatusError) and isinstance(wrapped, RayServeException)
+    assert (wrapped.original_exception, wrapped.grpc_code, wrapped.grpc_details) == (err, code.NOT_FOUND, "no k")
+    assert str(wrapped) == str(err)
+    back = pickle.loads(pickle.dumps(wrapped))  # it travels from the replica to the proxy
+    assert (back.grpc_code, back.grpc_details, back._trailing_metadata) == (code.NOT_FOUND, "no k", (("hint", "h"),))
+    assert isinstance(back.original_exception, KeyError)
+    assert grpc_status(back) == (code.NOT_FOUND, "no k")
+    # Details not set: the exception's own; no code: INTERNAL; a code given by number is read.
+    assert grpc_status(gRPCStatusError(ValueError("v"), code.ABORTED)) == (code.ABORTED, "ValueError: v")
+    assert grpc_status(gRPCStatusError(ValueError("v"))) == (code.INTERNAL, "ValueError: v")
+    assert grpc_status(gRPCStatusError(ValueError("v"), code.OK, "d")) == (code.INTERNAL, "d")
+    assert grpc_status(gRPCStatusError(ValueError("v"), 9, "d")) == (code.FAILED_PRECONDITION, "d")
+    # One the method raised itself keeps its code; it takes the context's trailing metadata.
+    own = gRPCStatusError(ValueError("v"), code.ABORTED, "busy")
+    assert grpc_call.failure(own, ctx) is own and own._trailing_metadata == (("hint", "h"),)
+
+    class Unpicklable(Exception):
+        def __reduce__(self) -> Any:
+            raise TypeError("no")
+
+    wrapped = grpc_call.failure(Unpicklable("u"), ctx)
+    assert isinstance(wrapped, gRPCStatusError) and str(wrapped) == "Unpicklable: u"
+    assert pickle.loads(pickle.dumps(wrapped)).grpc_code == code.NOT_FOUND
+
+
 def test_builtin_service_matches_its_proto(tmp_path: Path) -> None:
     protoc = pytest.importorskip("grpc_tools.protoc")
     from google.protobuf import descriptor_pb2

@@ -67,6 +67,7 @@ from shoal.kubernetes.compiler.common import (
 )
 from shoal.kubernetes.compiler.credentials import api_keys, cert_manager_objects, generated_secrets, hash_gateway_keys
 from shoal.kubernetes.compiler.front import front_objects
+from shoal.kubernetes.compiler.grpc_ingress import grpc_plan
 from shoal.kubernetes.compiler.monitoring import pod_monitor, prometheus_rule
 from shoal.kubernetes.compiler.scheduling import check_pod_options, check_targets
 from shoal.kubernetes.compiler.traffic import (
@@ -111,7 +112,8 @@ __all__ = [
 
 
 def compile_app(spec: AppSpec, entry: Mapping[str, Any], opts: CompileOptions, *,
-                http_options: Mapping[str, Any] | None = None, targets_checked: bool = False) -> CompileResult:
+                http_options: Mapping[str, Any] | None = None, targets_checked: bool = False,
+                grpc_options: Mapping[str, Any] | None = None, grpc_default_route: bool = True) -> CompileResult:
     """The Kubernetes objects of one application.
 
     ``entry`` is the application's serve-config entry (``name``, ``route_prefix``,
@@ -119,7 +121,9 @@ def compile_app(spec: AppSpec, entry: Mapping[str, Any], opts: CompileOptions, *
     ConfigMap the pods read, with ``name`` replaced by the canary instance name when compiling
     a canary. ``http_options`` (optional) are copied into that file too, with the host and
     port the pods listen on. ``targets_checked``: the caller checked the options' ``DEPLOYMENT:``
-    prefixes against every app of the build (:func:`compile_apps`).
+    prefixes against every app of the build (:func:`compile_apps`). ``grpc_options`` (the config's,
+    JSON form) make the ingress pods serve gRPC (:mod:`.grpc_ingress`); ``grpc_default_route``: the
+    app's GRPCRoute also takes the calls that name no application.
     """
     check_options(opts)
     check_pod_options(opts)
@@ -132,7 +136,8 @@ def compile_app(spec: AppSpec, entry: Mapping[str, Any], opts: CompileOptions, *
     keys = tuple(api_keys(http_options or {}))
     ctx = AppContext(spec=spec, opts=opts, app=spec.name, instance=instance_name(spec.name, version, canary),
                      version=version, canary=canary, entry=entry, warnings=[],
-                     api_keys=keys if spec.route_prefix is not None else ())
+                     api_keys=keys if spec.route_prefix is not None else (),
+                     grpc=grpc_plan(grpc_options, http_options, grpc_default_route))
     _check_names(ctx)
 
     config_text = _serve_config_text(ctx, entry, http_options or {})
@@ -172,12 +177,19 @@ def compile_app(spec: AppSpec, entry: Mapping[str, Any], opts: CompileOptions, *
 
 
 def compile_apps(apps: Sequence[tuple[AppSpec, Mapping[str, Any]]], opts: CompileOptions, *,
-                 http_options: Mapping[str, Any] | None = None) -> CompileResult:
-    """:func:`compile_app` for several applications; refuses two objects of one kind and name."""
+                 http_options: Mapping[str, Any] | None = None,
+                 grpc_options: Mapping[str, Any] | None = None) -> CompileResult:
+    """:func:`compile_app` for several applications; refuses two objects of one kind and name. With
+    ``grpc_options``, the first app with a route prefix takes the gRPC calls that name no application."""
     out = CompileResult(objects=[namespace_object(opts)] if opts.create_namespace else [])
     check_targets(opts, [dep for spec, _ in apps for dep in spec.deployments])
+    routed = [spec.name for spec, _ in apps if spec.route_prefix is not None]
+    if grpc_plan(grpc_options, http_options) is not None and not routed:
+        out.warnings.append("grpc_options: no application has a route_prefix, so no pod serves gRPC "
+                            "(gRPC reaches the applications that have an HTTP route, as on one machine)")
     for spec, entry in apps:
-        res = compile_app(spec, entry, opts, http_options=http_options, targets_checked=True)
+        res = compile_app(spec, entry, opts, http_options=http_options, targets_checked=True,
+                          grpc_options=grpc_options, grpc_default_route=bool(routed) and spec.name == routed[0])
         out.objects.extend(res.objects)
         out.warnings.extend(res.warnings)
     check_collisions(out.objects)
@@ -249,10 +261,10 @@ def _serve_config_text(ctx: AppContext, entry: Mapping[str, Any], http_options: 
     app_entry.setdefault("route_prefix", ctx.spec.route_prefix)
     # Inline API keys go to a Secret (credentials.py); the ingress pods read them from its file.
     http = {k: v for k, v in http_options.items() if k not in ("host", "port", "location", "api_keys")}
-    doc = {
-        "http_options": {"host": "0.0.0.0", "port": names.HTTP_PORT, **http},
-        "applications": [app_entry],
-    }
+    doc: dict[str, Any] = {"http_options": {"host": "0.0.0.0", "port": names.HTTP_PORT, **http}}
+    if ctx.grpc is not None and ctx.spec.route_prefix is not None:
+        doc["grpc_options"] = ctx.grpc.config()
+    doc["applications"] = [app_entry]
     header = (
         f"# Written by `shoal k8s build` for application {ctx.app!r}; every pod of it reads this file\n"
         f"# ({names.CONFIG_MOUNT_DIR}/{names.CONFIG_FILE_NAME}) and serves the deployment named in "

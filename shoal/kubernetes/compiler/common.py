@@ -437,6 +437,22 @@ def _check_label(key: str, value: str, option: str = "--label") -> None:
 # --------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class GRPCPlan:
+    """The build's gRPC (compiler.grpc_ingress): the config's ``grpc_options`` (JSON form), the Service
+    port, whether the HTTP port (so the gRPC one) has TLS, and whether this app's GRPCRoute takes
+    the calls that name no application."""
+
+    options: Mapping[str, Any]
+    port: int
+    tls: bool
+    default_route: bool = True
+
+    def config(self) -> dict[str, Any]:
+        """``grpc_options`` as the pods read them (the ConfigMap's): on the pods' gRPC port."""
+        return {**self.options, "port": names.GRPC_PORT}
+
+
 @dataclass
 class AppContext:
     """What every builder below needs about one application."""
@@ -454,6 +470,8 @@ class AppContext:
     # Each deployment's own version label when --version is not given (compiler.workloads.deployment_hashes):
     # a change to one deployment relabels (and rolls) only its own objects.
     dep_versions: dict[str, str] = field(default_factory=dict)
+    # The build's grpc_options when they start gRPC (compiler.grpc_ingress); None: no gRPC.
+    grpc: GRPCPlan | None = None
 
     def meta(self, name: str, *, component: str | None = None, dep: str | None = None,
              annotations: Mapping[str, str] | None = None) -> Obj:

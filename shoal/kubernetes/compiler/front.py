@@ -45,6 +45,7 @@ from shoal.kubernetes.compiler.common import (
     process_env,
 )
 from shoal.kubernetes.compiler.credentials import credential_env, credential_mounts, credential_volumes
+from shoal.kubernetes.compiler.grpc_ingress import grpc_ports, pod_grpc
 
 __all__ = ["FRONT_LABEL", "front_network_policy", "front_objects", "front_selector", "uses_front"]
 
@@ -90,6 +91,8 @@ def _config_hash(ctx: AppContext, config_text: str) -> str:
     app_entry = doc["applications"][0]
     slice_ = {"image": ctx.opts.image, "http_options": doc.get("http_options"),
               "app": {k: app_entry.get(k) for k in ("name", "route_prefix")}}
+    if doc.get("grpc_options"):
+        slice_["grpc_options"] = doc["grpc_options"]
     return hashlib.sha256(json.dumps(slice_, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -185,6 +188,7 @@ def _pod(ctx: AppContext, config_hash: str, version: str, caller_env: list[Obj])
             *credential_mounts(ctx, http=True),
         ],
     }
+    pod_grpc(ctx, container)
     if opts.prestop_sleep_s:
         # Let the Service's endpoints drop the pod before SIGTERM stops its accepting.
         container["lifecycle"] = {"preStop": {"exec": {"command": ["sleep", str(opts.prestop_sleep_s)]}}}
@@ -217,7 +221,7 @@ def _pod(ctx: AppContext, config_hash: str, version: str, caller_env: list[Obj])
 
 
 def front_network_policy(ctx: AppContext, http_from: list[Obj]) -> Obj:
-    """The front's paths: HTTP from ``http_from`` (where the route's traffic comes), the admin port
+    """The front's paths: HTTP (and gRPC) from ``http_from`` (where the route's traffic comes), the admin port
     from the monitoring namespaces, and out to the ingress pods' RPC port. (Demand posts to the
     scaler, its scrapes and DNS are the app-wide policies, which select the front's pods too.)"""
     ingress = ctx.spec.deployments[ctx.spec.ingress]
@@ -229,7 +233,7 @@ def front_network_policy(ctx: AppContext, http_from: list[Obj]) -> Obj:
             "podSelector": {"matchLabels": front_selector(ctx)},
             "policyTypes": ["Ingress", "Egress"],
             "ingress": [
-                {"from": http_from, "ports": [{"protocol": "TCP", "port": names.HTTP_PORT}]},
+                {"from": http_from, "ports": [{"protocol": "TCP", "port": names.HTTP_PORT}, *grpc_ports(ctx)]},
                 {"from": ns_peer(ctx.opts.metrics_from_namespaces),
                  "ports": [{"protocol": "TCP", "port": names.ADMIN_PORT}]},
             ],

@@ -27,6 +27,7 @@ from shoal.kubernetes.compiler.common import (
     ns_peer,
 )
 from shoal.kubernetes.compiler.front import front_network_policy, front_selector, uses_front
+from shoal.kubernetes.compiler.grpc_ingress import grpc_ports, grpc_route, grpc_service_port
 
 # --- network policies --------------------------------------------------------------------------
 
@@ -64,7 +65,8 @@ def network_policies(ctx: AppContext) -> list[Obj]:
         if peers:
             ingress_rules.append({"from": peers, "ports": [{"protocol": "TCP", "port": names.RPC_PORT}]})
         if dep.ingress and ctx.spec.route_prefix is not None and not front:
-            ingress_rules.append({"from": http_peers(ctx), "ports": [{"protocol": "TCP", "port": names.HTTP_PORT}]})
+            ingress_rules.append({"from": http_peers(ctx),
+                                  "ports": [{"protocol": "TCP", "port": names.HTTP_PORT}, *grpc_ports(ctx)]})
         ingress_rules.append({"from": ns_peer(opts.metrics_from_namespaces),
                               "ports": [{"protocol": "TCP", "port": names.ADMIN_PORT}]})
         spec: Obj = {
@@ -161,9 +163,15 @@ def http_objects(ctx: AppContext) -> list[Obj]:
             {"name": svc_name, "port": names.HTTP_PORT, "weight": opts.canary_weight},
         ]
     if opts.gateway:
-        out.append(_http_route(ctx, backends, prefix))
+        route = _http_route(ctx, backends, prefix)
+        out.append(route)
+        if (grpc := grpc_route(ctx, route["spec"]["parentRefs"][0], backends)) is not None:
+            out.append(grpc)
     elif opts.ingress_class:
         out.append(_ingress(ctx, svc_name, prefix))
+        if grpc_service_port(ctx):
+            ctx.warn(f"application {ctx.app!r}: an Ingress (--ingress-class) carries no gRPC route; gRPC clients "
+                     f"reach the Service {svc_name!r} on its 'grpc' port, or build with --gateway for a GRPCRoute")
     else:
         ctx.warnings.append(
             f"application {ctx.app!r}: no --gateway or --ingress-class, so no route; the ClusterIP Service "
@@ -251,7 +259,8 @@ def http_service(ctx: AppContext, name: str, selector: Mapping[str, str], dep: s
         "spec": {
             "type": "ClusterIP",
             "selector": dict(selector),
-            "ports": [{"name": "http", "port": names.HTTP_PORT, "targetPort": "http", "protocol": "TCP"}],
+            "ports": [{"name": "http", "port": names.HTTP_PORT, "targetPort": "http", "protocol": "TCP"},
+                      *grpc_service_port(ctx)],
         },
     }
 

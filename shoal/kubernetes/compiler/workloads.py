@@ -39,6 +39,7 @@ from shoal.kubernetes.compiler.common import (
     seconds,
 )
 from shoal.kubernetes.compiler.credentials import credential_env, credential_mounts, credential_volumes, serves_http
+from shoal.kubernetes.compiler.grpc_ingress import pod_grpc
 from shoal.kubernetes.compiler.volumes import model_mounts, model_volumes
 
 # CPU request of a deployment that reserves no CPU (num_cpus=0): a quota'd namespace admits no
@@ -97,6 +98,8 @@ def deployment_hashes(ctx: AppContext, config_text: str) -> dict[str, str]:
             }
         slice_ = {"image": ctx.opts.image, "app": app_level, "deployment": own, "callees": callees,
                   "http_options": doc.get("http_options") if dep.ingress else None}
+        if dep.ingress and doc.get("grpc_options"):
+            slice_["grpc_options"] = doc["grpc_options"]
         out[name] = hashlib.sha256(json.dumps(slice_, sort_keys=True, default=str).encode()).hexdigest()[:16]
     return out
 
@@ -259,6 +262,8 @@ def _container(ctx: AppContext, dep: DeploymentSpec, rank: int | None, gang: str
     }
     if not container["lifecycle"]:
         del container["lifecycle"]
+    if http:
+        pod_grpc(ctx, container)
     if resources:
         container["resources"] = resources
     return container

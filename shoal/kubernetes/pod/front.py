@@ -10,6 +10,9 @@ through the same router a pod uses for a callee (:class:`~shoal.kubernetes.pod.d
 So a request that finds no ingress pod is held as a handle call is: demand is posted to the
 app's scaler (``$SHOAL_SCALER_URL``) so KEDA wakes the ingress, the request waits at most the
 wake deadline (``$SHOAL_WAKE_TIMEOUT_S``) and then gets 503 with ``Retry-After``.
+With ``grpc_options`` in the config file the front serves gRPC as well
+(:mod:`~shoal.kubernetes.pod.grpc_ingress`), held and forwarded the same way (``UNAVAILABLE`` at the
+deadline).
 
 The front never imports the application (unless an ``http_options.auth`` hook does): it reads
 the serve config file for the route prefix and ``http_options``, and the ingress deployment's
@@ -125,6 +128,8 @@ class FrontPod:
         s = self.settings = settings
         self.loop = asyncio.get_running_loop()
         self.app = app
+        self.prefix = prefix
+        self.http = http
         self.ingress = ingress
         self.admin = admin
         self.drain_timeout_s = drain_timeout_s
@@ -137,6 +142,7 @@ class FrontPod:
         self.proxy = ProxyApp(self.backend, self.options)
         self.proxy.set_routes(Routes({prefix: self.key}))  # starts finding the ingress pods now
         self.fronts: list[Any] = []  # shoal.runtime.proxy.HTTPFront, one per listening socket
+        self.grpc: Any = None  # shoal.runtime.grpc_front.GRPCFront (grpc_options; shoal.kubernetes.pod.grpc_ingress)
         self.socks: list[socket.socket] = []
         self.serving = False  # read by the admin thread
         self.stop_requested = asyncio.Event()
@@ -203,6 +209,12 @@ class FrontPod:
             logger.error("cannot listen on the HTTP port %s:%d: %s", s.host, s.http_port, e)
             self._close()
             return 1
+        try:
+            await self._start_grpc()
+        except PodConfigError as e:
+            logger.error("cannot serve gRPC: %s", e)
+            self._close()
+            return 2
         for sock in self.socks:
             front = HTTPFront(self.proxy, sock.fileno(), self.options)
             await front.start()
@@ -217,10 +229,17 @@ class FrontPod:
         await self.stop_requested.wait()
         self.serving = False
         logger.info("draining (at most %gs)", self.drain_timeout_s)
-        await asyncio.gather(*(f.stop(self.drain_timeout_s) for f in self.fronts))
+        stopping = [self.grpc.stop(self.drain_timeout_s)] if self.grpc is not None else []
+        await asyncio.gather(*(f.stop(self.drain_timeout_s) for f in self.fronts), *stopping)
         self._close()
         logger.info("drained; exiting")
         return 0
+
+    async def _start_grpc(self) -> None:
+        from shoal.kubernetes.pod.grpc_ingress import start_grpc
+
+        self.grpc = await start_grpc(self.backend, self.settings, self.http, self.app, self.ingress.deployment,
+                                     self.prefix, lambda: self.serving and not self.stop_requested.is_set())
 
     def _close(self) -> None:
         for sock in self.socks:

@@ -12,7 +12,7 @@ parts of the cluster that matter to shoal's pods, on this machine:
   (``configMap``/``secret`` data written into them, ``emptyDir`` empty); paths under a mount
   in env values and args are rewritten to those directories. Every pod gets its own loopback
   address (127.x.y.z; Linux routes all of 127/8 to lo), so every pod listens on the very
-  ports the objects declare. Probes (``httpGet``, ``tcpSocket``, ``exec``) run every
+  ports the objects declare. Probes (``httpGet``, ``tcpSocket``, ``exec``, ``grpc``) run every
   ``probe_period_s`` (the objects' periods are compressed), honouring failure and success
   thresholds; a container that exits is restarted in place with a back-off, like
   ``restartPolicy: Always``. Liveness failures are not acted upon.

@@ -149,6 +149,8 @@ class Kubelet:
         if "sleep" in handler:
             time.sleep(min(float(handler["sleep"].get("seconds", 0)), limit))
             return True
+        if "grpc" in handler:
+            return _grpc_probe(pod.backend_ip, int(handler["grpc"]["port"]), handler["grpc"].get("service", ""), limit)
         return False
 
     def _probe(self, pod: Pod, container: Obj) -> None:
@@ -285,6 +287,7 @@ class Kubelet:
             env["PYTHONPATH"] = os.pathsep.join(pythonpath)
         env.update(self.sim.extra_env)
         env[names.ENV_RESOLVER_FILE] = str(self.sim.resolver_file)
+        env[names.ENV_POD_ADDRESS] = pod.ip  # its DNS records' address (it may listen on another)
         # What a mutating webhook prepends (LeaderWorkerSet's variables): the container's own may refer to it.
         declared: dict[str, str] = dict(pod.injected_env)
         for item in container.get("env", []):
@@ -353,6 +356,20 @@ class Kubelet:
         except subprocess.TimeoutExpired:
             logger.error("pod %s (pid %d) did not die", pod.name, proc.pid)
 
+
+
+def _grpc_probe(host: str, port: int, service: str, limit: float) -> bool:
+    """A ``grpc:`` probe as the kubelet runs it: ``grpc.health.v1.Health/Check`` over plaintext,
+    success when the answer is SERVING."""
+    import grpc
+
+    from shoal.runtime.grpc_health import check
+
+    with grpc.insecure_channel(f"{host}:{port}") as channel:
+        try:
+            return check(channel, service, timeout=limit) == "SERVING"
+        except grpc.RpcError:
+            return False
 
 
 def write_items(directory: Path, data: Mapping[str, bytes], items: Iterable[Obj] | None) -> None:
