@@ -67,6 +67,7 @@ from shoal import serve  # noqa: E402
 from shoal.deployment import AppSpec, build_app_spec  # noqa: E402
 from shoal.runtime.controller import TICK_S, Clock, Controller, Settings  # noqa: E402
 from shoal.runtime.controller.admin import dispatch  # noqa: E402
+from shoal.runtime.controller.gcpolicy import FULL_EVERY_S, GcPolicy  # noqa: E402
 from shoal.runtime.controller.watchdog import Watchdog, read_rss, read_state  # noqa: E402
 from shoal.runtime.wire import (  # noqa: E402
     Call,
@@ -255,7 +256,7 @@ class FakeReplica(FakeConn):
 class Rig:
     """A controller and its fake world."""
 
-    def __init__(self, run_dir: str) -> None:
+    def __init__(self, run_dir: str, gc_policy: bool = True) -> None:
         self.now = 1000.0
         self.meter = Meter()
         self.pids = itertools.count(1_000_000)
@@ -264,6 +265,8 @@ class Rig:
         settings = Settings(run_dir=run_dir, num_gpus=0, spare_replicas=0, start_proxy=False)
         self.ctl = Controller(settings, os.urandom(32), clock=Clock(monotonic=lambda: self.now),
                               factory=self.spawn)
+        # As `shoal start`'s controller, which has its process to itself (gcpolicy.py).
+        self.ctl.gc_policy = GcPolicy() if gc_policy else None
         own = os.getpid()  # a real /proc read per watched replica, on a process that exists
         self.ctl.guard.watchdog = Watchdog(read_state=lambda _pid: read_state(own),
                                            read_rss=lambda _pid: read_rss(own))
@@ -397,7 +400,7 @@ async def _status(rig: Rig, calls: int) -> dict[str, Any]:
 
 
 async def measure_point(layout: Layout, callers: int, ticks: int, trace: bool = False,
-                        profile: str = "") -> dict[str, Any]:
+                        profile: str = "", gc_policy: bool = True) -> dict[str, Any]:
     """Bring ``layout`` up under a fresh controller, then measure steady ticks, status and churn."""
     logging.getLogger("shoal").setLevel(logging.ERROR)  # crashes are on purpose here
     gc.collect()
@@ -405,8 +408,16 @@ async def measure_point(layout: Layout, callers: int, ticks: int, trace: bool = 
     if trace:
         tracemalloc.start()
     with tempfile.TemporaryDirectory(prefix="shoal-cp-") as run_dir:
-        rig = Rig(run_dir)
+        rig = Rig(run_dir, gc_policy)
         up = await _bring_up(rig, layout, callers)
+        gc_full_ms = None
+        if rig.ctl.gc_policy is not None:
+            # The steady state of a long-running controller: past its first full collection
+            # (which then recurs every FULL_EVERY_S; its time is reported on its own).
+            policy = rig.ctl.gc_policy = GcPolicy()
+            policy.tick(rig.now - FULL_EVERY_S)
+            policy.tick(rig.now)
+            gc_full_ms = rig.ctl.gc_policy.last_full_ms
         heap_up = heap_mb() if trace else None
         b0, m0 = rig.meter.snapshot()
         prof = cProfile.Profile() if profile else None
@@ -427,6 +438,7 @@ async def measure_point(layout: Layout, callers: int, ticks: int, trace: bool = 
         gc.collect()
         out: dict[str, Any] = {
             "replicas": layout.replicas, "apps": layout.apps, "deployments": layout.deployments,
+            "gc_policy": gc_policy, "gc_full_ms": gc_full_ms,
             "callers": callers, "routers": up["routers"], "bringup": up,
             "steady": {"ticks": ticks, "tick_ms": stats_ms(steady), "loop_ms": stats_ms(loop_ms),
                        "health_checks": (m1 - m0)["replica"], "bytes": dict(b1 - b0)},
@@ -448,6 +460,8 @@ def run_child(replicas: int, args: argparse.Namespace, trace: bool) -> dict[str,
     cmd = [sys.executable, __file__, "--child", str(replicas), "--ticks", str(args.ticks),
            "--callers", str(args.callers), "--deployments-per-app", str(args.deployments_per_app),
            "--max-apps", str(args.max_apps)]
+    if args.no_gc_policy:
+        cmd.append("--no-gc-policy")
     if trace:
         cmd.append("--trace")
     if args.profile == replicas and not trace:
@@ -481,6 +495,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=1,
                    help="measure each point N times and keep the round whose steady tick p50 is the median")
     p.add_argument("--point-timeout", type=float, default=900.0, help="seconds one point may take")
+    p.add_argument("--no-gc-policy", action="store_true",
+                   help="leave CPython's collector as it is (the controller of serve.run); default: as shoal start's")
     p.add_argument("--child", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--trace", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--profile-out", default="", help=argparse.SUPPRESS)
@@ -502,7 +518,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.child:
         layout = Layout.of(args.child, args.deployments_per_app, args.max_apps)
-        res = asyncio.run(measure_point(layout, args.callers, args.ticks, args.trace, args.profile_out))
+        res = asyncio.run(measure_point(layout, args.callers, args.ticks, args.trace, args.profile_out,
+                                        not args.no_gc_policy))
         print(json.dumps(res))
         return 0
     from benchmarks import control_plane_report as report

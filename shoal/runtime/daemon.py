@@ -26,6 +26,7 @@ from typing import Any
 from shoal.config import HTTPOptions, gRPCOptions
 from shoal.runtime.backend import new_event_loop
 from shoal.runtime.controller import Controller, Settings
+from shoal.runtime.controller.gcpolicy import GcPolicy
 from shoal.runtime.httpguard import exposure_warning
 from shoal.runtime.rundir import RunDir
 from shoal.runtime.state import damage, known_pids, set_aside
@@ -187,6 +188,7 @@ async def _serve(opts: dict[str, Any], rd: RunDir) -> int:
     )
     try:
         controller = Controller(settings, instance_secret(rd))
+        controller.gc_policy = GcPolicy()  # this process is the controller's own
     except Exception as e:  # the state file (disk full, unreadable) or the secret
         logger.error("could not start: %s", e)
         return 1

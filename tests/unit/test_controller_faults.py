@@ -18,6 +18,7 @@ from shoal.deployment import AppSpec, build_app_spec
 from shoal.runtime.controller.availability import FAULT_SHOWN_S, Supply, progress, status_message, unavailable
 from shoal.runtime.controller.clock import Clock
 from shoal.runtime.controller.core import Controller
+from shoal.runtime.controller.health import first_check, phase
 from shoal.runtime.controller.records import MAX_START_FAILURES, Settings
 from shoal.runtime.controller.standin import StandIn, answer
 from shoal.runtime.controller.watchdog import (
@@ -106,11 +107,33 @@ def test_memory_over_the_limit_is_named() -> None:
     fake = Fake()
     dog = _dog(fake)
     w = [Watched("A-1", 10, memory_limit=200 * MB)]
-    assert dog.scan(w, 0.0) == []
+    first = phase("A-1") * MEMORY_POLL_S  # replicas are read at their own phase of the period
+    assert dog.scan(w, 0.0) == [] and dog.scan(w, first) == []
     fake.rss = 644 * MB
-    assert dog.scan(w, MEMORY_POLL_S / 2) == []  # not polled yet
-    (found,) = dog.scan(w, MEMORY_POLL_S)
+    assert dog.scan(w, first + MEMORY_POLL_S / 2) == []  # not polled yet
+    (found,) = dog.scan(w, first + MEMORY_POLL_S)
     assert found.kind == "memory" and found.message == "replica A-1 exceeded memory 200 MB (resident 644 MB)"
+
+
+def test_replicas_started_together_are_read_at_spread_times() -> None:
+    reads: list[int] = []
+
+    def state(pid: int) -> str:
+        reads.append(pid)
+        return "S"
+
+    dog = Watchdog(read_state=state, read_rss=lambda pid: 0)
+    watched = [Watched(f"Dep-{i:04x}", i) for i in range(200)]
+    per_tick = []
+    for tick in range(10):  # 0.1 s ticks: one STOP_POLL_S is five of them
+        reads.clear()
+        dog.scan(watched, tick * 0.1)
+        per_tick.append(len(reads))
+    # each read within its first period and then every period, never all in one tick
+    assert sum(per_tick) >= 300 and max(per_tick) < 120
+    assert len({phase(w.replica_id) for w in watched}) > 150
+    assert first_check("Dep-0001", 100.0, 10.0) == first_check("Dep-0001", 100.0, 10.0)
+    assert all(105.0 <= first_check(w.replica_id, 100.0, 10.0) < 110.0 for w in watched)
 
 
 def test_replicas_that_left_are_forgotten_and_a_new_pid_starts_over() -> None:

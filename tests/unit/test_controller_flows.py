@@ -14,6 +14,7 @@ from shoal.exceptions import DeployError
 from shoal.observability.controller_metrics import ControllerMetrics
 from shoal.runtime.controller.canary import CanaryTable
 from shoal.runtime.controller.clock import Clock
+from shoal.runtime.controller.health import first_check
 from shoal.runtime.controller.lifecycle import Lifecycle
 from shoal.runtime.controller.placement import Launcher
 from shoal.runtime.controller.records import AppRecord, DeploymentRecord, ReplicaRecord, Settings
@@ -158,7 +159,8 @@ def test_start_ready_fail_and_exit(tmp_path: Any) -> None:
     w.lifecycle.ready(ReplicaReady(rec.replica_id, rec.proc.pid))
     rec = w.registry.replicas[rec.replica_id]  # (its state changed)
     assert rec.state == ReplicaState.RUNNING and dep.ready_once and w.published == ["shop/Echo"]
-    assert rec.next_health == 50.0 + dep.spec.config.health_check_period_s
+    period = dep.spec.config.health_check_period_s  # the first check: at the replica's phase of it
+    assert 50.0 + period / 2 <= rec.next_health == first_check(rec.replica_id, 50.0, period) <= 50.0 + period
     w.lifecycle.stop(rec, "scaling down", w.now)
     rec = w.registry.replicas[rec.replica_id]
     proc = w.started[0]

@@ -29,6 +29,7 @@ from shoal.runtime.controller.clock import Clock
 from shoal.runtime.controller.connections import Connections
 from shoal.runtime.controller.deployments import autoscale_app, plan_app_policy, plan_deployment
 from shoal.runtime.controller.front import Front
+from shoal.runtime.controller.gcpolicy import GcPolicy
 from shoal.runtime.controller.guard import ReplicaGuard
 from shoal.runtime.controller.lifecycle import Lifecycle
 from shoal.runtime.controller.membership import (
@@ -115,6 +116,8 @@ class Controller:
         self.lifecycle = Lifecycle(self.registry, self.supervisor, self.ledger, self.store, self.metrics,
                                    self.clock, self.publish_membership, self._kick.set)
         self.guard = ReplicaGuard(self.registry, self.lifecycle)
+        # Set where the controller has its process to itself (shoal start): gcpolicy.py.
+        self.gc_policy: GcPolicy | None = None
         self.front.others_accept = self._replicas_serve_http
         self.releases = Releases(self, self.canaries)
         self.connections = Connections(self)
@@ -363,6 +366,9 @@ class Controller:
         self._guarded("the proxy", self._watch_proxy)
         self._guarded("spares", self.launcher.refill_spares)
         self._guarded("saving state", self.store.retry)  # writes that failed (a full disk), again
+        gc_policy = self.gc_policy
+        if gc_policy is not None:  # its answer is not a change anyone waits for
+            self._guarded("garbage collection", lambda: gc_policy.tick(now))
         return changed
 
     def _reap_spares(self) -> bool:
@@ -430,6 +436,12 @@ class Controller:
         return bool(dep.spec.ingress and self.front.listen_sock is not None and self.settings.http.ingress_serves_http
                     and app_rec is not None and app_rec.spec.route_prefix is not None
                     and dep.spec.config.custom_router() is None)
+
+    def grpc_for(self, app: str, dep: DeploymentRecord) -> Any:
+        """What a new replica of ``dep`` needs to serve gRPC itself (a routed ingress): Front.replica_grpc."""
+        app_rec = self.apps.get(app)
+        return self.front.replica_grpc() if (dep.spec.ingress and app_rec is not None and app_rec.spec.route_prefix
+                                             is not None and dep.spec.config.custom_router() is None) else None
 
     def _update_app_status(self, app: AppRecord) -> bool:
         before = (app.status, app.message)

@@ -3,10 +3,23 @@
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass
 
 from shoal.runtime.controller.records import MAX_HEALTH_FAILURES, ReplicaRecord
 from shoal.status import ReplicaState
+
+
+def phase(replica_id: str) -> float:
+    """A fixed fraction in [0, 1) for a replica, to spread its periodic work (health checks,
+    ``/proc`` reads) over the period: replicas started together do not all fall due in one tick."""
+    return (zlib.crc32(replica_id.encode()) & 0xFFFF) / 0x10000
+
+
+def first_check(replica_id: str, now: float, period_s: float) -> float:
+    """When a replica that just became ready is first checked: between half a period and a
+    period from ``now``, by its :func:`phase` (the later checks keep that spread)."""
+    return now + period_s * (0.5 + 0.5 * phase(replica_id))
 
 
 def due(rec: ReplicaRecord, now: float) -> bool:

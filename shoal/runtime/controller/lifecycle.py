@@ -9,6 +9,7 @@ from collections.abc import Callable
 
 from shoal.observability.controller_metrics import ControllerMetrics
 from shoal.runtime.controller.clock import Clock
+from shoal.runtime.controller.health import first_check
 from shoal.runtime.controller.records import DeploymentRecord, ReplicaRecord
 from shoal.runtime.controller.registry import Registry
 from shoal.runtime.controller.supervisor import Supervisor
@@ -203,7 +204,8 @@ class Lifecycle:
         rec.adopt_deadline = 0.0
         dep = self.registry.deployment(rec.app, rec.deployment)
         if dep is not None:
-            rec.next_health = self.clock.monotonic() + dep.spec.config.health_check_period_s
+            rec.next_health = first_check(rec.replica_id, self.clock.monotonic(),
+                                          dep.spec.config.health_check_period_s)
             if rec.version == dep.version:
                 dep.ready_once = True
                 dep.failures = 0

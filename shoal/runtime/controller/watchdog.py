@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from shoal.config import DeploymentConfig
+from shoal.runtime.controller.health import phase
 
 logger = logging.getLogger("shoal.controller")
 
@@ -145,7 +146,11 @@ class Watchdog:
             present.add(w.replica_id)
             st = self._seen.get(w.replica_id)
             if st is None or st.pid != w.pid:
-                st = self._seen[w.replica_id] = _State(w.pid)
+                # Spread over the poll periods (replicas started together are not all read
+                # in one tick); a replica is first read within one period.
+                offset = phase(w.replica_id)
+                st = self._seen[w.replica_id] = _State(w.pid, next_state=now + offset * STOP_POLL_S,
+                                                       next_memory=now + offset * MEMORY_POLL_S)
             if st.reported:
                 continue
             finding = self._check(w, st, now)
