@@ -368,7 +368,7 @@ class Controller:
         self._guarded("saving state", self.store.retry)  # writes that failed (a full disk), again
         gc_policy = self.gc_policy
         if gc_policy is not None:  # its answer is not a change anyone waits for
-            self._guarded("garbage collection", lambda: gc_policy.tick(now))
+            self._guarded("garbage collection", lambda: bool(gc_policy.tick(now)))
         return changed
 
     def _reap_spares(self) -> bool:
