@@ -10,7 +10,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
@@ -22,12 +22,15 @@ from shoal.observability import tracing as _tracing
 from shoal.runtime import backend as _backend
 from shoal.runtime.backend import LoopThread
 from shoal.runtime.client import ControllerClient
-from shoal.runtime.controller import Controller, Settings
-from shoal.runtime.httpguard import exposure_warning
-from shoal.runtime.local import LocalBackend
 from shoal.runtime.rundir import RunDir
 from shoal.runtime.wire import Role, new_secret
 from shoal.status import ServeStatus
+
+if TYPE_CHECKING:
+    # Imported where they are used: a replica imports this module (its deployments' modules
+    # import ``shoal.serve``) and never starts a controller or a local-mode backend.
+    from shoal.runtime.controller import Controller, Settings
+    from shoal.runtime.local import LocalBackend
 
 __all__ = [
     "DEFAULT_APP_NAME",
@@ -133,6 +136,9 @@ def start(
     global _instance
     _refuse_nested("start")
     with _lock:
+        from shoal.runtime.controller import Controller, Settings
+        from shoal.runtime.httpguard import exposure_warning
+
         opts = _parse_http_options(http_options)
         grpc = _parse_grpc_options(grpc_options)
         if _instance is not None:
@@ -282,6 +288,8 @@ def wait_for_shutdown(poll_s: float = 0.2) -> None:
 
 def _run_local(target: Application, name: str, route_prefix: str | None) -> DeploymentHandle:
     global _local, _local_loop
+    from shoal.runtime.local import LocalBackend
+
     with _lock:
         if _local is None:
             _local_loop = LoopThread("shoal-local").start()
