@@ -159,12 +159,57 @@ def markdown(result: dict[str, Any], command: str) -> str:
     return "\n".join(lines)
 
 
-def write_section(path: Path, section: str) -> None:
+GPU_START_MARK = "<!-- llm-batching-gpu:start -->"
+GPU_END_MARK = "<!-- llm-batching-gpu:end -->"
+GPU_RUNS = (("tiny", "llm_batching_cuda_tiny_h200.json"), ("small", "llm_batching_cuda_small_h200.json"))
+GPU_HTTP = "llm_gpu_switch_interval_h200.json"
+
+
+def gpu_markdown(folder: Path) -> str:
+    """The GPU section of RESULTS.md, from the JSON files a GPU run left in ``folder``
+    (``--device cuda --json ...``, and ``scripts/llm_gpu_check.py`` per switch interval)."""
+    lines = [GPU_START_MARK, "## LLM continuous batching on a GPU (transformers engine, H200)", "",
+             "From `python benchmarks/llm_batching.py --device cuda [--size small] --max-num-seqs 64 --rounds 2 "
+             "--json ...` on one H200 (the files named below); the engine in-process, as in the CPU section.", ""]
+    for size, name in GPU_RUNS:
+        path = folder / name
+        if not path.is_file():
+            continue
+        result = json.loads(path.read_text())
+        streams = sorted(int(n) for n in result["on"])
+        single = result["on"][str(streams[0])]["tokens_per_s"]
+        lines += [f"**{size}** ({name}; {result.get('device_name', 'GPU')}, torch {result['torch']}, "
+                  f"{result['max_tokens']} tokens per stream):", "",
+                  "| streams | batching on: tokens/s | TTFT p50 | batching off: tokens/s | on / one stream |",
+                  "|---|---|---|---|---|"]
+        for n in streams:
+            on, off = result["on"][str(n)], result["off"][str(n)]
+            lines.append(f"| {n} | {on['tokens_per_s']:,.0f} | {on['ttft_p50_ms']:.1f} ms | "
+                         f"{off['tokens_per_s']:,.0f} | {on['tokens_per_s'] / single:.1f}x |")
+        lines.append("")
+    http = folder / GPU_HTTP
+    if http.is_file():
+        runs = json.loads(http.read_text())["runs"]
+        lines += ["Through the HTTP gateway (`scripts/llm_gpu_check.py`, tiny model, 16 concurrent streams of 256 "
+                  f"tokens against one stream; {GPU_HTTP}), by the replica's switch interval:", "",
+                  "| switch interval | one stream: tokens/s | 16 streams: total tokens/s | TTFT p50 | 16 / one |",
+                  "|---|---|---|---|---|"]
+        for value, run in runs.items():
+            lines.append(f"| {float(value) * 1000:g} ms | {run['request_tokens_per_s']:,.0f} | "
+                         f"{run['concurrent_total_tokens_per_s']:,.0f} | {run['concurrent_ttft_p50_ms']:.0f} ms | "
+                         f"{run['concurrent_vs_single_stream']:.2f}x |")
+        lines += ["", "The engine batches on the GPU; over HTTP the gain is lost to the GIL shared by the step "
+                  "thread and the replica's event loop (docs/llm-gateway.md); 0.1 ms is the default on CUDA."]
+    lines.append(GPU_END_MARK)
+    return "\n".join(lines)
+
+
+def write_section(path: Path, section: str, start: str = START_MARK, end: str = END_MARK) -> None:
     """Replace the section between the markers in ``path``, or append it."""
     text = path.read_text() if path.is_file() else ""
-    if START_MARK in text and END_MARK in text:
-        head, rest = text.split(START_MARK, 1)
-        tail = rest.split(END_MARK, 1)[1]
+    if start in text and end in text:
+        head, rest = text.split(start, 1)
+        tail = rest.split(end, 1)[1]
         text = head + section + tail
     else:
         text = text.rstrip("\n") + "\n\n" + section + "\n"
@@ -183,7 +228,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-num-seqs", type=int, default=16, help="the batching engine's max_num_seqs (default 16)")
     parser.add_argument("--json", help="also write the results to this file")
     parser.add_argument("--write-results", action="store_true", help="update the section in benchmarks/RESULTS.md")
+    parser.add_argument("--write-gpu-results", action="store_true",
+                        help="measure nothing: render the GPU section of benchmarks/RESULTS.md from the JSON files")
     args = parser.parse_args(argv)
+    if args.write_gpu_results:
+        section = gpu_markdown(REPO / "benchmarks")
+        write_section(REPO / "benchmarks" / "RESULTS.md", section, GPU_START_MARK, GPU_END_MARK)
+        print(section)
+        return 0
     streams = sorted({int(n) for n in args.streams.split(",")})
     if not streams or streams[0] < 1 or args.rounds < 1 or args.max_tokens < 1:
         parser.error("--streams, --rounds and --max-tokens must be positive")

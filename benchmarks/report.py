@@ -297,11 +297,11 @@ def write_markdown(path: str, rows: list[Row], meta: dict[str, Any]) -> None:
                   + ", ".join(f"{k}: {v}" for k, v in meta["leftovers"].items()), ""]
     if meta.get("failures"):
         lines += ["Failures:", ""] + [f"- {k}: {v}" for k, v in meta["failures"].items()] + [""]
-    # Sections other scripts keep in this file (llm_batching.py's, payload_shm.py's, control_plane.py's)
+    # Sections other scripts keep in this file (llm_batching.py's two, payload_shm.py's, control_plane.py's)
     # survive the rewrite.
     with suppress(OSError), open(path) as f:
         old = f.read()
-        for name in ("llm-batching", "payload-shm", "control-plane"):
+        for name in ("llm-batching", "llm-batching-gpu", "payload-shm", "control-plane"):
             start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
             if start in old and end in old:
                 lines += ["", old[old.index(start):old.index(end)] + end, ""]
