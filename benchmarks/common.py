@@ -9,7 +9,8 @@ from dataclasses import dataclass
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-WORKLOADS = ("echo", "pipeline3", "handle", "payload", "stream", "batch", "coldstart", "memory", "grpc", "control")
+WORKLOADS = ("echo", "cores", "pipeline3", "handle", "payload", "stream", "batch", "coldstart", "memory", "grpc",
+             "control")
 FRAMEWORKS = ("shoal", "ray", "bare")
 
 

@@ -110,6 +110,20 @@ def build_rows(results: dict[str, Any]) -> list[Row]:
             q = ratio(s and s["rps"], r and r["rps"])
             rows.append(Row(f"pipe_{k}", f"3-deployment pipeline over HTTP, c{c}", {"shoal": _fmt_rps(s),
                             "ray": _fmt_rps(r), "bare": "—"}, q, f"{q:.1f}x req/s" if q else "—", "", None))
+    # Using every core (cores.py): echo with 1 and 2 replicas.
+    co = {fw: results.get("cores", {}).get(fw) for fw in ("shoal", "ray")}
+    if any(co.values()):
+        def _cores_cell(v: dict[str, Any] | None) -> str:
+            if not v:
+                return "—"
+            top = ", ".join(f"{k} {c:.2f}" for k, c in list(v["r2"]["cores"].items())[:4])
+            return (f"{v['r1']['rps']:,.0f} -> {v['r2']['rps']:,.0f} req/s ({v['ratio']:.2f}x); "
+                    f"cores at 2: {top}")
+        q = co["shoal"]["ratio"] if co["shoal"] else None
+        rows.append(Row("cores", f"echo, 1 -> 2 replicas, c{(co['shoal'] or co['ray'] or {}).get('conns', 16)} "
+                        "(wrk on the same cores)", {**{fw: _cores_cell(v) for fw, v in co.items()}, "bare": "—"},
+                        q, f"{q:.2f}x (shoal 2/1)" if q else "—", "2 replicas ≥ 1.8x one",
+                        None if q is None else q >= 1.8, q, 1.8))
     # Handles.
     h = {fw: results.get("handle", {}).get(fw) for fw in ("shoal", "ray")}
     q = ratio(h["shoal"] and h["shoal"]["c1_p50_ms"], h["ray"] and h["ray"]["c1_p50_ms"])

@@ -3,7 +3,7 @@
     python benchmarks/run.py [--quick] [--only NAME,...] [--framework shoal|ray|bare|baseline|both|all|LIST]
                              [--baseline REF [--baseline-tolerance FRACTION]]
 
-Workloads (``--only``): echo, pipeline3, handle, payload, stream, batch, coldstart, memory, grpc, control
+Workloads (``--only``): echo, cores, pipeline3, handle, payload, stream, batch, coldstart, memory, grpc, control
 (the last shoal only: ``control_plane.py``).
 Frameworks: ``both`` (the default) and ``all`` mean shoal, Ray Serve and the bare-uvicorn limit.
 ``--baseline REF`` adds shoal at the git ref REF (a worktree of it; see ``baseline.py``) as one
@@ -43,6 +43,7 @@ if ROOT not in sys.path:  # run as a script, sys.path[0] is benchmarks/ and not 
     sys.path.insert(0, ROOT)
 
 from benchmarks import baseline as bl  # noqa: E402
+from benchmarks import cores as cores_wl  # noqa: E402
 from benchmarks import grpc_echo  # noqa: E402
 from benchmarks.common import FRAMEWORKS, WORKLOADS, Settings, log  # noqa: E402
 from benchmarks.load import sequential_gets, streams, wrk, wrk_series  # noqa: E402
@@ -361,6 +362,11 @@ def w_grpc(fw: str, cfg: Settings, workdir: str) -> dict[str, Any]:
         server.stop()
 
 
+def w_cores(fw: str, cfg: Settings, workdir: str) -> dict[str, Any]:
+    """HTTP echo with 1 and 2 replicas, and each process's share of the cores (``cores.py``)."""
+    return cores_wl.measure(Server, fw, cfg, workdir)
+
+
 def w_coldstart(fw: str, cfg: Settings, workdir: str) -> dict[str, Any]:
     times = []
     for _ in range(cfg.coldstart_runs):
@@ -418,7 +424,8 @@ def w_control(fw: str, cfg: Settings, workdir: str) -> dict[str, Any]:
 
 
 RUNNERS: dict[str, Callable[[str, Settings, str], dict[str, Any]]] = {
-    "echo": w_echo, "pipeline3": w_pipeline3, "handle": w_handle, "payload": w_payload, "stream": w_stream,
+    "echo": w_echo, "cores": w_cores, "pipeline3": w_pipeline3, "handle": w_handle, "payload": w_payload,
+    "stream": w_stream,
     "batch": w_batch, "coldstart": w_coldstart, "memory": w_memory, "grpc": w_grpc, "control": w_control,
 }
 
@@ -551,7 +558,7 @@ def check_prerequisites(workloads: list[str], frameworks: list[str]) -> None:
     unknown = [w for w in workloads if w not in WORKLOADS]
     if unknown:
         raise SystemExit(f"unknown workload(s) {unknown}; choose from {', '.join(WORKLOADS)}")
-    if not shutil.which("wrk") and {"echo", "pipeline3", "payload"} & set(workloads):
+    if not shutil.which("wrk") and {"echo", "cores", "pipeline3", "payload"} & set(workloads):
         raise SystemExit("wrk is not installed: `apt-get install -y wrk` (Debian/Ubuntu), or `make bench`")
     for fw, mod in (("ray", "ray.serve"), ("shoal", "shoal")):
         if fw in frameworks:
