@@ -35,11 +35,16 @@ class gRPCOptions(Strict):
     ingress deployment. With none (the default) no gRPC server starts. ``port`` 0 picks a free
     port (``shoal.api.grpc_address()`` tells which). ``request_timeout_s`` bounds each request
     end to end (``DEADLINE_EXCEEDED`` past it); a client's own deadline is honoured too.
+    ``ingress_serves_grpc`` (shoal's) lets each ingress replica of a local instance serve the gRPC
+    port itself, next to the proxy, as ``http_options.ingress_serves_http`` does for HTTP.
     """
 
     port: int = Field(default=DEFAULT_GRPC_PORT, ge=0, le=65535)
     grpc_servicer_functions: list[str] = Field(default_factory=list)
     request_timeout_s: PositiveFloat | None = None
+    # shoal's: each ingress replica of a local instance serves gRPC on the same port itself
+    # (calls for its own application run in-process; docs/grpc.md). False: the proxy only.
+    ingress_serves_grpc: bool = True
 
     @field_validator("grpc_servicer_functions", mode="before")
     @classmethod

@@ -134,6 +134,9 @@ class ReplicaInit:
     # deployment's replica count. Updated later by the "world_size" control call.
     replica_rank: int = -1
     num_replicas: int = 0
+    # An ingress replica that serves gRPC itself on the shared gRPC port: (GRPCFrontOptions,
+    # FrontOptions: the HTTP port's API keys, limits and TLS); None: it does not.
+    grpc: Any = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -105,10 +105,11 @@ def read_spans(path: Path) -> list[dict[str, Any]]:
 
 
 def access_lines(run_dir: str, request_id: str) -> list[str]:
-    log = Path(run_dir) / "logs" / "proxy.log"
-    if not log.exists():
-        return []
-    return [line for line in log.read_text().splitlines() if f"shoal.access request_id={request_id}:" in line]
+    """The gRPC access lines of ``request_id``: in the proxy's log, or in the log of the ingress
+    replica whose own gRPC server took the channel (grpc_options.ingress_serves_grpc)."""
+    logs = Path(run_dir) / "logs"
+    return [line for log in sorted(logs.rglob("*.log")) for line in log.read_text(errors="replace").splitlines()
+            if f"shoal.access request_id={request_id}: GRPC " in line]
 
 
 def test_one_trace_from_a_grpc_call_to_the_downstream_replica(traced: tuple[Any, Path], run_dir: str) -> None:

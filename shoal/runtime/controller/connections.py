@@ -75,6 +75,8 @@ class Hub(Protocol):
 
     def routes(self) -> Routes: ...
 
+    def grpc_for(self, app: str, dep: DeploymentRecord) -> Any: ...
+
 
 class Connections:
     """The controller's side of every connection: replicas, spares, ranks, the proxy,
@@ -215,7 +217,8 @@ class Connections:
                                spec.is_function, rec.socket_path, rec.serves_http, sys_path, cwd,
                                rank=0, world_size=spec.config.world_size,
                                peers=tuple(m.socket_path for m in rec.ranks),
-                               replica_rank=rec.replica_rank, num_replicas=dep.target))
+                               replica_rank=rec.replica_rank, num_replicas=dep.target,
+                               grpc=ctl.grpc_for(rec.app, dep)))
         rec.told_world_size = dep.target
 
     def _proxy_hello(self, proto: FramedProtocol, hello: Hello) -> None:

@@ -10,6 +10,7 @@ import socket
 import sys
 import uuid
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from shoal.observability.controller_metrics import ControllerMetrics
 from shoal.runtime.controller.backoff import next_delay, streak
@@ -20,6 +21,9 @@ from shoal.runtime.controller.supervisor import Supervisor
 from shoal.runtime.grpc_methods import GRPCFrontOptions
 from shoal.runtime.rundir import RunDir
 from shoal.runtime.state import ProcessRow, Store
+
+if TYPE_CHECKING:
+    from shoal.runtime.http.options import FrontOptions
 
 logger = logging.getLogger("shoal.controller")
 
@@ -104,13 +108,25 @@ class Front:
         self.grpc_sock = sock
         self.grpc_port = sock.getsockname()[1]
 
-    def _grpc_options(self) -> GRPCFrontOptions | None:
+    def grpc_options(self) -> GRPCFrontOptions | None:
         grpc = self.settings.grpc
         if grpc is None or not grpc.enabled:
             return None
         self.reserve_grpc()
         return GRPCFrontOptions(self.settings.http.host, self.grpc_port, tuple(grpc.grpc_servicer_functions),
                                 grpc.request_timeout_s)
+
+    def replica_grpc(self) -> tuple[GRPCFrontOptions, FrontOptions] | None:
+        """What an ingress replica needs to serve gRPC on the shared port itself
+        (``grpc_options.ingress_serves_grpc``): the port and servicers, and the HTTP port's API
+        keys, limits and TLS; None when it does not."""
+        grpc = self.settings.grpc
+        options = self.grpc_options() if grpc is not None and grpc.ingress_serves_grpc else None
+        if options is None:
+            return None
+        from shoal.runtime.http.options import FrontOptions
+
+        return options, FrontOptions.of(self.settings.http)
 
     def spawn_proxy(self) -> None:
         """Start a proxy process on the listening socket (a restart keeps the crash streak)."""
@@ -125,7 +141,7 @@ class Front:
         boot = ProxyBootstrap(run_dir.controller_socket, self.secret, process_id, self.listen_sock.fileno(),
                               FrontOptions.of(self.settings.http),
                               os.getpid(), self.settings.die_with_parent, self.settings.log_level, list(sys.path),
-                              fd_path=self.fd_path, log_dir=run_dir.logs_dir, grpc=self._grpc_options())
+                              fd_path=self.fd_path, log_dir=run_dir.logs_dir, grpc=self.grpc_options())
         proc = self.supervisor.spawn("shoal.runtime.proxy", boot, pass_fds=(self.listen_sock.fileno(),))
         restarts = self.proxy.restarts if self.proxy else 0
         if self.proxy is not None:

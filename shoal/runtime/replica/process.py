@@ -3,7 +3,8 @@
 Started by the controller as ``python -m shoal.runtime.replica`` with a pickled
 :class:`Bootstrap` on stdin (from its trusted parent, never from the network). It connects
 back to the controller (its control channel; the controller also pushes the membership of
-the deployments it calls), receives its deployment, constructs it, listens, and reports
+the deployments it calls), receives its deployment, constructs it, listens (an ingress replica
+also on the shared HTTP and gRPC ports: :mod:`shoal.runtime.replica.grpc_ingress`), and reports
 ready; then it reports its load, answers health checks and ``reconfigure``, and drains on stop.
 """
 
@@ -57,6 +58,8 @@ logger = logging.getLogger("shoal.replica")
 
 # How long a replica that failed to start waits for the controller's Stop before it exits.
 FAILED_REPORT_WAIT_S = 10.0
+# How long an ingress replica that serves gRPC waits for the route table before it listens.
+ROUTES_WAIT_S = 10.0
 
 
 @dataclass
@@ -95,6 +98,9 @@ class ReplicaProcess:
         self.init_msg: asyncio.Future[ReplicaInit] = self.loop.create_future()
         self.stop_requested = asyncio.Event()
         self._routing_stats: RoutingStatsReporter | None = None
+        self.grpc: Any = None  # shoal.runtime.grpc_front.GRPCFront: gRPC on the shared port
+        self.routes_seen = asyncio.Event()
+        self.last_routes: Routes | None = None
 
     @property
     def fd_socket(self) -> str:
@@ -134,7 +140,17 @@ class ReplicaProcess:
             os.unlink(self.fd_socket)  # stop offering the listening socket: this replica leaves
         except OSError:
             pass
+        # gRPC: no new calls from now on (channels reconnect to the proxy or other replicas);
+        # running ones get the graceful shutdown timeout, then are cancelled.
+        grace = self.core.graceful_timeout
+        grpc_stop = asyncio.ensure_future(self.grpc.stop(grace)) if self.grpc is not None else None
+        deadline = self.loop.time() + grace + 1.0
         await self.core.drain()
+        if grpc_stop is not None:  # calls forwarded to other apps hold no slot here: wait for them too
+            try:
+                await asyncio.wait_for(grpc_stop, max(0.1, deadline - self.loop.time()))
+            except Exception as e:
+                logger.warning("the gRPC server did not stop in time: %r", e)
         return 0
 
     async def _given_deployment(self) -> bool:
@@ -218,7 +234,28 @@ class ReplicaProcess:
                 logger.error("replica %s could not serve HTTP:\n%s", init.replica_id, traceback.format_exc())
                 await self._failed(init.replica_id, f"could not serve HTTP: {e}")
                 return False
+        if init.grpc is not None:
+            await self._serve_grpc(init)
         return True
+
+    async def _serve_grpc(self, init: ReplicaInit) -> None:
+        """Serve gRPC on the shared port (:mod:`shoal.runtime.replica.grpc_ingress`) once the
+        route table came; one that cannot only logs why (the proxy serves the port anyway)."""
+        from shoal.runtime.replica.grpc_ingress import start_grpc
+
+        if self.core.proxy_app is None:
+            self.client.send(SubscribeRoutes())
+        try:
+            await asyncio.wait_for(self.routes_seen.wait(), ROUTES_WAIT_S)
+        except TimeoutError:
+            logger.warning("replica %s: no route table came within %g s; not serving gRPC", init.replica_id,
+                           ROUTES_WAIT_S)
+            return
+        try:
+            options, front = init.grpc
+            self.grpc = await start_grpc(self.core, self.client, options, front, self.last_routes)
+        except Exception as e:
+            logger.warning("replica %s could not serve gRPC (the proxy still does): %s", init.replica_id, e)
 
     async def _failed(self, replica_id: str, why: str) -> None:
         """Report a failed start, then wait (bounded) for the controller to tell this replica to
@@ -278,7 +315,7 @@ class ReplicaProcess:
             self._send(ReplicaReady(self.ready_replica_id, os.getpid()))
             if self.core.model_ids:
                 self._send(ReplicaModels(self.ready_replica_id, self.core.model_ids))
-        if self.core.proxy_app is not None:
+        if self.core.proxy_app is not None or self.grpc is not None:
             self._send(SubscribeRoutes())
 
     def _send(self, msg: Any) -> None:
@@ -295,8 +332,13 @@ class ReplicaProcess:
             self.loop.create_task(self._control_call(msg))
         elif isinstance(msg, Stop):
             self.stop_requested.set()
-        elif isinstance(msg, Routes) and self.core.proxy_app is not None:
-            self.core.proxy_app.set_routes(msg)
+        elif isinstance(msg, Routes):
+            self.last_routes = msg
+            self.routes_seen.set()
+            if self.core.proxy_app is not None:
+                self.core.proxy_app.set_routes(msg)
+            if self.grpc is not None:
+                self.grpc.set_routes(msg)
 
     async def _control_call(self, call: Call) -> None:
         try:
