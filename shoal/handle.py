@@ -12,6 +12,7 @@ from shoal.context import get_request_context
 from shoal.exceptions import RequestCancelledError
 from shoal.observability import tracing as _tracing
 from shoal.runtime import backend as _backend
+from shoal.runtime import mailbox as _mailbox
 from shoal.runtime.wire import RequestMeta
 
 __all__ = ["DeploymentHandle", "DeploymentResponse", "DeploymentResponseGenerator"]
@@ -126,7 +127,7 @@ class DeploymentHandle:
         coro = router.call(self._method, args, kwargs, meta)
         if _running_loop() is loop:
             return DeploymentResponse(loop.create_task(coro), loop, meta.request_id)
-        return DeploymentResponse(asyncio.run_coroutine_threadsafe(coro, loop), loop, meta.request_id)
+        return DeploymentResponse(_mailbox.submit(coro, loop), loop, meta.request_id)
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (_rebuild_handle, (self._deployment, self._app, self._method, self._stream, self._model_id))
@@ -172,7 +173,7 @@ class DeploymentResponse:
                 else:
                     cfut.set_result(t.result())
 
-            self._loop.call_soon_threadsafe(task.add_done_callback, copy)
+            _mailbox.mailbox(self._loop).post(task.add_done_callback, copy)
             self._cfut = cfut
         return self._cfut
 
@@ -184,7 +185,7 @@ class DeploymentResponse:
         try:
             if isinstance(fut, asyncio.Future) and _running_loop() is self._loop:
                 return await fut
-            return await asyncio.wrap_future(self._concurrent())
+            return await _mailbox.wrap(self._concurrent())
         except asyncio.CancelledError:
             _translate_cancel(self._fut, self.request_id)
             raise
@@ -232,9 +233,7 @@ class DeploymentResponseGenerator:
             raise StopAsyncIteration
         if _running_loop() is self._loop:
             return await self._agen.__anext__()
-        cfut: concurrent.futures.Future[Any] = asyncio.run_coroutine_threadsafe(
-            self._anext(), self._loop)
-        return await asyncio.wrap_future(cfut)
+        return await _mailbox.wrap(_mailbox.submit(self._anext(), self._loop))
 
     async def _anext(self) -> Any:
         return await self._agen.__anext__()
