@@ -2,6 +2,7 @@
 
     python benchmarks/payload_shm.py [--framework shoal|ray] [--sizes 1,10,100] [--calls 20]
                                      [--json benchmarks/payload_shm.json] [--write-results] [--report-only]
+                                     [--median-of RUN.json ...]
 
 The driver process starts an instance, deploys ``benchmarks/apps/payload_shm.py`` (``Echo``, and
 the 3-deployment pipeline ``Ingress -> A -> B`` whose steps return what they are given) and,
@@ -21,7 +22,8 @@ socket). ``--framework ray`` runs the same app under Ray Serve (run it with ``.v
 Ray is installed). Each run's numbers go into ``--json`` under its column, keeping the other
 columns; ``--write-results`` renders every column there into ``benchmarks/RESULTS.md`` between
 the markers of its "Large payloads" section (``report.py`` keeps that section when it rewrites
-the file).
+the file). ``--median-of`` measures nothing: it takes the files of several runs (shoal's and
+Ray's, alternated, on a shared machine) and writes into ``--json`` each cell's median p50 over them.
 """
 
 from __future__ import annotations
@@ -213,8 +215,10 @@ def markdown(result: dict[str, Any]) -> str:
     lines = [START_MARK, "## Large payloads through handles (shared memory on vs off)", ""]
     for column in columns:
         run = result["runs"][column]
-        lines.append(f"- {COLUMNS[column]}: `{run['command']}`, {run['date']}, {run['cpus']} CPUs, load average "
-                     f"{run['load_average_1m'][0]} -> {run['load_average_1m'][1]}"
+        lines.append(f"- {COLUMNS[column]}: `{run['command']}`"
+                     + (f", median of {run['runs']} runs" if run.get("runs") else "")
+                     + f", {run['date']}, {run['cpus']} CPUs, load average "
+                     f"{run['load_average_1m'][0]}{' to ' if run.get('runs') else ' -> '}{run['load_average_1m'][1]}"
                      + (f", {run['version']}" if run.get("version") else ""))
     lines += ["", "Each cell: p50 of back-to-back calls, and MB/s = payload MB / p50 s (MB = 2^20 bytes). *One call*: "
               "the payload goes to a replica and comes back; *3-step pipeline*: driver -> Ingress -> A -> Ingress -> "
@@ -253,10 +257,11 @@ def markdown(result: dict[str, Any]) -> str:
                   f"reading through a new mapping {costs['read_new_mapping']:.1f} (the same mapping again: "
                   f"{costs['read_mapped_again']:.1f}); freeing the pages {costs['free_pages']:.1f}. Plain copies: into "
                   f"new memory {costs['copy_into_new_memory']:.1f}, into memory already used "
-                  f"{costs['copy_into_existing_memory']:.1f}. Each segment is new memory in 4 KiB pages (huge pages "
-                  f"for shared memory: `{costs.get('shmem_huge', 'unknown')}`), mapped once and freed once, where "
-                  "numpy's own arrays get huge pages; Ray's object store is one shared-memory region that each "
-                  "process maps once and reuses, so a transfer there costs about the copy alone."]
+                  f"{costs['copy_into_existing_memory']:.1f}. A fresh segment is new memory in 4 KiB pages (huge "
+                  f"pages for shared memory: `{costs.get('shmem_huge', 'unknown')}`), mapped once and freed once; "
+                  "so each connection's sender reuses a pool of segments that both sides mapped once (as Ray's "
+                  "object store is one region each process maps once), and a steady-state transfer costs about "
+                  "writing into pages that already exist, the copy alone."]
     lines.append(END_MARK)
     return "\n".join(lines)
 
@@ -273,6 +278,38 @@ def write_section(path: Path, section: str) -> None:
     path.write_text(text)
 
 
+def median_of(paths: list[str]) -> dict[str, Any]:
+    """One result whose every cell is the median, over the runs in ``paths``, of that cell's p50."""
+    runs = [json.loads(Path(p).read_text()) for p in paths]
+    out: dict[str, Any] = {"columns": {}, "runs": {}}
+    for column in COLUMNS:
+        having = [r for r in runs if column in r.get("columns", {})]
+        if not having:
+            continue
+        cells: dict[str, Any] = {}
+        for path, kinds in having[0]["columns"][column].items():
+            for kind, sizes in kinds.items():
+                for size, first in sizes.items():
+                    got = [c for r in having if (c := _cell(r, column, path, kind, size)) is not None]
+                    p50 = statistics.median(c["p50_ms"] for c in got)
+                    cells.setdefault(path, {}).setdefault(kind, {})[size] = {
+                        "calls": first["calls"], "p50_ms": p50, "mean_ms": statistics.median(c["mean_ms"] for c in got),
+                        "mb_per_s": int(size) / (p50 / 1000), "runs": len(got),
+                        "p50_ms_each_run": [round(c["p50_ms"], 2) for c in got]}
+        meta = [r["runs"][column] for r in having]
+        loads = [x for m in meta for x in m["load_average_1m"]]
+        out["columns"][column] = cells
+        command = meta[0]["command"].split(" --json")[0]  # where each run kept its numbers: not this file
+        out["runs"][column] = {
+            "command": command, "runs": len(having), "date": f"{meta[0]['date']} .. {meta[-1]['date']}",
+            "cpus": meta[0]["cpus"], "load_average_1m": [min(loads), max(loads)], "version": meta[0].get("version", "")}
+    costs = [r["page_costs"] for r in runs if "page_costs" in r]
+    if costs:
+        out["page_costs"] = {k: (statistics.median(c[k] for c in costs) if isinstance(v, float) else v)
+                             for k, v in costs[0].items()}
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--framework", choices=["shoal", "ray"], default="shoal")
@@ -282,10 +319,16 @@ def main(argv: list[str] | None = None) -> int:
                         help="where the numbers are kept, one entry per column")
     parser.add_argument("--write-results", action="store_true", help="update the section in benchmarks/RESULTS.md")
     parser.add_argument("--report-only", action="store_true", help="measure nothing: render --json's numbers")
+    parser.add_argument("--median-of", nargs="+", metavar="RUN_JSON",
+                        help="measure nothing: write into --json the median of these runs' cells")
     args = parser.parse_args(argv)
     sizes = sorted({int(s) for s in args.sizes.split(",")})
     if not sizes or sizes[0] < 1 or args.calls < 1:
         parser.error("--sizes and --calls must be positive")
+    if args.median_of:
+        merged = median_of(args.median_of)
+        Path(args.json).write_text(json.dumps(merged, indent=2) + "\n")
+        args.report_only = True
     if args.report_only:
         section = markdown(json.loads(Path(args.json).read_text()))
         print(section)

@@ -18,8 +18,15 @@ Semantics:
   so keeping one array of a message keeps that message's memory (``arr.copy()`` detaches);
 * streamed items, HTTP requests and every TCP connection (Kubernetes pods) use the socket.
 
-Lifetime: the receiver unlinks a segment the moment it has mapped it (the memory goes when the
-last array built on it goes) and acknowledges it. The sender unlinks what was not acknowledged
+Segments are reused: a connection's sender keeps a pool of segments mapped once by both sides
+(at most ``$SHOAL_SHM_POOL_BYTES`` per process, default 512 MiB), and writes a message into one
+only once the receiver has acknowledged that every object built on the last message there is
+gone; such mappings are shared, not private (see :mod:`shoal.runtime.shm_pool`). A message that
+finds no free pooled segment takes a fresh one, as follows.
+
+Lifetime: the receiver unlinks a fresh segment the moment it has mapped it (the memory goes when
+the last array built on it goes) and acknowledges it. Pooled segments live while their connection
+does, and go like unacknowledged fresh ones when it ends. The sender unlinks what was not acknowledged
 when the connection ends (at once when the peer process is dead, else after
 :data:`UNACKED_GRACE_S`). When a connection ends because the peer process died, what that
 process may have left (a segment it was writing when it was killed) is removed too: segment
@@ -58,6 +65,7 @@ from typing import Any, Protocol
 import cloudpickle
 
 from shoal.runtime.rundir import open_private_dir
+from shoal.runtime.shm_pool import MapCache, SendPool, is_pooled, pool_budget
 from shoal.runtime.wire_codec import ACK, SHM, dumps_user
 
 __all__ = ["DEFAULT_THRESHOLD", "THRESHOLD_ENV", "ShmLink", "attach", "prepare", "remove_dir", "segment_dir",
@@ -95,11 +103,12 @@ SHM_ROOT = "/dev/shm"
 _HEAD = struct.Struct(">BBI")
 _SPAN = struct.Struct(">QQ")
 _PEERCRED = struct.Struct("3i")  # pid, uid, gid
-_NAME = re.compile(rb"[0-9]{1,10}-[0-9]{1,20}-[0-9a-f]{8}\Z")
+_NAME = re.compile(rb"[0-9]{1,10}-p?[0-9]{1,20}-[0-9a-f]{8}\Z")
 _CHUNK = 1 << 30  # one pwrite at most (Linux writes under 2 GiB per call)
 
 _counter = itertools.count(1)
-_stats = {"segments_sent": 0, "bytes_sent": 0, "segments_received": 0, "bytes_received": 0, "fallbacks": 0}
+_stats = {"segments_sent": 0, "bytes_sent": 0, "segments_received": 0, "bytes_received": 0, "fallbacks": 0,
+          "pooled_sent": 0}
 _threshold: tuple[str | None, int] = (None, DEFAULT_THRESHOLD)
 _warned: set[str] = set()
 _dirs: dict[str, int] = {}  # segment directory -> its descriptor, checked once (see _open_dir)
@@ -276,14 +285,42 @@ def encode(msg: Any, limit: int) -> tuple[bytes, list[memoryview]]:
 # ---- segments ----------------------------------------------------------------------------------
 
 
-def _write_segment(directory: str, raws: list[memoryview]) -> tuple[str, list[tuple[int, int]]]:
-    """Write ``raws`` into a new segment; its name and each buffer's (offset, length)."""
+def _layout(raws: list[memoryview]) -> tuple[list[tuple[int, int]], int]:
+    """Each buffer's (offset, length) in a segment, and the segment's length."""
     spans: list[tuple[int, int]] = []
     end = 0
     for raw in raws:
         offset = -(-end // ALIGN) * ALIGN
         spans.append((offset, raw.nbytes))
         end = offset + raw.nbytes
+    return spans, end
+
+
+def _write_pooled(pool: SendPool, directory: str, raws: list[memoryview]) -> tuple[str, list[tuple[int, int]]] | None:
+    """Write ``raws`` into a free pooled segment (None: none to be had, or none could be made)."""
+    spans, end = _layout(raws)
+    dfd = _open_dir(directory, create=True)
+    try:
+        got = pool.acquire(dfd, end)
+    except OSError as e:  # no room in /dev/shm for a pooled segment, say: a one-off one may still fit
+        logger.debug("no pooled shared-memory segment: %s", e)
+        got = None
+    finally:
+        os.close(dfd)
+    if got is None:
+        return None
+    name, mapping = got
+    for raw, (offset, length) in zip(raws, spans, strict=True):
+        mapping[offset:offset + length] = raw
+    _stats["segments_sent"] += 1
+    _stats["pooled_sent"] += 1
+    _stats["bytes_sent"] += end
+    return name, spans
+
+
+def _write_segment(directory: str, raws: list[memoryview]) -> tuple[str, list[tuple[int, int]]]:
+    """Write ``raws`` into a new segment; its name and each buffer's (offset, length)."""
+    spans, end = _layout(raws)
     dfd = _open_dir(directory, create=True)
     try:
         vfs = os.fstatvfs(dfd)
@@ -384,8 +421,9 @@ def sweep(directory: str, keep: Callable[[int], bool]) -> int:
 
 def prepare(instance_dir: str) -> None:
     """At an instance's start: check ``$SHOAL_SHM_THRESHOLD_BYTES`` (``ValueError`` naming it) and
-    remove segments that processes which are gone left behind."""
+    remove segments that processes which are gone left behind. ``$SHOAL_SHM_POOL_BYTES`` too."""
     threshold()
+    pool_budget()
     if sweep(segment_dir(instance_dir), lambda pid: not _pid_dead(pid)):
         logger.info("removed shared-memory segments left by processes that are gone")
 
@@ -412,13 +450,15 @@ def remove_dir(instance_dir: str) -> None:
 class ShmLink:
     """The shared-memory side of one local (Unix-socket) connection: see the module's docstring."""
 
-    __slots__ = ("_dir", "_pending", "_proto", "_socket_dir", "peer_pid")
+    __slots__ = ("_dir", "_maps", "_pending", "_pool", "_proto", "_socket_dir", "peer_pid")
 
     def __init__(self, proto: Connection, socket_path: str) -> None:
         self._proto = proto
         self._socket_dir = os.path.dirname(os.path.abspath(socket_path))
         self._dir = ""
-        self._pending: set[str] = set()  # segments sent, not acknowledged yet
+        self._pending: set[str] = set()  # fresh segments sent, not acknowledged yet
+        self._pool = SendPool()  # segments this side writes into again and again
+        self._maps = MapCache()  # the peer's pooled segments, mapped here
         self.peer_pid = 0
 
     @property
@@ -447,7 +487,8 @@ class ShmLink:
         if proto.closed or proto.transport is None or proto.transport.is_closing():
             raise ConnectionError("connection is closed")
         try:
-            name, spans = _write_segment(self.directory, raws)
+            pooled = _write_pooled(self._pool, self.directory, raws) if pool_budget() > 0 else None
+            name, spans = pooled if pooled is not None else _write_segment(self.directory, raws)
         except (OSError, ValueError) as e:
             _stats["fallbacks"] += 1
             if type(e).__name__ not in _warned:
@@ -461,18 +502,38 @@ class ShmLink:
         encoded = name.encode()
         frame = b"".join([_HEAD.pack(SHM, len(encoded), len(spans)), encoded,
                           *(_SPAN.pack(o, n) for o, n in spans), head])
-        self._pending.add(name)
+        if pooled is None:
+            self._pending.add(name)
         try:
             proto.send_bytes(frame)
         except BaseException:
-            self._pending.discard(name)
-            _unlink_all(self.directory, {name})
+            if pooled is None:
+                self._pending.discard(name)
+                _unlink_all(self.directory, {name})
+            else:
+                self._drop_pooled({name})
             raise
+
+    def _drop_pooled(self, names: set[str]) -> None:
+        with contextlib.suppress(OSError):
+            dfd = _open_dir(self.directory, create=False)
+            try:
+                self._pool.close(dfd, names)
+            finally:
+                os.close(dfd)
+
+    def _release(self, name: bytes) -> None:
+        """Every object built on the peer's pooled segment ``name`` is gone: tell the peer."""
+        if not self._proto.closed:
+            with contextlib.suppress(ConnectionError, RuntimeError):
+                self._proto.send_bytes(bytes([ACK]) + name)
 
     def receive(self, frame: memoryview) -> Any:
         """The message of a shared-memory frame (``frame[0] == SHM``), or None for an acknowledgement."""
         if frame[0] == ACK:
-            self._pending.discard(bytes(frame[1:]).decode("ascii", "replace"))
+            acked = bytes(frame[1:]).decode("ascii", "replace")
+            if not self._pool.release(acked):
+                self._pending.discard(acked)
             return None
         _, name_len, count = _HEAD.unpack_from(frame, 0)
         at = _HEAD.size + name_len
@@ -481,10 +542,27 @@ class ShmLink:
             raise ValueError("malformed shared-memory frame")
         spans = [_SPAN.unpack_from(frame, at + i * _SPAN.size) for i in range(count)]
         head = frame[at + count * _SPAN.size:]
+        if is_pooled(name.decode()):
+            return self._receive_pooled(name, spans, head)
         mapping = _map_segment(self.directory, name.decode(), spans)
         with contextlib.suppress(ConnectionError):
             self._proto.send_bytes(bytes([ACK]) + name)
         whole = memoryview(mapping)
+        return pickle.loads(head, buffers=[whole[o:o + n] for o, n in spans])
+
+    def _receive_pooled(self, name: bytes, spans: list[tuple[int, int]], head: memoryview) -> Any:
+        need = max((o + n for o, n in spans), default=0)
+        try:
+            loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+        dfd = _open_dir(self.directory, create=False)
+        try:
+            whole = self._maps.view(dfd, name.decode(), need, loop, lambda _: self._release(name))
+        finally:
+            os.close(dfd)
+        _stats["segments_received"] += 1
+        _stats["bytes_received"] += need
         return pickle.loads(head, buffers=[whole[o:o + n] for o, n in spans])
 
     def lost(self) -> None:
@@ -496,11 +574,19 @@ class ShmLink:
 
     def _lost(self) -> None:
         pending, self._pending = self._pending, set()
+        self._maps.clear()
         dead = self.peer_pid > 0 and _pid_dead(self.peer_pid)
         try:
             loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
         except RuntimeError:
             loop = None
+        busy = self._pool.names(busy=True)  # the peer may not have mapped them yet: as unacknowledged
+        if dead or loop is None:
+            self._drop_pooled(self._pool.names(busy=False) | busy)
+        else:
+            self._drop_pooled(self._pool.names(busy=False))
+            if busy:
+                loop.call_later(UNACKED_GRACE_S, self._drop_pooled, busy)
         if pending:
             if dead or loop is None:
                 _unlink_all(self.directory, pending)

@@ -1,6 +1,7 @@
 """Large numpy arrays and torch tensors through handles, on real replica processes: above the
-threshold they travel through shared memory (shoal.runtime.shm), and no segment outlives a call,
-a cancellation, a timeout, a replica killed with -9, or the instance."""
+threshold they travel through shared memory (shoal.runtime.shm), and no fresh segment outlives a
+call, a cancellation or a timeout; no segment (pooled ones included) outlives a replica killed
+with -9, or the instance."""
 
 from __future__ import annotations
 
@@ -65,9 +66,12 @@ class Arrays:
     def shm_stats(self) -> dict[str, int]:
         return shm.stats()
 
-    def orphan(self, directory: str) -> str:
+    def orphan(self, directory: str, pooled: bool) -> str:
         """A segment as one this replica would leave if it were killed while writing it."""
-        return shm._write_segment(directory, [memoryview(np.ones(MB // 8)).cast("B")])[0]
+        raws = [memoryview(np.ones(MB // 8)).cast("B")]
+        got = shm._write_pooled(shm.SendPool(), directory, raws) if pooled else shm._write_segment(directory, raws)
+        assert got is not None
+        return got[0]
 
 
 @serve.deployment
@@ -97,6 +101,11 @@ def segments(run_dir: str) -> list[str]:
         return []
 
 
+def fresh_segments(run_dir: str) -> list[str]:
+    """The segments not in a pool (a connection's pooled segments live as long as it does)."""
+    return [n for n in segments(run_dir) if "-p" not in n]
+
+
 def received(before: dict[str, int]) -> int:
     return shm.stats()["segments_received"] - before["segments_received"]
 
@@ -110,7 +119,7 @@ def test_numpy_round_trip(instance: Instance, size: int) -> None:
     assert np.array_equal(got, array) and got.flags.writeable
     assert received(before) == 1  # the result came back through shared memory
     assert h.shm_stats.remote().result()["segments_received"] >= 1  # and the argument went that way
-    assert segments(instance.run_dir) == []
+    assert fresh_segments(instance.run_dir) == []
 
 
 def test_torch_tensor_and_results_above_the_threshold(instance: Instance) -> None:
@@ -121,7 +130,7 @@ def test_torch_tensor_and_results_above_the_threshold(instance: Instance) -> Non
     before = shm.stats()
     made = h.make.remote(10 * MB).result(timeout_s=60)  # a small argument, a large result
     assert made.shape == (10 * MB // 8,) and bool((made == 7.0).all()) and received(before) == 1
-    assert segments(instance.run_dir) == []
+    assert fresh_segments(instance.run_dir) == []
 
 
 def test_mixed_small_and_large_arguments(instance: Instance) -> None:
@@ -130,7 +139,7 @@ def test_mixed_small_and_large_arguments(instance: Instance) -> None:
     out = h.describe.remote(3, big, b"z" * (2 * MB), "text", small=np.arange(4), t=torch.ones(MB)).result()
     assert out == [3, ("ndarray", (2 * MB // 8,), 2 * MB / 8), ("bytes", 2 * MB), "text",
                    ("small", ("ndarray", (4,), 6.0)), ("t", ("tensor", (MB,), float(MB)))]
-    assert segments(instance.run_dir) == []
+    assert fresh_segments(instance.run_dir) == []
 
 
 def test_three_step_pipeline(instance: Instance) -> None:
@@ -138,7 +147,7 @@ def test_three_step_pipeline(instance: Instance) -> None:
     array = np.random.default_rng(1).integers(0, 1 << 40, 10 * MB // 8)
     for _ in range(3):
         assert np.array_equal(h.remote(array).result(timeout_s=60), array + 111)
-    assert segments(instance.run_dir) == []
+    assert fresh_segments(instance.run_dir) == []
 
 
 def test_kill_9_while_the_replica_holds_the_argument(instance: Instance) -> None:
@@ -167,11 +176,23 @@ def test_kill_9_before_the_replica_read_the_argument(instance: Instance) -> None
     assert wait_until(lambda: segments(instance.run_dir) == [], 10), segments(instance.run_dir)
 
 
-def test_kill_9_while_the_replica_writes_a_segment(instance: Instance) -> None:
+def test_kill_9_while_the_caller_holds_a_result(instance: Instance) -> None:
+    """The replica's pooled segment (its result) goes when it dies; the caller's array stays readable."""
+    h = serve.run(Arrays.bind())
+    pid = h.pid.remote().result()
+    kept = h.make.remote(10 * MB).result(timeout_s=60)
+    assert any(n.startswith(f"{pid}-p") for n in segments(instance.run_dir))
+    os.kill(pid, signal.SIGKILL)
+    assert wait_until(lambda: segments(instance.run_dir) == [], 10), segments(instance.run_dir)
+    assert kept.shape == (10 * MB // 8,) and np.all(kept == 7.0)
+
+
+@pytest.mark.parametrize("pooled", [False, True], ids=["fresh", "pooled"])
+def test_kill_9_while_the_replica_writes_a_segment(instance: Instance, pooled: bool) -> None:
     """A segment its writer never sent (killed while writing it) is removed once it is dead."""
     h = serve.run(Arrays.bind())
     pid = h.pid.remote().result()
-    name = h.orphan.remote(shm.segment_dir(instance.run_dir)).result()
+    name = h.orphan.remote(shm.segment_dir(instance.run_dir), pooled).result()
     assert name.startswith(f"{pid}-") and segments(instance.run_dir) == [name]
     os.kill(pid, signal.SIGKILL)
     assert wait_until(lambda: segments(instance.run_dir) == [], 10), segments(instance.run_dir)
@@ -186,11 +207,12 @@ def test_cancel_and_timeout_leave_no_segment(instance: Instance) -> None:
     marker = os.path.join(instance.run_dir, "blocked")
     blocked = h.block.remote(marker, 2)
     assert wait_until(lambda: os.path.exists(marker), 30)
+    pooled = len(segments(instance.run_dir))  # the one the replica still holds (hold's argument)
     response = h.echo.remote(big)
-    assert wait_until(lambda: len(segments(instance.run_dir)) == 1, 10)
+    assert wait_until(lambda: len(segments(instance.run_dir)) == pooled + 1, 10)
     response.cancel()
     blocked.result(timeout_s=30)
-    assert wait_until(lambda: segments(instance.run_dir) == [], 10), segments(instance.run_dir)
+    assert wait_until(lambda: fresh_segments(instance.run_dir) == [], 10), segments(instance.run_dir)
     assert np.array_equal(h.echo.remote(big).result(timeout_s=30), big)
 
 

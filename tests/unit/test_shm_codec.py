@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
+import gc
 import mmap
 import os
 import pickle
@@ -22,7 +24,7 @@ import numpy as np
 import pytest
 import torch
 
-from shoal.runtime import shm
+from shoal.runtime import shm, shm_pool
 from shoal.runtime.wire import FramedProtocol, connect_tcp, connect_unix, serve_tcp, serve_unix
 
 MB = 1 << 20
@@ -107,8 +109,20 @@ def _mapped(array: np.ndarray) -> bool:
     while base is not None:
         if isinstance(base, mmap.mmap):
             return True
+        if isinstance(base, ctypes.Array):  # a pooled segment's per-message exporter
+            base = next(iter(base._objects.values()))
+            continue
         base = base.obj if isinstance(base, memoryview) else getattr(base, "base", None)
     return False
+
+
+def fresh_segments(sock_dir: str) -> list[str]:
+    """The segments not in a pool (pooled ones live as long as their connection)."""
+    return [n for n in segments(sock_dir) if "-p" not in n]
+
+
+def pooled_segments(sock_dir: str) -> list[str]:
+    return [n for n in segments(sock_dir) if "-p" in n]
 
 
 # ---- the threshold -------------------------------------------------------------------------------
@@ -178,14 +192,15 @@ async def test_numpy_round_trip_through_shared_memory(unix_pair: Pair, sock_dir:
     got = await unix_pair.round_trip((1, 7, array))
     assert got[:2] == (1, 7) and np.array_equal(got[2], array)
     received = unix_pair.received[0][2]
-    # Zero-copy: the replica's array aliases the mapping; it is writable (copy-on-write, private).
+    # Zero-copy: the replica's array aliases the mapping; it is writable (the sender's is not changed).
     assert _mapped(received) and _mapped(got[2]) and got[2].flags.writeable
     got[2][0] = -1.0
     assert array[0] != -1.0
     after = shm.stats()
     assert after["segments_sent"] - before["segments_sent"] == 2
+    assert after["pooled_sent"] - before["pooled_sent"] == 2
     assert after["segments_received"] - before["segments_received"] == 2
-    assert segments(sock_dir) == []
+    assert fresh_segments(sock_dir) == [] and len(pooled_segments(sock_dir)) == 2  # one per direction
     assert unix_pair.client.shm is not None and await until(lambda: not unix_pair.client.shm._pending)
 
 
@@ -206,6 +221,83 @@ async def test_mixed_small_and_large_values(unix_pair: Pair) -> None:
     assert got[:3] == (0, 3, "f") and got[3][:2] == (1, "two") and np.array_equal(got[3][2], big)
     assert got[3][3] == b"y" * (3 * MB) and torch.equal(got[4]["t"], tensor)
     assert np.array_equal(got[4]["small"], np.arange(3)) and got[4]["s"] == b"s"
+
+
+async def test_pooled_segment_is_reused_once_the_receiver_lets_go(sock_dir: str) -> None:
+    path = os.path.join(sock_dir, "s.sock")
+    async with _pair(lambda s, cb: connect_unix(path, s, cb), lambda s, cb: serve_unix(path, s, cb),
+                     echo=False) as pair:
+        assert pair.client.shm is not None
+        pool = pair.client.shm._pool
+        before = shm.stats()
+        pair.client.send_user(np.full(MB, 1.0))
+        assert await until(lambda: len(pair.received) == 1)
+        pair.client.send_user(np.full(MB, 2.0))  # the first is still held: another segment
+        assert await until(lambda: len(pair.received) == 2)
+        assert len(pooled_segments(sock_dir)) == 2 and len(pool.names(busy=True)) == 2
+        assert np.all(pair.received[0] == 1.0) and np.all(pair.received[1] == 2.0)
+        kept = pair.received[1]
+        pair.received.clear()
+        gc.collect()
+        assert await until(lambda: len(pool.names(busy=True)) == 1)  # the first was let go
+        pair.client.send_user(np.full(MB, 3.0))
+        assert await until(lambda: len(pair.received) == 1)
+        assert np.all(pair.received[0] == 3.0) and np.all(kept == 2.0)  # the held array is untouched
+        assert len(pooled_segments(sock_dir)) == 2
+        assert shm.stats()["pooled_sent"] - before["pooled_sent"] == 3
+    assert await until(lambda: segments(sock_dir) == [])  # the pool goes with its connection
+
+
+async def test_pooled_segment_let_go_in_another_thread(sock_dir: str) -> None:
+    """A replica's sync methods run in threads: the last array can go there (the ack goes from the loop)."""
+    path = os.path.join(sock_dir, "s.sock")
+    async with _pair(lambda s, cb: connect_unix(path, s, cb), lambda s, cb: serve_unix(path, s, cb),
+                     echo=False) as pair:
+        assert pair.client.shm is not None
+        pool = pair.client.shm._pool
+        pair.client.send_user([np.full(MB, 5.0)])
+        assert await until(lambda: len(pair.received) == 1)
+        holder = [pair.received.pop()]
+        assert pool.names(busy=True) and holder[0][0][0] == 5.0
+
+        def drop() -> None:
+            holder[0][0][:] = 6.0  # written in place: shared with nobody who reads it
+            holder.clear()
+            gc.collect()
+
+        await asyncio.get_running_loop().run_in_executor(None, drop)
+        assert await until(lambda: not pool.names(busy=True))
+        pair.client.send_user([np.full(MB, 7.0)])
+        assert await until(lambda: len(pair.received) == 1)
+        assert np.all(pair.received[0][0] == 7.0) and len(pooled_segments(sock_dir)) == 1
+
+
+async def test_pool_budget_bounds_the_pool(sock_dir: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    held = shm_pool.pooled_bytes()  # by pools of connections other tests left open
+    monkeypatch.setenv(shm_pool.POOL_ENV, str(held + 3 * MB))
+    path = os.path.join(sock_dir, "s.sock")
+    async with _pair(lambda s, cb: connect_unix(path, s, cb), lambda s, cb: serve_unix(path, s, cb),
+                     echo=False) as pair:
+        before = shm.stats()
+        for i in range(3):
+            pair.client.send_user(np.full(2 * MB // 8, float(i)))
+        assert await until(lambda: len(pair.received) == 3)
+        assert [float(a[0]) for a in pair.received] == [0.0, 1.0, 2.0]
+        assert shm.stats()["pooled_sent"] - before["pooled_sent"] == 1  # then no room: fresh segments
+        assert shm_pool.pooled_bytes() <= held + 3 * MB and len(pooled_segments(sock_dir)) == 1
+        monkeypatch.setenv(shm_pool.POOL_ENV, "0")
+        pair.client.send_user(np.ones(2 * MB // 8))
+        assert await until(lambda: len(pair.received) == 4)
+        assert shm.stats()["pooled_sent"] - before["pooled_sent"] == 1
+    monkeypatch.setenv(shm_pool.POOL_ENV, "much")
+    with pytest.raises(ValueError, match=shm_pool.POOL_ENV):
+        shm.prepare(sock_dir)
+
+
+def test_size_classes() -> None:
+    assert shm_pool.size_class(1) == MB and shm_pool.size_class(MB + 1) == MB + MB // 4
+    assert shm_pool.size_class(100_000_000) == 96 * MB and shm_pool.size_class(101 * MB) == 112 * MB
+    assert shm_pool.size_class(10 * MB) == 10 * MB
 
 
 async def test_threshold_zero_keeps_everything_on_the_socket(
@@ -246,7 +338,8 @@ async def test_unread_segment_is_removed_when_the_connection_ends(
         assert sides[0].closed and pair.received == []
 
 
-async def test_segments_of_a_killed_peer_are_removed(sock_dir: str) -> None:
+@pytest.mark.parametrize("write", ["shm._write_segment(", "shm._write_pooled(shm.SendPool(), "])
+async def test_segments_of_a_killed_peer_are_removed(sock_dir: str, write: str) -> None:
     """A peer killed while it wrote a segment (never sent) leaves nothing once its connection ends."""
     path = os.path.join(sock_dir, "s.sock")
     lost: list[int] = []
@@ -258,11 +351,11 @@ async def test_segments_of_a_killed_peer_are_removed(sock_dir: str) -> None:
     child = textwrap.dedent(f"""
         import asyncio, sys
         import numpy as np
-        from shoal.runtime import shm
+        from shoal.runtime import shm, shm_pool
         from shoal.runtime.wire import connect_unix
         async def main():
             proto = await connect_unix({path!r}, b"k" * 32)
-            shm._write_segment(shm.segment_dir({sock_dir!r}), [memoryview(np.ones(1000)).cast("B")])
+            {write}shm.segment_dir({sock_dir!r}), [memoryview(np.ones(1000)).cast("B")])
             print("written", flush=True)
             await asyncio.sleep(60)
         asyncio.run(main())
