@@ -127,6 +127,11 @@ class UserCallable:
         else:
             await self._call_plain(fn, _kind(fn), user_config)
 
+    @property
+    def context(self) -> ReplicaContext:
+        """The replica context user code sees (rank, world size, tags)."""
+        return self._ctx
+
     def update_context(self, **changes: Any) -> None:
         """Change fields of the replica context user code sees (e.g. ``world_size`` after a scale)."""
         from shoal import context

@@ -184,7 +184,8 @@ class HTTPFront:
     ``timeout`` (then what still runs is cancelled).
     """
 
-    def __init__(self, app: Any, fd: int, options: FrontOptions, accept_limit: Callable[[], int] | None = None) -> None:
+    def __init__(self, app: Any, fd: int, options: FrontOptions, accept_limit: Callable[[], int] | None = None,
+                 spread: Callable[[], bool] | None = None) -> None:
         self.app = app
         self.fd = fd
         self.options = options
@@ -193,6 +194,9 @@ class HTTPFront:
         # An ingress replica's front accepts only while it holds fewer connections than this
         # (its max_ongoing_requests): see shoal.runtime.http.acceptor.
         self.accept_limit = accept_limit
+        # An ingress replica with sibling replicas spreads connections over the fronts sharing
+        # the port: it waits longer to accept the more it holds (shoal.runtime.http.acceptor).
+        self.spread = spread
         self.connections.on_release = self._room
         self.serving: _Serving | None = None  # the accepting server
         self.paused: list[_Serving] = []  # servers that only finish (drain) their connections
@@ -211,6 +215,10 @@ class HTTPFront:
     def _admits(self) -> bool:
         limit = self.accept_limit
         return limit is None or len(self.connections.live) < limit()
+
+    def _spread_load(self) -> int | None:
+        spread = self.spread
+        return len(self.connections.live) if spread is not None and spread() else None
 
     def _room(self) -> None:
         """A connection closed: an acceptor held back by the accept limit may accept again."""
@@ -253,7 +261,7 @@ class HTTPFront:
                                               app_state=server.lifespan.state)
 
         acceptor = Acceptor(loop, sock, connection, ssl=config.ssl, admit=self._admits,
-                            delay_s=STANDBY_DELAY_S if standby else 0.0)
+                            delay_s=STANDBY_DELAY_S if standby else 0.0, load=self._spread_load)
         self.serving = _Serving(server, task, pool, acceptor)
         acceptor.start()
 

@@ -85,3 +85,35 @@ async def test_standing_by_takes_what_nobody_else_takes() -> None:
     finally:
         b.close()
         listener.close()
+
+
+async def _burst(spread: bool) -> tuple[int, int]:
+    """Eight connections already waiting in the backlog when two fronts start accepting."""
+    loop = asyncio.get_running_loop()
+    listener = socket.create_server(("127.0.0.1", 0), backlog=64)
+    port = listener.getsockname()[1]
+    clients = [socket.create_connection(("127.0.0.1", port)) for _ in range(8)]  # in the backlog now
+    first: set[asyncio.BaseTransport] = set()
+    second: set[asyncio.BaseTransport] = set()
+    fronts = [Acceptor(loop, socket.socket(fileno=os.dup(listener.fileno())), lambda into=into: Counting(into),
+                       load=(lambda into=into: len(into)) if spread else None) for into in (first, second)]
+    try:
+        for front in fronts:
+            front.start()
+        assert await _until(lambda: len(first) + len(second) == 8)
+        return len(first), len(second)
+    finally:
+        for front in fronts:
+            front.close()
+        for t in first | second:
+            t.close()
+        for c in clients:
+            c.close()
+        listener.close()
+
+
+async def test_spreading_fronts_share_a_burst_of_connections() -> None:
+    a, b = await _burst(spread=True)
+    assert abs(a - b) <= 2, (a, b)  # the front holding fewer connections takes the next one
+    # Without spreading, whichever front wakes first takes the whole burst.
+    assert sorted(await _burst(spread=False)) == [0, 8]

@@ -11,6 +11,11 @@ takes a connection:
 * ``delay_s`` — the front takes a connection only when it is still waiting after this long:
   the proxy, standing by while ingress replicas serve the port, picks up what they leave
   (they are all at their limit, or too busy to accept), and nothing waits in the backlog.
+* ``load`` — spreading (ingress replicas of a deployment with several replicas): the number of
+  connections the front holds, or None for no spreading. A front holding n connections takes a
+  new one only if it is still there after n x :data:`SPREAD_DELAY_S`, and one per wake-up, so
+  the least loaded front gets it: one replica taking every connection of a client's burst
+  left the other replicas idle (a 2-replica echo ran at one replica's speed).
 
 The accepted socket goes to ``factory``'s protocol (uvicorn's, extended by
 :func:`shoal.runtime.httpguard.guarded_protocol`) through ``loop.connect_accepted_socket``.
@@ -36,6 +41,11 @@ ACCEPT_BATCH = 32
 EMFILE_PAUSE_S = 0.1
 # The proxy standing by for ingress replicas accepts a connection still waiting after this long.
 STANDBY_DELAY_S = 0.02
+# Spreading connections over the fronts that share the port (``load``): a front holding n
+# connections takes a new one only if it is still waiting after n times this (at most
+# SPREAD_MAX_S, below the proxy's standby delay), one per wake-up: the least loaded wins.
+SPREAD_DELAY_S = 0.00025
+SPREAD_MAX_S = 0.005
 
 
 class Acceptor:
@@ -44,13 +54,14 @@ class Acceptor:
 
     def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket, factory: Callable[[], Any],
                  ssl: _ssl.SSLContext | None = None, admit: Callable[[], bool] | None = None,
-                 delay_s: float = 0.0) -> None:
+                 delay_s: float = 0.0, load: Callable[[], int | None] | None = None) -> None:
         self.loop = loop
         self.sock = sock
         self.factory = factory
         self.ssl = ssl
         self.admit = admit or (lambda: True)
         self.delay_s = delay_s
+        self.load = load
         self.watching = False  # registered for readability
         self.closed = False
         self._timer: asyncio.TimerHandle | None = None
@@ -74,7 +85,21 @@ class Acceptor:
             self._unwatch()
             self._timer = self.loop.call_later(self.delay_s, self._after_delay)
             return
+        held = self.load() if self.load is not None else None
+        if held is not None:
+            if held > 0:
+                self._unwatch()
+                self._timer = self.loop.call_later(min(SPREAD_DELAY_S * held, SPREAD_MAX_S), self._after_spread)
+                return
+            self._accept_some(1)
+            return
         self._accept_some()
+
+    def _after_spread(self) -> None:
+        self._timer = None
+        if not self.closed:
+            self._accept_some(1)
+            self.start()
 
     def _after_delay(self) -> None:
         self._timer = None
@@ -82,8 +107,8 @@ class Acceptor:
             self._accept_some()
             self.start()
 
-    def _accept_some(self) -> None:
-        for _ in range(ACCEPT_BATCH):
+    def _accept_some(self, most: int = ACCEPT_BATCH) -> None:
+        for _ in range(most):
             if not self.admit():
                 self._unwatch()  # start() resumes once the front has room again
                 return

@@ -160,9 +160,15 @@ class ReplicaCore:
             self.proxy_app.set_routes(routes)
         for fd in fds:
             front = HTTPFront(self.proxy_app, fd, options,
-                              accept_limit=(lambda: self.slots.limit) if share_port else None)
+                              accept_limit=(lambda: self.slots.limit) if share_port else None,
+                              spread=self._has_siblings)
             self.fronts.append(front)
             await front.start()
+
+    def _has_siblings(self) -> bool:
+        """Whether other replicas of this deployment share the port (connections are spread)."""
+        # A gang's world size counts its ranks, of which only rank 0 serves HTTP.
+        return self.gang is None and self.user is not None and self.user.context.world_size > 1
 
     def models_changed(self, ids: tuple[str, ...]) -> None:
         """The multiplexed models loaded here changed (``multiplex.models_changed_hook``)."""
