@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import os
 from collections.abc import AsyncIterator, Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -13,6 +12,7 @@ from shoal.exceptions import RequestCancelledError
 from shoal.observability import tracing as _tracing
 from shoal.runtime import backend as _backend
 from shoal.runtime import mailbox as _mailbox
+from shoal.runtime.ids import new_request_id
 from shoal.runtime.wire import RequestMeta
 
 __all__ = ["DeploymentHandle", "DeploymentResponse", "DeploymentResponseGenerator"]
@@ -25,10 +25,6 @@ def _running_loop() -> asyncio.AbstractEventLoop | None:
         return asyncio.get_running_loop()
     except RuntimeError:
         return None
-
-
-def _new_request_id() -> str:
-    return os.urandom(8).hex()
 
 
 class DeploymentHandle:
@@ -117,7 +113,7 @@ class DeploymentHandle:
         """Send a request; returns at once with a response to await or ``.result()``."""
         backend, router = self._get_router()
         parent = get_request_context()
-        meta = RequestMeta(request_id=parent.request_id or _new_request_id(), stream=self._stream,
+        meta = RequestMeta(request_id=parent.request_id or new_request_id(), stream=self._stream,
                            multiplexed_model_id=self._model_id)
         if _tracing.enabled:  # a client span, child of the span current here (see shoal.observability.tracing)
             router = _tracing.traced(router, self._app, self._deployment)

@@ -47,9 +47,9 @@ from shoal.observability.logs import log_access
 from shoal.runtime.grpc_call import GRPC_KWARG, GRPCReply
 from shoal.runtime.grpc_methods import GRPCFrontOptions, MethodSpec
 from shoal.runtime.http.admit import RouterSource
-from shoal.runtime.http.guard import new_request_id
 from shoal.runtime.http.routes import Route, RouteTable
 from shoal.runtime.httpguard import Authenticator
+from shoal.runtime.ids import new_request_id
 from shoal.runtime.wire import RequestMeta, Routes
 
 __all__ = ["GRPCFront", "grpc_status"]

@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ from typing import Any
 from shoal.runtime.http.budget import BodyLease
 from shoal.runtime.http.options import FrontOptions
 from shoal.runtime.httpguard import Authenticator
+from shoal.runtime.ids import new_request_id
 
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
@@ -32,10 +32,6 @@ BUSY = 503  # the front's request-body budget had no room in time (shoal.runtime
 # no spaces. Anything else (control characters, escape sequences, long strings) is replaced by a
 # new id, so that what reaches logs and terminals is never the client's raw bytes.
 _CLIENT_ID = re.compile(rb"[!-~]{1,128}")
-
-
-def new_request_id() -> str:
-    return os.urandom(8).hex()
 
 
 @dataclass(slots=True)
