@@ -37,9 +37,10 @@ DOCS_PAGE = "docs/compatibility.md"
 _S, _P, _N = SUPPORTED, PARTIAL, NOT_SUPPORTED
 
 _GRPC = ("`port` (0 picks a free port; served on `http_options.host`), `grpc_servicer_functions`, "
-         "`request_timeout_s`, `grpc_servicer_func_callable`; unary and server-streaming methods; started by "
-         "`serve.start(grpc_options=...)` (the `shoal` command does not pass a config file's `grpc_options` yet); "
-         "see the gRPC guide")
+         "`request_timeout_s`, `grpc_servicer_func_callable`; shoal adds `ingress_serves_grpc` (ingress replicas "
+         "serve the port too); unary and server-streaming methods; started by `serve.start(grpc_options=...)`, a "
+         "config file's `grpc_options` (`shoal run serve.yaml`) or `shoal start --grpc-servicer-functions`; on "
+         "Kubernetes the ingress pods serve it; see the gRPC guide")
 _NO_CONTROLLER_OPTIONS = ("the controller runs in the process that starts shoal, so there is nothing to configure "
                           "apart from that process's environment (Ray's only option is `runtime_env.env_vars`)")
 _NO_DEPLOYMENT_ACTORS = ("deployment-scoped actors are a Ray actor feature and shoal has no actors; "
