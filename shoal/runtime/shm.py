@@ -65,7 +65,7 @@ from typing import Any, Protocol
 import cloudpickle
 
 from shoal.runtime.rundir import open_private_dir
-from shoal.runtime.shm_pool import MapCache, SendPool, is_pooled, pool_budget
+from shoal.runtime.shm_pool import ByteSetting, MapCache, SendPool, is_pooled, pool_budget
 from shoal.runtime.wire_codec import ACK, SHM, dumps_user
 
 __all__ = ["DEFAULT_THRESHOLD", "THRESHOLD_ENV", "ShmLink", "attach", "prepare", "remove_dir", "segment_dir",
@@ -109,29 +109,14 @@ _CHUNK = 1 << 30  # one pwrite at most (Linux writes under 2 GiB per call)
 _counter = itertools.count(1)
 _stats = {"segments_sent": 0, "bytes_sent": 0, "segments_received": 0, "bytes_received": 0, "fallbacks": 0,
           "pooled_sent": 0}
-_threshold: tuple[str | None, int] = (None, DEFAULT_THRESHOLD)
 _warned: set[str] = set()
 _dirs: dict[str, int] = {}  # segment directory -> its descriptor, checked once (see _open_dir)
 _dirs_lock = threading.Lock()
 
 
-def threshold() -> int:
-    """The smallest total of out-of-band bytes that travels through shared memory
-    (``$SHOAL_SHM_THRESHOLD_BYTES``, default 1 MiB; 0 turns it off). ``ValueError`` names the
-    variable when it is not a whole number of bytes."""
-    global _threshold
-    raw = os.environ.get(THRESHOLD_ENV)
-    if raw == _threshold[0]:
-        return _threshold[1]
-    try:
-        value = DEFAULT_THRESHOLD if raw is None or not raw.strip() else int(raw)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise ValueError(f"{THRESHOLD_ENV} must be a whole number of bytes, 0 or more (0 turns shared memory "
-                         f"off), not {raw!r}")
-    _threshold = (raw, value)
-    return value
+#: The smallest total of out-of-band bytes that travels through shared memory
+#: (``$SHOAL_SHM_THRESHOLD_BYTES``, default 1 MiB; 0 turns it off).
+threshold = ByteSetting(THRESHOLD_ENV, DEFAULT_THRESHOLD, "0 turns shared memory off")
 
 
 def stats() -> dict[str, int]:

@@ -33,35 +33,45 @@ import threading
 import weakref
 from collections.abc import Callable
 
-__all__ = ["DEFAULT_POOL_BYTES", "POOL_ENV", "MapCache", "SendPool", "is_pooled", "pool_budget", "size_class"]
+__all__ = ["DEFAULT_POOL_BYTES", "POOL_ENV", "ByteSetting", "MapCache", "SendPool", "is_pooled", "pool_budget", "size_class"]
 
 POOL_ENV = "SHOAL_SHM_POOL_BYTES"
 DEFAULT_POOL_BYTES = 512 << 20
 _MIN_SEGMENT = 1 << 20
 _POPULATE = getattr(mmap, "MAP_POPULATE", 0)
 
-_budget: tuple[str | None, int] = (None, DEFAULT_POOL_BYTES)
 _lock = threading.Lock()
 _pooled_bytes = 0  # over every pool of this process
 _counter = itertools.count(1)
 
 
-def pool_budget() -> int:
-    """The most bytes this process keeps in pooled segments (``$SHOAL_SHM_POOL_BYTES``, default
-    512 MiB; 0: no pool). ``ValueError`` names the variable when it is not a whole number of bytes."""
-    global _budget
-    raw = os.environ.get(POOL_ENV)
-    if raw == _budget[0]:
-        return _budget[1]
-    try:
-        value = DEFAULT_POOL_BYTES if raw is None or not raw.strip() else int(raw)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise ValueError(f"{POOL_ENV} must be a whole number of bytes, 0 or more (0: no pool of reused "
-                         f"shared-memory segments), not {raw!r}")
-    _budget = (raw, value)
-    return value
+class ByteSetting:
+    """A byte count from an environment variable, read again only when the variable changes;
+    ``ValueError`` names the variable when it is not a whole number of bytes (0 or more)."""
+
+    def __init__(self, env: str, default: int, zero_means: str) -> None:
+        self.env = env
+        self.default = default
+        self.zero_means = zero_means
+        self._seen: tuple[str | None, int] = (None, default)
+
+    def __call__(self) -> int:
+        raw = os.environ.get(self.env)
+        if raw == self._seen[0]:
+            return self._seen[1]
+        try:
+            value = self.default if raw is None or not raw.strip() else int(raw)
+        except ValueError:
+            value = -1
+        if value < 0:
+            raise ValueError(f"{self.env} must be a whole number of bytes, 0 or more ({self.zero_means}), "
+                             f"not {raw!r}")
+        self._seen = (raw, value)
+        return value
+
+
+#: The most bytes this process keeps in pooled segments (``$SHOAL_SHM_POOL_BYTES``, default 512 MiB).
+pool_budget = ByteSetting(POOL_ENV, DEFAULT_POOL_BYTES, "0: no pool of reused shared-memory segments")
 
 
 def pooled_bytes() -> int:
