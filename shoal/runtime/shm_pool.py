@@ -33,7 +33,8 @@ import threading
 import weakref
 from collections.abc import Callable
 
-__all__ = ["DEFAULT_POOL_BYTES", "POOL_ENV", "ByteSetting", "MapCache", "SendPool", "is_pooled", "pool_budget", "size_class"]
+__all__ = ["DEFAULT_POOL_BYTES", "POOL_ENV", "ByteSetting", "MapCache", "SendPool", "is_pooled", "pool_budget",
+           "size_class"]
 
 POOL_ENV = "SHOAL_SHM_POOL_BYTES"
 DEFAULT_POOL_BYTES = 512 << 20
