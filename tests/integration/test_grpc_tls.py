@@ -5,7 +5,6 @@ certificates; a plaintext client is refused."""
 from __future__ import annotations
 
 import importlib
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -14,8 +13,8 @@ import pytest
 
 grpc = pytest.importorskip("grpc")
 protoc = pytest.importorskip("grpc_tools.protoc")
-
 from conftest import child_pids, wait_until  # noqa: E402
+from grpc_protos import compiled  # noqa: E402
 from test_security import make_cert  # noqa: E402
 
 from shoal import api, serve  # noqa: E402
@@ -39,15 +38,8 @@ class Echo:
 
 @pytest.fixture(scope="module")
 def protos(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    d = tmp_path_factory.mktemp("tlsprotos")
-    (d / f"{MODULE}.proto").write_text(PROTO)
-    assert protoc.main(["grpc_tools.protoc", f"-I{d}", f"--python_out={d}", f"--grpc_python_out={d}",
-                        str(d / f"{MODULE}.proto")]) == 0
-    sys.path.insert(0, str(d))
-    try:
+    with compiled(tmp_path_factory.mktemp("tlsprotos"), MODULE, PROTO) as d:
         yield d
-    finally:
-        sys.path.remove(str(d))
 
 
 def _call(channel: Any) -> str:

@@ -23,6 +23,7 @@ from shoal.kubernetes.targets import grpc_options_of, load_apps
 from shoal.kubernetes.validate import validate_objects
 
 protoc = pytest.importorskip("grpc_tools.protoc")
+from grpc_protos import compiled  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 DATA = HERE / "data"
@@ -37,15 +38,8 @@ GRPC = {"port": 9000, "grpc_servicer_functions": [SERVICER]}
 @pytest.fixture(scope="module", autouse=True)
 def protos(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """The service's generated modules, importable while compiling (the build imports the servicer functions)."""
-    out = tmp_path_factory.mktemp("protos")
-    (out / f"{MODULE}.proto").write_text(PROTO)
-    assert protoc.main(["grpc_tools.protoc", f"-I{out}", f"--python_out={out}", f"--grpc_python_out={out}",
-                        str(out / f"{MODULE}.proto")]) == 0
-    sys.path.insert(0, str(out))
-    try:
+    with compiled(tmp_path_factory.mktemp("protos"), MODULE, PROTO) as out:
         yield out
-    finally:
-        sys.path.remove(str(out))
 
 
 def build(tmp: Path, grpc: Obj | None = GRPC, apps: list[Obj] | None = None, http: Obj | None = None,

@@ -37,7 +37,7 @@ from shoal.kubernetes.targets import grpc_options_of, load_apps
 
 grpc = pytest.importorskip("grpc")
 protoc = pytest.importorskip("grpc_tools.protoc")
-
+from grpc_protos import compiled  # noqa: E402
 from k8s_grpc_app import MODULE, PROTO, SERVICER  # noqa: E402
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="pods on 127.x.y.z addresses need Linux")
@@ -51,17 +51,8 @@ CHANNEL_OPTIONS = [("grpc.enable_http_proxy", 0)]
 
 @pytest.fixture(scope="module")
 def protos(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    out = tmp_path_factory.mktemp("protos")
-    (out / f"{MODULE}.proto").write_text(PROTO)
-    assert protoc.main(["grpc_tools.protoc", f"-I{out}", f"--python_out={out}", f"--grpc_python_out={out}",
-                        str(out / f"{MODULE}.proto")]) == 0
-    sys.path.insert(0, str(out))
-    sys.path.insert(0, str(HERE))
-    try:
+    with compiled(tmp_path_factory.mktemp("protos"), MODULE, PROTO, HERE) as out:
         yield out
-    finally:
-        sys.path.remove(str(out))
-        sys.path.remove(str(HERE))
 
 
 def build(tmp: Path) -> list[dict[str, Any]]:
