@@ -375,7 +375,9 @@ class Router:
                 waiter[0] = loop.create_future()
                 if pending is not None:
                     retry_s = min(retry_s * 2, CUSTOM_RETRY_MAX_S)
-                    retry = self._ask_again(waiter[0], seen, retry_s) or retry
+                    if retry is not None:
+                        retry.cancel()  # it was for the previous future
+                    retry = self._ask_again(waiter[0], seen, retry_s)
                 self._schedule_unblock(loop)
         finally:
             if deadline is not None:

@@ -117,3 +117,30 @@ async def test_spreading_fronts_share_a_burst_of_connections() -> None:
     assert abs(a - b) <= 2, (a, b)  # the front holding fewer connections takes the next one
     # Without spreading, whichever front wakes first takes the whole burst.
     assert sorted(await _burst(spread=False)) == [0, 8]
+
+
+async def test_a_spreading_front_still_keeps_its_accept_limit() -> None:
+    loop = asyncio.get_running_loop()
+    listener = socket.create_server(("127.0.0.1", 0), backlog=64)
+    port = listener.getsockname()[1]
+    clients = [socket.create_connection(("127.0.0.1", port)) for _ in range(5)]
+    limited: set[asyncio.BaseTransport] = set()
+    standby: set[asyncio.BaseTransport] = set()
+    a = Acceptor(loop, socket.socket(fileno=os.dup(listener.fileno())), lambda: Counting(limited),
+                 admit=lambda: len(limited) < 2, load=lambda: len(limited))
+    b = Acceptor(loop, socket.socket(fileno=os.dup(listener.fileno())), lambda: Counting(standby), delay_s=0.05)
+    try:
+        a.start()
+        b.start()
+        assert await _until(lambda: len(limited) + len(standby) == 5)
+        assert len(limited) == 2 and not a.watching
+        a.close()  # closed while a spread timer may be pending: nothing fires afterwards
+        await asyncio.sleep(0.02)
+    finally:
+        a.close()
+        b.close()
+        for t in limited | standby:
+            t.close()
+        for c in clients:
+            c.close()
+        listener.close()
