@@ -153,6 +153,8 @@ METRICS: tuple[Metric, ...] = (
     *(Metric(f"pipe_c{c}_rps", f"pipeline3 c{c}", "pipeline3", (f"c{c}", "rps"), True, "req/s") for c in (1, 8, 32)),
     Metric("handle_c1_p50", "handle c1 p50", "handle", ("c1_p50_ms",), False, "ms"),
     Metric("handle_cN", "handle c64", "handle", ("cN_calls_per_s",), True, "calls/s"),
+    Metric("handle_ing_c1_p50", "ingress handle c1 p50", "handle", ("ingress", "c1_p50_ms"), False, "ms"),
+    Metric("handle_ing_cN", "ingress handle c64", "handle", ("ingress", "cN_calls_per_s"), True, "calls/s"),
     Metric("payload_c1_p50", "1 MB POST c1 p50", "payload", ("c1", "p50_ms"), False, "ms"),
     Metric("payload_c8_rps", "1 MB POST c8", "payload", ("c8", "rps"), True, "req/s"),
     Metric("stream_tps", "token streams", "stream", ("tokens_per_s",), True, "tokens/s"),

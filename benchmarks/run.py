@@ -306,12 +306,19 @@ def w_handle(fw: str, cfg: Settings, workdir: str) -> dict[str, Any]:
     res = _in_launcher(fw, "noop", "handle", ["--calls", str(cfg.handle_calls), "--callers",
                        str(cfg.handle_callers), "--seconds", str(cfg.handle_seconds)],
                        cfg.startup_timeout_s + cfg.handle_calls * 0.5 + cfg.handle_seconds * 3 + 60, workdir)
-    log(f"    c1 p50 {res['c1_p50_ms']:.3f} ms; c{res['cN_callers']} {res['cN_calls_per_s']:.0f} calls/s")
+    log(f"    driver: c1 p50 {res['c1_p50_ms']:.3f} ms; c{res['cN_callers']} {res['cN_calls_per_s']:.0f} calls/s")
+    # The same two measurements made inside an ingress replica, on its own event loop (handle_ingress.py).
+    query = f"/?calls={cfg.handle_calls}&callers={cfg.handle_callers}&seconds={cfg.handle_seconds:g}"
+    with serving(fw, "handle_ingress", workdir, ray_num_cpus=max(4, os.cpu_count() or 1)) as s:
+        ing = json.loads(_http_get(s.port, query, timeout_s=cfg.handle_calls * 0.5 + cfg.handle_seconds * 3 + 60))
+    log(f"    ingress replica: c1 p50 {ing['c1_p50_ms']:.3f} ms; "
+        f"c{ing['cN_callers']} {ing['cN_calls_per_s']:.0f} calls/s")
+    res["ingress"] = ing
     return res
 
 
-def _http_get(port: int, path: str) -> bytes:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+def _http_get(port: int, path: str, timeout_s: float = 30.0) -> bytes:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout_s)
     try:
         conn.request("GET", path)
         resp = conn.getresponse()
