@@ -12,6 +12,9 @@ $(STAMP): pyproject.toml
 	# The CPU build of torch that lies on disk here; an unpinned torch pulls a CUDA build of several GB.
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[dev,rag]'
+	# Byte-compile shoal now (a wheel install does): with PYTHONDONTWRITEBYTECODE set, every
+	# process would compile each module from source at every start.
+	$(PY) -m compileall -q shoal
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -20,6 +23,7 @@ install: $(STAMP)
 ## for another port). It prints how to reach it with `shoal` from another terminal (.venv/bin/shoal).
 PORT ?= 8000
 run: $(STAMP)
+	$(PY) -m compileall -q shoal examples >/dev/null
 	HF_HUB_OFFLINE=1 $(VENV)/bin/shoal run --port $(PORT) examples.rag.app:app
 
 ## Lint, type-check and run the whole test suite.

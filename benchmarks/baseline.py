@@ -163,6 +163,7 @@ METRICS: tuple[Metric, ...] = (
     Metric("batch_http", "@serve.batch via HTTP", "batch", ("http", "fraction_of_ideal"), True, "of ideal"),
     Metric("coldstart", "cold start (median)", "coldstart", ("median_s",), False, "s"),
     Metric("memory", "idle memory (PSS)", "memory", ("pss_mb",), False, "MB"),
+    Metric("memory_settled", "idle memory settled (PSS)", "memory", ("settled", "pss_mb"), False, "MB"),
     Metric("idle_cpu", "idle CPU", "memory", ("idle_cpu_cores",), False, "cores", floor=0.01),
     Metric("grpc_unary_c1_p50", "gRPC unary c1 p50", "grpc", ("unary", "c1", "p50_ms"), False, "ms"),
     Metric("grpc_unary_c16", "gRPC unary c16", "grpc", ("unary", "c16", "calls_per_s"), True, "calls/s"),

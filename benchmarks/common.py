@@ -32,6 +32,9 @@ class Settings:
     stream_tokens: int = 1000
     coldstart_runs: int = 3
     idle_s: float = 5.0
+    # Idle memory again this long after start-up, when start-up transients are over (shoal
+    # releases its spare replica process 30 s after the last replica start); 0 skips it.
+    settle_s: float = 40.0
     grpc_callers: tuple[int, ...] = (1, 16)  # concurrent grpc.aio callers, unary and streaming alike
     grpc_stream_messages: int = 100  # replies per server-streaming call
     startup_timeout_s: float = 180.0
@@ -41,7 +44,7 @@ class Settings:
         if not quick:
             return Settings(quick=False, duration_s=5.0, warmup_s=1.0)
         return Settings(quick=True, duration_s=2.0, warmup_s=0.5, handle_seconds=2.0, batch_seconds=2.0,
-                        stream_tokens=200, coldstart_runs=1)
+                        stream_tokens=200, coldstart_runs=1, settle_s=0.0)
 
 
 def log(msg: str) -> None:

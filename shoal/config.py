@@ -328,7 +328,7 @@ class HTTPOptions(_Strict):
     """Options of the HTTP proxy (Ray Serve's ``http_options``)."""
 
     # Error messages never repeat what was given: API keys and the key password are secrets.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, hide_input_in_errors=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, hide_input_in_errors=True, defer_build=True)
 
     host: str = "127.0.0.1"
     # 0 asks the operating system for a free port; status reports the one chosen.

@@ -23,7 +23,8 @@ pytestmark = pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk is not 
 TINY = dataclasses.replace(
     Settings.make(quick=True), duration_s=0.3, warmup_s=0.1, echo_conns=(1, 8), pipeline_conns=(1,),
     payload_conns=(1, 8), seq_requests=20, handle_calls=30, handle_callers=8, handle_seconds=0.3,
-    batch_callers=8, batch_seconds=0.3, stream_clients=2, stream_tokens=20, coldstart_runs=1, idle_s=1.5)
+    batch_callers=8, batch_seconds=0.3, stream_clients=2, stream_tokens=20, coldstart_runs=1, idle_s=1.5,
+    settle_s=2.5)
 
 # The report rows each workload fills (the shoal cell must hold a number, not "—").
 ROWS = {
@@ -34,7 +35,7 @@ ROWS = {
     "stream": ["stream"],
     "batch": ["batch", "batch_http"],
     "coldstart": ["coldstart"],
-    "memory": ["memory", "idle_cpu"],
+    "memory": ["memory", "memory_settled", "idle_cpu"],
 }
 
 

@@ -209,6 +209,64 @@ class _OpenConn:
     closed = False
 
 
+def test_spares_are_released_when_no_replica_starts_and_come_back_with_the_next(tmp_path: Any) -> None:
+    w = World(str(tmp_path))
+    idle = w.launcher.settings.spare_idle_s
+    w.launcher.tend_spares()  # a fresh instance: one spare
+    (spare,) = w.launcher.spares.values()
+    dep = w.deploy(spec())
+    w.now += idle - 1
+    w.launcher.start_replica("shop", dep, serves_http=False)  # takes the spare; a start is recent again
+    (rec,) = w.registry.of("shop", "Echo")
+    assert rec.proc is spare.proc and not w.launcher.spares
+    w.launcher.tend_spares()
+    assert not w.launcher.spares  # not while a replica is starting
+    w.lifecycle.ready(ReplicaReady(rec.replica_id, rec.proc.pid))
+    w.launcher.tend_spares()
+    (refill,) = w.launcher.spares.values()
+    w.now += idle - 1
+    w.launcher.tend_spares()
+    assert w.launcher.waiting_spares() == [refill] and refill.proc.signals == []  # type: ignore[attr-defined]
+    w.now += 1  # idle for spare_idle_s: released (SIGTERM: it has no connection yet)
+    w.launcher.tend_spares()
+    assert w.launcher.waiting_spares() == [] and refill.proc.signals == [15]  # type: ignore[attr-defined]
+    w.launcher.tend_spares()
+    assert refill.proc.signals == [15] and len(w.started) == 2  # released once, and not refilled
+    refill.proc.code = 0  # type: ignore[attr-defined]
+    w.launcher.reap_spares()
+    assert not w.launcher.spares
+    # A released spare is never handed a deployment: the next replica starts a new process.
+    w.launcher.start_replica("shop", dep, serves_http=False)
+    assert len(w.started) == 3 and w.started[-1] is not refill.proc
+
+
+def test_a_released_spare_that_does_not_exit_is_killed(tmp_path: Any) -> None:
+    w = World(str(tmp_path))
+    w.launcher.spawn_spare()
+    (spare,) = w.launcher.spares.values()
+    w.now += w.launcher.settings.spare_idle_s
+    w.launcher.tend_spares()
+    w.launcher.reap_spares()
+    assert spare.stop_deadline is not None and not spare.proc.killed  # type: ignore[attr-defined]
+    w.now = spare.stop_deadline
+    w.launcher.reap_spares()
+    assert spare.proc.killed and not w.launcher.spares  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(("text", "expected"), [("", 30.0), ("5", 5.0), ("0", 0.0), (" never ", float("inf"))])
+def test_spare_idle_seconds_from_the_environment(monkeypatch: pytest.MonkeyPatch, text: str, expected: float) -> None:
+    monkeypatch.setenv("SHOAL_SPARE_IDLE_S", text)
+    assert Settings(run_dir="/x").spare_idle_s == expected
+
+
+@pytest.mark.parametrize("text", ["-1", "soon", "nan"])
+def test_a_bad_spare_idle_setting_names_the_variable(monkeypatch: pytest.MonkeyPatch, text: str) -> None:
+    monkeypatch.setenv("SHOAL_SPARE_IDLE_S", text)
+    message = f"SHOAL_SPARE_IDLE_S must be a number of seconds >= 0 or 'never', got '{text}'"
+    with pytest.raises(ValueError, match=message):
+        Settings(run_dir="/x")
+
+
 def test_replica_record_unused_in_gone_twice(tmp_path: Any) -> None:
     w = World(str(tmp_path))
     dep = w.deploy(spec())

@@ -168,7 +168,7 @@ class Controller:
             if self.front.listen_sock is None and not self.front.take_over():
                 self.front.bind()
             self.front.spawn_proxy()
-        for _ in range(self.settings.spare_replicas):
+        for _ in range(self.settings.spare_replicas if self.settings.spare_idle_s > 0 else 0):
             self.launcher.spawn_spare()
 
     async def wait_proxy(self, timeout: float = 30.0) -> None:
@@ -364,7 +364,7 @@ class Controller:
             self._guarded(f"availability of {app.spec.name!r}", functools.partial(self._publish_app, app))
         self._guarded("health checks", lambda: self._health_checks(now))
         self._guarded("the proxy", self._watch_proxy)
-        self._guarded("spares", self.launcher.refill_spares)
+        self._guarded("spares", self.launcher.tend_spares)
         self._guarded("saving state", self.store.retry)  # writes that failed (a full disk), again
         gc_policy = self.gc_policy
         if gc_policy is not None:  # its answer is not a change anyone waits for

@@ -14,6 +14,7 @@ from shoal.observability.controller_metrics import ControllerMetrics
 from shoal.runtime.controller.clock import Clock
 from shoal.runtime.controller.records import (
     MAX_START_FAILURES,
+    SPARE_STOP_S,
     DeploymentRecord,
     ReplicaRecord,
     Settings,
@@ -23,7 +24,7 @@ from shoal.runtime.controller.registry import Registry
 from shoal.runtime.controller.supervisor import Supervisor
 from shoal.runtime.gang import RankRecord, free_port, place_gang, rank_env, rank_replica_id
 from shoal.runtime.processes import Proc
-from shoal.runtime.replica import Bootstrap
+from shoal.runtime.replica.bootstrap import Bootstrap
 from shoal.runtime.rundir import RunDir
 from shoal.runtime.state import Store
 from shoal.runtime.wire import FramedProtocol
@@ -73,6 +74,8 @@ class Launcher:
         # Spares have no GPU: on a GPU machine they start with CUDA_VISIBLE_DEVICES="".
         self.spare_env = {"CUDA_VISIBLE_DEVICES": ""} if ledger.machine.num_gpus else {}
         self.stopping = False
+        # When a replica (or gang) was last started: spares are kept while starts are recent.
+        self.last_start = clock.monotonic()
 
     def bootstrap(self, process_id: str, http: bool) -> tuple[Bootstrap, tuple[int, ...]]:
         """A replica process's bootstrap, and the fds it inherits (the HTTP socket if it serves HTTP)."""
@@ -100,26 +103,50 @@ class Launcher:
             return
         self.spares[process_id] = SpareRecord(process_id, proc)
 
-    def refill_spares(self) -> None:
+    def tend_spares(self) -> None:
+        """Keep ``spare_replicas`` spares while replicas start; release them once none has
+        started for ``spare_idle_s`` (an instance that stays the same size gives the memory
+        back; the next replica start brings a spare back)."""
+        if self.clock.monotonic() - self.last_start >= self.settings.spare_idle_s:
+            self.release_spares()
+            return
         # Only when nothing is starting: a spare booting now would compete for the CPU with
         # the replicas someone is waiting for.
         if any(r.state == ReplicaState.STARTING for r in self.registry.replicas.values()):
             return
-        while len(self.spares) < self.settings.spare_replicas and not self.stopping:
+        while len(self.waiting_spares()) < self.settings.spare_replicas and not self.stopping:
             before = len(self.spares)
             self.spawn_spare()
             if len(self.spares) == before:
                 return
 
+    def waiting_spares(self) -> list[SpareRecord]:
+        """The spares that can still be given a deployment (not released)."""
+        return [s for s in self.spares.values() if s.stop_deadline is None]
+
+    def release_spares(self) -> None:
+        waiting = self.waiting_spares()
+        if waiting:
+            logger.info("releasing %d spare replica process(es): no replica has started for %.0f s",
+                        len(waiting), self.settings.spare_idle_s)
+        for spare in waiting:
+            spare.stop_deadline = self.clock.monotonic() + SPARE_STOP_S
+            self.supervisor.stop(spare.proc, spare.conn)
+
     def reap_spares(self) -> None:
+        now = self.clock.monotonic()
         for process_id, spare in list(self.spares.items()):
             if spare.proc.poll() is not None:
-                if not self.stopping:
+                if not self.stopping and spare.stop_deadline is None:
                     logger.warning("spare replica process %s exited with code %s", process_id, spare.proc.returncode)
+                del self.spares[process_id]
+            elif spare.stop_deadline is not None and now >= spare.stop_deadline:
+                logger.warning("released spare replica process %s did not exit; killing it", process_id)
+                self.supervisor.kill(spare.proc)
                 del self.spares[process_id]
 
     def _take_spare(self, replica_id: str) -> tuple[Proc, FramedProtocol | None] | None:
-        spare = next((s for s in self.spares.values() if s.proc.poll() is None), None)
+        spare = next((s for s in self.waiting_spares() if s.proc.poll() is None), None)
         if spare is None:
             return None
         del self.spares[spare.process_id]
@@ -131,6 +158,7 @@ class Launcher:
     # -- replicas
     def start_replica(self, app: str, dep: DeploymentRecord, serves_http: bool) -> None:
         """Place and start one replica of ``dep`` (or a gang); a failure is noted on ``dep``."""
+        self.last_start = self.clock.monotonic()
         uid = uuid.uuid4().hex[:8]
         replica_id = f"{dep.spec.name}-{uid}"
         socket_path = self.run_dir.replica_socket(uid)

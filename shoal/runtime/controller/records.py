@@ -4,6 +4,8 @@ its settings and the limits it applies. Plain data, no behaviour beyond bookkeep
 from __future__ import annotations
 
 import hashlib
+import math
+import os
 import sys
 from dataclasses import dataclass, field
 
@@ -27,6 +29,27 @@ MAX_PROXY_RESTARTS = 5
 # A restarted controller waits this long for a still-running replica to reconnect before
 # it gives up on it (and starts a replacement).
 ADOPT_WAIT_S = 10.0
+# A spare is released when no replica has started for this long (``$SHOAL_SPARE_IDLE_S``).
+SPARE_IDLE_S = 30.0
+# A released spare that has not exited this long after its Stop is killed.
+SPARE_STOP_S = 5.0
+
+
+def spare_idle_from_env() -> float:
+    """``$SHOAL_SPARE_IDLE_S``: seconds without a replica start after which spares are
+    released (default 30); ``never`` keeps them for good."""
+    text = os.environ.get("SHOAL_SPARE_IDLE_S", "").strip()
+    if not text:
+        return SPARE_IDLE_S
+    if text.lower() == "never":
+        return math.inf
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:  # also NaN
+        raise ValueError(f"SHOAL_SPARE_IDLE_S must be a number of seconds >= 0 or 'never', got {text!r}")
+    return value
 
 
 def fingerprint(spec: AppSpec) -> str:
@@ -53,6 +76,9 @@ class Settings:
     # Replica processes kept booted (imports done) and waiting for a deployment, so that a
     # new replica skips interpreter start-up: cold start, scale-up and recovery get faster.
     spare_replicas: int = 1
+    # ... released (stopped) when no replica has started for this long, and started again
+    # with the next replica start: an instance that stays the same size gives the memory back.
+    spare_idle_s: float = field(default_factory=spare_idle_from_env)
     # GPUs to account for: None finds them with nvidia-smi; a number declares that many.
     num_gpus: int | None = None
     # Refuse to place replicas whose num_cpus exceed the machine's (off: record and warn).
@@ -158,6 +184,8 @@ class SpareRecord:
     process_id: str
     proc: Proc
     conn: FramedProtocol | None = None
+    # Set when it is released: killed if it has not exited by then.
+    stop_deadline: float | None = None
 
 
 @dataclass(eq=False)

@@ -6,25 +6,33 @@
   :mod:`~shoal.runtime.replica.rpc_http` -- its parts;
 * :mod:`~shoal.runtime.replica.ports` -- what a runtime gives the core (transport, control channel);
 * :mod:`~shoal.runtime.replica.process` -- the local replica process the controller starts
-  (``python -m shoal.runtime.replica``); a Kubernetes pod composes the core in
-  :mod:`shoal.kubernetes.pod`.
+  (``python -m shoal.runtime.replica``, with a :mod:`~shoal.runtime.replica.bootstrap` on its
+  stdin); a Kubernetes pod composes the core in :mod:`shoal.kubernetes.pod`.
 """
 
 from __future__ import annotations
 
-from shoal.runtime.lifeline import ORPHAN_TIMEOUT_S, die_with_parent
-from shoal.runtime.replica.accounting import RequestCounters
-from shoal.runtime.replica.core import ReplicaCore
-from shoal.runtime.replica.logconfig import apply_logging_config
-from shoal.runtime.replica.process import Bootstrap, ReplicaProcess, main
+from importlib import import_module
+from typing import Any
 
-__all__ = [
-    "ORPHAN_TIMEOUT_S",
-    "Bootstrap",
-    "ReplicaCore",
-    "ReplicaProcess",
-    "RequestCounters",
-    "apply_logging_config",
-    "die_with_parent",
-    "main",
-]
+# Imported on first use, not with the package: the controller imports ``bootstrap`` from here
+# to start replicas, and must not pay for the replica runtime (core, uvicorn, ...) to do so.
+_EXPORTS = {
+    "ORPHAN_TIMEOUT_S": "shoal.runtime.lifeline",
+    "die_with_parent": "shoal.runtime.lifeline",
+    "RequestCounters": "shoal.runtime.replica.accounting",
+    "ReplicaCore": "shoal.runtime.replica.core",
+    "apply_logging_config": "shoal.runtime.replica.logconfig",
+    "Bootstrap": "shoal.runtime.replica.bootstrap",
+    "ReplicaProcess": "shoal.runtime.replica.process",
+    "main": "shoal.runtime.replica.process",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(import_module(module), name)

@@ -18,7 +18,6 @@ import pickle
 import signal
 import sys
 import traceback
-from dataclasses import dataclass
 from typing import Any
 
 import cloudpickle
@@ -31,6 +30,7 @@ from shoal.runtime.callable import UserCallable
 from shoal.runtime.client import ControllerClient
 from shoal.runtime.lifeline import ORPHAN_TIMEOUT_S, die_with_parent
 from shoal.runtime.replica.autoscaling_stats import StatsCaller
+from shoal.runtime.replica.bootstrap import Bootstrap
 from shoal.runtime.replica.core import ReplicaCore
 from shoal.runtime.replica.logconfig import apply_logging_config, setup_process_logging
 from shoal.runtime.replica.ports import UnixTransport
@@ -60,24 +60,6 @@ logger = logging.getLogger("shoal.replica")
 FAILED_REPORT_WAIT_S = 10.0
 # How long an ingress replica that serves gRPC waits for the route table before it listens.
 ROUTES_WAIT_S = 10.0
-
-
-@dataclass
-class Bootstrap:
-    controller_path: str
-    secret: bytes
-    process_id: str  # a replica id, or "spare-<hex>" for a spare
-    sys_path: list[str]
-    cwd: str
-    parent_pid: int
-    # Exit with the parent (embedded mode); a detached instance lets replicas be adopted.
-    die_with_parent: bool = True
-    log_level: str = "INFO"
-    # An inherited listening socket: set for ingress replicas that serve HTTP themselves.
-    http_fd: int = -1
-    http: Any = None  # proxy.FrontOptions
-    # The instance's log folder: the replica logs into its own file there (stdout and stderr too).
-    log_dir: str = ""
 
 
 class ReplicaProcess:
