@@ -162,6 +162,7 @@ METRICS: tuple[Metric, ...] = (
     Metric("batch_handle", "@serve.batch via handles", "batch", ("fraction_of_ideal",), True, "of ideal"),
     Metric("batch_http", "@serve.batch via HTTP", "batch", ("http", "fraction_of_ideal"), True, "of ideal"),
     Metric("coldstart", "cold start (median)", "coldstart", ("median_s",), False, "s"),
+    Metric("coldstart_cli", "cold start, CLI (median)", "coldstart", ("cli", "median_s"), False, "s"),
     Metric("memory", "idle memory (PSS)", "memory", ("pss_mb",), False, "MB"),
     Metric("memory_settled", "idle memory settled (PSS)", "memory", ("settled", "pss_mb"), False, "MB"),
     Metric("idle_cpu", "idle CPU", "memory", ("idle_cpu_cores",), False, "cores", floor=0.01),

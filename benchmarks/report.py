@@ -220,6 +220,11 @@ def build_rows(results: dict[str, Any]) -> list[Row]:
                     q, f"x{q:.3f}" if q else "—", "≤ 1/10 of Ray's and ≤ 0.4 s",
                     None if q is None or shoal_s is None else q <= 0.1 and shoal_s <= 0.4,
                     None if not q else 1 / q, 10.0))
+    cc = {fw: v.get("cli") if v else None for fw, v in cs.items()}
+    q = ratio(cc["shoal"] and cc["shoal"]["median_s"], cc["ray"] and cc["ray"]["median_s"])
+    rows.append(Row("coldstart_cli", "`shoal run` / `serve run` of a serve config file to first HTTP 200 (median)",
+                    {**{fw: f"{v['median_s']:.2f} s" if v else "—" for fw, v in cc.items()}, "bare": "—"},
+                    q, f"x{q:.3f}" if q else "—", "", None))
     # Idle memory.
     mem = {fw: results.get("memory", {}).get(fw) for fw in FRAMEWORKS}
     q = ratio(mem["shoal"] and mem["shoal"]["pss_mb"], mem["ray"] and mem["ray"]["pss_mb"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import sys
@@ -14,9 +15,6 @@ import shoal.cli.config_cmd as config_cli
 import shoal.cli.lifecycle as lifecycle_cli
 import shoal.cli.logs as logs_cli
 from shoal.cli.common import _admin, resolve_address
-from shoal.kubernetes.cli import k8s as k8s_command
-from shoal.kubernetes.pod import replica as replica_command
-from shoal.kubernetes.pod.front import front as front_command
 from shoal.runtime.rundir import RunDir
 
 
@@ -30,7 +28,24 @@ def _is_config_file(target: str) -> bool:
     return target.endswith((".yaml", ".yml", ".json")) and ":" not in os.path.basename(target)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _LazyGroup(click.Group):
+    """The Kubernetes commands are imported when they are used (or listed by ``--help``): they
+    import the pod runtime, which would add about 0.1 s to every ``shoal run``."""
+
+    lazy = {"k8s": ("shoal.kubernetes.cli", "k8s"), "replica": ("shoal.kubernetes.pod", "replica"),
+            "front": ("shoal.kubernetes.pod.front", "front")}
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *self.lazy})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name in self.lazy and cmd_name not in self.commands:
+            module, attr = self.lazy[cmd_name]
+            self.add_command(getattr(importlib.import_module(module), attr), cmd_name)
+        return super().get_command(ctx, cmd_name)
+
+
+@click.group(cls=_LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="shoal")
 def cli() -> None:
     """shoal: serve Ray Serve-style applications on one machine, or compile them for Kubernetes."""
@@ -90,6 +105,23 @@ def run(target: str, builder_args: tuple[str, ...], name: str | None, route_pref
         console.print(f"[red]error:[/red] {busy}", markup=True, highlight=False)
         raise SystemExit(1)
     rd, _lock = claim_run_dir(address)
+    if quiet_replicas:
+        os.environ.pop(TAILED_ENV, None)
+    else:
+        os.environ[TAILED_ENV] = "1"  # replicas leave their terminal output to this process
+    output = None
+    _install_sigterm()  # SIGTERM stops as Ctrl-C does, also while replicas start
+    try:
+        # The instance first: its proxy and a spare replica process boot while the app's modules import.
+        api.start(http_options=http0, grpc_options=_grpc_options(target), num_gpus=num_gpus,
+                  strict_cpus=strict_cpus, _run_dir=rd.path)
+    except KeyboardInterrupt:
+        stop_instance(console, rd, None)
+        raise SystemExit(130) from None
+    except Exception as e:
+        console.print(f"[red]error:[/red] {e}")
+        stop_instance(console, rd, None)
+        raise SystemExit(1) from None
     built: list[tuple[str, Any, Any]] = []
     failed = False  # under --reload, a first version that fails keeps shoal up, watching for a fix
     try:
@@ -102,21 +134,15 @@ def run(target: str, builder_args: tuple[str, ...], name: str | None, route_pref
         if details:
             console.print(details, markup=False, highlight=False)
         if not reload:
+            api.shutdown()  # nothing was deployed: the proxy and the spare stop at once
             raise SystemExit(2) from None
         watcher = _watcher(target)
         watcher.watch(files)
         failed = True
-    except KeyboardInterrupt:  # while the app's modules import: nothing started yet
+    except KeyboardInterrupt:  # while the app's modules import
+        stop_instance(console, rd, None)
         raise SystemExit(130) from None
-    if quiet_replicas:
-        os.environ.pop(TAILED_ENV, None)
-    else:
-        os.environ[TAILED_ENV] = "1"  # replicas leave their terminal output to this process
-    output = None
-    _install_sigterm()  # SIGTERM stops as Ctrl-C does, also while replicas start
     try:
-        api.start(http_options=http0, grpc_options=_grpc_options(target), num_gpus=num_gpus,
-                  strict_cpus=strict_cpus, _run_dir=rd.path)
         output = None if quiet_replicas else start_output(console, rd)
         for app_name, prefix, application in built:
             console.print(f"deploying application [bold]{app_name}[/bold]")
@@ -528,9 +554,6 @@ def delete(name: str, address: str | None) -> None:
     click.echo(f"deleted application {name!r}")
 
 
-cli.add_command(replica_command)
-cli.add_command(front_command)
-cli.add_command(k8s_command)
 cli.add_command(logs_cli.logs)
 cli.add_command(config_cli.config)
 cli.add_command(lifecycle_cli.start)

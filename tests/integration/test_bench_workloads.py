@@ -34,7 +34,7 @@ ROWS = {
     "payload": ["payload_c1", "payload_c8"],
     "stream": ["stream"],
     "batch": ["batch", "batch_http"],
-    "coldstart": ["coldstart"],
+    "coldstart": ["coldstart", "coldstart_cli"],
     "memory": ["memory", "memory_settled", "idle_cpu"],
 }
 
