@@ -7,7 +7,7 @@ import json
 import os
 import sys
 import time
-from typing import Any
+from typing import Any, NoReturn
 
 import click
 
@@ -115,13 +115,8 @@ def run(target: str, builder_args: tuple[str, ...], name: str | None, route_pref
         # The instance first: its proxy and a spare replica process boot while the app's modules import.
         api.start(http_options=http0, grpc_options=_grpc_options(target), num_gpus=num_gpus,
                   strict_cpus=strict_cpus, _run_dir=rd.path)
-    except KeyboardInterrupt:
-        stop_instance(console, rd, None)
-        raise SystemExit(130) from None
-    except Exception as e:
-        console.print(f"[red]error:[/red] {e}")
-        stop_instance(console, rd, None)
-        raise SystemExit(1) from None
+    except (KeyboardInterrupt, Exception) as e:
+        _give_up(console, rd, None, e)
     built: list[tuple[str, Any, Any]] = []
     failed = False  # under --reload, a first version that fails keeps shoal up, watching for a fix
     try:
@@ -156,13 +151,8 @@ def run(target: str, builder_args: tuple[str, ...], name: str | None, route_pref
                 failed = True
         if output is not None:
             output.poll()  # what the replicas wrote while starting comes before "ready"
-    except KeyboardInterrupt:
-        stop_instance(console, rd, output)
-        raise SystemExit(130) from None
-    except Exception as e:
-        console.print(f"[red]error:[/red] {e}")
-        stop_instance(console, rd, output)
-        raise SystemExit(1) from None
+    except (KeyboardInterrupt, Exception) as e:
+        _give_up(console, rd, output, e)
     base = api.http_address()
     if failed:
         console.print(f"[yellow]not serving yet[/yellow]: the app failed to start (above); the proxy is up at "
@@ -187,6 +177,16 @@ def run(target: str, builder_args: tuple[str, ...], name: str | None, route_pref
         _wait_for_stop()
     stop_instance(console, rd, output)
     console.print("stopped")
+
+
+def _give_up(console: Any, rd: RunDir, output: Any, e: BaseException) -> NoReturn:
+    """Stop the instance after Ctrl-C (exit 130) or an error (said first; exit 1)."""
+    from shoal.cli.runcmd import stop_instance
+
+    if not isinstance(e, KeyboardInterrupt):
+        console.print(f"[red]error:[/red] {e}")
+    stop_instance(console, rd, output)
+    raise SystemExit(130 if isinstance(e, KeyboardInterrupt) else 1) from None
 
 
 def _http_options(target: str) -> Any:
