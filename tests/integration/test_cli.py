@@ -257,6 +257,36 @@ def test_bad_import_path(project: tuple[Path, dict[str, str]]) -> None:
     assert r.returncode == 2 and "nosuchmodule" in r.stderr
 
 
+def _session_members(sid: int) -> list[int]:
+    """Live processes of session ``sid`` (from /proc/PID/stat: the session is field 6)."""
+    out = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[3]) == sid and fields[0] != "Z":
+                out.append(int(name))
+    return out
+
+
+def test_an_app_that_fails_to_import_stops_the_instance_it_started(project: tuple[Path, dict[str, str]]) -> None:
+    # shoal run starts the instance (proxy, spare) before importing the app: a failed import stops them.
+    cwd, env = project
+    (cwd / "broken.py").write_text("raise ImportError('broken on purpose')\n")
+    proc = subprocess.Popen([sys.executable, "-m", "shoal.cli", "run", "broken:app"], cwd=cwd, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 2 and "broken on purpose" in err
+    assert wait_until(lambda: not _session_members(proc.pid), 10), _session_members(proc.pid)
+
+
 def test_status_without_instance(project: tuple[Path, dict[str, str]]) -> None:
     cwd, env = project
     r = shoal("status", cwd=cwd, env=env)
